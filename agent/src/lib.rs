@@ -1,0 +1,2 @@
+//! fleetsync agent.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! fleetsync wire protocol.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! fleetsync server.
+#![deny(missing_docs)]
