@@ -1,1 +1,48 @@
-fn main() {}
+//! `fleetsync`: keep many file trees identical to one master tree, and the
+//! checksum tools that power it.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Keep large file trees on many machines identical to one master tree.
+#[derive(Parser)]
+#[command(name = "fleetsync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print or check checksums (drop-in for cksum, sum, md5sum, sha*sum).
+    Sum(cmd::sum::Args),
+    /// Compare checksum algorithms on a synthetic or real workload.
+    Bench(cmd::bench::Args),
+    /// Synchronize remote trees to a master tree.
+    Sync(cmd::sync::Args),
+    /// Serve one tree to a fleetsync server.
+    Agent(cmd::agent::Args),
+    /// Run the comparison server.
+    Server(cmd::server::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sum(args) => cmd::sum::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::Sync(args) => cmd::sync::run(args),
+        Command::Agent(args) => cmd::agent::run(args),
+        Command::Server(args) => cmd::server::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("fleetsync: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

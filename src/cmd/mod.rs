@@ -1,0 +1,7 @@
+//! One module per subcommand; each has `Args` (clap) and `run` returning the exit code.
+
+pub mod agent;
+pub mod bench;
+pub mod server;
+pub mod sum;
+pub mod sync;
