@@ -2,11 +2,9 @@
 //! `md5sum` and `sha*sum` (byte-identical output, same `--check`).
 
 mod check;
-// TEMP until engine lands: the hashing API the engine is about to export.
-pub(crate) mod engine_shim;
 pub(crate) mod format;
 
-pub(crate) use engine_shim as engine;
+pub(crate) use fleetsync_engine as engine;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
