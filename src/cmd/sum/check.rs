@@ -239,6 +239,14 @@ impl Resolver<'_> {
     }
 }
 
+/// One line of a list, in order.
+enum Job {
+    /// A file to hash: its name, algorithm and expected checksum.
+    Verify(Vec<u8>, Resolved, Expected),
+    /// An improperly formatted line (1-based number).
+    Bad(usize),
+}
+
 /// The result of verifying one line.
 enum Verdict {
     Ok,
@@ -323,7 +331,9 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         let mut mismatched = 0usize;
         let mut unreadable = 0usize;
         let mut properly = 0usize;
-        let mut jobs = Vec::new();
+        // Each line becomes a job (a file to verify, or a bad line to warn
+        // about), hashed in parallel batches and reported in list order.
+        let mut jobs: Vec<Job> = Vec::new();
         let body = content.strip_suffix(b"\n").unwrap_or(&content);
         for (i, line) in body.split(|b| *b == b'\n').enumerate() {
             let parsed = parse_line(line, numeric);
@@ -335,35 +345,42 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             match (parsed, resolved) {
                 (Line::Entry { expected, name, .. }, Some(alg)) => {
                     properly += 1;
-                    jobs.push((name, alg, expected));
+                    jobs.push(Job::Verify(name, alg, expected));
                 }
                 _ => {
                     bad_lines += 1;
-                    if opts.warn && !opts.status {
-                        rep.error(&format!(
-                            "{}: {}: improperly formatted {kind}checksum line",
-                            quote(list_name),
-                            i + 1
-                        ));
-                    }
+                    jobs.push(Job::Bad(i + 1));
                 }
             }
         }
-        // Hash in parallel batches; report in list order.
         let batch = 4 * rayon::current_num_threads().max(1);
         for chunk in jobs.chunks(batch) {
-            let verdicts: Vec<Verdict> = if chunk.iter().any(|(n, ..)| n == b"-") {
-                chunk
-                    .iter()
-                    .map(|(n, a, e)| verify(n, a, e, opts.hash))
-                    .collect()
-            } else {
-                chunk
-                    .par_iter()
-                    .map(|(n, a, e)| verify(n, a, e, opts.hash))
-                    .collect()
+            let run_one = |job: &Job| match job {
+                Job::Verify(n, a, e) => Some(verify(n, a, e, opts.hash)),
+                Job::Bad(_) => None,
             };
-            for ((name, ..), verdict) in chunk.iter().zip(verdicts) {
+            let reads_stdin = chunk
+                .iter()
+                .any(|j| matches!(j, Job::Verify(n, ..) if n == b"-"));
+            let verdicts: Vec<Option<Verdict>> = if reads_stdin {
+                chunk.iter().map(run_one).collect()
+            } else {
+                chunk.par_iter().map(run_one).collect()
+            };
+            for (job, verdict) in chunk.iter().zip(verdicts) {
+                let (name, verdict) = match (job, verdict) {
+                    (Job::Verify(name, ..), Some(v)) => (name, v),
+                    (Job::Bad(line_no), _) => {
+                        if opts.warn && !opts.status {
+                            rep.error(&format!(
+                                "{}: {line_no}: improperly formatted {kind}checksum line",
+                                quote(list_name),
+                            ));
+                        }
+                        continue;
+                    }
+                    (Job::Verify(..), None) => continue,
+                };
                 let word = match &verdict {
                     Verdict::Ok => "OK",
                     Verdict::Failed => {
