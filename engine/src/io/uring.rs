@@ -146,7 +146,15 @@ fn run(
             });
             // SAFETY: the buffer now lives in `in_flight[slot]` and is not
             // touched until its completion is reaped below.
-            unsafe { push_read(&mut ring, fd, in_flight[slot].as_mut().unwrap(), fixed) }?;
+            unsafe {
+                push_read(
+                    &mut ring,
+                    fd,
+                    in_flight[slot].as_mut().unwrap(),
+                    fixed,
+                    !ordered,
+                )
+            }?;
             n_in_flight += 1;
         }
         if n_in_flight == 0 {
@@ -195,7 +203,15 @@ fn run(
                 // Short read: ask for the rest.
                 in_flight[slot] = Some(f);
                 // SAFETY: as above, the buffer stays in `in_flight[slot]`.
-                unsafe { push_read(&mut ring, fd, in_flight[slot].as_mut().unwrap(), fixed) }?;
+                unsafe {
+                    push_read(
+                        &mut ring,
+                        fd,
+                        in_flight[slot].as_mut().unwrap(),
+                        fixed,
+                        !ordered,
+                    )
+                }?;
                 n_in_flight += 1;
                 continue;
             }
@@ -236,6 +252,7 @@ unsafe fn push_read(
     fd: types::Fd,
     f: &mut InFlight,
     fixed: bool,
+    punt: bool,
 ) -> io::Result<()> {
     let slot = f.block.slot;
     let len = (f.block.data.len() - f.filled) as u32;
@@ -250,6 +267,13 @@ unsafe fn push_read(
         opcode::Read::new(fd, ptr, len).offset(offset).build()
     }
     .user_data(slot as u64);
+    // Unordered (parallel) mode: let io-wq kernel threads do the page-cache
+    // copies, so they run on several cores instead of inline on this one.
+    let entry = if punt {
+        entry.flags(squeue::Flags::ASYNC)
+    } else {
+        entry
+    };
     push(ring, &entry)
 }
 
