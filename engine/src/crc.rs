@@ -19,7 +19,7 @@ pub(crate) struct CrcSpec {
     pub width: u8,
     /// Generator polynomial, normal (MSB-first) form, top term omitted.
     pub poly: u64,
-    /// Initial register value.
+    /// Initial register value, as the catalogue gives it (unreflected).
     pub init: u64,
     /// Value XORed into the register to produce the digest.
     pub xorout: u64,
@@ -104,12 +104,23 @@ impl CrcSpec {
         if len_b == 0 {
             return d_a;
         }
-        self.advance(d_a ^ self.xorout ^ self.init, len_b) ^ d_b
+        self.advance(d_a ^ self.xorout ^ self.init_register(), len_b) ^ d_b
+    }
+
+    /// The initial register in the domain the digest lives in: reflected
+    /// CRCs shift right, so their register holds `init` bit-reversed
+    /// (matters for asymmetric inits like CRC-16/RIELLO's 0xb2aa).
+    fn init_register(&self) -> u64 {
+        if self.reflected {
+            reflect(self.init & self.mask(), self.width)
+        } else {
+            self.init & self.mask()
+        }
     }
 
     /// The digest of the empty message.
     pub(crate) fn empty(&self) -> u64 {
-        (self.init ^ self.xorout) & self.mask()
+        self.init_register() ^ self.xorout
     }
 }
 
@@ -290,7 +301,15 @@ mod tests {
         r ^ spec.xorout
     }
 
-    const SPECS: [CrcSpec; 3] = [
+    const SPECS: [CrcSpec; 4] = [
+        // CRC-16/RIELLO: reflected with an asymmetric init.
+        CrcSpec {
+            width: 16,
+            poly: 0x1021,
+            init: 0xb2aa,
+            xorout: 0,
+            reflected: true,
+        },
         CrcSpec {
             width: 32,
             poly: 0x04c1_1db7,
@@ -316,9 +335,10 @@ mod tests {
 
     #[test]
     fn bitwise_reference_matches_catalog_check() {
-        assert_eq!(bitwise(&SPECS[0], b"123456789"), 0xcbf4_3926);
-        assert_eq!(bitwise(&SPECS[1], b"123456789"), 0x29b1);
-        assert_eq!(bitwise(&SPECS[2], b"123456789"), 0x765e_7680);
+        assert_eq!(bitwise(&SPECS[0], b"123456789"), 0x63d0);
+        assert_eq!(bitwise(&SPECS[1], b"123456789"), 0xcbf4_3926);
+        assert_eq!(bitwise(&SPECS[2], b"123456789"), 0x29b1);
+        assert_eq!(bitwise(&SPECS[3], b"123456789"), 0x765e_7680);
     }
 
     #[test]
