@@ -81,7 +81,7 @@ pub struct Args {
 }
 
 /// Parses `1GiB`, `4K`, `10MB`, `512`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let digits = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -98,6 +98,12 @@ pub struct Args {
     /// List the algorithms and exit.
     #[arg(long)]
     list: bool,
+    /// Tuning: bytes per parallel chunk and per read (engine default if unset).
+    #[arg(long, value_name = "SIZE", hide = true, value_parser = crate::cmd::bench::parse_size)]
+    chunk_size: Option<u64>,
+    /// Tuning: files above this size are hashed by several threads.
+    #[arg(long, value_name = "SIZE", hide = true, value_parser = crate::cmd::bench::parse_size)]
+    parallel_threshold: Option<u64>,
     /// Files to hash (or, with --check, checksum lists). `-` is standard input.
     #[arg(value_name = "FILE")]
     files: Vec<OsString>,
@@ -174,13 +180,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.check && args.algorithms.is_empty() {
         algs.clear();
     }
-    let hash = HashOptions {
+    let mut hash = HashOptions {
         io: args
             .io
             .parse::<IoMode>()
             .map_err(|e| anyhow::anyhow!("--io: {e}"))?,
         ..HashOptions::default()
     };
+    if let Some(c) = args.chunk_size {
+        hash.chunk_size = usize::try_from(c.max(1)).unwrap_or(usize::MAX);
+    }
+    if let Some(t) = args.parallel_threshold {
+        hash.parallel_threshold = t;
+    }
     match args.jobs {
         Some(n) => {
             anyhow::ensure!(n > 0, "-j must be at least 1");
