@@ -517,3 +517,39 @@ fn unknown_algorithm_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nonesuch"));
 }
+
+#[test]
+fn check_ignore_missing_like_coreutils() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("here"), "here").unwrap();
+    std::fs::create_dir(dir.path().join("subdir")).unwrap();
+    let mut some = run(&["md5sum"], &["here"], dir.path(), None).stdout;
+    some.extend_from_slice(b"d41d8cd98f00b204e9800998ecf8427e  not-here\n");
+    std::fs::write(dir.path().join("some"), some).unwrap();
+    std::fs::write(
+        dir.path().join("none"),
+        "d41d8cd98f00b204e9800998ecf8427e  not-here\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("dir"),
+        "d41d8cd98f00b204e9800998ecf8427e  subdir\n",
+    )
+    .unwrap();
+    for list in ["some", "none", "dir"] {
+        assert_check_same("md5", "md5sum", list, &["--ignore-missing"], dir.path());
+    }
+}
+
+#[test]
+fn zero_terminated_lines_match_coreutils() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = awkward_files(dir.path());
+    for (alg, tool) in DIGEST_TOOLS {
+        for extra in [&["-z"][..], &["-z", "--tag"]] {
+            let mut args = extra.to_vec();
+            args.extend_from_slice(&names);
+            assert_same(alg, &[tool], &args, dir.path(), None);
+        }
+    }
+}

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use engine::{
     hash_file, hash_reader, hash_tree, AlgorithmInfo, Error, FileHash, HashOptions, IoMode,
 };
-use format::{os_message, quote, write_line, DisplayName, LineStyle};
+use format::{os_message, quote, write_line, DisplayName, LineOptions, LineStyle};
 
 const AFTER_HELP: &str = "\
 Output formats (byte-identical to GNU coreutils):
@@ -95,6 +95,12 @@ pub struct Args {
     /// With --check: exit 1 on improperly formatted lines.
     #[arg(long, requires = "check")]
     strict: bool,
+    /// With --check: don't fail or report for files that are missing.
+    #[arg(long, requires = "check")]
+    ignore_missing: bool,
+    /// End each output line with NUL, not newline, and don't escape names.
+    #[arg(short = 'z', long, conflicts_with_all = ["check", "json"])]
+    zero: bool,
     /// List the algorithms and exit.
     #[arg(long)]
     list: bool,
@@ -215,6 +221,7 @@ fn run_in_pool(args: &Args, algs: &[AlgorithmInfo], hash: &HashOptions) -> u8 {
             status: args.status,
             warn: args.warn,
             strict: args.strict,
+            ignore_missing: args.ignore_missing,
             hash,
         };
         return check::run(&args.files, &opts, &mut rep);
@@ -336,7 +343,10 @@ impl Printer<'_> {
                         write_line(
                             &mut self.line,
                             style,
-                            self.args.tag,
+                            LineOptions {
+                                tag: self.args.tag,
+                                zero: self.args.zero,
+                            },
                             &display,
                             hash.size,
                             digest,

@@ -30,6 +30,8 @@ pub struct CheckOptions<'a> {
     pub warn: bool,
     /// Exit 1 on improperly formatted lines.
     pub strict: bool,
+    /// Don't fail or report for files that do not exist.
+    pub ignore_missing: bool,
     /// Read options.
     pub hash: &'a HashOptions,
 }
@@ -252,9 +254,17 @@ enum Verdict {
     Ok,
     Failed,
     Unreadable(String),
+    /// Does not exist, and --ignore-missing is set.
+    Missing,
 }
 
-fn verify(name: &[u8], alg: &Resolved, expected: &Expected, opts: &HashOptions) -> Verdict {
+fn verify(
+    name: &[u8],
+    alg: &Resolved,
+    expected: &Expected,
+    opts: &HashOptions,
+    ignore_missing: bool,
+) -> Verdict {
     let result = if name == b"-" {
         hash_reader(io::stdin().lock(), std::slice::from_ref(&alg.info))
             .map_err(|e| engine_error_message(&e))
@@ -262,6 +272,9 @@ fn verify(name: &[u8], alg: &Resolved, expected: &Expected, opts: &HashOptions) 
         let path = Path::new(OsStr::from_bytes(name));
         match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => Err("Is a directory".to_owned()),
+            Err(e) if ignore_missing && e.kind() == io::ErrorKind::NotFound => {
+                return Verdict::Missing
+            }
             Err(e) => Err(os_message(&e)),
             Ok(_) => hash_file(path, std::slice::from_ref(&alg.info), opts)
                 .map_err(|e| engine_error_message(&e)),
@@ -331,6 +344,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         let mut mismatched = 0usize;
         let mut unreadable = 0usize;
         let mut properly = 0usize;
+        let mut verified = 0usize;
         // Each line becomes a job (a file to verify, or a bad line to warn
         // about), hashed in parallel batches and reported in list order.
         let mut jobs: Vec<Job> = Vec::new();
@@ -356,7 +370,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         let batch = 4 * rayon::current_num_threads().max(1);
         for chunk in jobs.chunks(batch) {
             let run_one = |job: &Job| match job {
-                Job::Verify(n, a, e) => Some(verify(n, a, e, opts.hash)),
+                Job::Verify(n, a, e) => Some(verify(n, a, e, opts.hash, opts.ignore_missing)),
                 Job::Bad(_) => None,
             };
             let reads_stdin = chunk
@@ -369,7 +383,12 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             };
             for (job, verdict) in chunk.iter().zip(verdicts) {
                 let (name, verdict) = match (job, verdict) {
-                    (Job::Verify(name, ..), Some(v)) => (name, v),
+                    (Job::Verify(name, ..), Some(v)) => {
+                        if matches!(v, Verdict::Ok | Verdict::Failed) {
+                            verified += 1;
+                        }
+                        (name, v)
+                    }
                     (Job::Bad(line_no), _) => {
                         if opts.warn && !opts.status {
                             rep.error(&format!(
@@ -382,6 +401,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
                     (Job::Verify(..), None) => continue,
                 };
                 let word = match &verdict {
+                    Verdict::Missing => continue,
                     Verdict::Ok => "OK",
                     Verdict::Failed => {
                         mismatched += 1;
@@ -449,6 +469,10 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             }
         }
         if mismatched > 0 || unreadable > 0 || (opts.strict && bad_lines > 0) {
+            failed = true;
+        }
+        if opts.ignore_missing && verified == 0 {
+            rep.error(&format!("{}: no file was verified", quote(list_name)));
             failed = true;
         }
     }

@@ -50,22 +50,32 @@ pub struct DisplayName<'a> {
     pub implicit_stdin: bool,
 }
 
-/// Appends the output line (with its `\n`) for one file and one algorithm.
+/// Flags that shape every output line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LineOptions {
+    /// BSD-style `TAG (NAME) = HEX` lines.
+    pub tag: bool,
+    /// End lines with NUL and never escape names (`-z`).
+    pub zero: bool,
+}
+
+/// Appends the output line (with its `\n`, or NUL with `-z`) for one file and one algorithm.
 pub fn write_line(
     out: &mut Vec<u8>,
     style: &LineStyle,
-    tag: bool,
+    opts: LineOptions,
     name: &DisplayName<'_>,
     size: u64,
     digest: &Digest,
 ) {
+    let end = if opts.zero { b'\0' } else { b'\n' };
     let value = digest.value().unwrap_or(0);
     let numeric_tail = |out: &mut Vec<u8>| {
         if !name.implicit_stdin {
             out.push(b' ');
             out.extend_from_slice(name.bytes);
         }
-        out.push(b'\n');
+        out.push(end);
     };
     match style {
         LineStyle::Bsd => {
@@ -81,11 +91,11 @@ pub fn write_line(
             numeric_tail(out);
         }
         LineStyle::Digest { tag: tag_name } => {
-            let escape = needs_escape(name.bytes);
+            let escape = !opts.zero && needs_escape(name.bytes);
             if escape {
                 out.push(b'\\');
             }
-            if tag {
+            if opts.tag {
                 out.extend_from_slice(tag_name.as_bytes());
                 out.extend_from_slice(b" (");
                 push_name(out, name.bytes, escape);
@@ -96,7 +106,7 @@ pub fn write_line(
                 out.extend_from_slice(b"  ");
                 push_name(out, name.bytes, escape);
             }
-            out.push(b'\n');
+            out.push(end);
         }
     }
 }
