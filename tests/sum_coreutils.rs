@@ -553,3 +553,39 @@ fn zero_terminated_lines_match_coreutils() {
         }
     }
 }
+
+#[test]
+fn every_io_backend_and_thread_count_matches_coreutils() {
+    let dir = tempfile::tempdir().unwrap();
+    // Big enough to be split into parallel chunks with a small --chunk-size.
+    std::fs::write(dir.path().join("big"), data((3 << 20) + 12345, 42)).unwrap();
+    std::fs::write(dir.path().join("small"), data(777, 43)).unwrap();
+    let algs = [REFERENCES[0], REFERENCES[2], REFERENCES[3]];
+    let expected: Vec<Output> = algs
+        .iter()
+        .map(|(_, reference)| run(reference, &["big", "small"], dir.path(), None))
+        .collect();
+    for io in ["auto", "pread", "mmap"] {
+        for jobs in ["1", "3"] {
+            for chunking in [
+                &[][..],
+                &["--chunk-size", "64K", "--parallel-threshold", "100K"],
+            ] {
+                let mut args = vec!["--io", io, "-j", jobs];
+                args.extend_from_slice(chunking);
+                args.extend(["big", "small"]);
+                for ((alg, _), theirs) in algs.iter().zip(&expected) {
+                    let mut with_alg = vec!["-a", alg];
+                    with_alg.extend_from_slice(&args);
+                    let mine = ours(&with_alg, dir.path(), None);
+                    assert_eq!(
+                        String::from_utf8_lossy(&mine.stdout),
+                        String::from_utf8_lossy(&theirs.stdout),
+                        "{alg} {args:?}: {}",
+                        String::from_utf8_lossy(&mine.stderr)
+                    );
+                }
+            }
+        }
+    }
+}
