@@ -26,8 +26,9 @@ variants (crc16 itself is included).
 --compare also times the coreutils reference tools (cksum, sum -r, sum -s,
 md5sum, sha1sum, sha224sum, sha256sum, sha384sum, sha512sum, and b3sum if
 installed; for trees `find DIR -type f -print0 | xargs -0 cksum`) against
-`fleetsync sum` run the same way: as a process, output to /dev/null, best of
---runs with a warm cache. It prints ours/theirs per algorithm and the target.
+`fleetsync sum` run the same way: as a process, output to /dev/null, warm
+cache, runs alternating between ours and theirs, best of --runs each. It prints
+ours/theirs per algorithm and the target.
 
 Sizes take the suffixes K, M, G (powers of 1024, also KiB, MiB, GiB) and KB,
 MB, GB (powers of 1000).

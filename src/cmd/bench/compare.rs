@@ -1,7 +1,6 @@
 //! `--compare`: time the coreutils tools and `fleetsync sum` the same way
 //! (a process each, output to /dev/null, best of N, warm cache).
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -85,7 +84,10 @@ fn render(argv: &[OsString]) -> String {
         .join(" ")
 }
 
-/// Times every algorithm with a reference tool, ours and theirs.
+/// Times every algorithm that has a reference tool, ours and theirs.
+///
+/// Runs alternate (ours, each reference, ours, ...) so that a load spike on a
+/// shared machine hits both sides alike; the best run of each side counts.
 pub(crate) fn run(
     args: &Args,
     w: &Workload,
@@ -93,12 +95,12 @@ pub(crate) fn run(
     note: impl Fn(&str),
 ) -> anyhow::Result<Vec<Comparison>> {
     let exe: PathBuf = std::env::current_exe().context("locating the fleetsync binary")?;
-    let mut theirs_cache: HashMap<String, f64> = HashMap::new();
     let mut out = Vec::new();
     for alg in algs {
         let refs: Vec<_> = references(&alg.name)
             .iter()
             .filter(|(tool, _)| installed(tool[0]))
+            .map(|(tool, target)| reference_argv(tool, &w.path, w.tree, *target, &alg.name))
             .collect();
         if refs.is_empty() {
             continue;
@@ -118,19 +120,21 @@ pub(crate) fn run(
             ours_argv.push("-r".into());
         }
         ours_argv.push(w.path.clone().into());
-        note(&format!("timing fleetsync sum -a {}", alg.name));
-        let ours = time_command(args.runs, &ours_argv)?;
-        for (tool, target) in refs {
-            let (argv, shown, target) = reference_argv(tool, &w.path, w.tree, *target, &alg.name);
-            let theirs = match theirs_cache.get(&shown) {
-                Some(t) => *t,
-                None => {
-                    note(&format!("timing {shown}"));
-                    let t = time_command(args.runs, &argv)?;
-                    theirs_cache.insert(shown.clone(), t);
-                    t
-                }
-            };
+        let shown: Vec<&str> = refs.iter().map(|(_, shown, _)| shown.as_str()).collect();
+        note(&format!(
+            "timing fleetsync sum -a {} against {}",
+            alg.name,
+            shown.join(", ")
+        ));
+        let mut ours = f64::INFINITY;
+        let mut theirs = vec![f64::INFINITY; refs.len()];
+        for _ in 0..args.runs {
+            ours = ours.min(time_command(1, &ours_argv)?);
+            for ((argv, ..), best) in refs.iter().zip(&mut theirs) {
+                *best = best.min(time_command(1, argv)?);
+            }
+        }
+        for ((_, shown, target), theirs) in refs.into_iter().zip(theirs) {
             out.push(Comparison {
                 algorithm: alg.name.clone(),
                 reference: shown,

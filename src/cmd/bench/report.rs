@@ -81,7 +81,7 @@ impl Report<'_> {
             let _ = writeln!(
                 s,
                 "\nagainst the reference tools (fleetsync sum vs each tool: a process each, \
-                 output to /dev/null, best of the runs, warm cache):\n"
+                 output to /dev/null, warm cache, runs alternating, best run of each):\n"
             );
             let rw = self
                 .comparisons
