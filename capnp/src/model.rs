@@ -1408,3 +1408,84 @@ impl Msg {
         })
     }
 }
+
+impl From<&crate::select::Classification> for ClassificationSpec {
+    fn from(c: &crate::select::Classification) -> Self {
+        use crate::select::{Expr, RuleKind};
+        fn conv(e: &Expr) -> Selector {
+            match e {
+                Expr::Name(s) => Selector::Name(s.clone()),
+                Expr::Path(s) => Selector::Path(s.clone()),
+                Expr::Ext(s) => Selector::Ext(s.clone()),
+                Expr::And(a, b) => Selector::And(vec![conv(a), conv(b)]),
+                Expr::Or(a, b) => Selector::Or(vec![conv(a), conv(b)]),
+                Expr::Not(a) => Selector::Not(Box::new(conv(a))),
+            }
+        }
+        ClassificationSpec {
+            rules: c
+                .rules
+                .iter()
+                .map(|r| FilterRule {
+                    exclude: r.kind == RuleKind::Exclude,
+                    pattern: r.pattern.clone(),
+                })
+                .collect(),
+            select: c.select.as_ref().map(conv),
+        }
+    }
+}
+
+impl From<&ClassificationSpec> for crate::select::Classification {
+    fn from(c: &ClassificationSpec) -> Self {
+        use crate::select::{Expr, Rule};
+        fn everything() -> Expr {
+            Expr::Path("**".into())
+        }
+        fn fold(v: &[Selector], and: bool) -> Expr {
+            let mut it = v.iter().map(conv);
+            let Some(first) = it.next() else {
+                return if and {
+                    everything()
+                } else {
+                    Expr::Not(Box::new(everything()))
+                };
+            };
+            it.fold(first, |acc, e| {
+                if and {
+                    Expr::And(Box::new(acc), Box::new(e))
+                } else {
+                    Expr::Or(Box::new(acc), Box::new(e))
+                }
+            })
+        }
+        fn conv(s: &Selector) -> Expr {
+            match s {
+                Selector::All => everything(),
+                Selector::Name(g) => Expr::Name(g.clone()),
+                Selector::Path(g) => Expr::Path(g.clone()),
+                Selector::Ext(g) => Expr::Ext(g.clone()),
+                Selector::And(v) => fold(v, true),
+                Selector::Or(v) => fold(v, false),
+                Selector::Not(a) => Expr::Not(Box::new(conv(a))),
+            }
+        }
+        crate::select::Classification {
+            rules: c
+                .rules
+                .iter()
+                .map(|r| {
+                    if r.exclude {
+                        Rule::exclude(r.pattern.clone())
+                    } else {
+                        Rule::include(r.pattern.clone())
+                    }
+                })
+                .collect(),
+            select: match &c.select {
+                None | Some(Selector::All) => None,
+                Some(s) => Some(conv(s)),
+            },
+        }
+    }
+}
