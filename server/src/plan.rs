@@ -1016,7 +1016,12 @@ mod tests {
             kind: Kind::Special,
             ..f("p", 0)
         };
-        let got = plan(std::slice::from_ref(&fifo), &[fifo], opts(), |_| true);
+        let got = plan(
+            std::slice::from_ref(&fifo),
+            std::slice::from_ref(&fifo),
+            opts(),
+            |_| true,
+        );
         assert_eq!(got, vec!["|", "|", "skip p"]);
     }
 
