@@ -23,7 +23,7 @@
 //!
 //! let pair = PairPlan::new(&master, &remote, PlanOptions::default());
 //! assert_eq!(pair.checksum_candidates().len(), 1); // same size: ask for checksums
-//! let plan = pair.resolve(&[false]);               // ... and they differ
+//! let plan = pair.resolve(&master, &remote, &[false]);               // ... and they differ
 //! assert_eq!(plan.sends().len(), 1);
 //! assert_eq!(plan.sends()[0].kind, StepKind::Send);
 //! ```
@@ -214,9 +214,7 @@ struct FileCase {
 
 /// The diff of one master/remote pair, waiting for checksums.
 #[derive(Debug)]
-pub struct PairPlan<'a> {
-    master: &'a FileList,
-    remote: &'a FileList,
+pub struct PairPlan {
     opts: PlanOptions,
     deletes: Vec<(u32, bool, Why)>,
     mkdirs: Vec<u32>,
@@ -256,12 +254,10 @@ fn parent(path: &[u8]) -> Option<&[u8]> {
     })
 }
 
-impl<'a> PairPlan<'a> {
+impl PairPlan {
     /// Diffs `master` against `remote` (both finished).
-    pub fn new(master: &'a FileList, remote: &'a FileList, opts: PlanOptions) -> Self {
+    pub fn new(master: &FileList, remote: &FileList, opts: PlanOptions) -> Self {
         let mut p = PairPlan {
-            master,
-            remote,
             opts,
             deletes: Vec::new(),
             mkdirs: Vec::new(),
@@ -304,7 +300,7 @@ impl<'a> PairPlan<'a> {
             };
             match ord {
                 std::cmp::Ordering::Less => {
-                    p.on_master(i, NONE, &remote_groups);
+                    p.on_master(master, remote, i, NONE, &remote_groups);
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
@@ -316,7 +312,7 @@ impl<'a> PairPlan<'a> {
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    p.on_master(i, j, &remote_groups);
+                    p.on_master(master, remote, i, j, &remote_groups);
                     i += 1;
                     j += 1;
                 }
@@ -334,8 +330,15 @@ impl<'a> PairPlan<'a> {
 
     /// Whether remote entry `r` shares its inode with a remote path that the
     /// master does not link to `m`.
-    fn remote_link_must_break(&self, m: u32, r: u32, remote_groups: &[((u64, u64), u32)]) -> bool {
-        let Some(key) = self.remote.link_key(r) else {
+    fn remote_link_must_break(
+        &self,
+        master: &FileList,
+        remote: &FileList,
+        m: u32,
+        r: u32,
+        remote_groups: &[((u64, u64), u32)],
+    ) -> bool {
+        let Some(key) = remote.link_key(r) else {
             return false;
         };
         let my_leader = self.leader(m);
@@ -344,7 +347,7 @@ impl<'a> PairPlan<'a> {
             if g.1 == r {
                 continue;
             }
-            let other = self.master.find(self.remote.path(g.1));
+            let other = master.find(remote.path(g.1));
             let same_group = match (other, my_leader) {
                 (Some(o), Some(l)) => self.leader(o) == Some(l),
                 _ => false,
@@ -356,8 +359,15 @@ impl<'a> PairPlan<'a> {
         false
     }
 
-    fn on_master(&mut self, m: u32, r: u32, remote_groups: &[((u64, u64), u32)]) {
-        let mk = self.master.kind(m);
+    fn on_master(
+        &mut self,
+        master: &FileList,
+        remote: &FileList,
+        m: u32,
+        r: u32,
+        remote_groups: &[((u64, u64), u32)],
+    ) {
+        let mk = master.kind(m);
         if mk == Kind::Special {
             self.skipped.push(m);
             return;
@@ -365,12 +375,12 @@ impl<'a> PairPlan<'a> {
         let mut r = r;
         let mut why_new = Why::New;
         if r != NONE {
-            let rk = self.remote.kind(r);
+            let rk = remote.kind(r);
             if rk != mk {
                 why_new = Why::KindChanged;
                 // A directory cannot be renamed over (nor replace a file):
                 // remove first. Never the remote root.
-                if (mk == Kind::Dir || rk == Kind::Dir) && !self.master.path(m).is_empty() {
+                if (mk == Kind::Dir || rk == Kind::Dir) && !master.path(m).is_empty() {
                     self.deletes.push((r, rk == Kind::Dir, Why::KindChanged));
                 }
                 r = NONE;
@@ -386,14 +396,9 @@ impl<'a> PairPlan<'a> {
             Kind::Symlink => {
                 if r == NONE {
                     self.symlinks.push((m, why_new));
-                } else if self.master.link_target(m) != self.remote.link_target(r) {
+                } else if master.link_target(m) != remote.link_target(r) {
                     self.symlinks.push((m, Why::TargetDiffers));
-                } else if attrs_differ(
-                    &self.master.meta(m),
-                    &self.remote.meta(r),
-                    self.opts.owner,
-                    false,
-                ) {
+                } else if attrs_differ(&master.meta(m), &remote.meta(r), self.opts.owner, false) {
                     self.link_attrs.push((m, r));
                 }
             }
@@ -402,9 +407,9 @@ impl<'a> PairPlan<'a> {
                     FileState::Member
                 } else if r == NONE {
                     FileState::Send(why_new)
-                } else if self.remote_link_must_break(m, r, remote_groups) {
+                } else if self.remote_link_must_break(master, remote, m, r, remote_groups) {
                     FileState::Send(Why::BreakLink)
-                } else if self.master.size(m) != self.remote.size(r) {
+                } else if master.size(m) != remote.size(r) {
                     FileState::Send(Why::SizeDiffers)
                 } else {
                     self.candidates.push((m, r));
@@ -423,13 +428,13 @@ impl<'a> PairPlan<'a> {
     }
 
     /// Finishes the plan; `same[k]` says whether candidate `k`'s checksums matched.
-    pub fn resolve(self, same: &[bool]) -> Plan {
+    pub fn resolve(self, master: &FileList, remote: &FileList, same: &[bool]) -> Plan {
         assert_eq!(
             same.len(),
             self.candidates.len(),
             "one answer per candidate"
         );
-        let (master, remote, owner) = (self.master, self.remote, self.opts.owner);
+        let owner = self.opts.owner;
         let mut sends = Vec::new();
         let mut after = Vec::new();
         let mut attr_fixes = Vec::new();
@@ -697,7 +702,7 @@ mod tests {
             .iter()
             .map(|&(mi, _)| same(ml.path(mi)))
             .collect();
-        let plan = pair.resolve(&answers);
+        let plan = pair.resolve(&ml, &rl, &answers);
         let show = |s: &Step| {
             let path = match s.kind {
                 StepKind::Delete | StepKind::DeleteTree => rl.path(s.index),
@@ -758,7 +763,7 @@ mod tests {
         let (ml, rl) = (list(&m), list(&m));
         let pair = PairPlan::new(&ml, &rl, opts());
         assert_eq!(pair.checksum_candidates().len(), 1);
-        let plan = pair.resolve(&[true]);
+        let plan = pair.resolve(&ml, &rl, &[true]);
         assert!(plan.is_empty(), "{:?}", plan.steps());
     }
 
@@ -777,7 +782,7 @@ mod tests {
         let (ml, rl) = (list(&[f("x", 3)]), list(&[f("x", 4)]));
         let pair = PairPlan::new(&ml, &rl, opts());
         assert!(pair.checksum_candidates().is_empty());
-        let plan = pair.resolve(&[]);
+        let plan = pair.resolve(&ml, &rl, &[]);
         assert_eq!(plan.sends()[0].why, Why::SizeDiffers);
     }
 
@@ -958,7 +963,7 @@ mod tests {
         let (ml, rl) = (list(&m), list(&r));
         let pair = PairPlan::new(&ml, &rl, opts());
         assert_eq!(pair.checksum_candidates(), &[(0, 0)]);
-        assert!(pair.resolve(&[true]).is_empty());
+        assert!(pair.resolve(&ml, &rl, &[true]).is_empty());
     }
 
     #[test]
@@ -1062,7 +1067,7 @@ mod tests {
         x.mode = 0o600;
         x.mtime = 1;
         let rl = list(&[x]);
-        let plan = PairPlan::new(&ml, &rl, opts()).resolve(&[true]);
+        let plan = PairPlan::new(&ml, &rl, opts()).resolve(&ml, &rl, &[true]);
         assert_eq!(
             describe(&plan.after()[0], &ml, &rl, true),
             "mode 0600->0644, mtime"

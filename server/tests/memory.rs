@@ -77,7 +77,7 @@ fn one_million_files_per_remote_memory() {
         },
     );
     let same = vec![true; pair.checksum_candidates().len()];
-    let plan = pair.resolve(&same);
+    let plan = pair.resolve(&master, &remote, &same);
     let after = rss_bytes();
     let per_file = (after - before) as f64 / N as f64;
     println!(
