@@ -7,3 +7,6 @@
 
 pub mod list;
 pub mod plan;
+pub mod server;
+
+pub use server::{Server, ServerConfig};
