@@ -4,11 +4,10 @@
 //!
 //! ```no_run
 //! use std::net::TcpListener;
-//! use std::sync::Arc;
-//! use fleetsync_agent::{Agent, PosixBackend};
+//! use fleetsync_agent::Agent;
 //!
-//! let backend = PosixBackend::new("/srv/tree".as_ref()).unwrap();
-//! let agent = Agent::new(Some(b"token".to_vec()), Arc::new(backend));
+//! // `None`: the default POSIX backend on the root.
+//! let agent = Agent::new("/srv/tree", Some(b"token".to_vec()), None).unwrap();
 //! let handle = agent.serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
 //! println!("listening on {}", handle.local_addr());
 //! handle.stop();
