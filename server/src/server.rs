@@ -95,6 +95,8 @@ struct Conn {
     /// Requests sent and not yet finished (agent connections).
     outstanding: usize,
     last_activity: Instant,
+    /// Requests queued before the handshake finished.
+    held: Vec<Msg>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,6 +307,7 @@ impl Server {
                         want_write: false,
                         outstanding: 0,
                         last_activity: Instant::now(),
+                        held: Vec::new(),
                     };
                     let hello = Msg::Hello {
                         protocol: auth::PROTOCOL_VERSION,
@@ -348,6 +351,7 @@ impl Server {
                 want_write: true,
                 outstanding: 1,
                 last_activity: Instant::now(),
+                held: Vec::new(),
             },
         );
         Ok(token)
@@ -578,7 +582,11 @@ impl Server {
                 auth::check_welcome(self.config.token.as_deref(), &n2, &mac)
                     .map_err(|e| e.to_string())?;
                 conn.dec.set_max(MAX_FRAME);
-                conn.outstanding = 0;
+                conn.outstanding = conn.held.len();
+                for m in std::mem::take(&mut conn.held) {
+                    queue_on(conn, &m);
+                }
+                self.dirty.insert(token);
                 if let Peer::Agent { job, role } = conn.peer {
                     self.on_agent_ready(job, role, token, can_chown);
                 }
@@ -737,6 +745,10 @@ impl Server {
         if let Some(c) = self.conns.get_mut(&token) {
             c.outstanding += 1;
             c.last_activity = Instant::now();
+            if !matches!(c.hs, Hs::Ready) {
+                c.held.push(msg.clone());
+                return;
+            }
         }
         self.queue(token, msg);
     }
