@@ -285,6 +285,7 @@ fn mode_only_changes_are_fixed_without_transfer() {
     assert_eq!(c.sync(&[]).status.code(), Some(0));
     chmod(&t.master.join("a.txt"), 0o751);
     chmod(&t.master.join("dir/sub"), 0o700);
+    set_mtime(&t.master.join("dir/b.bin"), 1_000_000_000);
     let out = c.sync(&["--json"]);
     assert_eq!(transferred(&json(&out)), vec![0]);
     assert_in_sync(&t.master, &t.remote_refs());
