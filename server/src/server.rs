@@ -136,7 +136,6 @@ const SUM_NONE: u8 = 0;
 const SUM_PENDING: u8 = 1;
 const SUM_DONE: u8 = 2;
 const SUM_FAILED: u8 = 3;
-const DIGEST_MAX: usize = 64;
 
 struct Job {
     control: Token,
@@ -148,31 +147,29 @@ struct Job {
     /// Master checksums: state and digest per master index.
     mstate: Vec<u8>,
     mdig: Vec<u8>,
+    /// Digest width of the job's algorithm.
+    width: usize,
     remotes: Vec<Remote>,
     next_req: u64,
     finished: bool,
 }
 
-/// Digests stored in fixed-width slots (the width is the longest digest of any
-/// algorithm we support; lengths are stored in the first byte).
-fn store_digest(arena: &mut Vec<u8>, slot: usize, digest: &[u8]) {
-    let need = (slot + 1) * (DIGEST_MAX + 1);
+/// Stores a digest in its fixed-width slot (the algorithm's digest width:
+/// 4 bytes per file for crc32). Returns false if the digest has another width.
+fn store_digest(arena: &mut Vec<u8>, width: usize, slot: usize, digest: &[u8]) -> bool {
+    if digest.len() != width {
+        return false;
+    }
+    let need = (slot + 1) * width;
     if arena.len() < need {
         arena.resize(need, 0);
     }
-    let d = &digest[..digest.len().min(DIGEST_MAX)];
-    let at = slot * (DIGEST_MAX + 1);
-    arena[at] = d.len() as u8;
-    arena[at + 1..at + 1 + d.len()].copy_from_slice(d);
+    arena[slot * width..need].copy_from_slice(digest);
+    true
 }
 
-fn load_digest(arena: &[u8], slot: usize) -> &[u8] {
-    let at = slot * (DIGEST_MAX + 1);
-    if arena.len() < at + 1 {
-        return b"";
-    }
-    let n = arena[at] as usize;
-    &arena[at + 1..at + 1 + n]
+fn load_digest(arena: &[u8], width: usize, slot: usize) -> &[u8] {
+    arena.get(slot * width..(slot + 1) * width).unwrap_or(b"")
 }
 
 fn kind_of(k: FileKind) -> Kind {
@@ -620,9 +617,10 @@ impl Server {
         if let Some(Peer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
             *job = Some(id);
         }
+        let mut width = 0;
         let check = fleetsync_engine::Registry::with_builtins()
-            .info(&req.algorithm)
-            .map(|_| ())
+            .get(&req.algorithm)
+            .map(|alg| width = alg.finish().as_bytes().len())
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 fleetsync_proto::select::Classification::from(&req.classification)
@@ -686,6 +684,7 @@ impl Server {
                 master_done: false,
                 mstate: Vec::new(),
                 mdig: Vec::new(),
+                width,
                 remotes,
                 next_req: 1,
                 finished: false,
@@ -964,8 +963,15 @@ impl Server {
                     };
                     match res.digest {
                         Ok(d) => {
-                            store_digest(&mut j.mdig, m as usize, &d);
-                            j.mstate[m as usize] = SUM_DONE;
+                            if j.mdig.is_empty() {
+                                j.mdig = vec![0; j.master.len() * j.width];
+                            }
+                            j.mstate[m as usize] =
+                                if store_digest(&mut j.mdig, j.width, m as usize, &d) {
+                                    SUM_DONE
+                                } else {
+                                    SUM_FAILED
+                                };
                         }
                         Err(e) => {
                             debug!(
@@ -995,8 +1001,14 @@ impl Server {
                     };
                     match res.digest {
                         Ok(d) => {
-                            store_digest(&mut r.rdig, k, &d);
-                            r.rstate[k] = SUM_DONE;
+                            if r.rdig.is_empty() {
+                                r.rdig = vec![0; cands.len() * j.width];
+                            }
+                            r.rstate[k] = if store_digest(&mut r.rdig, j.width, k, &d) {
+                                SUM_DONE
+                            } else {
+                                SUM_FAILED
+                            };
                         }
                         Err(_) => r.rstate[k] = SUM_FAILED,
                     }
@@ -1027,7 +1039,7 @@ impl Server {
             .map(|(k, &(m, _))| {
                 r.rstate[k] == SUM_DONE
                     && j.mstate[m as usize] == SUM_DONE
-                    && load_digest(&j.mdig, m as usize) == load_digest(&r.rdig, k)
+                    && load_digest(&j.mdig, j.width, m as usize) == load_digest(&r.rdig, j.width, k)
             })
             .collect();
         let pair = r.pair.take().unwrap();
@@ -1050,7 +1062,15 @@ impl Server {
     }
 
     fn emit_plan(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        // Split borrows: items are encoded into the control connection's
+        // output as they are produced, never all held as structs.
+        let Server {
+            jobs, conns, dirty, ..
+        } = self;
+        let j = jobs.get_mut(&job).unwrap();
+        let control = j.control;
+        dirty.insert(control);
+        let mut control_conn = conns.get_mut(&control);
         let r = &mut j.remotes[i];
         let plan = r.plan.as_ref().unwrap();
         let (master, remote) = (&j.master, &r.list);
@@ -1076,6 +1096,12 @@ impl Server {
         let mut deleted = 0;
         let mut changed = 0;
         for s in plan.steps() {
+            if items.len() >= ITEMS_PER_FRAME {
+                if let Some(c) = control_conn.as_deref_mut() {
+                    queue_on(c, &Msg::PlanItems(std::mem::take(&mut items)));
+                }
+                items.clear();
+            }
             let (path, action, size) = match s.kind {
                 StepKind::Delete | StepKind::DeleteTree => {
                     deleted += 1;
@@ -1104,9 +1130,10 @@ impl Server {
         }
         r.result.deleted = deleted;
         r.result.changed = changed;
-        let control = j.control;
-        for chunk in items.chunks(ITEMS_PER_FRAME) {
-            self.queue(control, &Msg::PlanItems(chunk.to_vec()));
+        if !items.is_empty() {
+            if let Some(c) = control_conn {
+                queue_on(c, &Msg::PlanItems(items));
+            }
         }
     }
 
