@@ -203,7 +203,21 @@ pub(crate) fn flush(w: &SharedWriter) -> Result<(), AgentError> {
 fn serve_requests(
     reader: &mut BufReader<TcpStream>,
     w: &SharedWriter,
-    shared: &Shared,
+    shared: &Arc<Shared>,
+) -> Result<(), AgentError> {
+    let mut senders: Vec<JoinHandle<()>> = Vec::new();
+    let r = serve_loop(reader, w, shared, &mut senders);
+    for t in senders {
+        let _ = t.join();
+    }
+    r
+}
+
+fn serve_loop(
+    reader: &mut BufReader<TcpStream>,
+    w: &SharedWriter,
+    shared: &Arc<Shared>,
+    senders: &mut Vec<JoinHandle<()>>,
 ) -> Result<(), AgentError> {
     let mut owner_noted = false;
     while let Some(body) = frame::read_frame(reader)? {
@@ -243,7 +257,22 @@ fn serve_requests(
                 target,
                 algorithm,
                 paths,
-            } => crate::transfer::send_files(w, shared, request_id, &target, &algorithm, &paths)?,
+            } => {
+                // In the background: one stream per remote, all at once.
+                senders.retain(|t| !t.is_finished());
+                let (w, shared) = (w.clone(), shared.clone());
+                let t = thread::Builder::new()
+                    .name("agent-send".into())
+                    .spawn(move || {
+                        if let Err(e) = crate::transfer::send_files(
+                            &w, &shared, request_id, &target, &algorithm, &paths,
+                        ) {
+                            warn!("send order {request_id}: {e}");
+                        }
+                    })
+                    .map_err(|e| AgentError::Proto(e.into()))?;
+                senders.push(t);
+            }
             Msg::ApplyRequest { request_id, ops } => {
                 apply(w, shared, request_id, &ops, &mut owner_noted)?
             }

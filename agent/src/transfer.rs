@@ -346,7 +346,6 @@ fn relay_results(
 
 /// The file being received.
 struct Incoming {
-    request_id: u64,
     entry: FileEntry,
     temp: Option<Box<dyn TempFile>>,
     state: Option<Box<dyn Algorithm>>,
@@ -362,9 +361,7 @@ pub(crate) fn receive(
 ) -> Result<(), AgentError> {
     let backend = &shared.backend;
     let mut cur: Option<Incoming> = None;
-    let mut done = Done::default();
-    let mut dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
-    let mut owner_noted = false;
+    let mut committer = Committer::new(w.clone(), COMMIT_THREADS);
     loop {
         let Some(body) = frame::read_frame(reader)? else {
             // Cut off: whatever was in flight is dropped (its temp file removed).
@@ -405,9 +402,8 @@ pub(crate) fn receive(
                         "fileStart inside a file".into(),
                     )));
                 }
-                done.request_id = request_id;
+                committer.state.lock().expect("poisoned").done.request_id = request_id;
                 let mut inc = Incoming {
-                    request_id,
                     entry,
                     temp: None,
                     state: None,
@@ -444,42 +440,31 @@ pub(crate) fn receive(
                     )));
                 };
                 let p = inc.entry.path.clone();
-                let r = finish_file(inc, size, &digest, aborted, error);
-                let result = match r {
-                    Ok(applied) => {
-                        done.ok += 1;
-                        dirs.insert(path::split(&p).0.to_vec());
-                        let message = if applied.owner_skipped && !owner_noted {
-                            owner_noted = true;
-                            "owner/group not applied: the agent is not running as root".to_owned()
-                        } else {
-                            String::new()
-                        };
-                        ItemResult {
-                            path: p,
-                            outcome: Outcome::Ok,
-                            message,
-                            bytes: size,
+                match verify_file(inc, size, &digest, aborted, error) {
+                    Ok((temp, attrs)) => committer.submit(CommitJob {
+                        temp,
+                        attrs,
+                        path: p,
+                        size,
+                    })?,
+                    Err(e) => {
+                        debug!("receive {}: {e}", show(&p));
+                        committer.state.lock().expect("poisoned").done.failed += 1;
+                        send(
+                            w,
+                            &Msg::ItemResults {
+                                request_id: committer.request_id(),
+                                results: vec![failed(&p, e)],
+                            },
+                        )?;
+                        if reader.buffer().is_empty() {
+                            flush(w)?;
                         }
                     }
-                    Err(e) => {
-                        done.failed += 1;
-                        debug!("receive {}: {e}", show(&p));
-                        failed(&p, e)
-                    }
-                };
-                send(
-                    w,
-                    &Msg::ItemResults {
-                        request_id: done.request_id,
-                        results: vec![result],
-                    },
-                )?;
-                if reader.buffer().is_empty() {
-                    flush(w)?;
                 }
             }
             Msg::StreamEnd => {
+                let (done, dirs) = committer.finish();
                 for d in &dirs {
                     if let Err(e) = backend.sync_dir(d) {
                         warn!("{e}");
@@ -498,14 +483,14 @@ pub(crate) fn receive(
     }
 }
 
-fn finish_file(
+/// Checks a completely received file; returns it ready to commit.
+fn verify_file(
     inc: Incoming,
     size: u64,
     digest: &[u8],
     aborted: bool,
     error: String,
-) -> Result<crate::backend::Applied, String> {
-    let _ = inc.request_id;
+) -> Result<(Box<dyn TempFile>, Attrs), String> {
     if let Some(e) = inc.error {
         return Err(e);
     }
@@ -537,5 +522,135 @@ fn finish_file(
         mtime: Some((e.mtime_sec, e.mtime_nsec)),
     };
     let temp = inc.temp.ok_or("no temporary file")?;
-    temp.commit(&attrs).map_err(|e| e.to_string())
+    Ok((temp, attrs))
+}
+
+/// Threads committing verified files (fsync, attributes, rename) so that the
+/// disk flushes of many files overlap while the stream keeps flowing.
+const COMMIT_THREADS: usize = 8;
+
+struct CommitJob {
+    temp: Box<dyn TempFile>,
+    attrs: Attrs,
+    path: Vec<u8>,
+    size: u64,
+}
+
+#[derive(Default)]
+struct CommitState {
+    done: Done,
+    dirs: BTreeSet<Vec<u8>>,
+    owner_noted: bool,
+}
+
+struct Committer {
+    tx: Option<std::sync::mpsc::SyncSender<CommitJob>>,
+    workers: Vec<thread::JoinHandle<()>>,
+    state: Arc<Mutex<CommitState>>,
+}
+
+impl Committer {
+    fn new(w: SharedWriter, threads: usize) -> Committer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<CommitJob>(threads * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        let state = Arc::new(Mutex::new(CommitState::default()));
+        let workers = (0..threads)
+            .filter_map(|_| {
+                let (rx, state, w) = (rx.clone(), state.clone(), w.clone());
+                thread::Builder::new()
+                    .name("agent-commit".into())
+                    .spawn(move || loop {
+                        let job = rx.lock().expect("poisoned").recv();
+                        let Ok(job) = job else { return };
+                        commit_one(job, &state, &w);
+                    })
+                    .ok()
+            })
+            .collect();
+        Committer {
+            tx: Some(tx),
+            workers,
+            state,
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        self.state.lock().expect("poisoned").done.request_id
+    }
+
+    fn submit(&self, job: CommitJob) -> Result<(), AgentError> {
+        if self.workers.is_empty() {
+            // No thread could be started.
+            return Err(AgentError::Proto(ProtoError::Io(std::io::Error::other(
+                "no commit threads",
+            ))));
+        }
+        self.tx
+            .as_ref()
+            .expect("open until finish")
+            .send(job)
+            .map_err(|_| {
+                AgentError::Proto(ProtoError::Io(std::io::Error::other("commit threads gone")))
+            })
+    }
+
+    /// Waits for every commit; returns the totals and the directories written to.
+    fn finish(&mut self) -> (Done, BTreeSet<Vec<u8>>) {
+        self.tx = None;
+        for t in self.workers.drain(..) {
+            let _ = t.join();
+        }
+        let mut st = self.state.lock().expect("poisoned");
+        (st.done, std::mem::take(&mut st.dirs))
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // Files already verified are still committed when the stream breaks.
+        self.finish();
+    }
+}
+
+fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
+    let CommitJob {
+        temp,
+        attrs,
+        path,
+        size,
+    } = job;
+    let r = temp.commit(&attrs);
+    let (result, request_id) = {
+        let mut st = state.lock().expect("poisoned");
+        let result = match r {
+            Ok(applied) => {
+                st.done.ok += 1;
+                st.dirs.insert(path::split(&path).0.to_vec());
+                let message = if applied.owner_skipped && !st.owner_noted {
+                    st.owner_noted = true;
+                    "owner/group not applied: the agent is not running as root".to_owned()
+                } else {
+                    String::new()
+                };
+                ItemResult {
+                    path,
+                    outcome: Outcome::Ok,
+                    message,
+                    bytes: size,
+                }
+            }
+            Err(e) => {
+                st.done.failed += 1;
+                failed(&path, e.to_string())
+            }
+        };
+        (result, st.done.request_id)
+    };
+    let _ = send_flush(
+        w,
+        &Msg::ItemResults {
+            request_id,
+            results: vec![result],
+        },
+    );
 }
