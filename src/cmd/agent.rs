@@ -1,10 +1,105 @@
 //! `fleetsync agent`.
 
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
 /// Arguments of `fleetsync agent`.
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "\
+The token (shared by the server and every agent) comes from --token-file or the \
+FLEETSYNC_TOKEN environment variable; it never travels on the network \
+(HMAC-SHA256 challenge-response).
+
+The first line on stdout is `listening on ADDR` (useful with port 0).
+
+Exit codes: 0 stopped normally, 2 usage or startup error.")]
+pub struct Args {
+    /// The tree to serve.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070 or 127.0.0.1:0.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// File holding the shared token (trailing whitespace ignored).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Run without any authentication (anyone who can connect may read and write the tree).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Do not fsync received files before renaming them (faster, not crash-safe).
+    #[arg(long)]
+    no_fsync: bool,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Reads the token from `file`, or else from `FLEETSYNC_TOKEN`.
+pub fn load_token(file: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    let raw = match file {
+        Some(f) => {
+            Some(std::fs::read(f).with_context(|| format!("reading token file {}", f.display()))?)
+        }
+        None => std::env::var_os("FLEETSYNC_TOKEN").map(|v| {
+            use std::os::unix::ffi::OsStringExt;
+            v.into_vec()
+        }),
+    };
+    match raw {
+        None => Ok(None),
+        Some(mut t) => {
+            while t.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                t.pop();
+            }
+            if t.is_empty() {
+                bail!("the token is empty");
+            }
+            Ok(Some(t))
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Runs `fleetsync agent`; returns the process exit code.
-pub fn run(_args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("'agent' is not built yet")
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    init_logging(args.verbose);
+    let token = load_token(args.token_file.as_ref())?;
+    if token.is_none() && !args.insecure_no_auth {
+        bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
+    }
+    let meta =
+        std::fs::metadata(&args.root).with_context(|| format!("root {}", args.root.display()))?;
+    if !meta.is_dir() {
+        bail!("root {} is not a directory", args.root.display());
+    }
+    let backend = fleetsync_agent::PosixBackend::new(&args.root)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_fsync(!args.no_fsync);
+    let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener =
+        TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let handle = agent.serve(listener).context("starting the agent")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {}", handle.local_addr())?;
+    out.flush()?;
+    drop(out);
+    handle.wait();
+    Ok(0)
 }

@@ -1,10 +1,78 @@
 //! `fleetsync server`.
 
+use std::io::Write;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
 /// Arguments of `fleetsync server`.
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "\
+Control clients (`fleetsync sync --server ADDR ...`) connect here; the server then connects \
+to the master and remote agents named in each request, with the same shared token.
+
+The token comes from --token-file or the FLEETSYNC_TOKEN environment variable.
+The first line on stdout is `listening on ADDR` (useful with port 0).
+
+Exit codes: 0 stopped normally, 2 usage or startup error.")]
+pub struct Args {
+    /// Address to listen on for control clients, e.g. 127.0.0.1:7000 or 127.0.0.1:0.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// File holding the shared token (trailing whitespace ignored).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Run without any authentication.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Fail an agent that leaves a request unanswered this many seconds (0 = never).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    idle_timeout: u64,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Sets up `tracing` on stderr: warnings by default, `-v` info, `-vv` debug.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Runs `fleetsync server`; returns the process exit code.
-pub fn run(_args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("'server' is not built yet")
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    init_logging(args.verbose);
+    let token = super::agent::load_token(args.token_file.as_ref())?;
+    if token.is_none() && !args.insecure_no_auth {
+        bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
+    }
+    let addr = args
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.listen))?
+        .next()
+        .with_context(|| format!("resolving {}", args.listen))?;
+    let config = fleetsync_server::ServerConfig {
+        token,
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+    };
+    let mut server = fleetsync_server::Server::bind(addr, config)
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {}", server.local_addr()?)?;
+    out.flush()?;
+    drop(out);
+    server.run().context("server event loop")?;
+    Ok(0)
 }

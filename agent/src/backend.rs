@@ -1,0 +1,724 @@
+//! Storage plug-ins: the [`Backend`] trait and the POSIX implementation.
+#![allow(clippy::unnecessary_cast)] // `struct stat` field types differ between targets
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use fleetsync_engine::AlgorithmInfo;
+use fleetsync_proto::select::Decision;
+use fleetsync_proto::{Attrs, FileEntry, FileKind};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::path::{self, name, Root};
+use crate::AgentError;
+
+/// Prefix of the temporary files the agent writes before renaming.
+pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
+
+/// Decides, for a relative path and whether it is a directory, if it is listed.
+pub type Decider<'a> = &'a (dyn Fn(&[u8], bool) -> Decision + Sync);
+
+/// Where an agent's tree lives. [`PosixBackend`] is the default; other stores
+/// plug in by implementing this trait. Every path is relative to the root and
+/// has been checked with [`crate::path::check`]; implementations must still
+/// refuse to follow symlinks.
+pub trait Backend: Send + Sync {
+    /// Walks the tree: the root first (path `b""`), a directory before its
+    /// contents, symlinks never followed, pruned where `decide` says
+    /// [`Decision::ExcludePrune`]. Each included entry goes to `sink`.
+    fn list(
+        &self,
+        decide: Decider<'_>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError>;
+
+    /// Opens a regular file for reading, with its metadata at open time.
+    fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError>;
+
+    /// Checksum of a regular file: (digest bytes, bytes hashed).
+    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError>;
+
+    /// Starts writing new content for `path` into a temporary file beside it.
+    /// Dropping the result without [`TempFile::commit`] removes the temporary file.
+    fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError>;
+
+    /// Creates a directory (fine if it exists; a non-directory in the way is
+    /// replaced) and applies `attrs` except the mtime.
+    fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError>;
+
+    /// Removes a file, symlink or directory (`recursive`: with its contents);
+    /// fine if absent.
+    fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError>;
+
+    /// Applies attributes (mode is ignored for symlinks).
+    fn set_attrs(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError>;
+
+    /// Creates or atomically repoints a symlink.
+    fn symlink(&self, path: &[u8], target: &[u8], attrs: &Attrs) -> Result<Applied, AgentError>;
+
+    /// Makes `path` a hard link to `existing`, atomically replacing what is there.
+    fn hard_link(&self, path: &[u8], existing: &[u8]) -> Result<(), AgentError>;
+
+    /// The kind of `path` (`None` if absent), without following symlinks.
+    fn kind(&self, path: &[u8]) -> Result<Option<FileKind>, AgentError>;
+
+    /// Makes renames in directory `dir` durable.
+    fn sync_dir(&self, dir: &[u8]) -> Result<(), AgentError>;
+
+    /// Whether owner and group can be applied.
+    fn can_chown(&self) -> bool;
+}
+
+/// What an attribute change did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Owner/group were asked for but not applied (not root).
+    pub owner_skipped: bool,
+}
+
+/// New content being written; see [`Backend::create_temp`].
+pub trait TempFile: Write + Send {
+    /// Makes the content durable, applies `attrs` and renames it over the
+    /// destination.
+    fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError>;
+}
+
+/// Files on a POSIX file system, beneath one root directory.
+pub struct PosixBackend {
+    root: Root,
+    can_chown: bool,
+    fsync: bool,
+    live_temps: Arc<Mutex<HashSet<Vec<u8>>>>,
+}
+
+impl PosixBackend {
+    /// Serves the tree at `root`.
+    pub fn new(root: &Path) -> Result<Self, AgentError> {
+        Ok(PosixBackend {
+            root: Root::open(root)?,
+            can_chown: rustix::process::geteuid().is_root(),
+            fsync: true,
+            live_temps: Arc::default(),
+        })
+    }
+
+    /// Whether received files are fsynced before the rename (default: yes).
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    fn walk(
+        &self,
+        dir: BorrowedFd<'_>,
+        prefix: &mut Vec<u8>,
+        decide: Decider<'_>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        {
+            let mut d = rustix::fs::Dir::read_from(dir)
+                .map_err(|e| AgentError::io("read directory", prefix, e))?;
+            while let Some(ent) = d.read() {
+                let ent = ent.map_err(|e| AgentError::io("read directory", prefix, e))?;
+                let n = ent.file_name().to_bytes();
+                if n == b"." || n == b".." {
+                    continue;
+                }
+                names.push(n.to_vec());
+            }
+        }
+        names.sort_unstable();
+        for n in names {
+            let base = prefix.len();
+            if base > 0 {
+                prefix.push(b'/');
+            }
+            prefix.extend_from_slice(&n);
+            let r = self.walk_one(dir, &n, prefix, decide, sink);
+            prefix.truncate(base);
+            r?;
+        }
+        Ok(())
+    }
+
+    fn walk_one(
+        &self,
+        dir: BorrowedFd<'_>,
+        n: &[u8],
+        rel: &mut Vec<u8>,
+        decide: Decider<'_>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        if n.starts_with(TEMP_PREFIX) {
+            // Ours: in flight (skip) or left by a killed agent (remove).
+            let live = self
+                .live_temps
+                .lock()
+                .expect("poisoned")
+                .contains(rel.as_slice());
+            if !live {
+                let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+            }
+            return Ok(());
+        }
+        let st = match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(()), // vanished meanwhile
+            Err(e) => return Err(AgentError::io("stat", rel, e)),
+        };
+        let kind = kind_of(&st);
+        let is_dir = kind == FileKind::Dir;
+        match decide(rel, is_dir) {
+            Decision::Include => {}
+            Decision::Exclude => return Ok(()),
+            Decision::ExcludePrune => return Ok(()),
+        }
+        let link_target = if kind == FileKind::Symlink {
+            Some(
+                rustix::fs::readlinkat(dir, name(n), Vec::new())
+                    .map_err(|e| AgentError::io("readlink", rel, e))?
+                    .into_bytes(),
+            )
+        } else {
+            None
+        };
+        sink(entry_of(rel, &st, link_target))?;
+        if is_dir {
+            let sub = match rustix::fs::openat(
+                dir,
+                name(n),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => return Ok(()),
+                Err(e) => return Err(AgentError::io("open directory", rel, e)),
+            };
+            self.walk(sub.as_fd(), rel, decide, sink)?;
+        }
+        Ok(())
+    }
+
+    fn stat_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        n: &[u8],
+        rel: &[u8],
+    ) -> Result<Option<Stat>, AgentError> {
+        match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(AgentError::io("stat", rel, e)),
+        }
+    }
+
+    fn apply_attrs_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        n: &[u8],
+        rel: &[u8],
+        attrs: &Attrs,
+        is_symlink: bool,
+    ) -> Result<Applied, AgentError> {
+        let mut applied = Applied::default();
+        if let Some((uid, gid)) = attrs.owner {
+            if self.can_chown {
+                rustix::fs::chownat(
+                    dir,
+                    name(n),
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| AgentError::io("chown", rel, e))?;
+            } else {
+                applied.owner_skipped = true;
+            }
+        }
+        if let (Some(mode), false) = (attrs.mode, is_symlink) {
+            rustix::fs::chmodat(
+                dir,
+                name(n),
+                Mode::from_raw_mode(mode & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(|e| AgentError::io("chmod", rel, e))?;
+        }
+        if let Some((sec, nsec)) = attrs.mtime {
+            rustix::fs::utimensat(dir, name(n), &times(sec, nsec), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| AgentError::io("set mtime", rel, e))?;
+        }
+        Ok(applied)
+    }
+
+    fn apply_attrs_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        rel: &[u8],
+        attrs: &Attrs,
+    ) -> Result<Applied, AgentError> {
+        let mut applied = Applied::default();
+        if let Some((uid, gid)) = attrs.owner {
+            if self.can_chown {
+                rustix::fs::fchown(
+                    fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| AgentError::io("chown", rel, e))?;
+            } else {
+                applied.owner_skipped = true;
+            }
+        }
+        if let Some(mode) = attrs.mode {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777))
+                .map_err(|e| AgentError::io("chmod", rel, e))?;
+        }
+        if let Some((sec, nsec)) = attrs.mtime {
+            rustix::fs::futimens(fd, &times(sec, nsec))
+                .map_err(|e| AgentError::io("set mtime", rel, e))?;
+        }
+        Ok(applied)
+    }
+
+    fn temp_name(&self, parent: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut r = [0u8; 8];
+        getrandom::getrandom(&mut r).expect("OS random number generator failed");
+        let mut n = TEMP_PREFIX.to_vec();
+        for b in r {
+            n.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+        let mut rel = parent.to_vec();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&n);
+        (n, rel)
+    }
+
+    /// Removes what is at `n` in `dir` if it is a directory (so a rename can replace it).
+    fn clear_dir_in_the_way(
+        &self,
+        dir: BorrowedFd<'_>,
+        n: &[u8],
+        rel: &[u8],
+    ) -> Result<(), AgentError> {
+        if let Some(st) = self.stat_at(dir, n, rel)? {
+            if kind_of(&st) == FileKind::Dir {
+                remove_tree(dir, n, rel)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn times(sec: i64, nsec: u32) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: sec,
+            tv_nsec: i64::from(nsec.min(999_999_999)) as _,
+        },
+    }
+}
+
+/// The kind of a `stat` result.
+pub fn kind_of(st: &Stat) -> FileKind {
+    match FileType::from_raw_mode(st.st_mode as _) {
+        FileType::RegularFile => FileKind::File,
+        FileType::Directory => FileKind::Dir,
+        FileType::Symlink => FileKind::Symlink,
+        FileType::Fifo => FileKind::Fifo,
+        FileType::Socket => FileKind::Socket,
+        FileType::CharacterDevice => FileKind::CharDevice,
+        FileType::BlockDevice => FileKind::BlockDevice,
+        _ => FileKind::File,
+    }
+}
+
+/// A file entry from a `stat` result.
+pub fn entry_of(rel: &[u8], st: &Stat, link_target: Option<Vec<u8>>) -> FileEntry {
+    FileEntry {
+        path: rel.to_vec(),
+        kind: kind_of(st),
+        mode: (st.st_mode as u32) & 0o7777,
+        uid: st.st_uid as u32,
+        gid: st.st_gid as u32,
+        inode: st.st_ino as u64,
+        dev: st.st_dev as u64,
+        nlink: st.st_nlink as u64,
+        size: (st.st_size as i64).max(0) as u64,
+        mtime_sec: st.st_mtime as i64,
+        mtime_nsec: st.st_mtime_nsec as u32,
+        link_target,
+        rdev: st.st_rdev as u64,
+    }
+}
+
+/// Removes `n` in `dir` and everything beneath it, never following symlinks.
+fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentError> {
+    let sub = match rustix::fs::openat(
+        dir,
+        name(n),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
+            return rustix::fs::unlinkat(dir, name(n), AtFlags::empty())
+                .map_err(|e| AgentError::io("unlink", rel, e));
+        }
+        Err(e) => return Err(AgentError::io("open directory", rel, e)),
+    };
+    let mut names = Vec::new();
+    {
+        let mut d = rustix::fs::Dir::read_from(sub.as_fd())
+            .map_err(|e| AgentError::io("read directory", rel, e))?;
+        while let Some(ent) = d.read() {
+            let ent = ent.map_err(|e| AgentError::io("read directory", rel, e))?;
+            let c = ent.file_name().to_bytes();
+            if c != b"." && c != b".." {
+                names.push((c.to_vec(), ent.file_type()));
+            }
+        }
+    }
+    for (c, ft) in names {
+        let mut child = rel.to_vec();
+        child.push(b'/');
+        child.extend_from_slice(&c);
+        let is_dir = match ft {
+            FileType::Directory => true,
+            FileType::Unknown => {
+                rustix::fs::statat(sub.as_fd(), name(&c), AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| kind_of(&st) == FileKind::Dir)
+                    .unwrap_or(false)
+            }
+            _ => false,
+        };
+        if is_dir {
+            remove_tree(sub.as_fd(), &c, &child)?;
+        } else {
+            match rustix::fs::unlinkat(sub.as_fd(), name(&c), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(AgentError::io("unlink", &child, e)),
+            }
+        }
+    }
+    match rustix::fs::unlinkat(dir, name(n), AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(AgentError::io("rmdir", rel, e)),
+    }
+}
+
+struct PosixTemp {
+    file: Option<File>,
+    parent: OwnedFd,
+    tmp: Vec<u8>,
+    tmp_rel: Vec<u8>,
+    dest: Vec<u8>,
+    dest_rel: Vec<u8>,
+    fsync: bool,
+    can_chown: bool,
+    live: Arc<Mutex<HashSet<Vec<u8>>>>,
+}
+
+impl Write for PosixTemp {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("open until commit").write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file
+            .as_mut()
+            .expect("open until commit")
+            .write_all(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TempFile for PosixTemp {
+    fn commit(mut self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
+        let file = self.file.take().expect("open until commit");
+        let rel = self.dest_rel.clone();
+        if self.fsync {
+            file.sync_data()
+                .map_err(|e| AgentError::io("fsync", &rel, e))?;
+        }
+        let mut applied = Applied::default();
+        if let Some((uid, gid)) = attrs.owner {
+            if self.can_chown {
+                rustix::fs::fchown(
+                    &file,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| AgentError::io("chown", &rel, e))?;
+            } else {
+                applied.owner_skipped = true;
+            }
+        }
+        if let Some(mode) = attrs.mode {
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))
+                .map_err(|e| AgentError::io("chmod", &rel, e))?;
+        }
+        if let Some((sec, nsec)) = attrs.mtime {
+            rustix::fs::futimens(&file, &times(sec, nsec))
+                .map_err(|e| AgentError::io("set mtime", &rel, e))?;
+        }
+        drop(file);
+        let r = rustix::fs::renameat(
+            &self.parent,
+            name(&self.tmp),
+            &self.parent,
+            name(&self.dest),
+        );
+        if let Err(e) = r {
+            return Err(AgentError::io("rename", &rel, e)); // Drop removes the temp file
+        }
+        self.live.lock().expect("poisoned").remove(&self.tmp_rel);
+        self.tmp.clear();
+        Ok(applied)
+    }
+}
+
+impl Drop for PosixTemp {
+    fn drop(&mut self) {
+        if !self.tmp.is_empty() {
+            self.file.take();
+            let _ = rustix::fs::unlinkat(&self.parent, name(&self.tmp), AtFlags::empty());
+            self.live.lock().expect("poisoned").remove(&self.tmp_rel);
+        }
+    }
+}
+
+impl Backend for PosixBackend {
+    fn list(
+        &self,
+        decide: Decider<'_>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let st = rustix::fs::fstat(self.root.fd()).map_err(|e| AgentError::io("stat", b"", e))?;
+        sink(entry_of(b"", &st, None))?;
+        let mut prefix = Vec::new();
+        self.walk(self.root.fd(), &mut prefix, decide, sink)
+    }
+
+    fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
+    }
+
+    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
+        let (mut r, _) = self.open_read(path)?;
+        let mut state = alg.instantiate();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(AgentError::io("read", path, e)),
+            };
+            state.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((state.finish().as_bytes().to_vec(), total))
+    }
+
+    fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError> {
+        let (parent, n) = self.root.parent(path)?;
+        let (parent_rel, _) = path::split(path);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let fd = rustix::fs::openat(
+            &parent,
+            name(&tmp),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| AgentError::io("create", &tmp_rel, e))?;
+        self.live_temps
+            .lock()
+            .expect("poisoned")
+            .insert(tmp_rel.clone());
+        Ok(Box::new(PosixTemp {
+            file: Some(File::from(fd)),
+            parent,
+            tmp,
+            tmp_rel,
+            dest: n.to_vec(),
+            dest_rel: path.to_vec(),
+            fsync: self.fsync,
+            can_chown: self.can_chown,
+            live: self.live_temps.clone(),
+        }))
+    }
+
+    fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
+        let attrs = Attrs {
+            mtime: None,
+            ..*attrs
+        };
+        if path.is_empty() {
+            let fd = self.root.open_dir(b"")?;
+            return self.apply_attrs_fd(fd.as_fd(), path, &attrs);
+        }
+        let (parent, n) = self.root.parent(path)?;
+        let mode = Mode::from_raw_mode(attrs.mode.unwrap_or(0o755) & 0o7777);
+        match rustix::fs::mkdirat(&parent, name(n), mode) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                let st = self.stat_at(parent.as_fd(), n, path)?;
+                if st.map(|s| kind_of(&s)) != Some(FileKind::Dir) {
+                    rustix::fs::unlinkat(&parent, name(n), AtFlags::empty())
+                        .map_err(|e| AgentError::io("unlink", path, e))?;
+                    rustix::fs::mkdirat(&parent, name(n), mode)
+                        .map_err(|e| AgentError::io("mkdir", path, e))?;
+                }
+            }
+            Err(e) => return Err(AgentError::io("mkdir", path, e)),
+        }
+        self.apply_attrs_at(parent.as_fd(), n, path, &attrs, false)
+    }
+
+    fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError> {
+        let (parent, n) = self.root.parent(path)?;
+        let Some(st) = self.stat_at(parent.as_fd(), n, path)? else {
+            return Ok(());
+        };
+        if kind_of(&st) == FileKind::Dir {
+            if recursive {
+                remove_tree(parent.as_fd(), n, path)
+            } else {
+                rustix::fs::unlinkat(&parent, name(n), AtFlags::REMOVEDIR)
+                    .map_err(|e| AgentError::io("rmdir", path, e))
+            }
+        } else {
+            match rustix::fs::unlinkat(&parent, name(n), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(AgentError::io("unlink", path, e)),
+            }
+        }
+    }
+
+    fn set_attrs(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
+        if path.is_empty() {
+            let fd = self.root.open_dir(b"")?;
+            return self.apply_attrs_fd(fd.as_fd(), path, attrs);
+        }
+        let (parent, n) = self.root.parent(path)?;
+        let st = self
+            .stat_at(parent.as_fd(), n, path)?
+            .ok_or_else(|| AgentError::io("stat", path, Errno::NOENT))?;
+        self.apply_attrs_at(
+            parent.as_fd(),
+            n,
+            path,
+            attrs,
+            kind_of(&st) == FileKind::Symlink,
+        )
+    }
+
+    fn symlink(&self, path: &[u8], target: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
+        if target.is_empty() || target.contains(&0) {
+            return Err(AgentError::UnsafePath {
+                path: path.to_vec(),
+                reason: "empty symlink target or NUL in it",
+            });
+        }
+        let (parent, n) = self.root.parent(path)?;
+        let (parent_rel, _) = path::split(path);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        rustix::fs::symlinkat(name(target), &parent, name(&tmp))
+            .map_err(|e| AgentError::io("symlink", &tmp_rel, e))?;
+        let result = (|| {
+            let applied = self.apply_attrs_at(
+                parent.as_fd(),
+                &tmp,
+                path,
+                &Attrs {
+                    mode: None,
+                    ..*attrs
+                },
+                true,
+            )?;
+            self.clear_dir_in_the_way(parent.as_fd(), n, path)?;
+            rustix::fs::renameat(&parent, name(&tmp), &parent, name(n))
+                .map_err(|e| AgentError::io("rename", path, e))?;
+            Ok(applied)
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&parent, name(&tmp), AtFlags::empty());
+        }
+        result
+    }
+
+    fn hard_link(&self, path: &[u8], existing: &[u8]) -> Result<(), AgentError> {
+        let (eparent, en) = self.root.parent(existing)?;
+        let est = self
+            .stat_at(eparent.as_fd(), en, existing)?
+            .ok_or_else(|| AgentError::io("link", existing, Errno::NOENT))?;
+        if kind_of(&est) == FileKind::Dir {
+            return Err(AgentError::io("link", existing, Errno::ISDIR));
+        }
+        let (parent, n) = self.root.parent(path)?;
+        if let Some(st) = self.stat_at(parent.as_fd(), n, path)? {
+            if st.st_ino == est.st_ino && st.st_dev == est.st_dev {
+                return Ok(()); // already that link
+            }
+        }
+        let (parent_rel, _) = path::split(path);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        rustix::fs::linkat(&eparent, name(en), &parent, name(&tmp), AtFlags::empty())
+            .map_err(|e| AgentError::io("link", &tmp_rel, e))?;
+        let result = (|| {
+            self.clear_dir_in_the_way(parent.as_fd(), n, path)?;
+            rustix::fs::renameat(&parent, name(&tmp), &parent, name(n))
+                .map_err(|e| AgentError::io("rename", path, e))
+        })();
+        // rename() between two links of one inode does nothing: remove the temp name.
+        let _ = rustix::fs::unlinkat(&parent, name(&tmp), AtFlags::empty());
+        result
+    }
+
+    fn kind(&self, path: &[u8]) -> Result<Option<FileKind>, AgentError> {
+        if path.is_empty() {
+            return Ok(Some(FileKind::Dir));
+        }
+        let (parent, n) = self.root.parent(path)?;
+        Ok(self.stat_at(parent.as_fd(), n, path)?.map(|s| kind_of(&s)))
+    }
+
+    fn sync_dir(&self, dir: &[u8]) -> Result<(), AgentError> {
+        let fd = self.root.open_dir(dir)?;
+        rustix::fs::fsync(&fd).map_err(|e| AgentError::io("fsync", dir, e))
+    }
+
+    fn can_chown(&self) -> bool {
+        self.can_chown
+    }
+}

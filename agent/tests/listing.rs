@@ -1,0 +1,133 @@
+//! The file list reports what `lstat` says, for every kind of entry.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+use fleetsync_proto::{FileKind, Role};
+
+fn names(dir: &Path) {
+    std::fs::write(dir.join("file"), b"hello").unwrap();
+    std::fs::create_dir(dir.join("dir")).unwrap();
+    std::fs::write(dir.join("dir/inner with space\nnewline"), b"x").unwrap();
+    std::os::unix::fs::symlink("dir/nowhere", dir.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("dir", dir.join("dirlink")).unwrap();
+    std::fs::hard_link(dir.join("file"), dir.join("hard")).unwrap();
+    std::fs::write(dir.join(std::ffi::OsStr::from_bytes(b"bad\xffname")), b"").unwrap();
+    let fifo = std::ffi::CString::new(dir.join("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+}
+
+#[test]
+fn listing_reports_attrs_for_file_dir_symlink_hardlink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    names(root);
+    let agent = start_agent(root);
+    let mut c = Client::connect(agent.local_addr(), Role::Server);
+    let list = c.list();
+    assert_eq!(list[0].path, b"", "the root comes first");
+    let by_path: HashMap<Vec<u8>, _> = list.iter().map(|e| (e.path.clone(), e.clone())).collect();
+    assert_eq!(by_path.len(), list.len(), "no duplicates");
+    let expected: &[&[u8]] = &[
+        b"",
+        b"file",
+        b"dir",
+        b"dir/inner with space\nnewline",
+        b"dangling",
+        b"dirlink",
+        b"hard",
+        b"bad\xffname",
+        b"fifo",
+    ];
+    assert_eq!(list.len(), expected.len(), "{list:#?}");
+    for p in expected {
+        let e = &by_path[*p];
+        let full = if p.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(std::ffi::OsStr::from_bytes(p))
+        };
+        let m = std::fs::symlink_metadata(&full).unwrap();
+        assert_eq!(e.mode, m.mode() & 0o7777, "{full:?}");
+        assert_eq!((e.uid, e.gid), (m.uid(), m.gid()));
+        assert_eq!((e.inode, e.dev, e.nlink), (m.ino(), m.dev(), m.nlink()));
+        assert_eq!(e.size, m.size());
+        assert_eq!(
+            (e.mtime_sec, e.mtime_nsec as i64),
+            (m.mtime(), m.mtime_nsec())
+        );
+        let kind = if m.file_type().is_symlink() {
+            FileKind::Symlink
+        } else if m.is_dir() {
+            FileKind::Dir
+        } else if m.is_file() {
+            FileKind::File
+        } else {
+            FileKind::Fifo
+        };
+        assert_eq!(e.kind, kind, "{full:?}");
+        if kind == FileKind::Symlink {
+            let t = std::fs::read_link(&full).unwrap();
+            assert_eq!(e.link_target.as_deref(), Some(t.as_os_str().as_bytes()));
+        } else {
+            assert_eq!(e.link_target, None);
+        }
+    }
+    assert_eq!(by_path[&b"file"[..]].inode, by_path[&b"hard"[..]].inode);
+    assert_eq!(by_path[&b"file"[..]].nlink, 2);
+    // Symlinks are not followed: nothing listed beneath "dirlink".
+    assert!(!list.iter().any(|e| e.path.starts_with(b"dirlink/")));
+    agent.stop();
+}
+
+#[test]
+fn checksums_match_the_engine_and_report_errors_per_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("nine"), b"123456789").unwrap();
+    let agent = start_agent(tmp.path());
+    let mut c = Client::connect(agent.local_addr(), Role::Server);
+    let r = c.checksums(&[b"nine", b"missing"]);
+    let nine = r.iter().find(|x| x.path == b"nine").unwrap();
+    assert_eq!(nine.digest.as_ref().unwrap(), &vec![0xcb, 0xf4, 0x39, 0x26]);
+    assert_eq!(nine.size, 9);
+    assert!(r
+        .iter()
+        .find(|x| x.path == b"missing")
+        .unwrap()
+        .digest
+        .is_err());
+}
+
+#[test]
+fn classification_prunes_excluded_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("skip")).unwrap();
+    std::fs::write(tmp.path().join("skip/a.rs"), b"").unwrap();
+    std::fs::write(tmp.path().join("b.rs"), b"").unwrap();
+    std::fs::write(tmp.path().join("c.txt"), b"").unwrap();
+    let agent = start_agent(tmp.path());
+    let mut c = Client::connect(agent.local_addr(), Role::Server);
+    c.send(&fleetsync_proto::Msg::ListRequest {
+        request_id: 5,
+        classification: fleetsync_proto::ClassificationSpec {
+            rules: vec![fleetsync_proto::FilterRule {
+                exclude: true,
+                pattern: "skip/".into(),
+            }],
+            select: Some(fleetsync_proto::Selector::Ext("rs".into())),
+        },
+        batch_size: 0,
+    });
+    let Some(fleetsync_proto::Msg::ListBatch { entries, last, .. }) = c.recv() else {
+        panic!()
+    };
+    assert!(last);
+    let paths: Vec<_> = entries.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(paths, vec![b"".to_vec(), b"b.rs".to_vec()]);
+}

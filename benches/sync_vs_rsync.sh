@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of `fleetsync sync` (embedded mode) against rsync.
+#
+#   benches/sync_vs_rsync.sh [WORKDIR]
+#
+# 1. Initial copy of a FILES-file tree (default 20,000; sizes log-uniform in
+#    1 KiB..1 MiB, mean ~150 KiB) to 2 empty remotes, vs `rsync -a` to each.
+# 2. No-change re-sync with checksums, vs `rsync -ac` to each.
+# Prints the times and the ratios. Page cache is warm for both tools (the
+# tree is written first, then read by both). fleetsync runs with its default
+# fsync of every received file and, separately, with --no-fsync (rsync does
+# not fsync by default).
+#
+# Environment: FILES (default 20000), SEED (default 1), FLEETSYNC (binary,
+# default target/release/fleetsync; built if missing), KEEP=1 keeps WORKDIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FILES=${FILES:-20000}
+SEED=${SEED:-1}
+BIN=${FLEETSYNC:-target/release/fleetsync}
+[ -x "$BIN" ] || cargo build --release -p fleetsync >&2
+WORK=${1:-$(mktemp -d /tmp/fleetsync-bench.XXXXXX)}
+mkdir -p "$WORK"
+[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+M=$WORK/master
+
+if [ ! -d "$M" ]; then
+  echo "generating $FILES files in $M ..." >&2
+  python3 - "$M" "$FILES" "$SEED" <<'PY'
+import os, random, sys
+root, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+blob = os.urandom(2 << 20)
+total = 0
+for i in range(n):
+    d = os.path.join(root, f"d{i % 50:02d}", f"s{(i // 50) % 20:02d}")
+    os.makedirs(d, exist_ok=True)
+    size = int(1024 * (1024 ** rng.random()))  # log-uniform 1 KiB .. 1 MiB
+    off = rng.randrange(0, len(blob) - size)
+    with open(os.path.join(d, f"f{i:06d}.dat"), "wb") as f:
+        f.write(blob[off:off + size])
+    total += size
+print(f"{n} files, {total / 2**20:.0f} MiB", file=sys.stderr)
+PY
+fi
+du -sh "$M" >&2
+cat $(find "$M" -type f) > /dev/null  # warm the page cache
+
+t() { local s e; s=$(date +%s.%N); "$@" > /dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
+fresh() { rm -rf "$WORK/$1" "$WORK/$2"; mkdir -p "$WORK/$1" "$WORK/$2"; sync; }
+
+fresh f1 f2
+fs_init=$(t "$BIN" sync "$M" "$WORK/f1" "$WORK/f2")
+fresh n1 n2
+fs_init_nofsync=$(t "$BIN" sync --no-fsync "$M" "$WORK/n1" "$WORK/n2")
+fresh r1 r2
+rs_init=$(t bash -c "rsync -a '$M/' '$WORK/r1/' && rsync -a '$M/' '$WORK/r2/'")
+
+fs_resync=$(t "$BIN" sync "$M" "$WORK/f1" "$WORK/f2")
+rs_resync=$(t bash -c "rsync -ac '$M/' '$WORK/r1/' && rsync -ac '$M/' '$WORK/r2/'")
+
+# Referee: everything identical.
+for r in f1 f2 n1 n2; do
+  d=$(rsync -aHc -n -i --delete "$M/" "$WORK/$r/")
+  [ -z "$d" ] || { echo "remote $r differs:"; echo "$d" | head; exit 1; }
+done
+
+printf '%-44s %8s s\n' "initial copy, fleetsync (fsync)" "$fs_init"
+printf '%-44s %8s s\n' "initial copy, fleetsync --no-fsync" "$fs_init_nofsync"
+printf '%-44s %8s s\n' "initial copy, rsync -a x2" "$rs_init"
+printf '%-44s %8s s\n' "no-change re-sync, fleetsync (crc32)" "$fs_resync"
+printf '%-44s %8s s\n' "no-change re-sync, rsync -ac x2" "$rs_resync"
+echo "ratio initial (fleetsync/rsync, target <= 1.0): $(echo "scale=2; $fs_init / $rs_init" | bc) (fsync), $(echo "scale=2; $fs_init_nofsync / $rs_init" | bc) (--no-fsync)"
+echo "speed-up re-sync (rsync/fleetsync, target >= 2): $(echo "scale=2; $rs_resync / $fs_resync" | bc)"

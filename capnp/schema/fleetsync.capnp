@@ -1,0 +1,344 @@
+@0xb089593ea34c09d6;
+# fleetsync wire protocol. Every frame on every connection is one `Message`,
+# prefixed by its length (u32 little-endian, at most 16 MiB). See PROTOCOL.md
+# for who sends what, and in which order.
+#
+# Paths are always `Data` (raw bytes, relative to the agent's root, '/'-separated,
+# never absolute, never containing "..", empty components or NUL): file names
+# need not be UTF-8. Names that are always UTF-8 (addresses, algorithm names,
+# error messages) are `Text`.
+
+struct Message {
+  union {
+    # --- handshake (every connection) ---
+    hello @0 :Hello;            # listener -> connector, first frame
+    auth @1 :Auth;              # connector -> listener
+    welcome @2 :Welcome;        # listener -> connector: authenticated
+
+    # --- server -> agent requests, agent -> server replies ---
+    listRequest @3 :ListRequest;
+    listBatch @4 :ListBatch;
+    checksumRequest @5 :ChecksumRequest;
+    checksumReply @6 :ChecksumReply;
+    sendOrder @7 :SendOrder;     # to the master agent
+    applyRequest @8 :ApplyRequest; # to a remote agent
+    itemResults @9 :ItemResults;  # per-item outcome (send and apply)
+    progress @10 :Progress;
+    done @11 :Done;              # a request finished (all its items reported)
+
+    # --- agent -> agent file stream (master connects to the remote) ---
+    fileStart @12 :FileStart;
+    fileChunk @13 :FileChunk;
+    fileEnd @14 :FileEnd;
+    streamEnd @15 :Void;         # master has no more files on this connection
+
+    # --- control client <-> server ---
+    syncRequest @16 :SyncRequest;
+    planItems @17 :PlanItems;
+    remoteResult @18 :RemoteResult;
+    syncDone @19 :SyncDone;
+    syncProgress @21 :SyncProgress;
+
+    # --- any direction ---
+    error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
+  }
+}
+
+# ---------------------------------------------------------------- handshake
+
+enum Role {
+  server @0;   # the comparison server
+  agent @1;    # an agent (a master agent connecting to a remote agent)
+  control @2;  # a control client (fleetsync sync)
+  listener @3; # the listener's answer to the connector's challenge
+}
+
+struct Hello {
+  protocol @0 :UInt32;  # protocol version (1)
+  nonce @1 :Data;       # 32 random bytes
+}
+
+struct Auth {
+  protocol @0 :UInt32;
+  role @1 :Role;
+  # HMAC-SHA256(token, hello.nonce ‖ roleName) where roleName is the
+  # ASCII name of `role` ("server", "agent", "control").
+  mac @2 :Data;
+  nonce @3 :Data;       # 32 random bytes: the connector's challenge to the listener
+}
+
+struct Welcome {
+  # HMAC-SHA256(token, auth.nonce ‖ "listener"): the listener proves it knows
+  # the token too. Empty when both sides run without authentication.
+  mac @0 :Data;
+  canChown @1 :Bool;    # an agent running as root: owner/group will be applied
+}
+
+# ---------------------------------------------------------------- classification
+
+# One node of a `--select` expression tree.
+struct Selector {
+  union {
+    all @0 :Void;               # matches everything
+    name @1 :Text;              # glob on the last path component
+    path @2 :Text;              # glob on the whole relative path
+    ext @3 :Text;               # file extension, without the dot
+    and @4 :List(Selector);
+    or @5 :List(Selector);
+    not @6 :Selector;
+  }
+}
+
+struct FilterRule {
+  exclude @0 :Bool;  # false: --include, true: --exclude
+  pattern @1 :Text;  # glob
+}
+
+# Which files take part in a sync: the rules (first match wins, rsync style)
+# and then the selector. An excluded directory is not descended into.
+struct Classification {
+  rules @0 :List(FilterRule);
+  select @1 :Selector;       # null = everything
+}
+
+# ---------------------------------------------------------------- file lists
+
+enum FileKind {
+  file @0;
+  dir @1;
+  symlink @2;
+  fifo @3;
+  socket @4;
+  charDevice @5;
+  blockDevice @6;
+}
+
+struct FileEntry {
+  path @0 :Data;
+  kind @1 :FileKind;
+  mode @2 :UInt32;        # permission bits (st_mode & 0o7777)
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  inode @5 :UInt64;
+  dev @6 :UInt64;
+  nlink @7 :UInt64;
+  size @8 :UInt64;
+  mtimeSec @9 :Int64;
+  mtimeNsec @10 :UInt32;
+  linkTarget @11 :Data;   # symlinks only (null otherwise)
+  rdev @12 :UInt64;       # devices only
+}
+
+struct ListRequest {
+  requestId @0 :UInt64;
+  classification @1 :Classification;
+  batchSize @2 :UInt32;   # 0 = agent default (4096)
+}
+
+# Entries in walk order (a directory before its contents). The agent sends
+# batches until one has `last = true` (possibly empty).
+struct ListBatch {
+  requestId @0 :UInt64;
+  entries @1 :List(FileEntry);
+  last @2 :Bool;
+}
+
+# ---------------------------------------------------------------- checksums
+
+struct ChecksumRequest {
+  requestId @0 :UInt64;
+  algorithm @1 :Text;     # a fleetsync-engine registry name, e.g. "crc32"
+  paths @2 :List(Data);
+}
+
+struct ChecksumResult {
+  path @0 :Data;
+  size @1 :UInt64;        # bytes hashed
+  union {
+    digest @2 :Data;
+    error @3 :Text;
+  }
+}
+
+# Results in any order, in one or more replies; the last has `last = true`.
+struct ChecksumReply {
+  requestId @0 :UInt64;
+  results @1 :List(ChecksumResult);
+  last @2 :Bool;
+}
+
+# ---------------------------------------------------------------- orders
+
+# Server -> master agent: connect to `target` (host:port of the remote agent),
+# authenticate with role `agent`, and stream these files to it.
+struct SendOrder {
+  requestId @0 :UInt64;
+  target @1 :Text;
+  algorithm @2 :Text;     # checksum sent with each file and verified by the receiver
+  paths @3 :List(Data);
+}
+
+# Attributes to apply; each `set*` flag says whether the field is meaningful.
+struct Attrs {
+  setMode @0 :Bool;
+  mode @1 :UInt32;
+  setOwner @2 :Bool;      # applied only when the agent runs as root
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  setMtime @5 :Bool;
+  mtimeSec @6 :Int64;
+  mtimeNsec @7 :UInt32;
+}
+
+struct Op {
+  path @0 :Data;
+  union {
+    mkdir @1 :Attrs;          # create the directory (ok if it exists), then apply attrs (mtime deferred)
+    delete @2 :DeleteOp;      # remove a file or symlink, or a directory; ok if absent
+    setAttrs @3 :Attrs;       # directory mtimes are deferred to the end of the request
+    symlink @4 :SymlinkOp;    # create or atomically repoint
+    hardLink @5 :Data;        # make `path` a hard link to this existing path (atomic replace)
+  }
+}
+
+struct DeleteOp {
+  recursive @0 :Bool;         # a directory with contents: remove the whole tree (else rmdir)
+}
+
+struct SymlinkOp {
+  target @0 :Data;
+  attrs @1 :Attrs;            # owner and mtime of the link itself
+}
+
+# Server -> remote agent. Ops run in list order; then deferred directory
+# mtimes are applied, deepest first. The agent answers with `itemResults`
+# and then `done`.
+struct ApplyRequest {
+  requestId @0 :UInt64;
+  ops @1 :List(Op);
+}
+
+enum Outcome {
+  ok @0;
+  failed @1;
+  skipped @2;   # not an error: e.g. owner not applied because not root
+}
+
+struct ItemResult {
+  path @0 :Data;
+  outcome @1 :Outcome;
+  message @2 :Text;       # error or note
+  bytes @3 :UInt64;       # bytes transferred (send orders)
+}
+
+struct ItemResults {
+  requestId @0 :UInt64;
+  results @1 :List(ItemResult);
+}
+
+struct Progress {
+  requestId @0 :UInt64;
+  items @1 :UInt64;
+  bytes @2 :UInt64;
+  totalItems @3 :UInt64;
+  totalBytes @4 :UInt64;
+}
+
+# A request is finished: every item has been reported.
+struct Done {
+  requestId @0 :UInt64;
+  ok @1 :UInt64;
+  failed @2 :UInt64;
+  skipped @3 :UInt64;
+}
+
+# ---------------------------------------------------------------- agent -> agent stream
+
+# A file follows: FileStart, then FileChunk* (each at most 1 MiB), then FileEnd.
+# The receiver writes to a temp file and renames only when size and digest match.
+# The receiver answers each file with `itemResults` (requestId = the send order's id)
+# without the sender waiting for it; after `streamEnd` it answers `done`.
+struct FileStart {
+  requestId @0 :UInt64;
+  entry @1 :FileEntry;     # path, mode, uid, gid, mtime, size of the new content
+  algorithm @2 :Text;
+}
+
+struct FileChunk {
+  data @0 :Data;
+}
+
+struct FileEnd {
+  size @0 :UInt64;
+  digest @1 :Data;         # of the bytes sent; empty with `aborted`
+  aborted @2 :Bool;        # the sender failed mid-file: discard it
+  error @3 :Text;
+}
+
+# ---------------------------------------------------------------- control
+
+struct SyncRequest {
+  master @0 :Text;             # host:port of the master agent
+  remotes @1 :List(Text);      # host:port of each remote agent
+  algorithm @2 :Text;
+  delete @3 :Bool;
+  dryRun @4 :Bool;
+  classification @5 :Classification;
+}
+
+enum Action {
+  transfer @0;
+  delete @1;
+  mkdir @2;
+  setAttrs @3;
+  symlink @4;
+  hardLink @5;
+  skip @6;
+}
+
+struct PlanItem {
+  remote @0 :UInt32;           # index into syncRequest.remotes
+  path @1 :Data;
+  action @2 :Action;
+  size @3 :UInt64;
+  detail @4 :Text;             # why (e.g. "checksum differs", "mode 644->755", "fifo skipped")
+}
+
+struct PlanItems {
+  items @0 :List(PlanItem);
+}
+
+struct Failure {
+  path @0 :Data;
+  message @1 :Text;
+}
+
+# Sent once per remote when it is finished (or has failed).
+struct RemoteResult {
+  remote @0 :UInt32;           # index into syncRequest.remotes
+  ok @1 :Bool;
+  error @2 :Text;              # why the whole remote failed (connection, auth, ...)
+  transferred @3 :UInt64;      # files sent
+  bytes @4 :UInt64;
+  deleted @5 :UInt64;
+  changed @6 :UInt64;          # other changes (attrs, links, mkdir)
+  failures @7 :List(Failure);  # per-item failures
+}
+
+struct SyncProgress {
+  remote @0 :UInt32;
+  doneFiles @1 :UInt64;
+  totalFiles @2 :UInt64;
+  doneBytes @3 :UInt64;
+  totalBytes @4 :UInt64;
+}
+
+struct SyncDone {
+  ok @0 :Bool;
+  message @1 :Text;
+}
+
+struct ErrorMsg {
+  requestId @0 :UInt64;
+  message @1 :Text;
+}

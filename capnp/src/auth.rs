@@ -1,0 +1,183 @@
+//! Challenge-response authentication with a shared token.
+//!
+//! 1. The listener sends `hello { nonce: N1 }`.
+//! 2. The connector answers `auth { role, mac: HMAC-SHA256(token, N1 ‖ role), nonce: N2 }`.
+//! 3. The listener checks the mac (constant time); on failure it closes the
+//!    connection without a word. Otherwise it answers
+//!    `welcome { mac: HMAC-SHA256(token, N2 ‖ "listener") }`, which the connector checks.
+//!
+//! The token never travels. The pure functions ([`nonce`], [`mac`], [`verify`])
+//! serve event loops; [`accept`] and [`connect`] run the whole exchange on a
+//! blocking stream.
+
+use std::io::{Read, Write};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::frame::{read_frame_limited, write_frame, MAX_HANDSHAKE_FRAME};
+use crate::{Msg, ProtoError, Role};
+
+/// Protocol version sent in `hello` and `auth`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Length of a nonce in bytes.
+pub const NONCE_LEN: usize = 32;
+
+/// A fresh random nonce from the OS.
+pub fn nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::getrandom(&mut n).expect("the OS random number generator failed");
+    n
+}
+
+/// HMAC-SHA256(token, nonce ‖ role name).
+pub fn mac(token: &[u8], nonce: &[u8], role: Role) -> Vec<u8> {
+    let mut m = Hmac::<Sha256>::new_from_slice(token).expect("HMAC takes keys of any length");
+    m.update(nonce);
+    m.update(role.name().as_bytes());
+    m.finalize().into_bytes().to_vec()
+}
+
+/// Checks `tag` against HMAC-SHA256(token, nonce ‖ role name) in constant time.
+pub fn verify(token: &[u8], nonce: &[u8], role: Role, tag: &[u8]) -> bool {
+    let mut m = Hmac::<Sha256>::new_from_slice(token).expect("HMAC takes keys of any length");
+    m.update(nonce);
+    m.update(role.name().as_bytes());
+    m.verify_slice(tag).is_ok()
+}
+
+/// What the listener learned about an authenticated connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The role the connector claimed (and proved with the token).
+    pub role: Role,
+}
+
+/// Runs the listener side on a blocking stream. `token = None` accepts any
+/// connector (insecure mode). On `Err` the caller must just close the stream.
+///
+/// `can_chown` is told to the connector in `welcome`.
+pub fn accept<S: Read + Write>(
+    stream: &mut S,
+    token: Option<&[u8]>,
+    can_chown: bool,
+) -> Result<Peer, ProtoError> {
+    let n1 = nonce();
+    send(
+        stream,
+        &Msg::Hello {
+            protocol: PROTOCOL_VERSION,
+            nonce: n1.to_vec(),
+        },
+    )?;
+    let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::Truncated)?;
+    let (role, tag, n2) = match Msg::decode(&body)? {
+        Msg::Auth {
+            role, mac, nonce, ..
+        } => (role, mac, nonce),
+        other => {
+            return Err(ProtoError::Unexpected {
+                expected: "auth",
+                got: other.kind_name(),
+            })
+        }
+    };
+    if role == Role::Listener {
+        return Err(ProtoError::AuthFailed(
+            "connector claimed the listener role",
+        ));
+    }
+    let answer = match token {
+        Some(token) => {
+            if !verify(token, &n1, role, &tag) {
+                return Err(ProtoError::AuthFailed("wrong token"));
+            }
+            if n2.len() != NONCE_LEN {
+                return Err(ProtoError::AuthFailed("bad nonce"));
+            }
+            mac(token, &n2, Role::Listener)
+        }
+        None => Vec::new(),
+    };
+    send(
+        stream,
+        &Msg::Welcome {
+            mac: answer,
+            can_chown,
+        },
+    )?;
+    Ok(Peer { role })
+}
+
+/// What the connector learned about the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The listener (an agent) will apply owner and group.
+    pub can_chown: bool,
+}
+
+/// Runs the connector side on a blocking stream. `token = None` only works
+/// against an insecure listener.
+pub fn connect<S: Read + Write>(
+    stream: &mut S,
+    token: Option<&[u8]>,
+    role: Role,
+) -> Result<Welcomed, ProtoError> {
+    let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::Truncated)?;
+    let n1 = match Msg::decode(&body)? {
+        Msg::Hello { nonce, .. } => nonce,
+        other => {
+            return Err(ProtoError::Unexpected {
+                expected: "hello",
+                got: other.kind_name(),
+            })
+        }
+    };
+    let n2 = nonce();
+    send(stream, &auth_message(token, &n1, role, &n2))?;
+    let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::AuthFailed(
+        "the listener closed the connection (wrong token?)",
+    ))?;
+    match Msg::decode(&body)? {
+        Msg::Welcome {
+            mac: tag,
+            can_chown,
+        } => {
+            check_welcome(token, &n2, &tag)?;
+            Ok(Welcomed { can_chown })
+        }
+        Msg::Error { message, .. } => Err(ProtoError::Remote(message)),
+        other => Err(ProtoError::Unexpected {
+            expected: "welcome",
+            got: other.kind_name(),
+        }),
+    }
+}
+
+/// The connector's `auth` answer to the listener's nonce `n1`, carrying our
+/// own challenge `n2` (pure: for event loops).
+pub fn auth_message(token: Option<&[u8]>, n1: &[u8], role: Role, n2: &[u8]) -> Msg {
+    Msg::Auth {
+        protocol: PROTOCOL_VERSION,
+        role,
+        mac: token.map(|t| mac(t, n1, role)).unwrap_or_default(),
+        nonce: n2.to_vec(),
+    }
+}
+
+/// Checks the listener's `welcome` mac over our challenge `n2` (pure: for event loops).
+pub fn check_welcome(token: Option<&[u8]>, n2: &[u8], tag: &[u8]) -> Result<(), ProtoError> {
+    match token {
+        Some(t) if !verify(t, n2, Role::Listener, tag) => Err(ProtoError::AuthFailed(
+            "the listener does not know the token",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn send<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
+    write_frame(w, &msg.encode())?;
+    w.flush()?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Framing: a `u32` little-endian length, then one Cap'n Proto message in the
+//! standard stream encoding (`capnp::serialize`).
+//!
+//! The length is checked against a hard maximum before anything is allocated.
+//! [`read_frame`]/[`write_frame`] are for blocking sockets (agents, one thread per
+//! connection); [`FrameDecoder`] is for event loops (the server): push bytes as
+//! they arrive, pop whole frames.
+
+use std::io::{self, Read, Write};
+
+use capnp::message::{Allocator, Builder, HeapAllocator, ReaderOptions};
+
+use crate::ProtoError;
+
+/// The largest frame accepted or sent: 16 MiB.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The largest frame accepted before a peer has authenticated: 4 KiB.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+/// The largest data chunk in a `fileChunk` message: 1 MiB.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+
+/// Reader limits used for every message: traversal bounded by twice the
+/// largest frame, nesting by 64 levels (selector trees included).
+pub fn reader_options() -> ReaderOptions {
+    let mut o = ReaderOptions::new();
+    o.traversal_limit_in_words(Some(2 * MAX_FRAME / 8));
+    o.nesting_limit(64);
+    o
+}
+
+/// A message builder whose first segment is big enough for `bytes` of payload,
+/// so that large messages stay in one segment.
+pub fn builder_with_capacity(bytes: usize) -> Builder<HeapAllocator> {
+    let words = (bytes / 8 + 64).min(u32::MAX as usize) as u32;
+    Builder::new(HeapAllocator::new().first_segment_words(words))
+}
+
+/// Serialized size of `msg` in bytes, without the length prefix.
+pub fn message_len<A: Allocator>(msg: &Builder<A>) -> usize {
+    capnp::serialize::compute_serialized_size_in_words(msg) * 8
+}
+
+/// Encodes `msg` as one frame (length prefix included), for event loops.
+pub fn encode_frame<A: Allocator>(msg: &Builder<A>) -> Result<Vec<u8>, ProtoError> {
+    let len = message_len(msg);
+    check_len(len, MAX_FRAME)?;
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    capnp::serialize::write_message(&mut out, msg)?;
+    Ok(out)
+}
+
+/// Writes `msg` as one frame. Use a buffered writer; this does not flush.
+pub fn write_frame<W: Write, A: Allocator>(w: &mut W, msg: &Builder<A>) -> Result<(), ProtoError> {
+    let len = message_len(msg);
+    check_len(len, MAX_FRAME)?;
+    w.write_all(&(len as u32).to_le_bytes())?;
+    capnp::serialize::write_message(&mut *w, msg)?;
+    Ok(())
+}
+
+fn check_len(len: usize, max: usize) -> Result<(), ProtoError> {
+    if len > max {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Reads one frame body (without the prefix) of at most `max` bytes.
+///
+/// Returns `Ok(None)` on a clean end of stream (no byte of a new frame read).
+pub fn read_frame_limited<R: Read>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, ProtoError> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtoError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(prefix) as usize;
+    check_len(len, max)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtoError::Truncated
+        } else {
+            ProtoError::Io(e)
+        }
+    })?;
+    Ok(Some(body))
+}
+
+/// Reads one frame body of at most [`MAX_FRAME`] bytes; `Ok(None)` at end of stream.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ProtoError> {
+    read_frame_limited(r, MAX_FRAME)
+}
+
+/// Parses a frame body into a Cap'n Proto reader with [`reader_options`].
+///
+/// The bytes are copied once into aligned segments.
+pub fn parse(
+    body: &[u8],
+) -> Result<capnp::message::Reader<capnp::serialize::OwnedSegments>, ProtoError> {
+    let mut slice = body;
+    let reader = capnp::serialize::read_message(&mut slice, reader_options())?;
+    if !slice.is_empty() {
+        return Err(ProtoError::Decode(format!(
+            "{} trailing bytes after the message",
+            slice.len()
+        )));
+    }
+    Ok(reader)
+}
+
+/// Incremental frame decoder for event loops: [`FrameDecoder::push`] bytes as
+/// they arrive, then pop whole frame bodies with [`FrameDecoder::next_frame`].
+///
+/// An oversize length prefix is an error as soon as its 4 bytes are in, before
+/// anything is allocated for the body; after an error the connection should be
+/// closed.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder accepting frames up to [`MAX_FRAME`].
+    pub fn new() -> Self {
+        Self::with_max(MAX_FRAME)
+    }
+
+    /// A decoder accepting frames up to `max` bytes (e.g. [`MAX_HANDSHAKE_FRAME`]
+    /// before authentication).
+    pub fn with_max(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max,
+        }
+    }
+
+    /// Changes the maximum (e.g. after the handshake).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Pops the next whole frame body, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            self.compact();
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        check_len(len, self.max)?;
+        if avail.len() < 4 + len {
+            self.compact();
+            return Ok(None);
+        }
+        let body = avail[4..4 + len].to_vec();
+        self.start += 4 + len;
+        Ok(Some(body))
+    }
+
+    /// Reads what `r` has (one `read` call) into the buffer; returns the
+    /// number of bytes read (0 = end of stream). `WouldBlock` is passed on.
+    pub fn read_from<R: Read>(&mut self, r: &mut R) -> io::Result<usize> {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = r.read(&mut chunk)?;
+        self.push(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Every message survives encode -> frame -> decode unchanged.
+
+use fleetsync_proto::frame::{self, FrameDecoder};
+use fleetsync_proto::*;
+
+fn entry(path: &[u8]) -> FileEntry {
+    FileEntry {
+        path: path.to_vec(),
+        kind: FileKind::Symlink,
+        mode: 0o777,
+        uid: 1000,
+        gid: 100,
+        inode: 123456789,
+        dev: 2049,
+        nlink: 1,
+        size: 7,
+        mtime_sec: -5,
+        mtime_nsec: 999_999_999,
+        link_target: Some(b"\xff target".to_vec()),
+        rdev: 0,
+    }
+}
+
+fn all_messages() -> Vec<Msg> {
+    let attrs = Attrs {
+        mode: Some(0o644),
+        owner: Some((1, 2)),
+        mtime: Some((1_700_000_000, 5)),
+    };
+    let class = ClassificationSpec {
+        rules: vec![FilterRule {
+            exclude: true,
+            pattern: "*.o".into(),
+        }],
+        select: Some(Selector::And(vec![
+            Selector::Ext("rs".into()),
+            Selector::Not(Box::new(Selector::Or(vec![
+                Selector::Name("x*".into()),
+                Selector::Path("a/**".into()),
+                Selector::All,
+            ]))),
+        ])),
+    };
+    vec![
+        Msg::Hello {
+            protocol: 1,
+            nonce: vec![1; 32],
+        },
+        Msg::Auth {
+            protocol: 1,
+            role: Role::Server,
+            mac: vec![2; 32],
+            nonce: vec![3; 32],
+        },
+        Msg::Welcome {
+            mac: vec![4; 32],
+            can_chown: true,
+        },
+        Msg::ListRequest {
+            request_id: 1,
+            classification: class.clone(),
+            batch_size: 10,
+        },
+        Msg::ListRequest {
+            request_id: 1,
+            classification: ClassificationSpec::default(),
+            batch_size: 0,
+        },
+        Msg::ListBatch {
+            request_id: 1,
+            entries: vec![
+                entry(b"a/b\n c\xfe"),
+                FileEntry {
+                    link_target: None,
+                    kind: FileKind::BlockDevice,
+                    rdev: 77,
+                    ..entry(b"")
+                },
+            ],
+            last: true,
+        },
+        Msg::ChecksumRequest {
+            request_id: 2,
+            algorithm: "crc32".into(),
+            paths: vec![b"x".to_vec(), b"\x80".to_vec()],
+        },
+        Msg::ChecksumReply {
+            request_id: 2,
+            results: vec![
+                ChecksumResult {
+                    path: b"x".to_vec(),
+                    size: 3,
+                    digest: Ok(vec![1, 2, 3, 4]),
+                },
+                ChecksumResult {
+                    path: b"y".to_vec(),
+                    size: 0,
+                    digest: Err("gone".into()),
+                },
+            ],
+            last: false,
+        },
+        Msg::SendOrder {
+            request_id: 3,
+            target: "127.0.0.1:1".into(),
+            algorithm: "crc32".into(),
+            paths: vec![b"p".to_vec()],
+        },
+        Msg::ApplyRequest {
+            request_id: 4,
+            ops: vec![
+                Op {
+                    path: b"d".to_vec(),
+                    kind: OpKind::Mkdir(attrs),
+                },
+                Op {
+                    path: b"e".to_vec(),
+                    kind: OpKind::Delete { recursive: true },
+                },
+                Op {
+                    path: b"f".to_vec(),
+                    kind: OpKind::SetAttrs(Attrs::default()),
+                },
+                Op {
+                    path: b"g".to_vec(),
+                    kind: OpKind::Symlink {
+                        target: b"../t".to_vec(),
+                        attrs,
+                    },
+                },
+                Op {
+                    path: b"h".to_vec(),
+                    kind: OpKind::HardLink {
+                        existing: b"f".to_vec(),
+                    },
+                },
+            ],
+        },
+        Msg::ItemResults {
+            request_id: 4,
+            results: vec![ItemResult {
+                path: b"d".to_vec(),
+                outcome: Outcome::Skipped,
+                message: "not root".into(),
+                bytes: 9,
+            }],
+        },
+        Msg::Progress(Progress {
+            request_id: 3,
+            items: 1,
+            bytes: 2,
+            total_items: 3,
+            total_bytes: 4,
+        }),
+        Msg::Done(Done {
+            request_id: 3,
+            ok: 1,
+            failed: 2,
+            skipped: 3,
+        }),
+        Msg::FileStart {
+            request_id: 3,
+            entry: entry(b"f"),
+            algorithm: "crc32".into(),
+        },
+        Msg::FileChunk {
+            data: vec![7; frame::MAX_CHUNK],
+        },
+        Msg::FileEnd {
+            size: 10,
+            digest: vec![1],
+            aborted: false,
+            error: String::new(),
+        },
+        Msg::StreamEnd,
+        Msg::SyncRequest(SyncRequest {
+            master: "m:1".into(),
+            remotes: vec!["r:1".into(), "r:2".into()],
+            algorithm: "md5".into(),
+            delete: true,
+            dry_run: true,
+            classification: class,
+        }),
+        Msg::PlanItems(vec![PlanItem {
+            remote: 1,
+            path: b"z".to_vec(),
+            action: Action::HardLink,
+            size: 5,
+            detail: "why".into(),
+        }]),
+        Msg::RemoteResult(RemoteResult {
+            remote: 1,
+            ok: false,
+            error: "boom".into(),
+            transferred: 1,
+            bytes: 2,
+            deleted: 3,
+            changed: 4,
+            failures: vec![Failure {
+                path: b"q".to_vec(),
+                message: "m".into(),
+            }],
+        }),
+        Msg::SyncProgress(SyncProgress {
+            remote: 0,
+            done_files: 1,
+            total_files: 2,
+            done_bytes: 3,
+            total_bytes: 4,
+        }),
+        Msg::SyncDone {
+            ok: true,
+            message: "in sync".into(),
+        },
+        Msg::Error {
+            request_id: 0,
+            message: "bad".into(),
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_through_blocking_frames() {
+    let mut wire = Vec::new();
+    let msgs = all_messages();
+    for m in &msgs {
+        frame::write_frame(&mut wire, &m.encode()).unwrap();
+    }
+    let mut r = &wire[..];
+    for m in &msgs {
+        let body = frame::read_frame(&mut r).unwrap().unwrap();
+        assert_eq!(&Msg::decode(&body).unwrap(), m);
+    }
+    assert!(frame::read_frame(&mut r).unwrap().is_none());
+}
+
+#[test]
+fn every_message_round_trips_through_the_decoder_byte_by_byte() {
+    let msgs = all_messages();
+    let mut wire = Vec::new();
+    for m in &msgs {
+        wire.extend(m.to_frame().unwrap());
+    }
+    let mut dec = FrameDecoder::new();
+    let mut got = Vec::new();
+    // Feed in odd-sized pieces.
+    for piece in wire.chunks(4093) {
+        dec.push(piece);
+        while let Some(body) = dec.next_frame().unwrap() {
+            got.push(Msg::decode(&body).unwrap());
+        }
+    }
+    assert_eq!(got, msgs);
+    assert_eq!(dec.buffered(), 0);
+}
+
+#[test]
+fn list_batch_entries_borrow_without_copies() {
+    let e = entry(b"a\xffb");
+    let m = Msg::ListBatch {
+        request_id: 9,
+        entries: vec![e.clone(), e.clone()],
+        last: true,
+    };
+    let f = m.to_frame().unwrap();
+    let reader = frame::parse(&f[4..]).unwrap();
+    let (id, last, it) = list_batch_entries(&reader).unwrap().unwrap();
+    assert_eq!((id, last), (9, true));
+    let got: Vec<FileEntry> = it.map(|r| r.unwrap().to_owned()).collect();
+    assert_eq!(got, vec![e.clone(), e]);
+}
+
+#[test]
+fn encode_file_chunk_matches_msg() {
+    let data = vec![5u8; 1000];
+    let f = frame::encode_frame(&encode_file_chunk(&data)).unwrap();
+    assert_eq!(
+        Msg::decode(&f[4..]).unwrap(),
+        Msg::FileChunk { data: data.clone() }
+    );
+}
+
+#[test]
+fn oversize_prefix_is_rejected_before_allocation() {
+    let mut dec = FrameDecoder::new();
+    dec.push(&(u32::MAX).to_le_bytes());
+    assert!(matches!(
+        dec.next_frame(),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+    let bytes = (frame::MAX_FRAME as u32 + 1).to_le_bytes();
+    assert!(matches!(
+        frame::read_frame(&mut &bytes[..]),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn truncated_frame_is_an_error_not_eof() {
+    let f = Msg::StreamEnd.to_frame().unwrap();
+    let cut = &f[..f.len() - 1];
+    assert!(matches!(
+        frame::read_frame(&mut &cut[..]),
+        Err(ProtoError::Truncated)
+    ));
+    assert!(matches!(
+        frame::read_frame(&mut &f[..2]),
+        Err(ProtoError::Truncated)
+    ));
+}
+
+#[test]
+fn oversize_message_is_refused_on_send() {
+    let m = Msg::ChecksumRequest {
+        request_id: 1,
+        algorithm: "crc32".into(),
+        paths: vec![vec![0u8; 1024 * 1024]; 17],
+    };
+    assert!(matches!(
+        m.to_frame(),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+}

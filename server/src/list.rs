@@ -1,0 +1,348 @@
+//! [`FileList`]: a compact, sorted, in-memory file list.
+//!
+//! A million entries must fit in well under 200 bytes each, so a list is one
+//! byte arena holding every path (and symlink target) plus one fixed 40-byte
+//! record per entry with a `u32` offset into the arena. Hard-link identities
+//! `(dev, inode)` are kept in a side table, only for the entries that have
+//! more than one link.
+
+use std::cmp::Ordering;
+
+/// The type of an entry, as far as syncing cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// Regular file.
+    File = 0,
+    /// Directory.
+    Dir = 1,
+    /// Symbolic link.
+    Symlink = 2,
+    /// FIFO, socket or device: listed, never synced.
+    Special = 3,
+}
+
+/// The metadata of one entry, as an agent lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Entry type.
+    pub kind: Option<Kind>,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes (regular files).
+    pub size: u64,
+    /// Modification time, seconds.
+    pub mtime_sec: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// File system device.
+    pub dev: u64,
+    /// Inode number.
+    pub inode: u64,
+    /// Hard link count.
+    pub nlink: u64,
+}
+
+const F_LINKED: u8 = 1;
+
+/// One fixed-size record (40 bytes).
+#[derive(Clone, Copy, Debug)]
+struct Rec {
+    size: u64,
+    mtime_sec: i64,
+    path_off: u32,
+    uid: u32,
+    gid: u32,
+    mtime_nsec: u32,
+    path_len: u16,
+    mode: u16,
+    kind: Kind,
+    flags: u8,
+}
+
+/// Errors building a [`FileList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListError {
+    /// A path (or symlink target) longer than 65,535 bytes.
+    PathTooLong {
+        /// The start of the offending path.
+        path: Vec<u8>,
+    },
+    /// More than 4 GiB of path bytes, or more than 2^32-2 entries.
+    TooLarge,
+    /// The same path twice.
+    Duplicate {
+        /// The path.
+        path: Vec<u8>,
+    },
+}
+
+impl std::fmt::Display for ListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListError::PathTooLong { path } => write!(
+                f,
+                "path too long: '{}...'",
+                String::from_utf8_lossy(&path[..path.len().min(64)])
+            ),
+            ListError::TooLarge => f.write_str("file list larger than 4 GiB of paths"),
+            ListError::Duplicate { path } => {
+                write!(f, "path listed twice: '{}'", String::from_utf8_lossy(path))
+            }
+        }
+    }
+}
+
+impl std::error::Error for ListError {}
+
+/// A file list sorted by path (bytewise), so that a directory comes before
+/// everything beneath it and two lists diff with one merge pass.
+///
+/// ```
+/// use fleetsync_server::list::{FileList, Kind, Meta};
+///
+/// let mut list = FileList::new();
+/// let file = Meta { kind: Some(Kind::File), mode: 0o644, size: 3, nlink: 1, ..Meta::default() };
+/// list.push(b"b", &file, b"").unwrap();
+/// list.push(b"a", &file, b"").unwrap();
+/// list.finish().unwrap();
+/// assert_eq!(list.path(0), b"a");
+/// assert_eq!(list.find(b"b"), Some(1));
+/// ```
+#[derive(Debug, Default)]
+pub struct FileList {
+    arena: Vec<u8>,
+    recs: Vec<Rec>,
+    /// `(path_off, dev, inode)` of entries with nlink > 1, sorted by path_off.
+    links: Vec<(u32, u64, u64)>,
+    sorted: bool,
+}
+
+impl FileList {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.recs.is_empty()
+    }
+
+    /// Bytes of heap memory held (capacity, not length).
+    pub fn heap_bytes(&self) -> usize {
+        self.arena.capacity()
+            + self.recs.capacity() * std::mem::size_of::<Rec>()
+            + self.links.capacity() * std::mem::size_of::<(u32, u64, u64)>()
+    }
+
+    /// Appends one entry; `link_target` is stored for symlinks only.
+    pub fn push(&mut self, path: &[u8], meta: &Meta, link_target: &[u8]) -> Result<(), ListError> {
+        let kind = meta.kind.unwrap_or(Kind::Special);
+        let target: &[u8] = if kind == Kind::Symlink {
+            link_target
+        } else {
+            b""
+        };
+        if path.len() > u16::MAX as usize || target.len() > u16::MAX as usize {
+            return Err(ListError::PathTooLong {
+                path: path[..path.len().min(256)].to_vec(),
+            });
+        }
+        let off = self.arena.len();
+        if off + path.len() + target.len() > u32::MAX as usize
+            || self.recs.len() >= u32::MAX as usize - 1
+        {
+            return Err(ListError::TooLarge);
+        }
+        self.arena.extend_from_slice(path);
+        self.arena.extend_from_slice(target);
+        let linked = kind == Kind::File && meta.nlink > 1;
+        if linked {
+            self.links.push((off as u32, meta.dev, meta.inode));
+        }
+        self.recs.push(Rec {
+            size: if kind == Kind::Symlink {
+                target.len() as u64
+            } else {
+                meta.size
+            },
+            mtime_sec: meta.mtime_sec,
+            path_off: off as u32,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime_nsec: meta.mtime_nsec,
+            path_len: path.len() as u16,
+            mode: (meta.mode & 0o7777) as u16,
+            kind,
+            flags: if linked { F_LINKED } else { 0 },
+        });
+        self.sorted = false;
+        Ok(())
+    }
+
+    /// Sorts by path and trims spare capacity; call once after the last push.
+    pub fn finish(&mut self) -> Result<(), ListError> {
+        let arena = &self.arena;
+        self.recs.sort_unstable_by(|a, b| {
+            arena[a.path_off as usize..][..a.path_len as usize]
+                .cmp(&arena[b.path_off as usize..][..b.path_len as usize])
+        });
+        for w in self.recs.windows(2) {
+            if self.arena[w[0].path_off as usize..][..w[0].path_len as usize]
+                == self.arena[w[1].path_off as usize..][..w[1].path_len as usize]
+            {
+                return Err(ListError::Duplicate {
+                    path: self.arena[w[0].path_off as usize..][..w[0].path_len as usize].to_vec(),
+                });
+            }
+        }
+        self.links.sort_unstable_by_key(|l| l.0);
+        self.arena.shrink_to_fit();
+        self.recs.shrink_to_fit();
+        self.links.shrink_to_fit();
+        self.sorted = true;
+        Ok(())
+    }
+
+    fn rec(&self, i: u32) -> &Rec {
+        &self.recs[i as usize]
+    }
+
+    /// The relative path of entry `i` (`b""` is the root).
+    pub fn path(&self, i: u32) -> &[u8] {
+        let r = self.rec(i);
+        &self.arena[r.path_off as usize..][..r.path_len as usize]
+    }
+
+    /// The symlink target of entry `i` (empty for non-symlinks).
+    pub fn link_target(&self, i: u32) -> &[u8] {
+        let r = self.rec(i);
+        if r.kind != Kind::Symlink {
+            return b"";
+        }
+        &self.arena[r.path_off as usize + r.path_len as usize..][..r.size as usize]
+    }
+
+    /// The metadata of entry `i` (dev/inode only for linked regular files,
+    /// nlink 1 or 2 meaning "not linked" / "linked").
+    pub fn meta(&self, i: u32) -> Meta {
+        let r = self.rec(i);
+        let (dev, inode) = self.link_key(i).unwrap_or((0, 0));
+        Meta {
+            kind: Some(r.kind),
+            mode: r.mode as u32,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            mtime_sec: r.mtime_sec,
+            mtime_nsec: r.mtime_nsec,
+            dev,
+            inode,
+            nlink: if r.flags & F_LINKED != 0 { 2 } else { 1 },
+        }
+    }
+
+    /// The entry type.
+    pub fn kind(&self, i: u32) -> Kind {
+        self.rec(i).kind
+    }
+
+    /// Size in bytes.
+    pub fn size(&self, i: u32) -> u64 {
+        self.rec(i).size
+    }
+
+    /// `(dev, inode)` of a regular file with more than one link.
+    pub fn link_key(&self, i: u32) -> Option<(u64, u64)> {
+        let r = self.rec(i);
+        if r.flags & F_LINKED == 0 {
+            return None;
+        }
+        let k = self.links.binary_search_by_key(&r.path_off, |l| l.0).ok()?;
+        Some((self.links[k].1, self.links[k].2))
+    }
+
+    /// Index of `path` (the list must be finished).
+    pub fn find(&self, path: &[u8]) -> Option<u32> {
+        debug_assert!(self.sorted || self.recs.len() < 2);
+        self.recs
+            .binary_search_by(|r| {
+                let p = &self.arena[r.path_off as usize..][..r.path_len as usize];
+                p.cmp(path)
+            })
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    pub(crate) fn cmp_paths(a: &FileList, i: u32, b: &FileList, j: u32) -> Ordering {
+        a.path(i).cmp(b.path(j))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_is_40_bytes() {
+        assert_eq!(std::mem::size_of::<Rec>(), 40);
+    }
+
+    #[test]
+    fn sorted_parent_before_children() {
+        let mut l = FileList::new();
+        let d = Meta {
+            kind: Some(Kind::Dir),
+            ..Meta::default()
+        };
+        for p in [&b"a/b"[..], b"a-b", b"a", b"", b"a/b/c"] {
+            l.push(p, &d, b"").unwrap();
+        }
+        l.finish().unwrap();
+        let got: Vec<&[u8]> = (0..l.len() as u32).map(|i| l.path(i)).collect();
+        assert_eq!(got, vec![&b""[..], b"a", b"a-b", b"a/b", b"a/b/c"]);
+    }
+
+    #[test]
+    fn symlink_target_and_links_survive_sorting() {
+        let mut l = FileList::new();
+        let s = Meta {
+            kind: Some(Kind::Symlink),
+            ..Meta::default()
+        };
+        let f = Meta {
+            kind: Some(Kind::File),
+            nlink: 2,
+            dev: 7,
+            inode: 9,
+            ..Meta::default()
+        };
+        l.push(b"z", &s, b"target/\xff").unwrap();
+        l.push(b"y", &f, b"ignored").unwrap();
+        l.finish().unwrap();
+        assert_eq!(l.link_target(1), b"target/\xff");
+        assert_eq!(l.link_key(0), Some((7, 9)));
+        assert_eq!(l.link_key(1), None);
+        assert_eq!(l.link_target(0), b"");
+    }
+
+    #[test]
+    fn duplicates_rejected() {
+        let mut l = FileList::new();
+        let f = Meta::default();
+        l.push(b"x", &f, b"").unwrap();
+        l.push(b"x", &f, b"").unwrap();
+        assert!(matches!(l.finish(), Err(ListError::Duplicate { .. })));
+    }
+}
