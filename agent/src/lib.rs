@@ -1,2 +1,3 @@
 //! fleetsync agent.
 #![deny(missing_docs)]
+pub mod journal;
