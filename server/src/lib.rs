@@ -1,2 +1,4 @@
 //! fleetsync server.
 #![deny(missing_docs)]
+pub mod blocks;
+pub mod jobs;
