@@ -1,3 +1,4 @@
 //! fleetsync agent.
 #![deny(missing_docs)]
 pub mod journal;
+pub mod lock;
