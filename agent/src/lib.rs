@@ -23,3 +23,5 @@ mod transfer;
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
 pub use server::{Agent, AgentHandle};
+pub mod journal;
+pub mod lock;
