@@ -589,3 +589,16 @@ fn every_io_backend_and_thread_count_matches_coreutils() {
         }
     }
 }
+
+#[test]
+fn check_names_standard_input_like_coreutils() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = b"junk\n";
+    let theirs = run(&["md5sum"], &["-c", "--warn"], dir.path(), Some(junk));
+    let mine = ours(&["-a", "md5", "-c", "--warn"], dir.path(), Some(junk));
+    assert_eq!(
+        String::from_utf8_lossy(&mine.stderr),
+        String::from_utf8_lossy(&theirs.stderr).replace("md5sum:", "fleetsync:")
+    );
+    assert_eq!(mine.status.code(), theirs.status.code());
+}

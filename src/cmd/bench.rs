@@ -21,7 +21,8 @@ synthetic tree of N files of --file-size bytes; with --path your own file or tre
 
 Each algorithm runs in this process (best of --runs); GB/s counts 10^9 bytes.
 Default algorithms: every one in `fleetsync sum --list` except the crc16/<catalog>
-variants (crc16 itself is included).
+variants (crc16 itself is included) and md2 (legacy, ~100x slower than md5:
+minutes on 1 GiB); name them with -a to include them.
 
 --compare also times the coreutils reference tools (cksum, sum -r, sum -s,
 md5sum, sha1sum, sha224sum, sha256sum, sha384sum, sha512sum, and b3sum if
@@ -39,7 +40,7 @@ Exit status: 0 done; 2 error.";
 #[derive(clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub struct Args {
-    /// Algorithms to run, comma-separated (default: all but crc16/<catalog>).
+    /// Algorithms to run, comma-separated (default: all but crc16/<catalog> and md2).
     #[arg(
         short = 'a',
         long = "algorithm",
@@ -132,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let algs: Vec<AlgorithmInfo> = if args.algorithms.is_empty() {
         registry
             .iter()
-            .filter(|i| !i.name.starts_with("crc16/"))
+            .filter(|i| !i.name.starts_with("crc16/") && i.name != "md2")
             .cloned()
             .collect()
     } else {
@@ -158,11 +159,20 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         b.build().context("building the thread pool")?
     };
 
-    let workload = prepare(&args)?;
-    note(&args, &format!("workload: {}", workload.description));
+    let progress = Progress::new(&args);
+    let workload = prepare(&args, &progress)?;
+    progress.note(&format!("workload: {}", workload.description));
+    let compared = if args.compare {
+        algs.iter()
+            .filter(|a| compare::has_reference(&a.name))
+            .count()
+    } else {
+        0
+    };
+    progress.start((algs.len() + compared) as u64);
     let mut results = Vec::new();
     for alg in &algs {
-        note(&args, &format!("timing {}", alg.name));
+        progress.note(&format!("timing {}", alg.name));
         let seconds = best_of(args.runs, || {
             pool.install(|| hash_once(&workload, alg, &opts))
         })?;
@@ -170,12 +180,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             algorithm: alg.name.clone(),
             seconds,
         });
+        progress.step();
     }
     let comparisons = if args.compare {
-        compare::run(&args, &workload, &algs, |msg| note(&args, msg))?
+        compare::run(&args, &workload, &algs, &progress)?
     } else {
         Vec::new()
     };
+    progress.finish();
     let threads = pool.current_num_threads();
     let report = report::Report {
         workload: &workload,
@@ -199,10 +211,60 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// A progress note on stderr (not with --json, whose consumers read stdout anyway).
-fn note(args: &Args, msg: &str) {
-    if !args.json {
-        eprintln!("bench: {msg}");
+/// Progress on stderr: a bar on a terminal, plain `bench: ...` lines in a
+/// log, nothing with --json.
+pub(crate) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+}
+
+impl Progress {
+    fn new(args: &Args) -> Self {
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal();
+        Progress {
+            bar: (tty && !args.json).then(|| {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.enable_steady_tick(Duration::from_millis(200));
+                bar
+            }),
+            plain: !tty && !args.json,
+        }
+    }
+
+    /// Sets the number of steps.
+    fn start(&self, len: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(len);
+        }
+    }
+
+    /// Says what is happening now.
+    pub(crate) fn note(&self, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg.to_owned());
+        } else if self.plain {
+            eprintln!("bench: {msg}");
+        }
+    }
+
+    /// One step done.
+    pub(crate) fn step(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -237,7 +299,7 @@ fn hash_once(w: &Workload, alg: &AlgorithmInfo, opts: &HashOptions) -> anyhow::R
     Ok(())
 }
 
-fn prepare(args: &Args) -> anyhow::Result<Workload> {
+fn prepare(args: &Args, progress: &Progress) -> anyhow::Result<Workload> {
     if let Some(path) = &args.path {
         let meta = fs::metadata(path).with_context(|| path.display().to_string())?;
         if meta.is_dir() {
@@ -267,10 +329,7 @@ fn prepare(args: &Args) -> anyhow::Result<Workload> {
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     if let Some(n) = args.files {
         let root = temp.path().join("tree");
-        note(
-            args,
-            &format!("creating {n} files of {} bytes", args.file_size),
-        );
+        progress.note(&format!("creating {n} files of {} bytes", args.file_size));
         let mut buf = vec![0u8; args.file_size as usize];
         for i in 0..n {
             let dir = root.join(format!("d{:04}", i / 1000));
@@ -290,7 +349,7 @@ fn prepare(args: &Args) -> anyhow::Result<Workload> {
         });
     }
     let path = temp.path().join("data.bin");
-    note(args, &format!("creating a {}-byte file", args.size));
+    progress.note(&format!("creating a {}-byte file", args.size));
     let mut w = BufWriter::with_capacity(1 << 20, File::create(&path)?);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = args.size;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 use fleetsync_engine::AlgorithmInfo;
 
-use super::{best_of, Args, Workload};
+use super::{best_of, Args, Progress, Workload};
 
 /// Our time and a reference tool's on the same workload.
 pub(crate) struct Comparison {
@@ -53,6 +53,13 @@ fn references(algorithm: &str) -> &'static [(&'static [&'static str], Option<f64
     }
 }
 
+/// Whether `algorithm` has a reference tool installed here.
+pub(crate) fn has_reference(algorithm: &str) -> bool {
+    references(algorithm)
+        .iter()
+        .any(|(tool, _)| installed(tool[0]))
+}
+
 /// Whether `tool` is on `PATH`.
 fn installed(tool: &str) -> bool {
     std::env::var_os("PATH")
@@ -92,7 +99,7 @@ pub(crate) fn run(
     args: &Args,
     w: &Workload,
     algs: &[AlgorithmInfo],
-    note: impl Fn(&str),
+    progress: &Progress,
 ) -> anyhow::Result<Vec<Comparison>> {
     let exe: PathBuf = std::env::current_exe().context("locating the fleetsync binary")?;
     let mut out = Vec::new();
@@ -121,7 +128,7 @@ pub(crate) fn run(
         }
         ours_argv.push(w.path.clone().into());
         let shown: Vec<&str> = refs.iter().map(|(_, shown, _)| shown.as_str()).collect();
-        note(&format!(
+        progress.note(&format!(
             "timing fleetsync sum -a {} against {}",
             alg.name,
             shown.join(", ")
@@ -134,6 +141,7 @@ pub(crate) fn run(
                 *best = best.min(time_command(1, argv)?);
             }
         }
+        progress.step();
         for ((_, shown, target), theirs) in refs.into_iter().zip(theirs) {
             out.push(Comparison {
                 algorithm: alg.name.clone(),

@@ -326,6 +326,12 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
     let mut failed = false;
     for list in lists {
         let list_name = list.as_bytes();
+        // GNU names standard input "'standard input'" in these messages.
+        let shown = if list_name == b"-" {
+            "'standard input'".to_owned()
+        } else {
+            quote(list_name)
+        };
         let content = if list_name == b"-" {
             let mut v = Vec::new();
             io::stdin().lock().read_to_end(&mut v).map(|_| v)
@@ -335,7 +341,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         let content = match content {
             Ok(c) => c,
             Err(e) => {
-                rep.error(&format!("{}: {}", quote(list_name), os_message(&e)));
+                rep.error(&format!("{}: {}", shown, os_message(&e)));
                 failed = true;
                 continue;
             }
@@ -393,7 +399,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
                         if opts.warn && !opts.status {
                             rep.error(&format!(
                                 "{}: {line_no}: improperly formatted {kind}checksum line",
-                                quote(list_name),
+                                shown,
                             ));
                         }
                         continue;
@@ -431,7 +437,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         if properly == 0 {
             rep.error(&format!(
                 "{}: no properly formatted checksum lines found",
-                quote(list_name)
+                shown
             ));
             failed = true;
             continue;
@@ -472,7 +478,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             failed = true;
         }
         if opts.ignore_missing && verified == 0 {
-            rep.error(&format!("{}: no file was verified", quote(list_name)));
+            rep.error(&format!("{}: no file was verified", shown));
             failed = true;
         }
     }
