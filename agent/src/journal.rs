@@ -463,7 +463,7 @@ impl fmt::Debug for BlockTxn {
     }
 }
 
-fn open_root(root: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_root(root: &Path) -> Result<OwnedFd> {
     rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -492,7 +492,10 @@ fn ensure_dir_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<OwnedF
 
 /// Opens the parent directory of `path` beneath `root` without following any symlink.
 /// Returns the parent's fd and the last component.
-fn open_parent<'p>(root: BorrowedFd<'_>, path: &'p RelPath) -> Result<(OwnedFd, &'p OsStr)> {
+pub(crate) fn open_parent<'p>(
+    root: BorrowedFd<'_>,
+    path: &'p RelPath,
+) -> Result<(OwnedFd, &'p OsStr)> {
     let (parent, name) = path.split_last();
     let mut cur = rustix::io::dup(root).map_err(|e| io_err("dup root fd", path.as_path(), e))?;
     if let Some(parent) = parent {
@@ -1173,7 +1176,7 @@ fn read_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<Vec<u8>> {
 // escaped target (or just `=` for none); attributes are octal / `secs.nanos` / decimal, `-`
 // for none. The trailing `end` line makes a torn journal detectable.
 
-fn escape(out: &mut String, bytes: &[u8]) {
+pub(crate) fn escape(out: &mut String, bytes: &[u8]) {
     for &b in bytes {
         if b.is_ascii_alphanumeric() || b"._-/+~,:@".contains(&b) {
             out.push(b as char);
@@ -1183,7 +1186,7 @@ fn escape(out: &mut String, bytes: &[u8]) {
     }
 }
 
-fn unescape(s: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn unescape(s: &str) -> Result<Vec<u8>, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

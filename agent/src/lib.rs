@@ -1,4 +1,5 @@
 //! fleetsync agent.
 #![deny(missing_docs)]
+pub mod consistency;
 pub mod journal;
 pub mod lock;
