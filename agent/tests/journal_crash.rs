@@ -470,3 +470,59 @@ fn replacing_a_directory_by_a_file_and_a_file_by_a_directory() {
     let mode = fs::metadata(dir.path().join("stays_dir")).unwrap().mode();
     assert_eq!(mode & 0o7777, 0o700);
 }
+
+#[test]
+fn recover_leaves_a_live_transaction_alone() {
+    let dir = scratch_dir();
+    make_old_tree(dir.path());
+    let mut txn = BlockTxn::begin(dir.path(), "live").unwrap();
+    let p = rel("f00");
+    txn.stage_file(&p).unwrap().write_all(b"live").unwrap();
+    txn.add_op(Op::Put {
+        path: p,
+        attrs: Attrs::default(),
+    })
+    .unwrap();
+    let report = recover(dir.path()).unwrap();
+    assert_eq!(report.in_use, [txn.id().to_owned()]);
+    txn.commit().unwrap();
+    assert_eq!(fs::read(dir.path().join("f00")).unwrap(), b"live");
+}
+
+#[test]
+fn operations_beneath_a_replaced_or_deleted_path_are_refused() {
+    let dir = scratch_dir();
+    make_old_tree(dir.path());
+    let mut txn = BlockTxn::begin(dir.path(), "conflict").unwrap();
+    txn.add_op(Op::Delete {
+        path: rel("olddir"),
+    })
+    .unwrap();
+    let err = txn
+        .add_op(Op::SetAttrs {
+            path: rel("olddir/sub/inner"),
+            attrs: Attrs::default(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, JournalError::ConflictingOps { .. }), "{err}");
+    // The other way round too: a deletion of an ancestor after an operation beneath it.
+    let mut txn = BlockTxn::begin(dir.path(), "conflict").unwrap();
+    txn.add_op(Op::Mkdir {
+        path: rel("olddir/new"),
+        attrs: Attrs::default(),
+    })
+    .unwrap();
+    assert!(txn
+        .add_op(Op::Delete {
+            path: rel("olddir"),
+        })
+        .is_err());
+    // But a directory that is only (re)created may receive files.
+    txn.add_op(Op::Mkdir {
+        path: rel("olddir/new/deeper"),
+        attrs: Attrs::default(),
+    })
+    .unwrap();
+    txn.commit().unwrap();
+    assert!(dir.path().join("olddir/new/deeper").is_dir());
+}
