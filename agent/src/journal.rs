@@ -54,8 +54,9 @@
 //! # Rules for a block
 //!
 //! - Each path is the subject of at most one content operation (`Put`, `Symlink`, `HardLink`,
-//!   `Delete`, `Mkdir`); an `SetAttrs` on a path must come after its content operation, if any.
-//!   This is what makes replay idempotent.
+//!   `Delete`, `Mkdir`); a `SetAttrs` on a path must come after its content operation, if any.
+//!   No operation may be beneath a path that the block puts, links or deletes (in either
+//!   order). [`BlockTxn::add_op`] enforces both; they are what makes replay idempotent.
 //! - Operations are applied in the order given: a `Mkdir` must come before the operations on
 //!   paths inside it. A `HardLink` may point to a path put earlier in the same block (the two
 //!   names then share the staged inode) or to an existing file in the tree.
