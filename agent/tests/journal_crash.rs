@@ -39,6 +39,7 @@ enum Entry {
         mode: u32,
         mtime: i64,
         nlink: u64,
+        owner: (u32, u32),
     },
     Symlink(PathBuf),
     Dir {
@@ -69,6 +70,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
                     mode: md.mode() & 0o7777,
                     mtime: md.mtime(),
                     nlink: md.nlink(),
+                    owner: (md.uid(), md.gid()),
                 }
             };
             out.insert(rel, entry);
@@ -117,11 +119,23 @@ fn apply_new_block(root: &Path) -> Result<(), JournalError> {
         }),
         ..Attrs::default()
     };
+    // As root, one file also changes owner (fchown on the staged inode).
+    let root_user = fs::metadata(root).map(|m| m.uid() == 0).unwrap_or(false);
     for i in 0..FILES {
         let path = rel(&format!("f{i:02}"));
         let mut f = txn.stage_file(&path)?;
         f.write_all(format!("new {i} {}", "x".repeat(i * 100)).as_bytes())
             .unwrap();
+        let attrs = if i == 3 && root_user {
+            Attrs {
+                uid: Some(1234),
+                gid: Some(4321),
+                mode: Some(0o4750),
+                ..attrs
+            }
+        } else {
+            attrs
+        };
         txn.add_op(Op::Put { path, attrs })?;
     }
     txn.add_op(Op::Mkdir {
@@ -161,6 +175,10 @@ fn apply_new_block(root: &Path) -> Result<(), JournalError> {
         path: rel("exec.sh"),
         attrs: Attrs {
             mode: Some(0o755),
+            mtime: Some(Mtime {
+                secs: 1_650_000_000,
+                nanos: 5,
+            }),
             ..Attrs::default()
         },
     })?;
@@ -218,6 +236,13 @@ fn expected() -> Expected {
     apply_new_block(dir.path()).unwrap();
     let new = snapshot(dir.path());
     assert_ne!(old, new);
+    if fs::metadata(dir.path()).unwrap().uid() == 0 {
+        // Owner applied before mode, so the set-uid bit survives the chown.
+        let Entry::File { mode, owner, .. } = &new[Path::new("f03")] else {
+            panic!("f03 is not a file");
+        };
+        assert_eq!((*mode, *owner), (0o4750, (1234, 4321)));
+    }
     Expected { old, new }
 }
 
