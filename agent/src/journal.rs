@@ -39,8 +39,9 @@
 //! 4. `DONE` is created and fsynced, `COMMITTING` is unlinked, the transaction directory is
 //!    removed.
 //!
-//! [`recover`] (run on agent start, before anything else writes to the tree) looks at every
-//! transaction directory: without `COMMITTING` (or with `DONE`) it is removed — nothing had been
+//! A live transaction holds an exclusive `flock` on its directory; [`recover`] (run on agent
+//! start, before anything else writes to the tree) skips locked directories and looks at every
+//! other transaction directory: without `COMMITTING` (or with `DONE`) it is removed — nothing had been
 //! touched, or everything is already in place; with `COMMITTING` the journal is replayed.
 //! Replay is idempotent: each step is guarded by what is still in the staging directory (a
 //! staged object still in `new/` has not been renamed yet; a `backup/<slot>` that exists means
@@ -53,8 +54,9 @@
 //! # Rules for a block
 //!
 //! - Each path is the subject of at most one content operation (`Put`, `Symlink`, `HardLink`,
-//!   `Delete`, `Mkdir`); an `SetAttrs` on a path must come after its content operation, if any.
-//!   This is what makes replay idempotent.
+//!   `Delete`, `Mkdir`); a `SetAttrs` on a path must come after its content operation, if any.
+//!   No operation may be beneath a path that the block puts, links or deletes (in either
+//!   order). [`BlockTxn::add_op`] enforces both; they are what makes replay idempotent.
 //! - Operations are applied in the order given: a `Mkdir` must come before the operations on
 //!   paths inside it. A `HardLink` may point to a path put earlier in the same block (the two
 //!   names then share the staged inode) or to an existing file in the tree.
@@ -87,7 +89,9 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
+use rustix::fs::{
+    AtFlags, FileType, FlockOperation, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT,
+};
 use rustix::io::Errno;
 
 /// Name of the hidden staging directory directly under the root. Listings must skip it.
@@ -131,6 +135,14 @@ pub enum JournalError {
     DuplicatePath {
         /// The path.
         path: PathBuf,
+    },
+    /// An operation is beneath a path that another operation of the block replaces or
+    /// deletes.
+    ConflictingOps {
+        /// The operation's path.
+        path: PathBuf,
+        /// The other operation's path.
+        other: PathBuf,
     },
     /// A `Put` names a path for which no file was staged, or a file was staged twice.
     StagedFile {
@@ -191,6 +203,13 @@ impl fmt::Display for JournalError {
             Self::DuplicatePath { path } => {
                 write!(f, "path {} is changed twice in one block", path.display())
             }
+            Self::ConflictingOps { path, other } => write!(
+                f,
+                "{} conflicts with {} in the same block: one is beneath the other, which is \
+                 replaced or deleted",
+                path.display(),
+                other.display()
+            ),
             Self::StagedFile { path, reason } => {
                 write!(f, "staged file for {}: {reason}", path.display())
             }
@@ -292,6 +311,13 @@ impl RelPath {
     pub fn parent(&self) -> Option<RelPath> {
         let pos = self.0.iter().rposition(|&b| b == b'/')?;
         Some(Self(self.0[..pos].to_vec()))
+    }
+
+    /// True if `self` is a proper ancestor directory of `other`.
+    pub fn is_ancestor_of(&self, other: &RelPath) -> bool {
+        other.0.len() > self.0.len()
+            && other.0.starts_with(&self.0)
+            && other.0[self.0.len()] == b'/'
     }
 
     fn split_last(&self) -> (Option<&[u8]>, &OsStr) {
@@ -401,6 +427,8 @@ pub struct RecoveryReport {
     pub rolled_forward: Vec<String>,
     /// Transactions already done, whose staging directory was only left over.
     pub cleaned: Vec<String>,
+    /// Transactions of a live process (their directory is locked), left alone.
+    pub in_use: Vec<String>,
 }
 
 /// The fault-injection counter (see the module docs).
@@ -463,7 +491,7 @@ impl fmt::Debug for BlockTxn {
     }
 }
 
-fn open_root(root: &Path) -> Result<OwnedFd> {
+pub(crate) fn open_root(root: &Path) -> Result<OwnedFd> {
     rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -492,7 +520,10 @@ fn ensure_dir_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<OwnedF
 
 /// Opens the parent directory of `path` beneath `root` without following any symlink.
 /// Returns the parent's fd and the last component.
-fn open_parent<'p>(root: BorrowedFd<'_>, path: &'p RelPath) -> Result<(OwnedFd, &'p OsStr)> {
+pub(crate) fn open_parent<'p>(
+    root: BorrowedFd<'_>,
+    path: &'p RelPath,
+) -> Result<(OwnedFd, &'p OsStr)> {
     let (parent, name) = path.split_last();
     let mut cur = rustix::io::dup(root).map_err(|e| io_err("dup root fd", path.as_path(), e))?;
     if let Some(parent) = parent {
@@ -675,6 +706,10 @@ impl BlockTxn {
             .map_err(|e| io_err("create transaction directory", &txn_shown, e))?;
         let txn_fd = open_dir_at(staging_fd.as_fd(), OsStr::new(&txn_name))
             .map_err(|e| io_err("open", &txn_shown, e))?;
+        // Held for the life of the transaction (and released by the kernel if we die), so
+        // that `recover` in another process leaves a live transaction alone.
+        rustix::fs::flock(txn_fd.as_fd(), FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| io_err("lock", &txn_shown, e))?;
         let new_fd = ensure_dir_at(txn_fd.as_fd(), NEW_DIR, &txn_shown.join(NEW_DIR))?;
         ensure_dir_at(txn_fd.as_fd(), BACKUP_DIR, &txn_shown.join(BACKUP_DIR))?;
         Ok(Self {
@@ -742,6 +777,19 @@ impl BlockTxn {
         // earlier op to the later object); SetAttrs may follow anything.
         if content && self.ops.iter().any(|prev| prev.op.path() == op.path()) {
             return Err(dup());
+        }
+        // Nothing may happen beneath a path the block replaces or deletes (the parent would
+        // vanish under a replayed operation).
+        let replaces = |o: &Op| !matches!(o, Op::SetAttrs { .. } | Op::Mkdir { .. });
+        for prev in &self.ops {
+            let (a, b) = (prev.op.path(), op.path());
+            if (replaces(&prev.op) && a.is_ancestor_of(b)) || (replaces(&op) && b.is_ancestor_of(a))
+            {
+                return Err(JournalError::ConflictingOps {
+                    path: b.as_path().to_owned(),
+                    other: a.as_path().to_owned(),
+                });
+            }
         }
         let slot = match &op {
             Op::Put { path, .. } => {
@@ -960,17 +1008,31 @@ fn apply_all(
     for SlotOp { slot, op } in ops {
         let path = op.path();
         let p = path.as_path();
-        let (dir, name) = open_parent(root, path)?;
-        let dir = dir.as_fd();
         touched.push(path.parent());
         let slot = slot_name(*slot);
         let slot_os = OsStr::new(&slot);
+        // Done already? Decided from the staging directory alone, before resolving the path.
+        let done = match op {
+            // Still in new/ means not yet renamed into place.
+            Op::Put { .. } | Op::Symlink { .. } | Op::HardLink { .. } | Op::Mkdir { .. } => {
+                !exists_at(new_dir, &slot, Path::new(NEW_DIR))?
+            }
+            // In backup/ means deleted.
+            Op::Delete { .. } => exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))?,
+            Op::SetAttrs { .. } => false,
+        };
+        if done {
+            continue;
+        }
+        let (dir, name) = match open_parent(root, path) {
+            Ok(x) => x,
+            // Nothing to delete where there is no parent.
+            Err(JournalError::MissingParent { .. }) if matches!(op, Op::Delete { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let dir = dir.as_fd();
         match op {
             Op::Put { .. } | Op::Symlink { .. } | Op::HardLink { .. } | Op::Mkdir { .. } => {
-                // Still in new/ means not yet renamed into place.
-                if !exists_at(new_dir, &slot, Path::new(NEW_DIR))? {
-                    continue;
-                }
                 let new_is_dir = matches!(op, Op::Mkdir { .. });
                 let old = lstat_at(dir, name).map_err(|e| io_err("lstat", p, e))?;
                 let backed_up = exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))?;
@@ -1020,9 +1082,6 @@ fn apply_all(
                 }
             }
             Op::Delete { .. } => {
-                if exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))? {
-                    continue;
-                }
                 if lstat_at(dir, name)
                     .map_err(|e| io_err("lstat", p, e))?
                     .is_some()
@@ -1045,8 +1104,17 @@ fn apply_all(
         let fd = match &parent {
             None => rustix::io::dup(root).map_err(|e| io_err("dup", ".", e))?,
             Some(par) => {
-                let (d, n) = open_parent(root, par)?;
-                open_dir_at(d.as_fd(), n).map_err(|e| io_err("open", par.as_path(), e))?
+                // A parent that is gone (deleted by the block) needs no fsync.
+                let (d, n) = match open_parent(root, par) {
+                    Ok(x) => x,
+                    Err(JournalError::MissingParent { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                match open_dir_at(d.as_fd(), n) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(io_err("open", par.as_path(), e)),
+                }
             }
         };
         hook.step();
@@ -1117,6 +1185,14 @@ pub fn recover(root: &Path) -> Result<RecoveryReport> {
             }
             Err(e) => return Err(io_err("open", &shown, e)),
         };
+        match rustix::fs::flock(txn.as_fd(), FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                report.in_use.push(name);
+                continue;
+            }
+            Err(e) => return Err(io_err("lock", &shown, e)),
+        }
         let committing = exists_at(txn.as_fd(), COMMITTING_MARK, &shown)?;
         let done = exists_at(txn.as_fd(), DONE_MARK, &shown)?;
         if committing && !done {
@@ -1173,7 +1249,7 @@ fn read_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<Vec<u8>> {
 // escaped target (or just `=` for none); attributes are octal / `secs.nanos` / decimal, `-`
 // for none. The trailing `end` line makes a torn journal detectable.
 
-fn escape(out: &mut String, bytes: &[u8]) {
+pub(crate) fn escape(out: &mut String, bytes: &[u8]) {
     for &b in bytes {
         if b.is_ascii_alphanumeric() || b"._-/+~,:@".contains(&b) {
             out.push(b as char);
@@ -1183,7 +1259,7 @@ fn escape(out: &mut String, bytes: &[u8]) {
     }
 }
 
-fn unescape(s: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn unescape(s: &str) -> Result<Vec<u8>, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

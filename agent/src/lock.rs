@@ -50,7 +50,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{FlockOperation, Mode, OFlags};
+
+use crate::journal::{self, RelPath};
 
 /// Shared (readers) or exclusive (a writer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +257,38 @@ impl FileLock {
                 source,
             })?;
         Self::acquire(file, path, kind, opts)
+    }
+
+    /// Opens `path` beneath `root` the way the journal resolves paths (no symlink anywhere,
+    /// no escape from the root) and locks it. This is what an agent uses for paths that
+    /// come from a message.
+    pub fn open_beneath(
+        root: &Path,
+        path: &RelPath,
+        kind: LockKind,
+        opts: &LockOptions,
+    ) -> Result<Self, LockError> {
+        let shown = root.join(path.as_path());
+        let io = |source: io::Error| LockError::Io {
+            action: "open for locking",
+            path: shown.clone(),
+            source,
+        };
+        let root_fd = journal::open_root(root).map_err(|e| io(io::Error::other(e)))?;
+        let (dir, name) =
+            journal::open_parent(root_fd.as_fd(), path).map_err(|e| io(io::Error::other(e)))?;
+        let access = match kind {
+            LockKind::Shared => OFlags::RDONLY,
+            LockKind::Exclusive => OFlags::RDWR,
+        };
+        let fd = rustix::fs::openat(
+            dir.as_fd(),
+            name,
+            access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io(e.into()))?;
+        Self::acquire(File::from(fd), &shown, kind, opts)
     }
 
     /// Locks an already open file (opened beneath the tree root by the caller); `path` is
@@ -506,5 +540,15 @@ mod tests {
         drop((a, b));
         let c = FileLock::open(&path, LockKind::Exclusive, &quick).unwrap();
         assert_eq!(c.kind(), LockKind::Exclusive);
+        // Beneath the root: the same file conflicts; a symlinked parent is refused.
+        let rel = RelPath::new("f").unwrap();
+        assert!(FileLock::open_beneath(dir.path(), &rel, LockKind::Shared, &quick).is_err());
+        drop(c);
+        FileLock::open_beneath(dir.path(), &rel, LockKind::Shared, &quick).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).unwrap();
+        let through = RelPath::new("link/f").unwrap();
+        let err =
+            FileLock::open_beneath(dir.path(), &through, LockKind::Shared, &quick).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
     }
 }
