@@ -76,14 +76,12 @@ fn check_all_modes(path: &Path, bytes: &[u8], algs: &[AlgorithmInfo], opts: &Has
             IoMode::Pread => IoUsed::Pread,
             IoMode::Mmap => IoUsed::Mmap,
             IoMode::Uring => IoUsed::Uring,
-            // Auto: small files are one pread, parallel chunks are pread by
-            // each worker; big sequential reads use io_uring if it works.
+            // Auto: io_uring (if it works) for the parallel chunked path only.
             IoMode::Auto
                 if uring
-                    && bytes.len() > (1 << 20)
-                    && !(parallel_ok
-                        && bytes.len() as u64 > opts.parallel_threshold
-                        && bytes.len() > opts.chunk_size) =>
+                    && parallel_ok
+                    && bytes.len() as u64 > opts.parallel_threshold
+                    && bytes.len() > opts.chunk_size =>
             {
                 IoUsed::Uring
             }

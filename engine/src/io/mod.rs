@@ -15,7 +15,8 @@ use crate::Error;
 /// How [`crate::hash_file`] should read files.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum IoMode {
-    /// io_uring for big files when the kernel allows it, `pread` otherwise.
+    /// io_uring for big files hashed in parallel chunks when the kernel
+    /// allows it; `pread` otherwise (see `IoUsed` for what was used).
     #[default]
     Auto,
     /// io_uring only; an error if it is unavailable.
@@ -76,12 +77,9 @@ impl fmt::Display for IoUsed {
     }
 }
 
-/// One filled read buffer on its way from a reader thread to the hashers,
-/// and back. `data.len()` is the number of valid bytes; the buffer's
-/// capacity never changes, so its address stays what the kernel was given.
+/// One filled read buffer on its way from a reader thread to the hasher,
+/// and back. `data.len()` is the number of valid bytes.
 pub(crate) struct Block {
-    /// The reader's slot for this buffer.
-    pub(crate) slot: usize,
     /// File offset of `data[0]`.
     pub(crate) offset: u64,
     /// The bytes read.

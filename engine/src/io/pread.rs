@@ -36,8 +36,7 @@ pub(crate) fn produce(
     free: &Receiver<Block>,
 ) {
     let mut spare: Vec<Block> = (0..depth)
-        .map(|slot| Block {
-            slot,
+        .map(|_| Block {
             offset: 0,
             data: vec![0; block],
         })
