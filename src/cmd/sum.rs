@@ -247,7 +247,11 @@ fn run_in_pool(args: &Args, algs: &[AlgorithmInfo], hash: &HashOptions) -> u8 {
     let mut pending: Vec<&OsString> = Vec::new();
     for file in &args.files {
         let path = Path::new(file);
-        let is_dir = file != "-" && std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+        // Only -r needs to know about directories up front; without it, a
+        // directory fails in the engine with EISDIR ("Is a directory"), as in GNU.
+        let is_dir = args.recursive
+            && file != "-"
+            && std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
         if file == "-" || is_dir || pending.len() >= batch {
             printer.hash_batch(&mut rep, &pending, hash);
             pending.clear();
@@ -255,11 +259,8 @@ fn run_in_pool(args: &Args, algs: &[AlgorithmInfo], hash: &HashOptions) -> u8 {
         if file == "-" {
             let result = hash_reader(io::stdin().lock(), algs);
             printer.report(&mut rep, b"-", false, result);
-        } else if is_dir && args.recursive {
-            printer.hash_dir(&mut rep, path, hash);
         } else if is_dir {
-            rep.error(&format!("{}: Is a directory", quote(file.as_bytes())));
-            printer.failed = true;
+            printer.hash_dir(&mut rep, path, hash);
         } else {
             pending.push(file);
         }

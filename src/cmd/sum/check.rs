@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::engine::{hash_file, hash_reader, AlgorithmInfo, HashOptions};
+use super::engine::{hash_file, hash_reader, AlgorithmInfo, Error, HashOptions};
 use super::format::{os_message, push_name, quote, LineStyle};
 use super::{engine_error_message, Reporter};
 use fleetsync_engine::Registry;
@@ -270,14 +270,13 @@ fn verify(
             .map_err(|e| engine_error_message(&e))
     } else {
         let path = Path::new(OsStr::from_bytes(name));
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => Err("Is a directory".to_owned()),
-            Err(e) if ignore_missing && e.kind() == io::ErrorKind::NotFound => {
+        match hash_file(path, std::slice::from_ref(&alg.info), opts) {
+            Err(Error::Io { source, .. })
+                if ignore_missing && source.kind() == io::ErrorKind::NotFound =>
+            {
                 return Verdict::Missing
             }
-            Err(e) => Err(os_message(&e)),
-            Ok(_) => hash_file(path, std::slice::from_ref(&alg.info), opts)
-                .map_err(|e| engine_error_message(&e)),
+            other => other.map_err(|e| engine_error_message(&e)),
         }
     };
     let hash = match result {
