@@ -159,6 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         b.build().context("building the thread pool")?
     };
 
+    let load_before = load_average();
     let progress = Progress::new(&args);
     let workload = prepare(&args, &progress)?;
     progress.note(&format!("workload: {}", workload.description));
@@ -195,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         comparisons: &comparisons,
         threads,
         io: &args.io,
+        load: load_before.zip(load_average()),
     };
     if let Some(svg) = &args.svg {
         write_atomically(svg, report.svg().as_bytes())
@@ -266,6 +268,16 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// The 1-minute load average, where `/proc/loadavg` exists.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Runs `f` up to `runs` times and returns the fastest time in seconds;

@@ -11,6 +11,9 @@ pub(crate) struct Report<'a> {
     pub results: &'a [Measurement],
     pub comparisons: &'a [Comparison],
     pub threads: usize,
+    /// The 1-minute load average before and after the run (Linux), so that a
+    /// reader can tell whether the machine was quiet.
+    pub load: Option<(f64, f64)>,
     pub io: &'a str,
 }
 
@@ -53,11 +56,15 @@ impl Report<'_> {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "workload: {}; {} threads; io {}\n",
+            "workload: {}; {} threads; io {}",
             self.workload.description, self.threads, self.io
         );
+        if let Some((before, after)) = self.load {
+            let _ = write!(s, "; load average {before:.2} before, {after:.2} after");
+        }
+        s.push_str("\n\n");
         let width = self
             .results
             .iter()
@@ -164,6 +171,10 @@ impl Report<'_> {
                 "files": self.workload.files,
             },
             "threads": self.threads,
+            "load_average": self.load.map(|(before, after)| serde_json::json!({
+                "before": before,
+                "after": after,
+            })),
             "io": self.io,
             "results": results,
             "comparisons": comparisons,
