@@ -542,11 +542,17 @@ fn check_ignore_missing_like_coreutils() {
 }
 
 #[test]
-fn zero_terminated_lines_match_coreutils() {
+fn binary_mark_and_zero_terminated_lines_match_coreutils() {
     let dir = tempfile::tempdir().unwrap();
     let names = awkward_files(dir.path());
     for (alg, tool) in DIGEST_TOOLS {
-        for extra in [&["-z"][..], &["-z", "--tag"]] {
+        for extra in [
+            &["-z"][..],
+            &["-z", "--tag"],
+            &["-b"],
+            &["-b", "-z"],
+            &["-b", "-t"],
+        ] {
             let mut args = extra.to_vec();
             args.extend_from_slice(&names);
             assert_same(alg, &[tool], &args, dir.path(), None);

@@ -65,6 +65,12 @@ pub struct Args {
     /// BSD-style lines: `ALG (NAME) = HEX`.
     #[arg(long)]
     tag: bool,
+    /// Mark files as binary in untagged lines (`HEX *NAME`), like md5sum -b.
+    #[arg(short = 'b', long, overrides_with = "text")]
+    binary: bool,
+    /// Mark files as text in untagged lines (`HEX  NAME`, the default).
+    #[arg(short = 't', long, overrides_with = "binary")]
+    text: bool,
     /// Hash every regular file under each directory operand, in sorted path order.
     #[arg(short = 'r', long)]
     recursive: bool,
@@ -348,6 +354,7 @@ impl Printer<'_> {
                             LineOptions {
                                 tag: self.args.tag,
                                 zero: self.args.zero,
+                                binary: self.args.binary,
                             },
                             &display,
                             hash.size,

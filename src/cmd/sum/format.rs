@@ -57,6 +57,8 @@ pub struct LineOptions {
     pub tag: bool,
     /// End lines with NUL and never escape names (`-z`).
     pub zero: bool,
+    /// `HEX *NAME` rather than `HEX  NAME` in untagged digest lines (`-b`).
+    pub binary: bool,
 }
 
 /// Appends the output line (with its `\n`, or NUL with `-z`) for one file and one algorithm.
@@ -103,7 +105,7 @@ pub fn write_line(
                 out.extend_from_slice(digest.to_hex().as_bytes());
             } else {
                 out.extend_from_slice(digest.to_hex().as_bytes());
-                out.extend_from_slice(b"  ");
+                out.extend_from_slice(if opts.binary { b" *" } else { b"  " });
                 push_name(out, name.bytes, escape);
             }
             out.push(end);
