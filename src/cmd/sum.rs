@@ -275,11 +275,15 @@ fn run_in_pool(args: &Args, algs: &[AlgorithmInfo], hash: &HashOptions) -> u8 {
     u8::from(printer.failed)
 }
 
+/// Hashes operands and prints their lines in operand order.
 struct Printer<'a> {
     args: &'a Args,
     algs: &'a [AlgorithmInfo],
+    /// The output format of each algorithm, parallel to `algs`.
     styles: Vec<LineStyle>,
+    /// Some file could not be read (exit status 1).
     failed: bool,
+    /// Scratch buffer for one file's lines.
     line: Vec<u8>,
 }
 
