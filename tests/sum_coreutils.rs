@@ -608,3 +608,41 @@ fn check_names_standard_input_like_coreutils() {
     );
     assert_eq!(mine.status.code(), theirs.status.code());
 }
+
+#[test]
+fn check_accepts_hex_and_tagged_lines_for_cksum_and_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), data(5000, 5)).unwrap();
+    for (alg, reference, width) in [
+        ("cksum", &["cksum"][..], 8),
+        ("bsd", &["sum", "-r"], 4),
+        ("sysv", &["sum", "-s"], 4),
+    ] {
+        // The checksum as coreutils prints it (decimal), written in hex.
+        let mut args = reference[1..].to_vec();
+        args.push("f");
+        let out = String::from_utf8(run(&reference[..1], &args, dir.path(), None).stdout).unwrap();
+        let value: u64 = out.split_whitespace().next().unwrap().parse().unwrap();
+        let hex = format!("{value:0width$x}");
+        let tag = alg.to_ascii_uppercase();
+        let list = format!("{hex}  f\n{tag} (f) = {hex}\n");
+        std::fs::write(dir.path().join("list"), list).unwrap();
+        let mine = ours(&["-a", alg, "-c", "list"], dir.path(), None);
+        assert_eq!(
+            String::from_utf8_lossy(&mine.stdout),
+            "f: OK\nf: OK\n",
+            "{alg}"
+        );
+        assert_eq!(mine.status.code(), Some(0));
+        // A wrong value fails.
+        let bad = format!("{:0width$x}  f\n", value ^ 1);
+        std::fs::write(dir.path().join("bad"), bad).unwrap();
+        let mine = ours(&["-a", alg, "-c", "bad"], dir.path(), None);
+        assert_eq!(
+            String::from_utf8_lossy(&mine.stdout),
+            "f: FAILED\n",
+            "{alg}"
+        );
+        assert_eq!(mine.status.code(), Some(1));
+    }
+}
