@@ -19,7 +19,12 @@ fn main() {
     };
     let registry = Registry::with_builtins();
     let algs: Vec<_> = names.iter().map(|n| registry.info(n).unwrap()).collect();
-    for mode in [IoMode::Auto, IoMode::Uring, IoMode::Pread, IoMode::Mmap] {
+    // FS_MODES=auto,pread limits the modes tried (e.g. to measure RSS).
+    let modes: Vec<IoMode> = match std::env::var("FS_MODES") {
+        Ok(list) => list.split(',').map(|m| m.parse().unwrap()).collect(),
+        Err(_) => vec![IoMode::Auto, IoMode::Uring, IoMode::Pread, IoMode::Mmap],
+    };
+    for mode in modes {
         let mut opts = HashOptions {
             io: mode,
             ..HashOptions::default()
@@ -28,11 +33,18 @@ fn main() {
         if std::env::var_os("FS_SEQUENTIAL").is_some() {
             opts.parallel_threshold = u64::MAX;
         }
-        let _ = hash_file(&path, &algs, &opts);
+        if std::env::var_os("FS_ONCE").is_none() {
+            let _ = hash_file(&path, &algs, &opts);
+        }
         let mut best = f64::MAX;
         let mut best_cpu = f64::MAX;
         let mut last = None;
-        for _ in 0..3 {
+        let runs = if std::env::var_os("FS_ONCE").is_some() {
+            1
+        } else {
+            3
+        };
+        for _ in 0..runs {
             let t = Instant::now();
             let c = cpu_seconds();
             last = Some(hash_file(&path, &algs, &opts));

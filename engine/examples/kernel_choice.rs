@@ -64,6 +64,28 @@ fn main() {
     gbps("adler32 simd-adler32", &buf, |b| {
         u64::from(simd_adler32::adler32(&b))
     });
+    // sysv: plain byte-sum loop (what LLVM makes of it at the x86-64 baseline)
+    // against the hand-written psadbw kernel inside the engine.
+    gbps("sysv scalar fold", &buf, |b| {
+        u64::from(b.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x))))
+    });
+    let registry = fleetsync_engine::Registry::with_builtins();
+    for name in ["sysv", "bsd"] {
+        let info = registry.info(name).unwrap();
+        gbps(&format!("{name} engine"), &buf, |b| {
+            let mut s = info.instantiate();
+            s.update(b);
+            s.finish().value().unwrap()
+        });
+    }
+    gbps("bsd textbook (coreutils formula)", &buf, |b| {
+        let mut c: u32 = 0;
+        for &x in b {
+            c = (c >> 1) + ((c & 1) << 15);
+            c = (c + u32::from(x)) & 0xffff;
+        }
+        u64::from(c)
+    });
     // Small inputs: crc-fast has per-call setup; the tree of small files cares.
     let small = &buf[..100];
     gbps("100B crc32 crc32fast", small, |b| {

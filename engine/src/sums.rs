@@ -11,7 +11,10 @@ use crate::{Algorithm, Digest, Error};
 /// the previous 16-bit state, so there is no lane parallelism to exploit.
 /// `u16::rotate_right` compiles to one `ror` and the add to one `add`, so
 /// this runs at the 2-cycle-per-byte latency bound; unrolling by 8 only
-/// removes loop overhead. Hand-written because no crate offers it.
+/// removes loop overhead. Hand-written because no crate offers it; measured
+/// (1 MiB, `examples/kernel_choice.rs`): 1.52 GB/s against 0.75 GB/s for the
+/// textbook shift/add/mask loop of coreutils `sum.c` (`sum -r` itself
+/// hashed a cached 1 GB file in 1.56 s of user time, ~0.64 GB/s).
 pub(crate) fn bsd_update(mut s: u16, data: &[u8]) -> u16 {
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
@@ -35,6 +38,9 @@ pub(crate) fn bsd_update(mut s: u16, data: &[u8]) -> u16 {
 ///
 /// On x86_64 this uses `psadbw` (SSE2, always present there), which sums
 /// 16 bytes per instruction into two u64 lanes; elsewhere a scalar loop.
+/// Measured (1 MiB, `examples/kernel_choice.rs`): 49.6 GB/s against
+/// 11.0 GB/s for the plain `fold` that LLVM vectorises at the x86-64
+/// baseline; that gap is why it is hand-written.
 pub(crate) fn sysv_update(s: u32, data: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
