@@ -48,7 +48,7 @@ pub fn encode_frame<A: Allocator>(msg: &Builder<A>) -> Result<Vec<u8>, ProtoErro
     check_len(len, MAX_FRAME)?;
     let mut out = Vec::with_capacity(4 + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
-    capnp::serialize::write_message(&mut out, msg)?;
+    capnp::serialize::write_message(&mut out, msg).map_err(write_error)?;
     Ok(out)
 }
 
@@ -57,8 +57,13 @@ pub fn write_frame<W: Write, A: Allocator>(w: &mut W, msg: &Builder<A>) -> Resul
     let len = message_len(msg);
     check_len(len, MAX_FRAME)?;
     w.write_all(&(len as u32).to_le_bytes())?;
-    capnp::serialize::write_message(&mut *w, msg)?;
+    capnp::serialize::write_message(&mut *w, msg).map_err(write_error)?;
     Ok(())
+}
+
+/// Writing can only fail in the writer: report it as I/O, not as a bad message.
+fn write_error(e: capnp::Error) -> ProtoError {
+    ProtoError::Io(io::Error::other(e.to_string()))
 }
 
 fn check_len(len: usize, max: usize) -> Result<(), ProtoError> {
