@@ -362,12 +362,13 @@ pub(crate) fn receive(
     let backend = &shared.backend;
     let mut cur: Option<Incoming> = None;
     let mut committer = Committer::new(w.clone(), COMMIT_THREADS);
+    let mut fb = frame::FrameBuf::new();
     loop {
-        let Some(body) = frame::read_frame(reader)? else {
+        if !fb.read(reader, frame::MAX_FRAME)? {
             // Cut off: whatever was in flight is dropped (its temp file removed).
             return Err(AgentError::Proto(ProtoError::Truncated));
-        };
-        let msg = frame::parse(&body)?;
+        }
+        let msg = fb.parse()?;
         let root: fleetsync_capnp::message::Reader<'_> =
             msg.get_root().map_err(ProtoError::from)?;
         if let W::FileChunk(c) = root.which().map_err(ProtoError::from)? {
