@@ -232,7 +232,7 @@ impl PosixBackend {
         n: &[u8],
         rel: &[u8],
         attrs: &Attrs,
-        is_symlink: bool,
+        kind: FileKind,
     ) -> Result<Applied, AgentError> {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
@@ -249,13 +249,33 @@ impl PosixBackend {
                 applied.owner_skipped = true;
             }
         }
-        if let (Some(mode), false) = (attrs.mode, is_symlink) {
-            rustix::fs::chmodat(
-                dir,
-                name(n),
-                Mode::from_raw_mode(mode & 0o7777),
-                AtFlags::empty(),
-            )
+        if let (Some(mode), false) = (attrs.mode, kind == FileKind::Symlink) {
+            let mode = Mode::from_raw_mode(mode & 0o7777);
+            // chmod through a descriptor opened with O_NOFOLLOW, so that a file
+            // swapped for a symlink meanwhile is never followed out of the root.
+            let opened = if kind.is_special() {
+                // Never open devices or FIFOs (opening can have side effects).
+                Err(Errno::PERM)
+            } else {
+                rustix::fs::openat(
+                    dir,
+                    name(n),
+                    OFlags::RDONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::NONBLOCK
+                        | OFlags::CLOEXEC
+                        | OFlags::NOCTTY,
+                    Mode::empty(),
+                )
+            };
+            match opened {
+                Ok(fd) => rustix::fs::fchmod(&fd, mode),
+                // Unreadable (not root): fall back to the path, just checked not to be a symlink.
+                Err(Errno::ACCESS) | Err(Errno::PERM) => {
+                    rustix::fs::chmodat(dir, name(n), mode, AtFlags::empty())
+                }
+                Err(e) => Err(e),
+            }
             .map_err(|e| AgentError::io("chmod", rel, e))?;
         }
         if let Some((sec, nsec)) = attrs.mtime {
@@ -629,7 +649,7 @@ impl Backend for PosixBackend {
             }
             Err(e) => return Err(AgentError::io("mkdir", path, e)),
         }
-        self.apply_attrs_at(parent.as_fd(), n, path, &attrs, false)
+        self.apply_attrs_at(parent.as_fd(), n, path, &attrs, FileKind::Dir)
     }
 
     fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError> {
@@ -661,13 +681,7 @@ impl Backend for PosixBackend {
         let st = self
             .stat_at(parent.as_fd(), n, path)?
             .ok_or_else(|| AgentError::io("stat", path, Errno::NOENT))?;
-        self.apply_attrs_at(
-            parent.as_fd(),
-            n,
-            path,
-            attrs,
-            kind_of(&st) == FileKind::Symlink,
-        )
+        self.apply_attrs_at(parent.as_fd(), n, path, attrs, kind_of(&st))
     }
 
     fn symlink(&self, path: &[u8], target: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
@@ -691,7 +705,7 @@ impl Backend for PosixBackend {
                     mode: None,
                     ..*attrs
                 },
-                true,
+                FileKind::Symlink,
             )?;
             self.clear_dir_in_the_way(parent.as_fd(), n, path)?;
             rustix::fs::renameat(&parent, name(&tmp), &parent, name(n))
