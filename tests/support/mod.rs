@@ -8,6 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+/// The shared token written by [`Token::new`].
+pub const TOKEN: &[u8] = b"test-token-0123456789";
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
 
@@ -15,6 +18,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
 pub struct Proc(pub Child);
 
 impl Proc {
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+
     /// SIGKILL now and reap (dropping does it too).
     pub fn kill_now(&mut self) {
         let _ = self.0.kill();
