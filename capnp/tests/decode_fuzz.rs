@@ -276,3 +276,41 @@ fn regression_wide_wire_selector_does_not_overflow_the_agent_stack() {
         assert!(m.is_included(b"x.e99999", false));
     });
 }
+
+/// Writes seed inputs for the cargo-fuzz targets:
+/// `FLEETSYNC_FUZZ_CORPUS=fuzz/corpus cargo test -p fleetsync-proto --test decode_fuzz -- --ignored write_fuzz_seeds`
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by hand"]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("FLEETSYNC_FUZZ_CORPUS") else {
+        panic!("set FLEETSYNC_FUZZ_CORPUS to the corpus directory (fuzz/corpus)");
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let put = |target: &str, name: String, data: &[u8]| {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), data).unwrap();
+    };
+    let frames = seed_frames();
+    let mut all = vec![0u8, 7];
+    for (k, f) in frames.iter().enumerate() {
+        put("msg_decode", format!("seed-{k}"), &f[4..]);
+        put(
+            "frame_decoder",
+            format!("seed-{k}"),
+            &[&[0u8, k as u8][..], f].concat(),
+        );
+        all.extend_from_slice(f);
+    }
+    put("frame_decoder", "seed-all".into(), &all);
+    for (k, s) in [
+        "ext:rs and not path:target/**",
+        "(name:\"a b\" or name:'x\"y') and not ext:tar.gz",
+        "not (path:src/** or name:*.{c,h}) || ext:o && !name:[ab]*",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put("select_expr", format!("seed-{k}"), s.as_bytes());
+    }
+}
