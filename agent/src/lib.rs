@@ -23,3 +23,6 @@ mod transfer;
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
 pub use server::{Agent, AgentHandle};
+pub mod consistency;
+pub mod journal;
+pub mod lock;

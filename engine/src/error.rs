@@ -25,6 +25,16 @@ pub enum Error {
         /// The right state's algorithm.
         right: String,
     },
+    /// An I/O mode name that is not `auto`, `uring`, `pread` or `mmap`.
+    InvalidIoMode {
+        /// The name given.
+        given: String,
+    },
+    /// io_uring was asked for explicitly but cannot be used here.
+    UringUnavailable {
+        /// Why (the failing call and the OS error).
+        reason: String,
+    },
     /// Reading or opening a file failed.
     Io {
         /// The file, when there is one.
@@ -55,6 +65,12 @@ impl fmt::Display for Error {
             }
             Error::CombineMismatch { left, right } => {
                 write!(f, "cannot combine a '{left}' state with a '{right}' state")
+            }
+            Error::InvalidIoMode { given } => {
+                write!(f, "unknown I/O mode '{given}' (auto, uring, pread, mmap)")
+            }
+            Error::UringUnavailable { reason } => {
+                write!(f, "io_uring is unavailable: {reason}")
             }
             Error::Io {
                 path: Some(path),

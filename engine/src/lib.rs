@@ -13,9 +13,17 @@
 
 mod algorithm;
 mod builtin;
+mod crc;
 mod error;
+mod hash;
+mod io;
 mod registry;
+mod sums;
+mod tree;
 
 pub use algorithm::{Algorithm, Digest};
 pub use error::Error;
+pub use hash::{hash_file, hash_reader, FileHash, HashOptions};
+pub use io::{IoMode, IoUsed};
 pub use registry::{AlgorithmInfo, Registry};
+pub use tree::{hash_tree, Skipped, TreeEntry, TreeHash};

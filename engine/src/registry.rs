@@ -96,8 +96,17 @@ impl Registry {
         Ok(self.info(name)?.instantiate())
     }
 
-    /// Every registered algorithm, sorted by name.
+    /// Every registered algorithm, sorted by name. With the built-ins this
+    /// includes every `crc16/<name>` of [`Registry::catalog_names`].
     pub fn iter(&self) -> impl Iterator<Item = &AlgorithmInfo> {
         self.entries.values()
+    }
+
+    /// The registry names of every CRC-16 of the reveng catalogue
+    /// (`crc16/arc`, `crc16/xmodem`, ...), in catalogue order. They resolve
+    /// through [`Registry::info`] even in a registry that did not register
+    /// them, in any case and with `_` for `-`.
+    pub fn catalog_names() -> impl Iterator<Item = &'static str> {
+        crate::builtin::CRC16_CATALOG.iter().map(|e| e.name)
     }
 }

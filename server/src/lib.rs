@@ -10,3 +10,5 @@ pub mod plan;
 pub mod server;
 
 pub use server::{Server, ServerConfig};
+pub mod blocks;
+pub mod jobs;

@@ -1,0 +1,545 @@
+//! The consistency check a remote runs on itself after a sync: did every file it received stay
+//! as it was written? Checks are plug-ins ([`ConsistencyCheck`]); the built-in
+//! [`RecordedStateCheck`] compares each file with what was recorded when it was applied and
+//! with the agent's own [`WriteLog`], and recomputes its checksum.
+//!
+//! ```no_run
+//! use fleetsync_agent::consistency::{
+//!     record_applied, ConsistencyCheck, RecordedStateCheck, WriteLog,
+//! };
+//! use fleetsync_agent::journal::RelPath;
+//! use std::path::Path;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let root = Path::new("/srv/tree");
+//! let mut log = WriteLog::open(Path::new("/var/lib/fleetsync/write.log"))?;
+//! // Right after the block with etc/app.conf was committed:
+//! let rec = record_applied(root, &RelPath::new("etc/app.conf")?, "crc32", "1c291ca3")?;
+//! log.append(&rec)?;
+//! // Later, when the server asks:
+//! let check = RecordedStateCheck::new(Some("/var/lib/fleetsync/write.log".into()));
+//! for bad in check.check(root, &[rec]) {
+//!     println!("{bad}"); // reported back; the server syncs these files again
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # The write log
+//!
+//! An append-only text file, one line per file the agent put in place:
+//! `v1 PATH ALGORITHM CHECKSUM SIZE MTIME_SECS.NANOS INODE`, with the path escaped as in the
+//! journal (`%XX` for spaces, newlines, `%` and non-printable bytes). Each line is written
+//! with a single `write(2)` on an `O_APPEND` descriptor, so concurrent appenders do not
+//! interleave; a torn last line (a crash mid-append) is ignored when reading; the last line
+//! for a path wins. The log is what the agent itself believes it wrote: a file that differs
+//! from its last log entry was changed by someone else.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::journal::{self, JournalError, Mtime, RelPath};
+
+/// A file received during a sync, with its state recorded right after it was put in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedFile {
+    /// Path relative to the root.
+    pub path: RelPath,
+    /// Engine algorithm name of `checksum` (e.g. `"crc32"`).
+    pub algorithm: String,
+    /// Lowercase hex checksum of the content.
+    pub checksum: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: Mtime,
+    /// Inode number.
+    pub inode: u64,
+}
+
+/// What is wrong with a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The file is gone.
+    Missing,
+    /// It is no longer a regular file (e.g. replaced by a symlink or directory).
+    NotRegularFile,
+    /// Size differs from the record.
+    SizeChanged {
+        /// Recorded.
+        recorded: u64,
+        /// Now.
+        found: u64,
+    },
+    /// Inode differs: the file was replaced.
+    InodeChanged {
+        /// Recorded.
+        recorded: u64,
+        /// Now.
+        found: u64,
+    },
+    /// Modification time differs: the file was written.
+    MtimeChanged {
+        /// Recorded.
+        recorded: Mtime,
+        /// Now.
+        found: Mtime,
+    },
+    /// Content checksum differs.
+    ChecksumMismatch {
+        /// Recorded (hex).
+        recorded: String,
+        /// Recomputed (hex).
+        found: String,
+    },
+    /// The agent's write log has no entry for the file.
+    NotInWriteLog,
+    /// The agent's last write-log entry for the file differs from the record (a later or
+    /// different write).
+    WriteLogDiffers,
+    /// The check itself could not be done (unknown algorithm, read error...).
+    CheckFailed(String),
+    /// A finding of a deployment's own check, in its words.
+    Other(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => write!(f, "missing"),
+            Self::NotRegularFile => write!(f, "no longer a regular file"),
+            Self::SizeChanged { recorded, found } => {
+                write!(f, "size changed from {recorded} to {found}")
+            }
+            Self::InodeChanged { recorded, found } => {
+                write!(f, "replaced (inode {recorded} is now {found})")
+            }
+            Self::MtimeChanged { recorded, found } => write!(
+                f,
+                "modified (mtime {}.{:09} is now {}.{:09})",
+                recorded.secs, recorded.nanos, found.secs, found.nanos
+            ),
+            Self::ChecksumMismatch { recorded, found } => {
+                write!(f, "content changed (checksum {recorded} is now {found})")
+            }
+            Self::NotInWriteLog => write!(f, "not in the agent's write log"),
+            Self::WriteLogDiffers => write!(f, "differs from the agent's last write"),
+            Self::CheckFailed(why) => write!(f, "could not be checked: {why}"),
+            Self::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+/// One inconsistent file, as reported back to the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inconsistency {
+    /// The file, relative to the root.
+    pub path: PathBuf,
+    /// Name of the check that found it.
+    pub check: String,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+impl fmt::Display for Inconsistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} [{}]",
+            self.path.display(),
+            self.problem,
+            self.check
+        )
+    }
+}
+
+/// A self-check a remote runs over the files it received. Implementations must not modify
+/// the tree; they report, and the server synchronizes the reported files again.
+pub trait ConsistencyCheck: Send + Sync {
+    /// A short name, shown with each finding.
+    fn name(&self) -> &str;
+
+    /// Checks `files` (all under `root`) and returns what is inconsistent; empty means
+    /// consistent.
+    fn check(&self, root: &Path, files: &[ReceivedFile]) -> Vec<Inconsistency>;
+}
+
+/// Runs several checks and concatenates their findings.
+pub fn run_checks(
+    checks: &[Box<dyn ConsistencyCheck>],
+    root: &Path,
+    files: &[ReceivedFile],
+) -> Vec<Inconsistency> {
+    checks.iter().flat_map(|c| c.check(root, files)).collect()
+}
+
+/// Errors of the write log and of recording.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConsistencyError {
+    /// A file could not be opened, read, written or stat-ed.
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A path could not be resolved safely beneath the root.
+    Path(JournalError),
+    /// A line of the write log is malformed (other than a torn last line).
+    BadLogLine {
+        /// The log.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConsistencyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "{action} {}: {source}", path.display()),
+            Self::Path(e) => e.fmt(f),
+            Self::BadLogLine { path, line, reason } => {
+                write!(f, "write log {} line {line}: {reason}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConsistencyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Path(e) => Some(e),
+            Self::BadLogLine { .. } => None,
+        }
+    }
+}
+
+/// Opens a regular file beneath `root` for reading, without following symlinks anywhere.
+fn open_beneath(root: &Path, path: &RelPath) -> Result<File, OpenError> {
+    let root_fd = journal::open_root(root).map_err(OpenError::Other)?;
+    let (dir, name) = journal::open_parent(root_fd.as_fd(), path).map_err(|e| match e {
+        JournalError::MissingParent { .. } => OpenError::Missing,
+        JournalError::UnsafePath { .. } => OpenError::NotRegular,
+        e => OpenError::Other(e),
+    })?;
+    match rustix::fs::openat(
+        dir.as_fd(),
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::NOENT) => Err(OpenError::Missing),
+        Err(Errno::LOOP) => Err(OpenError::NotRegular),
+        Err(e) => Err(OpenError::Other(JournalError::Io {
+            action: "open",
+            path: path.as_path().to_owned(),
+            source: e.into(),
+        })),
+    }
+}
+
+enum OpenError {
+    Missing,
+    NotRegular,
+    Other(JournalError),
+}
+
+fn mtime_of(md: &std::fs::Metadata) -> Mtime {
+    Mtime {
+        secs: md.mtime(),
+        nanos: md.mtime_nsec() as u32,
+    }
+}
+
+/// Computes the checksum of an open file with the engine algorithm `algorithm`, streaming.
+pub fn checksum_file(file: &mut File, algorithm: &str) -> Result<String, String> {
+    let mut alg = fleetsync_engine::Registry::with_builtins()
+        .get(algorithm)
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => alg.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(alg.finish().to_hex())
+}
+
+/// Records the state of a file just put in place (by the journal): its size, mtime and inode,
+/// with the checksum the sync computed for its content. Append the result to the [`WriteLog`].
+pub fn record_applied(
+    root: &Path,
+    path: &RelPath,
+    algorithm: &str,
+    checksum: &str,
+) -> Result<ReceivedFile, ConsistencyError> {
+    let file = match open_beneath(root, path) {
+        Ok(f) => f,
+        Err(OpenError::Other(e)) => return Err(ConsistencyError::Path(e)),
+        Err(OpenError::Missing) => {
+            return Err(ConsistencyError::Io {
+                action: "record",
+                path: path.as_path().to_owned(),
+                source: io::ErrorKind::NotFound.into(),
+            })
+        }
+        Err(OpenError::NotRegular) => {
+            return Err(ConsistencyError::Io {
+                action: "record",
+                path: path.as_path().to_owned(),
+                source: io::Error::other("not a regular file"),
+            })
+        }
+    };
+    let md = file.metadata().map_err(|source| ConsistencyError::Io {
+        action: "stat",
+        path: path.as_path().to_owned(),
+        source,
+    })?;
+    Ok(ReceivedFile {
+        path: path.clone(),
+        algorithm: algorithm.to_owned(),
+        checksum: checksum.to_ascii_lowercase(),
+        size: md.size(),
+        mtime: mtime_of(&md),
+        inode: md.ino(),
+    })
+}
+
+/// The agent's append-only log of the files it wrote (see the module docs).
+#[derive(Debug)]
+pub struct WriteLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl WriteLog {
+    /// Opens (creating) the log for appending.
+    pub fn open(path: &Path) -> Result<Self, ConsistencyError> {
+        let file = File::options()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| ConsistencyError::Io {
+                action: "open write log",
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Appends one entry with a single write, and fsyncs.
+    pub fn append(&mut self, entry: &ReceivedFile) -> Result<(), ConsistencyError> {
+        let mut line = String::from("v1 ");
+        journal::escape(
+            &mut line,
+            entry.path.as_path().as_os_str().as_encoded_bytes(),
+        );
+        line.push(' ');
+        journal::escape(&mut line, entry.algorithm.as_bytes());
+        line.push_str(&format!(
+            " {} {} {}.{} {}\n",
+            entry.checksum, entry.size, entry.mtime.secs, entry.mtime.nanos, entry.inode
+        ));
+        let io = |action| {
+            let path = self.path.clone();
+            move |source| ConsistencyError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(io("append to write log"))?;
+        self.file.sync_data().map_err(io("fsync write log"))
+    }
+
+    /// Reads a log: the last entry of each path. A missing log is empty.
+    pub fn read(path: &Path) -> Result<HashMap<RelPath, ReceivedFile>, ConsistencyError> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
+            Err(source) => {
+                return Err(ConsistencyError::Io {
+                    action: "read write log",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        // After the final '\n' comes an empty piece, or the torn last line: skip either.
+        let whole = &lines[..lines.len() - 1];
+        let mut map = HashMap::new();
+        for (i, line) in whole.iter().enumerate() {
+            let entry = parse_log_line(line).map_err(|reason| ConsistencyError::BadLogLine {
+                path: path.to_owned(),
+                line: i + 1,
+                reason,
+            })?;
+            map.insert(entry.path.clone(), entry);
+        }
+        Ok(map)
+    }
+}
+
+fn parse_log_line(line: &[u8]) -> Result<ReceivedFile, String> {
+    let line = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned())?;
+    let f: Vec<&str> = line.split(' ').collect();
+    let ["v1", path, alg, sum, size, mtime, inode] = f[..] else {
+        return Err(format!("malformed entry {line:?}"));
+    };
+    let path = RelPath::new(std::ffi::OsString::from_vec(journal::unescape(path)?))
+        .map_err(|e| e.to_string())?;
+    let algorithm = String::from_utf8(journal::unescape(alg)?).map_err(|e| e.to_string())?;
+    let (secs, nanos) = mtime.split_once('.').ok_or("bad mtime")?;
+    Ok(ReceivedFile {
+        path,
+        algorithm,
+        checksum: sum.to_owned(),
+        size: size.parse().map_err(|_| "bad size")?,
+        mtime: Mtime {
+            secs: secs.parse().map_err(|_| "bad mtime")?,
+            nanos: nanos.parse().map_err(|_| "bad mtime")?,
+        },
+        inode: inode.parse().map_err(|_| "bad inode")?,
+    })
+}
+
+/// The built-in check: each received file must still be a regular file with the recorded
+/// size, inode and mtime, its recomputed checksum must match, and it must match the agent's
+/// last write-log entry for it. One finding per file (the first that fails, in that order;
+/// the checksum is only recomputed when the cheap checks pass).
+#[derive(Clone, Debug, Default)]
+pub struct RecordedStateCheck {
+    write_log: Option<PathBuf>,
+}
+
+impl RecordedStateCheck {
+    /// A check consulting the write log at `write_log` (or none).
+    pub fn new(write_log: Option<PathBuf>) -> Self {
+        Self { write_log }
+    }
+
+    fn check_one(
+        &self,
+        root: &Path,
+        rec: &ReceivedFile,
+        log: Option<&HashMap<RelPath, ReceivedFile>>,
+    ) -> Option<Problem> {
+        let mut file = match open_beneath(root, &rec.path) {
+            Ok(f) => f,
+            Err(OpenError::Missing) => return Some(Problem::Missing),
+            Err(OpenError::NotRegular) => return Some(Problem::NotRegularFile),
+            Err(OpenError::Other(e)) => return Some(Problem::CheckFailed(e.to_string())),
+        };
+        let md = match file.metadata() {
+            Ok(md) => md,
+            Err(e) => return Some(Problem::CheckFailed(format!("stat: {e}"))),
+        };
+        if !md.is_file() {
+            return Some(Problem::NotRegularFile);
+        }
+        if md.size() != rec.size {
+            return Some(Problem::SizeChanged {
+                recorded: rec.size,
+                found: md.size(),
+            });
+        }
+        if md.ino() != rec.inode {
+            return Some(Problem::InodeChanged {
+                recorded: rec.inode,
+                found: md.ino(),
+            });
+        }
+        if mtime_of(&md) != rec.mtime {
+            return Some(Problem::MtimeChanged {
+                recorded: rec.mtime,
+                found: mtime_of(&md),
+            });
+        }
+        match checksum_file(&mut file, &rec.algorithm) {
+            Ok(sum) if sum.eq_ignore_ascii_case(&rec.checksum) => {}
+            Ok(sum) => {
+                return Some(Problem::ChecksumMismatch {
+                    recorded: rec.checksum.clone(),
+                    found: sum,
+                })
+            }
+            Err(e) => return Some(Problem::CheckFailed(e)),
+        }
+        if let Some(log) = log {
+            match log.get(&rec.path) {
+                None => return Some(Problem::NotInWriteLog),
+                Some(logged) if logged != rec => return Some(Problem::WriteLogDiffers),
+                Some(_) => {}
+            }
+        }
+        None
+    }
+}
+
+impl ConsistencyCheck for RecordedStateCheck {
+    fn name(&self) -> &str {
+        "recorded-state"
+    }
+
+    fn check(&self, root: &Path, files: &[ReceivedFile]) -> Vec<Inconsistency> {
+        let log = match &self.write_log {
+            None => None,
+            Some(p) => match WriteLog::read(p) {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    // Without its log the agent cannot vouch for any file.
+                    return files
+                        .iter()
+                        .map(|f| Inconsistency {
+                            path: f.path.as_path().to_owned(),
+                            check: self.name().to_owned(),
+                            problem: Problem::CheckFailed(e.to_string()),
+                        })
+                        .collect();
+                }
+            },
+        };
+        files
+            .iter()
+            .filter_map(|f| {
+                self.check_one(root, f, log.as_ref())
+                    .map(|problem| Inconsistency {
+                        path: f.path.as_path().to_owned(),
+                        check: self.name().to_owned(),
+                        problem,
+                    })
+            })
+            .collect()
+    }
+}

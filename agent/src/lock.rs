@@ -1,0 +1,554 @@
+//! File locks for `fleetsync sync --lock`: a shared lock on the master copy while it is read,
+//! an exclusive lock on the remote copy while it is replaced, with a timeout, and — when a lock
+//! cannot be had — the processes that hold it, as far as the OS says.
+//!
+//! ```no_run
+//! use fleetsync_agent::lock::{FileLock, LockKind, LockOptions};
+//! use std::time::Duration;
+//! let opts = LockOptions { timeout: Duration::from_secs(5), ..LockOptions::default() };
+//! match FileLock::open("/srv/tree/etc/app.conf".as_ref(), LockKind::Shared, &opts) {
+//!     Ok(lock) => { /* read lock.file() */ }
+//!     Err(e) => eprintln!("{e}"), // "... held by pid 4242 (OFD write lock) ..."
+//! }
+//! ```
+//!
+//! # Which locks
+//!
+//! Linux has three advisory lock families on a file: classic POSIX record locks
+//! (`F_SETLK`, owned by a process), open-file-description locks (`F_OFD_SETLK`, owned by an
+//! open file) and `flock(2)` locks. POSIX and OFD locks conflict with each other; `flock`
+//! locks conflict with neither. So that an application using any of the three is honoured,
+//! [`FileLock`] takes **both** a whole-file OFD lock (`F_RDLCK`/`F_WRLCK`, `l_len = 0`) and a
+//! `flock` lock (`LOCK_SH`/`LOCK_EX`) on the same open file. Both are tried without blocking;
+//! if either is refused, both are released and retried with exponential backoff (1 ms doubling
+//! to 50 ms) until the deadline — never holding one while waiting for the other, so an
+//! application taking them in the other order cannot deadlock with us. Cooperating
+//! applications must use one of these (e.g. `fcntl(F_OFD_SETLKW)`, `lockf`, `flock`); a
+//! process that does not lock is not stopped (the locks are advisory).
+//!
+//! On NFS `flock` is emulated with byte-range locks, so the two would conflict with each
+//! other: set [`LockOptions::flock`] to `false` there.
+//!
+//! The locks belong to the open file: they are released when the [`FileLock`] (and every
+//! duplicate of its descriptor) is dropped. A lock is on an inode: a file replaced by rename
+//! is a new inode, unlocked.
+//!
+//! # Who holds it
+//!
+//! `F_OFD_GETLK` reports a conflicting lock but with `l_pid = -1` for OFD locks, so on
+//! timeout the holders are read from `/proc/locks` (lines whose `MAJOR:MINOR:INODE` is the
+//! file's, skipping blocked waiters `->`), which gives the pid for POSIX and `flock` locks and,
+//! on current kernels, for OFD locks too. Where it shows `-1`, every `/proc/PID/fdinfo/FD` is
+//! searched for a `lock:` line on the same inode, which names the processes that have the
+//! locked open file. Our own process is left out.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{FlockOperation, Mode, OFlags};
+
+use crate::journal::{self, RelPath};
+
+/// Shared (readers) or exclusive (a writer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// Shared: others may read-lock too; writers wait. For the master copy.
+    Shared,
+    /// Exclusive: nobody else may lock. For the remote copy being replaced.
+    Exclusive,
+}
+
+impl fmt::Display for LockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Shared => "shared",
+            Self::Exclusive => "exclusive",
+        })
+    }
+}
+
+/// How to lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockOptions {
+    /// How long to keep trying (`--lock-timeout`). Zero means one attempt.
+    pub timeout: Duration,
+    /// Also take a `flock` lock (see the module docs). Default `true`.
+    pub flock: bool,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            flock: true,
+        }
+    }
+}
+
+/// The family of a lock seen in `/proc/locks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockFamily {
+    /// Open-file-description lock (`F_OFD_SETLK`).
+    Ofd,
+    /// Classic POSIX record lock (`F_SETLK`, `lockf`).
+    Posix,
+    /// `flock(2)` lock.
+    Flock,
+    /// Another kind (lease, delegation...), as the kernel spells it.
+    Other,
+}
+
+/// A process holding a lock on the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// Its pid.
+    pub pid: u32,
+    /// The lock family.
+    pub family: LockFamily,
+    /// True for a write (exclusive) lock, false for a read (shared) one.
+    pub write: bool,
+    /// The process's command name (`/proc/PID/comm`), if readable.
+    pub command: Option<String>,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = match self.family {
+            LockFamily::Ofd => "OFD",
+            LockFamily::Posix => "POSIX",
+            LockFamily::Flock => "flock",
+            LockFamily::Other => "other",
+        };
+        let access = if self.write { "write" } else { "read" };
+        write!(f, "pid {}", self.pid)?;
+        if let Some(c) = &self.command {
+            write!(f, " ({c})")?;
+        }
+        write!(f, " with a {family} {access} lock")
+    }
+}
+
+/// Errors of locking, naming the file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The lock was not granted before the timeout.
+    Timeout {
+        /// The file.
+        path: PathBuf,
+        /// The lock wanted.
+        kind: LockKind,
+        /// How long we tried.
+        waited: Duration,
+        /// Who holds conflicting locks, as far as the OS says (may be empty).
+        holders: Vec<Holder>,
+    },
+    /// Opening, stat-ing or locking failed for another reason.
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout {
+                path,
+                kind,
+                waited,
+                holders,
+            } => {
+                write!(
+                    f,
+                    "could not take a {kind} lock on {} within {waited:?}",
+                    path.display()
+                )?;
+                if holders.is_empty() {
+                    write!(f, " (holder unknown)")
+                } else {
+                    write!(f, ": held by ")?;
+                    for (i, h) in holders.iter().enumerate() {
+                        if i > 0 {
+                            write!(f, ", ")?;
+                        }
+                        write!(f, "{h}")?;
+                    }
+                    Ok(())
+                }
+            }
+            Self::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "{action} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Timeout { .. } => None,
+        }
+    }
+}
+
+/// A file with a lock held on it; dropping it releases the lock.
+#[derive(Debug)]
+pub struct FileLock {
+    file: File,
+    path: PathBuf,
+    kind: LockKind,
+}
+
+/// Outcome of one non-blocking attempt.
+enum Attempt {
+    Granted,
+    Busy,
+}
+
+fn ofd_fcntl(fd: BorrowedFd<'_>, cmd: libc::c_int, l_type: libc::c_int) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    // Length 0: to the end of the file, however it grows. l_pid must be 0 for OFD commands.
+    fl.l_len = 0;
+    fl.l_pid = 0;
+    // SAFETY: `fd` is a valid open descriptor for the duration of the call, and the F_OFD_*
+    // commands take a pointer to a `struct flock`, which `fl` is and which outlives the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fl)
+    }
+}
+
+/// EAGAIN (= EWOULDBLOCK on Linux) or EACCES: someone else holds a conflicting lock.
+fn is_busy(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+impl FileLock {
+    /// Opens `path` (read-only for [`LockKind::Shared`], read-write for
+    /// [`LockKind::Exclusive`]; never following a final symlink) and locks it.
+    pub fn open(path: &Path, kind: LockKind, opts: &LockOptions) -> Result<Self, LockError> {
+        let file = File::options()
+            .read(true)
+            .write(kind == LockKind::Exclusive)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| LockError::Io {
+                action: "open for locking",
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::acquire(file, path, kind, opts)
+    }
+
+    /// Opens `path` beneath `root` the way the journal resolves paths (no symlink anywhere,
+    /// no escape from the root) and locks it. This is what an agent uses for paths that
+    /// come from a message.
+    pub fn open_beneath(
+        root: &Path,
+        path: &RelPath,
+        kind: LockKind,
+        opts: &LockOptions,
+    ) -> Result<Self, LockError> {
+        let shown = root.join(path.as_path());
+        let io = |source: io::Error| LockError::Io {
+            action: "open for locking",
+            path: shown.clone(),
+            source,
+        };
+        let root_fd = journal::open_root(root).map_err(|e| io(io::Error::other(e)))?;
+        let (dir, name) =
+            journal::open_parent(root_fd.as_fd(), path).map_err(|e| io(io::Error::other(e)))?;
+        let access = match kind {
+            LockKind::Shared => OFlags::RDONLY,
+            LockKind::Exclusive => OFlags::RDWR,
+        };
+        let fd = rustix::fs::openat(
+            dir.as_fd(),
+            name,
+            access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io(e.into()))?;
+        Self::acquire(File::from(fd), &shown, kind, opts)
+    }
+
+    /// Locks an already open file (opened beneath the tree root by the caller); `path` is
+    /// used in messages. An exclusive lock needs the file open for writing.
+    pub fn acquire(
+        file: File,
+        path: &Path,
+        kind: LockKind,
+        opts: &LockOptions,
+    ) -> Result<Self, LockError> {
+        let start = Instant::now();
+        let deadline = start + opts.timeout;
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            match try_lock(file.as_fd(), kind, opts.flock) {
+                Ok(Attempt::Granted) => {
+                    return Ok(Self {
+                        file,
+                        path: path.to_owned(),
+                        kind,
+                    })
+                }
+                Ok(Attempt::Busy) => {}
+                Err(source) => {
+                    return Err(LockError::Io {
+                        action: "lock",
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let holders = holders_of(&file, kind).unwrap_or_default();
+                return Err(LockError::Timeout {
+                    path: path.to_owned(),
+                    kind,
+                    waited: now - start,
+                    holders,
+                });
+            }
+            std::thread::sleep(backoff.min(deadline - now));
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The locked file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path given when locking.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kind of lock held.
+    pub fn kind(&self) -> LockKind {
+        self.kind
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Closing the descriptor releases both locks; unlocking first also releases them if
+        // the caller duplicated the descriptor.
+        let _ = ofd_fcntl(self.file.as_fd(), libc::F_OFD_SETLK, libc::F_UNLCK);
+        let _ = rustix::fs::flock(self.file.as_fd(), FlockOperation::Unlock);
+    }
+}
+
+/// One non-blocking attempt at both locks; on a refusal nothing stays held.
+fn try_lock(fd: BorrowedFd<'_>, kind: LockKind, flock: bool) -> io::Result<Attempt> {
+    let l_type = match kind {
+        LockKind::Shared => libc::F_RDLCK,
+        LockKind::Exclusive => libc::F_WRLCK,
+    };
+    match ofd_fcntl(fd, libc::F_OFD_SETLK, l_type) {
+        Ok(_) => {}
+        Err(e) if is_busy(&e) => return Ok(Attempt::Busy),
+        Err(e) => return Err(e),
+    }
+    if flock {
+        let op = match kind {
+            LockKind::Shared => FlockOperation::NonBlockingLockShared,
+            LockKind::Exclusive => FlockOperation::NonBlockingLockExclusive,
+        };
+        if let Err(e) = rustix::fs::flock(fd, op) {
+            let e = io::Error::from(e);
+            let _ = ofd_fcntl(fd, libc::F_OFD_SETLK, libc::F_UNLCK);
+            return if is_busy(&e) {
+                Ok(Attempt::Busy)
+            } else {
+                Err(e)
+            };
+        }
+    }
+    Ok(Attempt::Granted)
+}
+
+/// The kernel's `MAJOR:MINOR:INODE` key of a file as printed in `/proc/locks` (hex
+/// major/minor, decimal inode).
+fn proc_locks_key(file: &File) -> io::Result<String> {
+    let md = file.metadata()?;
+    let dev = md.dev();
+    // glibc's gnu_dev_major / gnu_dev_minor encoding.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    Ok(format!("{major:02x}:{minor:02x}:{}", md.ino()))
+}
+
+/// A parsed `/proc/locks` (or fdinfo `lock:`) line: family, write?, pid, key.
+fn parse_lock_line(line: &str) -> Option<(LockFamily, bool, i64, &str)> {
+    // "1: OFDLCK ADVISORY  WRITE -1 fe:00:1234 0 EOF"; blocked waiters have "->" after "N:".
+    let mut fields = line.split_whitespace();
+    let _id = fields.next()?;
+    let family = fields.next()?;
+    if family == "->" {
+        return None;
+    }
+    let family = match family {
+        "OFDLCK" => LockFamily::Ofd,
+        "POSIX" => LockFamily::Posix,
+        "FLOCK" => LockFamily::Flock,
+        _ => LockFamily::Other,
+    };
+    let _mode = fields.next()?; // ADVISORY / MANDATORY
+    let write = fields.next()? == "WRITE";
+    let pid: i64 = fields.next()?.parse().ok()?;
+    let key = fields.next()?;
+    Some((family, write, pid, key))
+}
+
+fn command_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+/// Holders of locks on `file` that conflict with `kind`, from `/proc/locks`, falling back to
+/// `/proc/*/fdinfo` for locks shown without a pid.
+pub fn holders_of(file: &File, kind: LockKind) -> io::Result<Vec<Holder>> {
+    let key = proc_locks_key(file)?;
+    let me = std::process::id();
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    let mut holders: Vec<Holder> = Vec::new();
+    let mut anonymous = Vec::new();
+    for line in locks.lines() {
+        let Some((family, write, pid, k)) = parse_lock_line(line) else {
+            continue;
+        };
+        if k != key || (kind == LockKind::Shared && !write) {
+            continue;
+        }
+        if pid > 0 {
+            if pid as u32 != me {
+                holders.push(Holder {
+                    pid: pid as u32,
+                    family,
+                    write,
+                    command: command_of(pid as u32),
+                });
+            }
+        } else {
+            anonymous.push((family, write));
+        }
+    }
+    if !anonymous.is_empty() {
+        for (pid, family, write) in fdinfo_lockers(&key) {
+            if pid != me && anonymous.contains(&(family, write)) {
+                holders.push(Holder {
+                    pid,
+                    family,
+                    write,
+                    command: command_of(pid),
+                });
+            }
+        }
+    }
+    holders.sort_by_key(|h| (h.pid, h.write));
+    holders.dedup_by(|a, b| a.pid == b.pid && a.family == b.family && a.write == b.write);
+    Ok(holders)
+}
+
+/// Processes with an open file that carries a lock on `key`, from `/proc/PID/fdinfo/FD`.
+fn fdinfo_lockers(key: &str) -> Vec<(u32, LockFamily, bool)> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            for line in info.lines() {
+                if let Some(rest) = line.strip_prefix("lock:") {
+                    if let Some((family, write, _, k)) = parse_lock_line(rest.trim_start()) {
+                        if k == key {
+                            out.push((pid, family, write));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_locks_lines() {
+        assert_eq!(
+            parse_lock_line("1: OFDLCK ADVISORY  WRITE -1 fe:00:1234 0 EOF"),
+            Some((LockFamily::Ofd, true, -1, "fe:00:1234"))
+        );
+        assert_eq!(
+            parse_lock_line("2: FLOCK  ADVISORY  READ 77 08:01:9 0 EOF"),
+            Some((LockFamily::Flock, false, 77, "08:01:9"))
+        );
+        assert_eq!(
+            parse_lock_line("2: -> FLOCK  ADVISORY  WRITE 78 08:01:9 0 EOF"),
+            None
+        );
+    }
+
+    #[test]
+    fn two_open_files_in_one_process_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        let quick = LockOptions {
+            timeout: Duration::from_millis(30),
+            flock: true,
+        };
+        let a = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
+        let b = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
+        let err = FileLock::open(&path, LockKind::Exclusive, &quick).unwrap_err();
+        assert!(matches!(err, LockError::Timeout { .. }), "{err}");
+        drop((a, b));
+        let c = FileLock::open(&path, LockKind::Exclusive, &quick).unwrap();
+        assert_eq!(c.kind(), LockKind::Exclusive);
+        // Beneath the root: the same file conflicts; a symlinked parent is refused.
+        let rel = RelPath::new("f").unwrap();
+        assert!(FileLock::open_beneath(dir.path(), &rel, LockKind::Shared, &quick).is_err());
+        drop(c);
+        FileLock::open_beneath(dir.path(), &rel, LockKind::Shared, &quick).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).unwrap();
+        let through = RelPath::new("link/f").unwrap();
+        let err =
+            FileLock::open_beneath(dir.path(), &through, LockKind::Shared, &quick).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+    }
+}
