@@ -594,3 +594,29 @@ fn two_gib_file() {
     );
     assert_in_sync(&t.master, &t.remote_refs());
 }
+
+#[test]
+fn special_files_are_skipped_with_a_note() {
+    let t = Trees::new(1);
+    populate(&t.master);
+    let fifo = t.master.join("pipe");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let c = t.cluster();
+    let out = c.sync(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pipe:") && err.contains("skipped"), "{err}");
+    assert!(!t.remotes[0].join("pipe").exists());
+    assert!(t.remotes[0].join("a.txt").exists());
+}
+
+#[test]
+fn unreachable_master_is_a_connection_error() {
+    let t = Trees::new(1);
+    let mut c = t.cluster();
+    drop(c.procs.remove(0)); // the master agent
+    let out = c.sync(&[]);
+    assert_eq!(out.status.code(), Some(2));
+}
