@@ -418,14 +418,14 @@ fn three_remotes_at_once_and_second_sync_transfers_nothing() {
 
 #[test]
 fn dry_run_lists_changes_and_touches_nothing() {
-    let t = Trees::new(1);
+    let t = Trees::new(2);
     populate(&t.master);
     write(&t.remotes[0].join("extra"), b"e");
     let c = t.cluster();
     let out = c.sync(&["-n", "--delete"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("send     a.txt"), "{text}");
+    assert!(text.contains(": send     a.txt"), "{text}");
     assert!(text.contains("delete   extra"), "{text}");
     assert!(text.contains("symlink  link"), "{text}");
     assert!(t.remotes[0].join("extra").exists());

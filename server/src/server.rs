@@ -748,7 +748,9 @@ impl Server {
     }
 
     fn next_req(&mut self, job: u64) -> u64 {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return u64::MAX;
+        };
         let id = j.next_req;
         j.next_req += 1;
         id
@@ -886,7 +888,9 @@ impl Server {
     }
 
     fn on_master_listed(&mut self, job: u64, token: Token) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let list = std::mem::take(&mut j.master_building);
         info!(job, entries = list.len(), "master listed");
         j.mstate = vec![SUM_NONE; list.len()];
@@ -901,7 +905,9 @@ impl Server {
     }
 
     fn try_plan(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if !j.master_done || j.remotes[i].state != RState::Listed {
             return;
         }
@@ -922,7 +928,9 @@ impl Server {
     /// at most [`WINDOW`] in flight on each connection.
     fn pump_sums(&mut self, job: u64, i: usize) {
         loop {
-            let j = self.jobs.get_mut(&job).unwrap();
+            let Some(j) = self.jobs.get_mut(&job) else {
+                return;
+            };
             let r = &mut j.remotes[i];
             if r.state != RState::Checksums {
                 return;
@@ -983,7 +991,9 @@ impl Server {
         results: Vec<ChecksumResult>,
         last: bool,
     ) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         match role {
             AgentRole::MasterLink(li) => {
                 if last {
@@ -1017,7 +1027,7 @@ impl Server {
                 }
                 self.pump_sums(job, li);
                 // Master checksums may complete any remote's set.
-                let n = self.jobs[&job].remotes.len();
+                let n = self.jobs.get(&job).map_or(0, |j| j.remotes.len());
                 for i in 0..n {
                     self.check_sums_ready(job, i);
                 }
@@ -1058,7 +1068,9 @@ impl Server {
     }
 
     fn check_sums_ready(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
         if r.state != RState::Checksums || r.r_out > 0 {
             return;
@@ -1087,7 +1099,9 @@ impl Server {
         r.total_bytes = plan.send_bytes(&j.master);
         r.plan = Some(plan);
         self.emit_plan(job, i);
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if j.req.dry_run {
             let r = &mut j.remotes[i];
             let plan = r.plan.as_ref().unwrap();
@@ -1227,7 +1241,10 @@ impl Server {
     }
 
     fn start_phase(&mut self, job: u64, i: usize, phase: RState) {
-        let r = &mut self.jobs.get_mut(&job).unwrap().remotes[i];
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let r = &mut j.remotes[i];
         r.state = phase;
         r.pcur = 0;
         r.pending = 0;
@@ -1239,7 +1256,9 @@ impl Server {
     /// moves to the next phase when all are answered.
     fn pump_phase(&mut self, job: u64, i: usize) {
         loop {
-            let j = &self.jobs[&job];
+            let Some(j) = self.jobs.get(&job) else {
+                return;
+            };
             let r = &j.remotes[i];
             let Some(plan) = r.plan.as_ref() else { return };
             let phase = r.state;
@@ -1299,7 +1318,9 @@ impl Server {
     }
 
     fn advance(&mut self, job: u64, i: usize) {
-        let state = self.jobs[&job].remotes[i].state;
+        let Some(state) = self.jobs.get(&job).map(|j| j.remotes[i].state) else {
+            return;
+        };
         match state {
             RState::Before => self.start_phase(job, i, RState::Sending),
             RState::Sending => self.start_phase(job, i, RState::After),
@@ -1315,7 +1336,9 @@ impl Server {
         role: AgentRole,
         results: Vec<fleetsync_proto::ItemResult>,
     ) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
         let sending = matches!(role, AgentRole::MasterLink(_)) && r.state == RState::Sending;
         for res in results {
@@ -1356,7 +1379,10 @@ impl Server {
     }
 
     fn on_done(&mut self, job: u64, i: usize) {
-        let r = &mut self.jobs.get_mut(&job).unwrap().remotes[i];
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let r = &mut j.remotes[i];
         if !matches!(r.state, RState::Before | RState::Sending | RState::After) {
             return;
         }
@@ -1389,7 +1415,10 @@ impl Server {
             }
             let n = j.remotes.len();
             for k in 0..n {
-                let r = &mut self.jobs.get_mut(&job).unwrap().remotes[k];
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                let r = &mut j.remotes[k];
                 if r.state == RState::Checksums {
                     r.mcur = 0;
                     self.pump_sums(job, k);
@@ -1399,7 +1428,9 @@ impl Server {
     }
 
     fn finish_remote(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
         if r.state == RState::Done {
             return;
@@ -1425,7 +1456,9 @@ impl Server {
         for t in tokens {
             self.to_close.push((t, "remote finished".into()));
         }
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if !j.finished && j.remotes.iter().all(|r| r.state == RState::Done) {
             j.finished = true;
             let ok = j.remotes.iter().all(|r| r.result.ok);
