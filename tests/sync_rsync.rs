@@ -43,6 +43,19 @@ fn spawn_listening(args: &[&OsStr]) -> (Proc, String) {
     (proc, addr)
 }
 
+fn spawn_agent(root: &Path, token_file: &Path) -> (Proc, String) {
+    spawn_listening(&[
+        "agent".as_ref(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--token-file".as_ref(),
+        token_file.as_os_str(),
+        "--no-fsync".as_ref(),
+    ])
+}
+
 /// A server and one agent per tree, all real processes.
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -619,4 +632,63 @@ fn unreachable_master_is_a_connection_error() {
     drop(c.procs.remove(0)); // the master agent
     let out = c.sync(&[]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn killed_remote_agent_mid_transfer_leaves_old_or_new_files_and_next_sync_finishes() {
+    let t = Trees::new(1);
+    let (m, r) = (&t.master, &t.remotes[0]);
+    let n = 200;
+    let size = 1 << 20;
+    for i in 0..n {
+        write(&m.join(format!("f{i:03}")), &vec![b'N'; size]);
+        write(&r.join(format!("f{i:03}")), &vec![b'o'; size]);
+    }
+    let mut c = t.cluster();
+    let sync = {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("sync")
+            .arg("--server")
+            .arg(&c.server)
+            .arg("--master")
+            .arg(&c.master)
+            .arg("--token-file")
+            .arg(&c.token_file)
+            .args(&c.remotes)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Proc(cmd.spawn().unwrap())
+    };
+    // Wait for the first new file on the remote, then SIGKILL its agent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = (0..n).any(|i| {
+            fs::read(r.join(format!("f{i:03}")))
+                .map(|d| d.first() == Some(&b'N'))
+                .unwrap_or(false)
+        });
+        if started || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(c.procs.remove(1));
+    drop(sync);
+    let mut new = 0;
+    for i in 0..n {
+        let d = fs::read(r.join(format!("f{i:03}"))).unwrap();
+        assert_eq!(d.len(), size, "f{i:03} torn");
+        assert!(
+            d.iter().all(|&b| b == b'N') || d.iter().all(|&b| b == b'o'),
+            "f{i:03} mixes old and new content"
+        );
+        new += usize::from(d[0] == b'N');
+    }
+    eprintln!("{new} of {n} files were replaced before the kill");
+    // A new agent on the same tree; the next sync finishes the job.
+    let (p, addr) = spawn_agent(r, &c.token_file);
+    c.procs.push(p);
+    let out = c.sync_to(&[addr], &["--delete"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_in_sync(m, &t.remote_refs());
 }

@@ -1345,7 +1345,11 @@ impl Server {
             match res.outcome {
                 Outcome::Failed => {
                     r.failed_count += 1;
-                    warn!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    if r.failed_count <= 10 {
+                        warn!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    } else {
+                        debug!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    }
                     if r.result.failures.len() < MAX_FAILURES {
                         r.result.failures.push(Failure {
                             path: res.path,
