@@ -234,6 +234,23 @@ fn sigkill_mid_transfer_leaves_old_or_new_files_and_the_next_sync_finishes() {
             temps.len()
         );
 
+        if kill_master {
+            // The remote agent lived: it must drop (or finish) what was in flight.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !temp_files(&remote_root).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let left = temp_files(&remote_root);
+            if !left.is_empty() {
+                notes.push(format!(
+                    "iteration {it}: the live remote agent kept {} temp file(s) 5 s after \
+                     its master died: {:?}",
+                    left.len(),
+                    &left[..left.len().min(3)]
+                ));
+            }
+        }
+
         // Restart whoever was killed; a restarted agent should clean up.
         if kill_master {
             (master, master_addr) = token.agent(&master_root);
