@@ -17,8 +17,8 @@ use rustix::io::Errno;
 use crate::path::{self, name, Root};
 use crate::AgentError;
 
-/// Files at least this big are hashed through a memory map.
-const MMAP_MIN: u64 = 256 * 1024;
+/// Read size when hashing without the engine (no `/proc`).
+const READ_BLOCK: usize = 1 << 20;
 
 /// Prefix of the temporary files the agent writes before renaming.
 pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
@@ -556,6 +556,7 @@ impl Backend for PosixBackend {
     }
 
     fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
+        use std::os::fd::AsRawFd;
         let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
         if kind_of(&st) != FileKind::File {
@@ -565,30 +566,44 @@ impl Backend for PosixBackend {
                 std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
             ));
         }
+        // The engine opens by path: hand it the descriptor we resolved safely
+        // beneath the root, through its /proc magic link (the same inode, no
+        // new path resolution from the root).
+        let proc_path = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if proc_path.exists() {
+            let h = fleetsync_engine::hash_file(
+                &proc_path,
+                std::slice::from_ref(alg),
+                &fleetsync_engine::HashOptions::default(),
+            )
+            .map_err(|e| AgentError::io("read", path, std::io::Error::other(e.to_string())))?;
+            let digest = h
+                .digests
+                .first()
+                .map(|d| d.as_bytes().to_vec())
+                .unwrap_or_default();
+            return Ok((digest, h.size));
+        }
+        // No /proc: hash the descriptor ourselves.
         let file = File::from(fd);
         let mut state = alg.instantiate();
         let size = st.st_size as u64;
-        if size >= MMAP_MIN {
-            // Hash straight from the page cache, without copying into a buffer.
-            // SAFETY: the map is read-only and private to this call; a concurrent
-            // truncation could fault (SIGBUS), the same risk every mmap-based
-            // hasher (b3sum, ripgrep) accepts for files being rewritten.
-            if let Ok(map) = unsafe { memmap2::MmapOptions::new().populate().map(&file) } {
-                let _ = map.advise(memmap2::Advice::Sequential);
-                for chunk in map.chunks(4 << 20) {
-                    state.update(chunk);
-                }
-                return Ok((state.finish().as_bytes().to_vec(), map.len() as u64));
-            }
-        }
-        let mut r = file;
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; READ_BLOCK];
         let mut total = 0u64;
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
+        // Hash up to the size at open time, like the engine; a file that
+        // shrinks meanwhile is an error.
+        while total < size {
+            let want = (size - total).min(buf.len() as u64) as usize;
+            let n = match rustix::io::pread(&file, &mut buf[..want], total) {
+                Ok(0) => {
+                    return Err(AgentError::io(
+                        "read",
+                        path,
+                        std::io::Error::other("file shrank while being hashed"),
+                    ))
+                }
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(Errno::INTR) => continue,
                 Err(e) => return Err(AgentError::io("read", path, e)),
             };
             state.update(&buf[..n]);

@@ -133,7 +133,7 @@ fn classification_prunes_excluded_directories() {
 }
 
 #[test]
-fn mmap_and_read_paths_give_the_same_checksums_as_the_engine() {
+fn checksums_of_files_of_every_size_agree_with_a_plain_engine_state() {
     let tmp = tempfile::tempdir().unwrap();
     let sizes = [
         0usize,
