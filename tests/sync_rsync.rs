@@ -43,6 +43,19 @@ fn spawn_listening(args: &[&OsStr]) -> (Proc, String) {
     (proc, addr)
 }
 
+fn spawn_agent(root: &Path, token_file: &Path) -> (Proc, String) {
+    spawn_listening(&[
+        "agent".as_ref(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--token-file".as_ref(),
+        token_file.as_os_str(),
+        "--no-fsync".as_ref(),
+    ])
+}
+
 /// A server and one agent per tree, all real processes.
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -418,14 +431,14 @@ fn three_remotes_at_once_and_second_sync_transfers_nothing() {
 
 #[test]
 fn dry_run_lists_changes_and_touches_nothing() {
-    let t = Trees::new(1);
+    let t = Trees::new(2);
     populate(&t.master);
     write(&t.remotes[0].join("extra"), b"e");
     let c = t.cluster();
     let out = c.sync(&["-n", "--delete"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("send     a.txt"), "{text}");
+    assert!(text.contains(": send     a.txt"), "{text}");
     assert!(text.contains("delete   extra"), "{text}");
     assert!(text.contains("symlink  link"), "{text}");
     assert!(t.remotes[0].join("extra").exists());
@@ -593,4 +606,89 @@ fn two_gib_file() {
         2 << 30
     );
     assert_in_sync(&t.master, &t.remote_refs());
+}
+
+#[test]
+fn special_files_are_skipped_with_a_note() {
+    let t = Trees::new(1);
+    populate(&t.master);
+    let fifo = t.master.join("pipe");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let c = t.cluster();
+    let out = c.sync(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pipe:") && err.contains("skipped"), "{err}");
+    assert!(!t.remotes[0].join("pipe").exists());
+    assert!(t.remotes[0].join("a.txt").exists());
+}
+
+#[test]
+fn unreachable_master_is_a_connection_error() {
+    let t = Trees::new(1);
+    let mut c = t.cluster();
+    drop(c.procs.remove(0)); // the master agent
+    let out = c.sync(&[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn killed_remote_agent_mid_transfer_leaves_old_or_new_files_and_next_sync_finishes() {
+    let t = Trees::new(1);
+    let (m, r) = (&t.master, &t.remotes[0]);
+    let n = 200;
+    let size = 1 << 20;
+    for i in 0..n {
+        write(&m.join(format!("f{i:03}")), &vec![b'N'; size]);
+        write(&r.join(format!("f{i:03}")), &vec![b'o'; size]);
+    }
+    let mut c = t.cluster();
+    let sync = {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("sync")
+            .arg("--server")
+            .arg(&c.server)
+            .arg("--master")
+            .arg(&c.master)
+            .arg("--token-file")
+            .arg(&c.token_file)
+            .args(&c.remotes)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Proc(cmd.spawn().unwrap())
+    };
+    // Wait for the first new file on the remote, then SIGKILL its agent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = (0..n).any(|i| {
+            fs::read(r.join(format!("f{i:03}")))
+                .map(|d| d.first() == Some(&b'N'))
+                .unwrap_or(false)
+        });
+        if started || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(c.procs.remove(1));
+    drop(sync);
+    let mut new = 0;
+    for i in 0..n {
+        let d = fs::read(r.join(format!("f{i:03}"))).unwrap();
+        assert_eq!(d.len(), size, "f{i:03} torn");
+        assert!(
+            d.iter().all(|&b| b == b'N') || d.iter().all(|&b| b == b'o'),
+            "f{i:03} mixes old and new content"
+        );
+        new += usize::from(d[0] == b'N');
+    }
+    eprintln!("{new} of {n} files were replaced before the kill");
+    // A new agent on the same tree; the next sync finishes the job.
+    let (p, addr) = spawn_agent(r, &c.token_file);
+    c.procs.push(p);
+    let out = c.sync_to(&[addr], &["--delete"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_in_sync(m, &t.remote_refs());
 }

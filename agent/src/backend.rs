@@ -17,6 +17,9 @@ use rustix::io::Errno;
 use crate::path::{self, name, Root};
 use crate::AgentError;
 
+/// Read size when hashing without the engine (no `/proc`).
+const READ_BLOCK: usize = 1 << 20;
+
 /// Prefix of the temporary files the agent writes before renaming.
 pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
 
@@ -229,7 +232,7 @@ impl PosixBackend {
         n: &[u8],
         rel: &[u8],
         attrs: &Attrs,
-        is_symlink: bool,
+        kind: FileKind,
     ) -> Result<Applied, AgentError> {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
@@ -246,13 +249,33 @@ impl PosixBackend {
                 applied.owner_skipped = true;
             }
         }
-        if let (Some(mode), false) = (attrs.mode, is_symlink) {
-            rustix::fs::chmodat(
-                dir,
-                name(n),
-                Mode::from_raw_mode(mode & 0o7777),
-                AtFlags::empty(),
-            )
+        if let (Some(mode), false) = (attrs.mode, kind == FileKind::Symlink) {
+            let mode = Mode::from_raw_mode(mode & 0o7777);
+            // chmod through a descriptor opened with O_NOFOLLOW, so that a file
+            // swapped for a symlink meanwhile is never followed out of the root.
+            let opened = if kind.is_special() {
+                // Never open devices or FIFOs (opening can have side effects).
+                Err(Errno::PERM)
+            } else {
+                rustix::fs::openat(
+                    dir,
+                    name(n),
+                    OFlags::RDONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::NONBLOCK
+                        | OFlags::CLOEXEC
+                        | OFlags::NOCTTY,
+                    Mode::empty(),
+                )
+            };
+            match opened {
+                Ok(fd) => rustix::fs::fchmod(&fd, mode),
+                // Unreadable (not root): fall back to the path, just checked not to be a symlink.
+                Err(Errno::ACCESS) | Err(Errno::PERM) => {
+                    rustix::fs::chmodat(dir, name(n), mode, AtFlags::empty())
+                }
+                Err(e) => Err(e),
+            }
             .map_err(|e| AgentError::io("chmod", rel, e))?;
         }
         if let Some((sec, nsec)) = attrs.mtime {
@@ -533,15 +556,54 @@ impl Backend for PosixBackend {
     }
 
     fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
-        let (mut r, _) = self.open_read(path)?;
+        use std::os::fd::AsRawFd;
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        // The engine opens by path: hand it the descriptor we resolved safely
+        // beneath the root, through its /proc magic link (the same inode, no
+        // new path resolution from the root).
+        let proc_path = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if proc_path.exists() {
+            let h = fleetsync_engine::hash_file(
+                &proc_path,
+                std::slice::from_ref(alg),
+                &fleetsync_engine::HashOptions::default(),
+            )
+            .map_err(|e| AgentError::io("read", path, std::io::Error::other(e.to_string())))?;
+            let digest = h
+                .digests
+                .first()
+                .map(|d| d.as_bytes().to_vec())
+                .unwrap_or_default();
+            return Ok((digest, h.size));
+        }
+        // No /proc: hash the descriptor ourselves.
+        let file = File::from(fd);
         let mut state = alg.instantiate();
-        let mut buf = vec![0u8; 256 * 1024];
+        let size = st.st_size as u64;
+        let mut buf = vec![0u8; READ_BLOCK];
         let mut total = 0u64;
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
+        // Hash up to the size at open time, like the engine; a file that
+        // shrinks meanwhile is an error.
+        while total < size {
+            let want = (size - total).min(buf.len() as u64) as usize;
+            let n = match rustix::io::pread(&file, &mut buf[..want], total) {
+                Ok(0) => {
+                    return Err(AgentError::io(
+                        "read",
+                        path,
+                        std::io::Error::other("file shrank while being hashed"),
+                    ))
+                }
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(Errno::INTR) => continue,
                 Err(e) => return Err(AgentError::io("read", path, e)),
             };
             state.update(&buf[..n]);
@@ -602,7 +664,7 @@ impl Backend for PosixBackend {
             }
             Err(e) => return Err(AgentError::io("mkdir", path, e)),
         }
-        self.apply_attrs_at(parent.as_fd(), n, path, &attrs, false)
+        self.apply_attrs_at(parent.as_fd(), n, path, &attrs, FileKind::Dir)
     }
 
     fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError> {
@@ -634,13 +696,7 @@ impl Backend for PosixBackend {
         let st = self
             .stat_at(parent.as_fd(), n, path)?
             .ok_or_else(|| AgentError::io("stat", path, Errno::NOENT))?;
-        self.apply_attrs_at(
-            parent.as_fd(),
-            n,
-            path,
-            attrs,
-            kind_of(&st) == FileKind::Symlink,
-        )
+        self.apply_attrs_at(parent.as_fd(), n, path, attrs, kind_of(&st))
     }
 
     fn symlink(&self, path: &[u8], target: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
@@ -664,7 +720,7 @@ impl Backend for PosixBackend {
                     mode: None,
                     ..*attrs
                 },
-                true,
+                FileKind::Symlink,
             )?;
             self.clear_dir_in_the_way(parent.as_fd(), n, path)?;
             rustix::fs::renameat(&parent, name(&tmp), &parent, name(n))

@@ -117,15 +117,42 @@ pub(crate) fn send_files(
                 continue;
             }
         };
-        match stream_file(&mut out, &mut *reader, &entry, request_id, &info, &mut buf) {
+        // Progress also within a big file, so that the server sees bytes
+        // flowing (its idle timeout) and the progress bar moves.
+        let mut in_file = |sent_in_file: u64| -> Result<(), AgentError> {
+            if last_progress.elapsed() > PROGRESS_EVERY {
+                last_progress = Instant::now();
+                send_flush(
+                    server,
+                    &Msg::Progress(Progress {
+                        request_id,
+                        items,
+                        bytes: bytes + sent_in_file,
+                        total_items: total,
+                        total_bytes: 0,
+                    }),
+                )?;
+            }
+            Ok(())
+        };
+        match stream_file(
+            &mut out,
+            &mut *reader,
+            &entry,
+            request_id,
+            &info,
+            &mut buf,
+            &mut in_file,
+        ) {
             Ok(n) => bytes += n,
+            Err(StreamError::Server(e)) => return Err(e),
             Err(StreamError::Net(e)) => {
                 stream_error = Some(e);
                 break;
             }
         }
         items += 1;
-        if last_progress.elapsed() > Duration::from_millis(500) {
+        if last_progress.elapsed() > PROGRESS_EVERY {
             last_progress = Instant::now();
             if !local_failures.is_empty() {
                 send(
@@ -196,8 +223,14 @@ pub(crate) fn send_files(
 }
 
 enum StreamError {
+    /// The connection to the remote agent failed.
     Net(String),
+    /// The connection to the server failed.
+    Server(AgentError),
 }
+
+/// How often a send order reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// Sends one file; a read error mid-file becomes an aborted `fileEnd` (the
 /// remote discards it). Returns the bytes sent.
@@ -208,6 +241,7 @@ fn stream_file(
     request_id: u64,
     info: &fleetsync_engine::AlgorithmInfo,
     buf: &mut [u8],
+    progress: &mut dyn FnMut(u64) -> Result<(), AgentError>,
 ) -> Result<u64, StreamError> {
     let net = |e: ProtoError| StreamError::Net(e.to_string());
     frame::write_frame(
@@ -241,6 +275,7 @@ fn stream_file(
             state.update(&buf[..filled]);
             frame::write_frame(out, &encode_file_chunk(&buf[..filled])).map_err(net)?;
             sent += filled as u64;
+            progress(sent).map_err(StreamError::Server)?;
         }
         if filled < buf.len() || read_error.is_some() {
             break;
@@ -362,12 +397,13 @@ pub(crate) fn receive(
     let backend = &shared.backend;
     let mut cur: Option<Incoming> = None;
     let mut committer = Committer::new(w.clone(), COMMIT_THREADS);
+    let mut fb = frame::FrameBuf::new();
     loop {
-        let Some(body) = frame::read_frame(reader)? else {
+        if !fb.read(reader, frame::MAX_FRAME)? {
             // Cut off: whatever was in flight is dropped (its temp file removed).
             return Err(AgentError::Proto(ProtoError::Truncated));
-        };
-        let msg = frame::parse(&body)?;
+        }
+        let msg = fb.parse()?;
         let root: fleetsync_capnp::message::Reader<'_> =
             msg.get_root().map_err(ProtoError::from)?;
         if let W::FileChunk(c) = root.which().map_err(ProtoError::from)? {

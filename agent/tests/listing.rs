@@ -131,3 +131,34 @@ fn classification_prunes_excluded_directories() {
     let paths: Vec<_> = entries.iter().map(|e| e.path.clone()).collect();
     assert_eq!(paths, vec![b"".to_vec(), b"b.rs".to_vec()]);
 }
+
+#[test]
+fn checksums_of_files_of_every_size_agree_with_a_plain_engine_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        256 * 1024 - 1,
+        256 * 1024,
+        5 * 1024 * 1024 + 3,
+    ];
+    for s in sizes {
+        let data: Vec<u8> = (0..s).map(|i| (i % 253) as u8).collect();
+        std::fs::write(tmp.path().join(format!("f{s}")), &data).unwrap();
+    }
+    let agent = start_agent(tmp.path());
+    let mut c = Client::connect(agent.local_addr(), Role::Server);
+    let names: Vec<String> = sizes.iter().map(|s| format!("f{s}")).collect();
+    let paths: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+    let results = c.checksums(&paths);
+    let registry = fleetsync_engine::Registry::with_builtins();
+    for (s, n) in sizes.iter().zip(&names) {
+        let data = std::fs::read(tmp.path().join(n)).unwrap();
+        let mut crc = registry.get("crc32").unwrap();
+        crc.update(&data);
+        let r = results.iter().find(|r| r.path == n.as_bytes()).unwrap();
+        assert_eq!(r.digest.as_ref().unwrap(), crc.finish().as_bytes(), "{n}");
+        assert_eq!(r.size, *s as u64);
+    }
+}

@@ -301,3 +301,54 @@ fn stale_temp_files_from_a_killed_agent_are_cleaned_when_listing() {
     assert!(list.iter().all(|e| !e.path.starts_with(b".fleetsync.tmp.")));
     assert!(!r.path().join(".fleetsync.tmp.deadbeef").exists());
 }
+
+#[test]
+fn two_send_orders_on_one_connection_run_at_once() {
+    let m = tempfile::tempdir().unwrap();
+    let r1 = tempfile::tempdir().unwrap();
+    let r2 = tempfile::tempdir().unwrap();
+    for i in 0..50 {
+        std::fs::write(m.path().join(format!("f{i}")), vec![i as u8; 10_000 * i]).unwrap();
+    }
+    let master = start_agent(m.path());
+    let (a1, a2) = (start_agent(r1.path()), start_agent(r2.path()));
+    let mut c = Client::connect(master.local_addr(), Role::Server);
+    let paths: Vec<Vec<u8>> = (0..50).map(|i| format!("f{i}").into_bytes()).collect();
+    for (id, a) in [(101u64, &a1), (102, &a2)] {
+        c.send(&Msg::SendOrder {
+            request_id: id,
+            target: a.local_addr().to_string(),
+            algorithm: "crc32".into(),
+            paths: paths.clone(),
+        });
+    }
+    let mut done = std::collections::HashMap::new();
+    let mut ok = std::collections::HashMap::<u64, usize>::new();
+    while done.len() < 2 {
+        match c.recv().unwrap() {
+            Msg::ItemResults {
+                request_id,
+                results,
+            } => {
+                assert!(results.iter().all(|r| r.outcome == Outcome::Ok));
+                *ok.entry(request_id).or_default() += results.len();
+            }
+            Msg::Done(d) => {
+                done.insert(d.request_id, d);
+            }
+            Msg::Progress(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok[&101], 50);
+    assert_eq!(ok[&102], 50);
+    assert!(done.values().all(|d| d.ok == 50 && d.failed == 0));
+    for r in [&r1, &r2] {
+        for i in 0..50 {
+            assert_eq!(
+                std::fs::read(r.path().join(format!("f{i}"))).unwrap(),
+                vec![i as u8; 10_000 * i]
+            );
+        }
+    }
+}

@@ -1412,13 +1412,29 @@ impl Msg {
 impl From<&crate::select::Classification> for ClassificationSpec {
     fn from(c: &crate::select::Classification) -> Self {
         use crate::select::{Expr, RuleKind};
+        /// The operands of a chain of one operator, flattened: the wire
+        /// limits nesting, and `a or b or c ...` must not nest at all.
+        fn operands(e: &Expr, and: bool) -> Vec<Selector> {
+            let mut out = Vec::new();
+            let mut todo = vec![e];
+            while let Some(e) = todo.pop() {
+                match (e, and) {
+                    (Expr::And(a, b), true) | (Expr::Or(a, b), false) => {
+                        todo.push(b);
+                        todo.push(a);
+                    }
+                    _ => out.push(conv(e)),
+                }
+            }
+            out
+        }
         fn conv(e: &Expr) -> Selector {
             match e {
                 Expr::Name(s) => Selector::Name(s.clone()),
                 Expr::Path(s) => Selector::Path(s.clone()),
                 Expr::Ext(s) => Selector::Ext(s.clone()),
-                Expr::And(a, b) => Selector::And(vec![conv(a), conv(b)]),
-                Expr::Or(a, b) => Selector::Or(vec![conv(a), conv(b)]),
+                Expr::And(..) => Selector::And(operands(e, true)),
+                Expr::Or(..) => Selector::Or(operands(e, false)),
                 Expr::Not(a) => Selector::Not(Box::new(conv(a))),
             }
         }
@@ -1442,22 +1458,23 @@ impl From<&ClassificationSpec> for crate::select::Classification {
         fn everything() -> Expr {
             Expr::Path("**".into())
         }
+        /// Joins the operands into a balanced tree: a list of thousands of
+        /// operands must not become thousands of levels of recursion.
         fn fold(v: &[Selector], and: bool) -> Expr {
-            let mut it = v.iter().map(conv);
-            let Some(first) = it.next() else {
-                return if and {
-                    everything()
-                } else {
-                    Expr::Not(Box::new(everything()))
-                };
-            };
-            it.fold(first, |acc, e| {
-                if and {
-                    Expr::And(Box::new(acc), Box::new(e))
-                } else {
-                    Expr::Or(Box::new(acc), Box::new(e))
+            match v {
+                [] if and => everything(),
+                [] => Expr::Not(Box::new(everything())),
+                [one] => conv(one),
+                _ => {
+                    let (l, r) = v.split_at(v.len().div_ceil(2));
+                    let (l, r) = (Box::new(fold(l, and)), Box::new(fold(r, and)));
+                    if and {
+                        Expr::And(l, r)
+                    } else {
+                        Expr::Or(l, r)
+                    }
                 }
-            })
+            }
         }
         fn conv(s: &Selector) -> Expr {
             match s {

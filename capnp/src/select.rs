@@ -135,15 +135,33 @@ impl fmt::Display for Expr {
 }
 
 fn quote_value(v: &str) -> String {
-    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == '(' || c == ')') {
-        if v.contains('"') {
-            format!("'{v}'")
-        } else {
-            format!("\"{v}\"")
-        }
-    } else {
-        v.to_owned()
+    let plain = !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '(' | ')' | '"' | '\''));
+    if plain {
+        return v.to_owned();
     }
+    // The tokenizer joins adjacent quoted runs, so a quote character is
+    // written inside the other kind of quotes: a"b c -> "a"'"'"b c".
+    let mut out = String::new();
+    let mut run = String::new();
+    for c in v.chars() {
+        if c == '"' || c == '\'' {
+            if !run.is_empty() {
+                out.push_str(&format!("\"{run}\""));
+                run.clear();
+            }
+            let q = if c == '"' { '\'' } else { '"' };
+            out.extend([q, c, q]);
+        } else {
+            run.push(c);
+        }
+    }
+    if !run.is_empty() || out.is_empty() {
+        out.push_str(&format!("\"{run}\""));
+    }
+    out
 }
 
 /// Everything the user said about which entries take part.
@@ -683,9 +701,24 @@ fn tokenize(s: &str) -> Result<Vec<Token>, ParseError> {
     Ok(out)
 }
 
+/// Deepest nesting of parentheses and `not`s accepted: the parser recurses
+/// once per level, and a user's expression must not overflow the stack.
+const MAX_NESTING: usize = 32;
+
+/// Joins operands into a balanced tree, so that a long `a or b or c ...`
+/// chain is O(log n) deep (matching, dropping and the wire all recurse).
+fn balanced(mut v: Vec<Expr>, join: fn(Box<Expr>, Box<Expr>) -> Expr) -> Expr {
+    if v.len() == 1 {
+        return v.pop().expect("one operand");
+    }
+    let right = v.split_off(v.len().div_ceil(2));
+    join(Box::new(balanced(v, join)), Box::new(balanced(right, join)))
+}
+
 struct Parser {
     toks: Vec<Token>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -702,29 +735,41 @@ impl Parser {
     }
 
     fn or_expr(&mut self) -> Result<Expr, ParseError> {
-        let mut left = self.and_expr()?;
+        let mut operands = vec![self.and_expr()?];
         while self.peek().tok == Tok::Or {
             self.bump();
-            let right = self.and_expr()?;
-            left = Expr::Or(Box::new(left), Box::new(right));
+            operands.push(self.and_expr()?);
         }
-        Ok(left)
+        Ok(balanced(operands, Expr::Or))
     }
 
     fn and_expr(&mut self) -> Result<Expr, ParseError> {
-        let mut left = self.not_expr()?;
+        let mut operands = vec![self.not_expr()?];
         while self.peek().tok == Tok::And {
             self.bump();
-            let right = self.not_expr()?;
-            left = Expr::And(Box::new(left), Box::new(right));
+            operands.push(self.not_expr()?);
         }
-        Ok(left)
+        Ok(balanced(operands, Expr::And))
+    }
+
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(err(
+                self.peek(),
+                format!("nested more than {MAX_NESTING} levels deep"),
+            ));
+        }
+        Ok(())
     }
 
     fn not_expr(&mut self) -> Result<Expr, ParseError> {
         if self.peek().tok == Tok::Not {
             self.bump();
-            return Ok(Expr::Not(Box::new(self.not_expr()?)));
+            self.enter()?;
+            let inner = self.not_expr()?;
+            self.depth -= 1;
+            return Ok(Expr::Not(Box::new(inner)));
         }
         self.primary()
     }
@@ -733,7 +778,9 @@ impl Parser {
         let t = self.bump();
         match t.tok {
             Tok::LParen => {
+                self.enter()?;
                 let inner = self.or_expr()?;
+                self.depth -= 1;
                 let close = self.bump();
                 if close.tok != Tok::RParen {
                     return Err(err(
@@ -760,7 +807,13 @@ impl Parser {
                         }
                         Ok(Expr::Name(value.clone()))
                     }
-                    "path" => Ok(Expr::Path(value.trim_start_matches('/').to_owned())),
+                    "path" => {
+                        let v = value.trim_start_matches('/');
+                        if v.is_empty() {
+                            return Err(err(&t, "path: needs a glob such as 'src/**'"));
+                        }
+                        Ok(Expr::Path(v.to_owned()))
+                    }
                     "ext" => {
                         let v = value.trim_start_matches('.');
                         if v.is_empty() || v.contains('/') {
@@ -805,7 +858,11 @@ impl Parser {
 /// ```
 pub fn parse_expr(s: &str) -> Result<Expr, ParseError> {
     let toks = tokenize(s)?;
-    let mut p = Parser { toks, pos: 0 };
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        depth: 0,
+    };
     let e = p.or_expr()?;
     let t = p.peek().clone();
     if t.tok != Tok::End {

@@ -77,3 +77,18 @@ fn regression_deep_selector_nesting_is_an_error() {
     let f = m.to_frame().unwrap();
     assert!(Msg::decode(&f[4..]).is_err());
 }
+
+proptest! {
+    #[test]
+    fn frame_buf_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut r = &bytes[..];
+        let mut buf = frame::FrameBuf::new();
+        while let Ok(true) = buf.read(&mut r, frame::MAX_FRAME) {
+            if let Ok(reader) = buf.parse() {
+                if let Ok(root) = reader.get_root() {
+                    let _ = Msg::from_reader(root);
+                }
+            }
+        }
+    }
+}

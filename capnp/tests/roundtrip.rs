@@ -321,3 +321,21 @@ fn oversize_message_is_refused_on_send() {
         Err(ProtoError::FrameTooLarge { .. })
     ));
 }
+
+#[test]
+fn frame_buf_reads_and_parses_in_place() {
+    let msgs = all_messages();
+    let mut wire = Vec::new();
+    for m in &msgs {
+        wire.extend(m.to_frame().unwrap());
+    }
+    let mut r = &wire[..];
+    let mut buf = frame::FrameBuf::new();
+    for m in &msgs {
+        assert!(buf.read(&mut r, frame::MAX_FRAME).unwrap());
+        let reader = buf.parse().unwrap();
+        assert_eq!(&Msg::from_reader(reader.get_root().unwrap()).unwrap(), m);
+        assert_eq!(&Msg::decode(buf.bytes()).unwrap(), m);
+    }
+    assert!(!buf.read(&mut r, frame::MAX_FRAME).unwrap());
+}

@@ -1,7 +1,7 @@
 //! [`FileList`]: a compact, sorted, in-memory file list.
 //!
 //! A million entries must fit in well under 200 bytes each, so a list is one
-//! byte arena holding every path (and symlink target) plus one fixed 40-byte
+//! byte arena holding every path (and symlink target) plus one fixed 32-byte
 //! record per entry with a `u32` offset into the arena. Hard-link identities
 //! `(dev, inode)` are kept in a side table, only for the entries that have
 //! more than one link.
@@ -49,17 +49,17 @@ pub struct Meta {
 
 const F_LINKED: u8 = 1;
 
-/// One fixed-size record (40 bytes).
+/// One fixed-size record (32 bytes). Owners are interned: trees have few
+/// distinct (uid, gid) pairs.
 #[derive(Clone, Copy, Debug)]
 struct Rec {
     size: u64,
     mtime_sec: i64,
     path_off: u32,
-    uid: u32,
-    gid: u32,
     mtime_nsec: u32,
     path_len: u16,
     mode: u16,
+    owner: u16,
     kind: Kind,
     flags: u8,
 }
@@ -73,7 +73,8 @@ pub enum ListError {
         /// The start of the offending path.
         path: Vec<u8>,
     },
-    /// More than 4 GiB of path bytes, or more than 2^32-2 entries.
+    /// More than 4 GiB of path bytes, more than 2^32-2 entries, or more
+    /// than 65,536 distinct (uid, gid) pairs.
     TooLarge,
     /// The same path twice.
     Duplicate {
@@ -90,7 +91,9 @@ impl std::fmt::Display for ListError {
                 "path too long: '{}...'",
                 String::from_utf8_lossy(&path[..path.len().min(64)])
             ),
-            ListError::TooLarge => f.write_str("file list larger than 4 GiB of paths"),
+            ListError::TooLarge => f.write_str(
+                "file list too large (4 GiB of paths, 2^32 entries or 65,536 distinct owners)",
+            ),
             ListError::Duplicate { path } => {
                 write!(f, "path listed twice: '{}'", String::from_utf8_lossy(path))
             }
@@ -120,6 +123,9 @@ pub struct FileList {
     recs: Vec<Rec>,
     /// `(path_off, dev, inode)` of entries with nlink > 1, sorted by path_off.
     links: Vec<(u32, u64, u64)>,
+    /// Distinct (uid, gid) pairs, indexed by `Rec::owner`.
+    owners: Vec<(u32, u32)>,
+    owner_ix: std::collections::HashMap<(u32, u32), u16>,
     sorted: bool,
 }
 
@@ -167,6 +173,18 @@ impl FileList {
         }
         self.arena.extend_from_slice(path);
         self.arena.extend_from_slice(target);
+        let owner = match self.owner_ix.get(&(meta.uid, meta.gid)) {
+            Some(&o) => o,
+            None => {
+                if self.owners.len() > u16::MAX as usize {
+                    return Err(ListError::TooLarge);
+                }
+                let o = self.owners.len() as u16;
+                self.owners.push((meta.uid, meta.gid));
+                self.owner_ix.insert((meta.uid, meta.gid), o);
+                o
+            }
+        };
         let linked = kind == Kind::File && meta.nlink > 1;
         if linked {
             self.links.push((off as u32, meta.dev, meta.inode));
@@ -179,11 +197,10 @@ impl FileList {
             },
             mtime_sec: meta.mtime_sec,
             path_off: off as u32,
-            uid: meta.uid,
-            gid: meta.gid,
             mtime_nsec: meta.mtime_nsec,
             path_len: path.len() as u16,
             mode: (meta.mode & 0o7777) as u16,
+            owner,
             kind,
             flags: if linked { F_LINKED } else { 0 },
         });
@@ -211,6 +228,7 @@ impl FileList {
         self.arena.shrink_to_fit();
         self.recs.shrink_to_fit();
         self.links.shrink_to_fit();
+        self.owner_ix = std::collections::HashMap::new();
         self.sorted = true;
         Ok(())
     }
@@ -239,11 +257,12 @@ impl FileList {
     pub fn meta(&self, i: u32) -> Meta {
         let r = self.rec(i);
         let (dev, inode) = self.link_key(i).unwrap_or((0, 0));
+        let (uid, gid) = self.owners[r.owner as usize];
         Meta {
             kind: Some(r.kind),
             mode: r.mode as u32,
-            uid: r.uid,
-            gid: r.gid,
+            uid,
+            gid,
             size: r.size,
             mtime_sec: r.mtime_sec,
             mtime_nsec: r.mtime_nsec,
@@ -295,8 +314,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn record_is_40_bytes() {
-        assert_eq!(std::mem::size_of::<Rec>(), 40);
+    fn record_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Rec>(), 32);
     }
 
     #[test]

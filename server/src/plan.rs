@@ -200,7 +200,6 @@ impl Plan {
 #[derive(Clone, Copy, Debug)]
 enum FileState {
     Send(Why),
-    Candidate,
     /// A hard-link group member other than the leader.
     Member,
 }
@@ -412,8 +411,9 @@ impl PairPlan {
                 } else if master.size(m) != remote.size(r) {
                     FileState::Send(Why::SizeDiffers)
                 } else {
+                    // Candidates live only in `candidates` (8 bytes each).
                     self.candidates.push((m, r));
-                    FileState::Candidate
+                    return;
                 };
                 self.files.push(FileCase { m, r, state });
             }
@@ -440,36 +440,35 @@ impl PairPlan {
         let mut attr_fixes = Vec::new();
         // Leaders that get sent: all their members must be relinked.
         let mut sent_leaders: Vec<u32> = Vec::new();
-        let mut cand = 0;
         for f in &self.files {
-            match f.state {
-                FileState::Send(why) => sends.push(Step {
+            if let FileState::Send(why) = f.state {
+                sends.push(Step {
                     kind: StepKind::Send,
                     why,
                     index: f.m,
                     other: NONE,
-                }),
-                FileState::Candidate => {
-                    if !same[cand] {
-                        sends.push(Step {
-                            kind: StepKind::Send,
-                            why: Why::ChecksumDiffers,
-                            index: f.m,
-                            other: NONE,
-                        });
-                    } else if attrs_differ(&master.meta(f.m), &remote.meta(f.r), owner, true) {
-                        attr_fixes.push(Step {
-                            kind: StepKind::SetAttrs,
-                            why: Why::AttrsDiffer,
-                            index: f.m,
-                            other: f.r,
-                        });
-                    }
-                    cand += 1;
-                }
-                FileState::Member => {}
+                });
             }
         }
+        for (k, &(m, r)) in self.candidates.iter().enumerate() {
+            if !same[k] {
+                sends.push(Step {
+                    kind: StepKind::Send,
+                    why: Why::ChecksumDiffers,
+                    index: m,
+                    other: NONE,
+                });
+            } else if attrs_differ(&master.meta(m), &remote.meta(r), owner, true) {
+                attr_fixes.push(Step {
+                    kind: StepKind::SetAttrs,
+                    why: Why::AttrsDiffer,
+                    index: m,
+                    other: r,
+                });
+            }
+        }
+        sends.sort_unstable_by_key(|s| s.index);
+        attr_fixes.sort_unstable_by_key(|s| s.index);
         for s in &sends {
             if self.leader(s.index) == Some(s.index) {
                 sent_leaders.push(s.index);

@@ -46,6 +46,9 @@ const CHUNK: usize = 20_000;
 const ITEMS_PER_FRAME: usize = 2_000;
 /// Per-item failures kept per remote (the rest are only counted).
 const MAX_FAILURES: usize = 1_000;
+/// Requests in flight per connection and purpose: the rest is built only
+/// when an answer comes, so memory does not grow with the tree.
+const WINDOW: usize = 2;
 
 /// Configuration of a [`Server`].
 #[derive(Clone, Debug, Default)]
@@ -122,7 +125,14 @@ struct Remote {
     /// Checksum of each candidate on the remote: state per candidate, digests.
     rstate: Vec<u8>,
     rdig: Vec<u8>,
-    sum_pending: usize,
+    /// Checksum requests: next candidate and requests in flight, remote side
+    /// and master side (on this remote's master link).
+    rcur: usize,
+    r_out: usize,
+    mcur: usize,
+    m_out: usize,
+    /// Next step of the current phase to send.
+    pcur: usize,
     plan: Option<Plan>,
     pending: usize,
     result: RemoteResult,
@@ -659,7 +669,11 @@ impl Server {
                 pair: None,
                 rstate: Vec::new(),
                 rdig: Vec::new(),
-                sum_pending: 0,
+                rcur: 0,
+                r_out: 0,
+                mcur: 0,
+                m_out: 0,
+                pcur: 0,
                 plan: None,
                 pending: 0,
                 result: RemoteResult {
@@ -734,7 +748,9 @@ impl Server {
     }
 
     fn next_req(&mut self, job: u64) -> u64 {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return u64::MAX;
+        };
         let id = j.next_req;
         j.next_req += 1;
         id
@@ -872,7 +888,9 @@ impl Server {
     }
 
     fn on_master_listed(&mut self, job: u64, token: Token) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let list = std::mem::take(&mut j.master_building);
         info!(job, entries = list.len(), "master listed");
         j.mstate = vec![SUM_NONE; list.len()];
@@ -887,64 +905,83 @@ impl Server {
     }
 
     fn try_plan(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if !j.master_done || j.remotes[i].state != RState::Listed {
             return;
         }
-        let master = Arc::clone(&j.master);
         let r = &mut j.remotes[i];
         let opts = PlanOptions {
             delete: j.req.delete,
             owner: r.can_chown,
         };
-        let pair = PairPlan::new(&master, &r.list, opts);
-        let cands = pair.checksum_candidates();
-        r.rstate = vec![SUM_NONE; cands.len()];
-        r.state = RState::Checksums;
-        // Remote side: every candidate.
-        let remote_paths: Vec<Vec<u8>> = cands
-            .iter()
-            .map(|&(_, ri)| r.list.path(ri).to_vec())
-            .collect();
-        // Master side: the candidates nobody asked the master for yet.
-        let mut master_paths = Vec::new();
-        for &(m, _) in cands {
-            if j.mstate[m as usize] == SUM_NONE {
-                j.mstate[m as usize] = SUM_PENDING;
-                master_paths.push(master.path(m).to_vec());
-            }
-        }
+        let pair = PairPlan::new(&j.master, &r.list, opts);
+        r.rstate = vec![SUM_NONE; pair.checksum_candidates().len()];
         r.pair = Some(pair);
-        let algorithm = j.req.algorithm.clone();
-        let (conn, link) = (r.conn, r.link);
-        for chunk in remote_paths.chunks(CHUNK) {
-            let rid = self.next_req(job);
-            self.jobs.get_mut(&job).unwrap().remotes[i].sum_pending += 1;
-            if let Some(t) = conn {
-                self.send_request(
-                    t,
-                    &Msg::ChecksumRequest {
-                        request_id: rid,
-                        algorithm: algorithm.clone(),
-                        paths: chunk.to_vec(),
-                    },
-                );
-            }
-        }
-        for chunk in master_paths.chunks(CHUNK) {
-            let rid = self.next_req(job);
-            if let Some(t) = link {
-                self.send_request(
-                    t,
-                    &Msg::ChecksumRequest {
-                        request_id: rid,
-                        algorithm: algorithm.clone(),
-                        paths: chunk.to_vec(),
-                    },
-                );
-            }
-        }
+        r.state = RState::Checksums;
+        self.pump_sums(job, i);
         self.check_sums_ready(job, i);
+    }
+
+    /// Sends the next checksum requests of remote `i` (both sides), keeping
+    /// at most [`WINDOW`] in flight on each connection.
+    fn pump_sums(&mut self, job: u64, i: usize) {
+        loop {
+            let Some(j) = self.jobs.get_mut(&job) else {
+                return;
+            };
+            let r = &mut j.remotes[i];
+            if r.state != RState::Checksums {
+                return;
+            }
+            let Some(pair) = &r.pair else { return };
+            let cands = pair.checksum_candidates();
+            let mut msgs: Vec<(Token, Vec<Vec<u8>>)> = Vec::new();
+            if r.r_out < WINDOW && r.rcur < cands.len() {
+                let end = (r.rcur + CHUNK).min(cands.len());
+                let paths = cands[r.rcur..end]
+                    .iter()
+                    .map(|&(_, ri)| r.list.path(ri).to_vec())
+                    .collect();
+                r.rcur = end;
+                if let Some(t) = r.conn {
+                    r.r_out += 1;
+                    msgs.push((t, paths));
+                }
+            }
+            if r.m_out < WINDOW && r.mcur < cands.len() {
+                // Only what no other remote has asked the master for.
+                let mut paths = Vec::new();
+                while r.mcur < cands.len() && paths.len() < CHUNK {
+                    let m = cands[r.mcur].0;
+                    if j.mstate[m as usize] == SUM_NONE {
+                        j.mstate[m as usize] = SUM_PENDING;
+                        paths.push(j.master.path(m).to_vec());
+                    }
+                    r.mcur += 1;
+                }
+                if let (false, Some(t)) = (paths.is_empty(), r.link) {
+                    r.m_out += 1;
+                    msgs.push((t, paths));
+                }
+            }
+            if msgs.is_empty() {
+                return;
+            }
+            let algorithm = j.req.algorithm.clone();
+            for (t, paths) in msgs {
+                let rid = self.next_req(job);
+                self.send_request(
+                    t,
+                    &Msg::ChecksumRequest {
+                        request_id: rid,
+                        algorithm: algorithm.clone(),
+                        paths,
+                    },
+                );
+            }
+        }
     }
 
     fn on_checksums(
@@ -954,9 +991,15 @@ impl Server {
         results: Vec<ChecksumResult>,
         last: bool,
     ) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         match role {
-            AgentRole::MasterLink(_) => {
+            AgentRole::MasterLink(li) => {
+                if last {
+                    let r = &mut j.remotes[li];
+                    r.m_out = r.m_out.saturating_sub(1);
+                }
                 for res in results {
                     let Some(m) = j.master.find(&res.path) else {
                         continue;
@@ -982,8 +1025,9 @@ impl Server {
                         }
                     }
                 }
+                self.pump_sums(job, li);
                 // Master checksums may complete any remote's set.
-                let n = j.remotes.len();
+                let n = self.jobs.get(&job).map_or(0, |j| j.remotes.len());
                 for i in 0..n {
                     self.check_sums_ready(job, i);
                 }
@@ -1014,8 +1058,9 @@ impl Server {
                     }
                 }
                 if last {
-                    r.sum_pending = r.sum_pending.saturating_sub(1);
+                    r.r_out = r.r_out.saturating_sub(1);
                 }
+                self.pump_sums(job, i);
                 self.check_sums_ready(job, i);
             }
             AgentRole::MasterList => {}
@@ -1023,13 +1068,18 @@ impl Server {
     }
 
     fn check_sums_ready(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
-        if r.state != RState::Checksums || r.sum_pending > 0 {
+        if r.state != RState::Checksums || r.r_out > 0 {
             return;
         }
         let Some(pair) = &r.pair else { return };
         let cands = pair.checksum_candidates();
+        if r.rcur < cands.len() || r.mcur < cands.len() {
+            return;
+        }
         if cands.iter().any(|&(m, _)| j.mstate[m as usize] < SUM_DONE) {
             return;
         }
@@ -1049,7 +1099,9 @@ impl Server {
         r.total_bytes = plan.send_bytes(&j.master);
         r.plan = Some(plan);
         self.emit_plan(job, i);
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if j.req.dry_run {
             let r = &mut j.remotes[i];
             let plan = r.plan.as_ref().unwrap();
@@ -1189,71 +1241,86 @@ impl Server {
     }
 
     fn start_phase(&mut self, job: u64, i: usize, phase: RState) {
-        let j = &self.jobs[&job];
-        let r = &j.remotes[i];
-        let plan = r.plan.as_ref().unwrap();
-        // Each entry becomes one request; ids are assigned when sent.
-        let mut requests: Vec<Box<dyn FnOnce(u64) -> Msg>> = Vec::new();
-        let target_conn = if phase == RState::Sending {
-            r.link
-        } else {
-            r.conn
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
         };
-        match phase {
-            RState::Before | RState::After => {
-                let steps = if phase == RState::Before {
-                    plan.before()
-                } else {
-                    plan.after()
-                };
-                for chunk in steps.chunks(CHUNK) {
-                    let ops = self.ops_for(job, i, chunk);
-                    requests.push(Box::new(move |request_id| Msg::ApplyRequest {
-                        request_id,
-                        ops,
-                    }));
+        let r = &mut j.remotes[i];
+        r.state = phase;
+        r.pcur = 0;
+        r.pending = 0;
+        debug!(job, remote = i, ?phase, "phase");
+        self.pump_phase(job, i);
+    }
+
+    /// Sends the next requests of the current phase ([`WINDOW`] in flight);
+    /// moves to the next phase when all are answered.
+    fn pump_phase(&mut self, job: u64, i: usize) {
+        loop {
+            let Some(j) = self.jobs.get(&job) else {
+                return;
+            };
+            let r = &j.remotes[i];
+            let Some(plan) = r.plan.as_ref() else { return };
+            let phase = r.state;
+            let steps = match phase {
+                RState::Before => plan.before(),
+                RState::Sending => plan.sends(),
+                RState::After => plan.after(),
+                _ => return,
+            };
+            if r.pcur >= steps.len() {
+                if r.pending == 0 {
+                    self.advance(job, i);
                 }
+                return;
             }
-            _ => {
-                for chunk in plan.sends().chunks(CHUNK) {
+            if r.pending >= WINDOW {
+                return;
+            }
+            let end = (r.pcur + CHUNK).min(steps.len());
+            let chunk = &steps[r.pcur..end];
+            let (target, msg): (Option<Token>, Box<dyn FnOnce(u64) -> Msg>) =
+                if phase == RState::Sending {
                     let paths: Vec<Vec<u8>> = chunk
                         .iter()
                         .map(|s| j.master.path(s.index).to_vec())
                         .collect();
                     let target = r.addr.clone();
                     let algorithm = j.req.algorithm.clone();
-                    requests.push(Box::new(move |request_id| Msg::SendOrder {
-                        request_id,
-                        target,
-                        algorithm,
-                        paths,
-                    }));
-                }
+                    (
+                        r.link,
+                        Box::new(move |request_id| Msg::SendOrder {
+                            request_id,
+                            target,
+                            algorithm,
+                            paths,
+                        }),
+                    )
+                } else {
+                    let ops = self.ops_for(job, i, chunk);
+                    (
+                        r.conn,
+                        Box::new(move |request_id| Msg::ApplyRequest { request_id, ops }),
+                    )
+                };
+            let Some(t) = target else {
+                self.fail_remote(job, i, "connection lost".into());
+                return;
+            };
+            {
+                let r = &mut self.jobs.get_mut(&job).unwrap().remotes[i];
+                r.pcur = end;
+                r.pending += 1;
             }
-        }
-        let n = requests.len();
-        {
-            let r = &mut self.jobs.get_mut(&job).unwrap().remotes[i];
-            r.state = phase;
-            r.pending = n;
-        }
-        debug!(job, remote = i, ?phase, requests = n, "phase");
-        if n == 0 {
-            self.advance(job, i);
-            return;
-        }
-        let Some(t) = target_conn else {
-            self.fail_remote(job, i, "connection lost".into());
-            return;
-        };
-        for make in requests {
             let rid = self.next_req(job);
-            self.send_request(t, &make(rid));
+            self.send_request(t, &msg(rid));
         }
     }
 
     fn advance(&mut self, job: u64, i: usize) {
-        let state = self.jobs[&job].remotes[i].state;
+        let Some(state) = self.jobs.get(&job).map(|j| j.remotes[i].state) else {
+            return;
+        };
         match state {
             RState::Before => self.start_phase(job, i, RState::Sending),
             RState::Sending => self.start_phase(job, i, RState::After),
@@ -1269,14 +1336,20 @@ impl Server {
         role: AgentRole,
         results: Vec<fleetsync_proto::ItemResult>,
     ) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
         let sending = matches!(role, AgentRole::MasterLink(_)) && r.state == RState::Sending;
         for res in results {
             match res.outcome {
                 Outcome::Failed => {
                     r.failed_count += 1;
-                    warn!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    if r.failed_count <= 10 {
+                        warn!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    } else {
+                        debug!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+                    }
                     if r.result.failures.len() < MAX_FAILURES {
                         r.result.failures.push(Failure {
                             path: res.path,
@@ -1310,14 +1383,15 @@ impl Server {
     }
 
     fn on_done(&mut self, job: u64, i: usize) {
-        let r = &mut self.jobs.get_mut(&job).unwrap().remotes[i];
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let r = &mut j.remotes[i];
         if !matches!(r.state, RState::Before | RState::Sending | RState::After) {
             return;
         }
         r.pending = r.pending.saturating_sub(1);
-        if r.pending == 0 {
-            self.advance(job, i);
-        }
+        self.pump_phase(job, i);
     }
 
     fn fail_remote(&mut self, job: u64, i: usize, why: String) {
@@ -1330,11 +1404,37 @@ impl Server {
         }
         warn!(job, remote = %r.addr, "remote failed: {why}");
         r.result.error = why;
+        let lost_master_sums = r.state == RState::Checksums && r.m_out > 0;
         self.finish_remote(job, i);
+        if lost_master_sums {
+            // Master checksums this remote's link was computing will never
+            // arrive: ask again through the others.
+            let Some(j) = self.jobs.get_mut(&job) else {
+                return;
+            };
+            for st in j.mstate.iter_mut() {
+                if *st == SUM_PENDING {
+                    *st = SUM_NONE;
+                }
+            }
+            let n = j.remotes.len();
+            for k in 0..n {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                let r = &mut j.remotes[k];
+                if r.state == RState::Checksums {
+                    r.mcur = 0;
+                    self.pump_sums(job, k);
+                }
+            }
+        }
     }
 
     fn finish_remote(&mut self, job: u64, i: usize) {
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         let r = &mut j.remotes[i];
         if r.state == RState::Done {
             return;
@@ -1360,7 +1460,9 @@ impl Server {
         for t in tokens {
             self.to_close.push((t, "remote finished".into()));
         }
-        let j = self.jobs.get_mut(&job).unwrap();
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if !j.finished && j.remotes.iter().all(|r| r.state == RState::Done) {
             j.finished = true;
             let ok = j.remotes.iter().all(|r| r.result.ok);

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     insecure_no_auth: bool,
     /// Fail an agent that leaves a request unanswered this many seconds (0 = never).
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
     idle_timeout: u64,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

@@ -356,7 +356,12 @@ fn json_str(s: &str) -> serde_json::Value {
 
 fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> anyhow::Result<u8> {
     let any_failed = out.results.values().any(|r| !r.ok);
-    let code = if out.results.is_empty() && !out.done_ok {
+    let master_unreachable = !out.results.is_empty()
+        && out
+            .results
+            .values()
+            .all(|r| r.error.starts_with("master agent:"));
+    let code = if (out.results.is_empty() && !out.done_ok) || master_unreachable {
         2
     } else if any_failed || !out.done_ok {
         1

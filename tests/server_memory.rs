@@ -1,0 +1,246 @@
+//! Peak memory of a real `fleetsync server` process syncing a 1,000,000-file
+//! master list to one and to two remotes (the issue asks for at most 200
+//! bytes per file per remote). The agents are fakes in this test process that
+//! serve synthetic lists (identical trees: every file gets checksummed, none
+//! is sent), so no million files are created on disk. Run with:
+//!
+//! ```sh
+//! cargo test --release --test server_memory -- --ignored --nocapture
+//! ```
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+
+use fleetsync_proto::frame::{read_frame, write_frame};
+use fleetsync_proto::{auth, ChecksumResult, Done, FileEntry, FileKind, ItemResult, Msg, Outcome};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
+const FILES: u32 = 1_000_000;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn entry(path: Vec<u8>, kind: FileKind, i: u32) -> FileEntry {
+    FileEntry {
+        path,
+        kind,
+        mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        inode: i as u64 + 10,
+        dev: 1,
+        nlink: 1,
+        size: 1024,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 0,
+        link_target: None,
+        rdev: 0,
+    }
+}
+
+/// The synthetic tree: 100 x 100 directories, paths like `d0012/d0345/file-000123456.dat`.
+fn entries() -> impl Iterator<Item = FileEntry> {
+    let root = std::iter::once(entry(Vec::new(), FileKind::Dir, 0));
+    let dirs = (0..100u32).flat_map(|a| {
+        std::iter::once(entry(format!("d{a:04}").into_bytes(), FileKind::Dir, 0)).chain(
+            (0..100u32)
+                .map(move |b| entry(format!("d{a:04}/d{b:04}").into_bytes(), FileKind::Dir, 0)),
+        )
+    });
+    let files = (0..FILES).map(|i| {
+        let (a, b) = (i % 100, (i / 100) % 100);
+        entry(
+            format!("d{a:04}/d{b:04}/file-{i:09}.dat").into_bytes(),
+            FileKind::File,
+            i,
+        )
+    });
+    root.chain(dirs).chain(files)
+}
+
+fn serve_agent(stream: TcpStream) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut w = BufWriter::new(stream);
+    {
+        struct Rw<'a>(&'a mut BufReader<TcpStream>, &'a mut BufWriter<TcpStream>);
+        impl std::io::Read for Rw<'_> {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                std::io::Read::read(self.0, b)
+            }
+        }
+        impl Write for Rw<'_> {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.1.write(b)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.1.flush()
+            }
+        }
+        if auth::accept(&mut Rw(&mut r, &mut w), None, true).is_err() {
+            return;
+        }
+    }
+    let send = |w: &mut BufWriter<TcpStream>, m: &Msg| write_frame(w, &m.encode()).is_ok();
+    while let Ok(Some(body)) = read_frame(&mut r) {
+        let Ok(msg) = Msg::decode(&body) else { return };
+        let ok = match msg {
+            Msg::ListRequest { request_id, .. } => {
+                let mut batch = Vec::with_capacity(4096);
+                let mut ok = true;
+                for e in entries() {
+                    batch.push(e);
+                    if batch.len() == 4096 {
+                        ok &= send(
+                            &mut w,
+                            &Msg::ListBatch {
+                                request_id,
+                                entries: std::mem::take(&mut batch),
+                                last: false,
+                            },
+                        );
+                    }
+                }
+                ok && send(
+                    &mut w,
+                    &Msg::ListBatch {
+                        request_id,
+                        entries: batch,
+                        last: true,
+                    },
+                )
+            }
+            Msg::ChecksumRequest {
+                request_id, paths, ..
+            } => send(
+                &mut w,
+                &Msg::ChecksumReply {
+                    request_id,
+                    results: paths
+                        .into_iter()
+                        .map(|path| ChecksumResult {
+                            path,
+                            size: 1024,
+                            digest: Ok(vec![1, 2, 3, 4]),
+                        })
+                        .collect(),
+                    last: true,
+                },
+            ),
+            Msg::ApplyRequest { request_id, ops } => {
+                let results = ops
+                    .into_iter()
+                    .map(|o| ItemResult {
+                        path: o.path,
+                        outcome: Outcome::Ok,
+                        message: String::new(),
+                        bytes: 0,
+                    })
+                    .collect();
+                send(
+                    &mut w,
+                    &Msg::ItemResults {
+                        request_id,
+                        results,
+                    },
+                ) && send(
+                    &mut w,
+                    &Msg::Done(Done {
+                        request_id,
+                        ..Done::default()
+                    }),
+                )
+            }
+            Msg::SendOrder { request_id, .. } => send(
+                &mut w,
+                &Msg::Done(Done {
+                    request_id,
+                    ..Done::default()
+                }),
+            ),
+            _ => false,
+        };
+        if !ok || w.flush().is_err() {
+            return;
+        }
+    }
+}
+
+fn fake_agent() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve_agent(s));
+        }
+    });
+    addr
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn measure(remotes: usize) -> f64 {
+    let mut child = Command::new(BIN)
+        .args(["server", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let server = Proc(child);
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let pid = server.0.id();
+    let idle = status_kb(pid, "VmRSS:");
+    let master = fake_agent();
+    let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent()).collect();
+    let out = Command::new(BIN)
+        .args([
+            "sync",
+            "--insecure-no-auth",
+            "--json",
+            "--server",
+            &addr,
+            "--master",
+            &master,
+        ])
+        .args(&remote_addrs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let peak = status_kb(pid, "VmHWM:");
+    let per = (peak - idle) as f64 * 1024.0 / FILES as f64 / remotes as f64;
+    println!(
+        "{remotes} remote(s): server peak RSS {} MiB (idle {} MiB): {per:.0} bytes per file per remote",
+        peak / 1024,
+        idle / 1024
+    );
+    per
+}
+
+#[test]
+#[ignore = "serves two million-entry lists; run explicitly (see module docs)"]
+fn server_peak_rss_per_file_per_remote() {
+    let one = measure(1);
+    let two = measure(2);
+    assert!(one <= 200.0, "{one} bytes per file with one remote");
+    assert!(
+        two <= 200.0,
+        "{two} bytes per file per remote with two remotes"
+    );
+}

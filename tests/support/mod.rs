@@ -1,0 +1,143 @@
+//! Real `fleetsync` processes on 127.0.0.1 for end-to-end tests, and rsync
+//! as the referee. (Same approach as `sync_rsync.rs`, shared by the
+//! kill and malformed-frame tests.)
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The shared token written by [`Token::new`].
+pub const TOKEN: &[u8] = b"test-token-0123456789";
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL now and reap (dropping does it too).
+    pub fn kill_now(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `fleetsync ARGS...` and reads its `listening on ADDR` line.
+pub fn spawn_listening(args: &[&OsStr]) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn fleetsync");
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (proc, addr)
+}
+
+/// A token file in a directory of its own.
+pub struct Token {
+    _dir: tempfile::TempDir,
+    /// Path of the token file.
+    pub file: PathBuf,
+}
+
+impl Token {
+    pub fn new() -> Token {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "test-token-0123456789\n").unwrap();
+        Token { _dir: dir, file }
+    }
+
+    /// `fleetsync agent` serving `root` (fsync on, as in production).
+    pub fn agent(&self, root: &Path) -> (Proc, String) {
+        spawn_listening(&[
+            "agent".as_ref(),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--token-file".as_ref(),
+            self.file.as_os_str(),
+        ])
+    }
+
+    /// `fleetsync server`.
+    pub fn server(&self) -> (Proc, String) {
+        spawn_listening(&[
+            "server".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--token-file".as_ref(),
+            self.file.as_os_str(),
+        ])
+    }
+
+    /// `fleetsync sync --server S --master M REMOTES...`, not yet started.
+    pub fn sync_command(&self, server: &str, master: &str, remotes: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("sync")
+            .arg("--server")
+            .arg(server)
+            .arg("--master")
+            .arg(master)
+            .arg("--token-file")
+            .arg(&self.file)
+            .arg("--delete")
+            .args(remotes);
+        cmd
+    }
+
+    /// Runs a sync to the end and logs its output.
+    pub fn sync(&self, server: &str, master: &str, remotes: &[&str]) -> Output {
+        let out = self.sync_command(server, master, remotes).output().unwrap();
+        eprintln!(
+            "sync: {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            tail(&out.stdout),
+            tail(&out.stderr)
+        );
+        out
+    }
+}
+
+fn tail(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs the referee; returns its itemized output (empty = identical).
+pub fn rsync_diff(master: &Path, remote: &Path) -> String {
+    let out = Command::new("rsync")
+        .args(["-aHc", "-n", "-i", "--delete"])
+        .arg(format!("{}/", master.display()))
+        .arg(format!("{}/", remote.display()))
+        .output()
+        .expect("rsync must be installed");
+    assert!(out.status.success(), "rsync failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
