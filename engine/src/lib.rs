@@ -9,6 +9,38 @@
 //! crc.update(b"123456789");
 //! assert_eq!(crc.finish().to_hex(), "cbf43926");
 //! ```
+//!
+//! # Algorithms
+//!
+//! `crc32` (default), `crc32c`, `cksum`, `adler32`, `bsd` (`sum -r`), `sysv`
+//! (`sum -s`), `crc16` (CRC-16/ARC) and every CRC-16 of the reveng catalogue
+//! as `crc16/<name>` ([`Registry::catalog_names`]), `md2`, `md5`, `sha1`,
+//! `sha224`, `sha256`, `sha384`, `sha512`, `blake3`, `xxh3`, `xxh128`.
+//! Numeric checksums carry their number ([`Digest::value`]) for decimal
+//! printing, and [`Algorithm::len`] gives the byte count `cksum`/`sum` print.
+//! Other crates add algorithms with [`Registry::register`].
+//!
+//! # Files, trees and threads
+//!
+//! [`hash_file`] reads each buffer once and feeds it to every requested
+//! algorithm. A file bigger than [`HashOptions::parallel_threshold`] whose
+//! algorithms all combine (every CRC, `adler32`, `sysv`) is split into
+//! [`HashOptions::chunk_size`] chunks hashed in parallel and combined in
+//! order; otherwise it is streamed, with big buffers fed to several
+//! algorithms in parallel and `blake3` using all threads on its own. Memory
+//! stays constant: at most a few 256 KiB–1 MiB buffers per thread.
+//! [`hash_tree`] walks a tree in parallel without following symlinks.
+//!
+//! All parallel work runs on the *current* rayon pool: cap the threads with
+//! `rayon::ThreadPool::install`. The engine never builds a global pool.
+//!
+//! # Reading
+//!
+//! [`IoMode`] picks the backend and [`IoUsed`] reports the one that read
+//! each file: `pread`; `mmap` (explicit only); io_uring with registered
+//! buffers and several reads in flight per thread (Cargo feature `uring`,
+//! on by default), probed once per process, with `Auto` falling back to
+//! `pread` where io_uring is unavailable (old kernel, seccomp, disabled).
 #![deny(missing_docs)]
 
 mod algorithm;
