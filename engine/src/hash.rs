@@ -244,6 +244,18 @@ fn hash_stream<R: Read>(mut reader: R, algs: &[AlgorithmInfo]) -> io::Result<Fil
     })
 }
 
+/// The digests of bytes already in memory (a small file read in a batch).
+#[cfg_attr(not(all(feature = "uring", target_os = "linux")), allow(dead_code))]
+pub(crate) fn hash_bytes(algs: &[AlgorithmInfo], data: &[u8], io: IoUsed) -> FileHash {
+    let mut states = new_states(algs);
+    feed(&mut states, data);
+    FileHash {
+        size: data.len() as u64,
+        digests: states.iter().map(|s| s.finish()).collect(),
+        io,
+    }
+}
+
 fn new_states(algs: &[AlgorithmInfo]) -> Vec<Box<dyn Algorithm>> {
     algs.iter().map(AlgorithmInfo::instantiate).collect()
 }

@@ -76,13 +76,20 @@ pub fn hash_tree(
             .as_bytes()
             .cmp(b.path.as_os_str().as_bytes())
     });
-    let mut entries: Vec<TreeEntry> = files
-        .into_par_iter()
-        .map(|path| {
-            let result = open_no_follow(&path).and_then(|f| hash_opened(&path, &f, algs, opts));
-            TreeEntry { path, result }
-        })
-        .collect();
+    let mut entries: Vec<TreeEntry> = if batch::enabled(opts.io) {
+        files
+            .par_chunks(batch::FILES)
+            .map(|chunk| batch::hash(chunk, algs, opts))
+            .collect::<Vec<Vec<TreeEntry>>>()
+            .into_iter()
+            .flatten()
+            .collect()
+    } else {
+        files
+            .into_par_iter()
+            .map(|path| hash_one(path, algs, opts))
+            .collect()
+    };
     let errors = errors.into_inner().expect("walk lock");
     if !errors.is_empty() {
         entries.extend(errors);
@@ -94,6 +101,104 @@ pub fn hash_tree(
         });
     }
     Ok(TreeHash { entries, skipped })
+}
+
+/// Hashes one file found by the walk on its own.
+fn hash_one(path: PathBuf, algs: &[AlgorithmInfo], opts: &HashOptions) -> TreeEntry {
+    let result = open_no_follow(&path).and_then(|f| hash_opened(&path, &f, algs, opts));
+    TreeEntry { path, result }
+}
+
+/// Small files read through io_uring in batches: open, read and close of
+/// [`batch::FILES`] files chained in the kernel, one system call per batch.
+#[cfg(all(feature = "uring", target_os = "linux"))]
+mod batch {
+    use std::cell::RefCell;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::PathBuf;
+
+    use super::{hash_one, TreeEntry};
+    use crate::hash::hash_bytes;
+    use crate::io::uring;
+    use crate::{AlgorithmInfo, Error, HashOptions, IoMode, IoUsed};
+
+    pub(super) const FILES: usize = uring::BATCH_FILES;
+    /// Files up to this size go in batches; bigger ones are hashed alone.
+    const MAX_SIZE: u64 = 64 << 10;
+
+    /// Whether trees use batches: io_uring asked for, or `Auto` where it
+    /// works (see the measurement in `benches/kernels.rs`, `tree/...`).
+    pub(super) fn enabled(mode: IoMode) -> bool {
+        matches!(mode, IoMode::Uring | IoMode::Auto) && crate::io::uring_available().is_ok()
+    }
+
+    thread_local! {
+        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn hash(
+        chunk: &[PathBuf],
+        algs: &[AlgorithmInfo],
+        opts: &HashOptions,
+    ) -> Vec<TreeEntry> {
+        let mut out: Vec<Option<TreeEntry>> = (0..chunk.len()).map(|_| None).collect();
+        let mut small: Vec<(usize, CString, u64)> = Vec::new();
+        for (i, path) in chunk.iter().enumerate() {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.is_file() && m.len() <= MAX_SIZE => {
+                    let c = CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL");
+                    small.push((i, c, m.len()));
+                }
+                _ => out[i] = Some(hash_one(path.clone(), algs, opts)),
+            }
+        }
+        if !small.is_empty() {
+            let mut buf = BUF.with(|b| b.take());
+            let list: Vec<(&std::ffi::CStr, u64)> =
+                small.iter().map(|(_, c, n)| (c.as_c_str(), *n)).collect();
+            match uring::read_batch(&list, &mut buf) {
+                Ok(results) => {
+                    let mut offset = 0usize;
+                    for ((i, _, size), result) in small.iter().zip(results) {
+                        let data = &buf[offset..offset + *size as usize];
+                        offset += *size as usize;
+                        let path = chunk[*i].clone();
+                        let result = result
+                            .map(|()| hash_bytes(algs, data, IoUsed::Uring))
+                            .map_err(|e| Error::io(&path, e));
+                        out[*i] = Some(TreeEntry { path, result });
+                    }
+                }
+                // The ring failed as a whole: hash these files one by one.
+                Err(_) => {
+                    for (i, _, _) in &small {
+                        out[*i] = Some(hash_one(chunk[*i].clone(), algs, opts));
+                    }
+                }
+            }
+            BUF.with(|b| *b.borrow_mut() = buf);
+        }
+        out.into_iter()
+            .map(|e| e.expect("every file handled"))
+            .collect()
+    }
+}
+
+#[cfg(not(all(feature = "uring", target_os = "linux")))]
+mod batch {
+    use std::path::PathBuf;
+
+    use super::TreeEntry;
+    use crate::{AlgorithmInfo, HashOptions, IoMode};
+
+    pub(super) const FILES: usize = 32;
+    pub(super) fn enabled(_mode: IoMode) -> bool {
+        false
+    }
+    pub(super) fn hash(_: &[PathBuf], _: &[AlgorithmInfo], _: &HashOptions) -> Vec<TreeEntry> {
+        unreachable!("batches need io_uring")
+    }
 }
 
 /// Opens a file found by the walk without following a symlink that may have

@@ -185,3 +185,72 @@ fn a_tree_hashes_inside_a_one_thread_pool() {
     assert_eq!(tree.entries.len(), 50);
     assert!(tree.entries.iter().all(|e| e.result.is_ok()));
 }
+
+#[test]
+fn every_io_mode_gives_the_same_tree_and_says_what_read_each_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Small files (batched under io_uring), one empty, one just over the
+    // batch limit, one big enough for the parallel path.
+    for i in 0..70usize {
+        write(root, &format!("s/{i:03}"), &vec![(i * 7) as u8; i * 97]);
+    }
+    write(root, "empty", b"");
+    write(root, "edge", &vec![3u8; 64 << 10]);
+    write(root, "over", &vec![4u8; (64 << 10) + 1]);
+    write(root, "big", &vec![5u8; 3 << 20]);
+    let base = HashOptions {
+        chunk_size: 1 << 20,
+        parallel_threshold: 2 << 20,
+        ..HashOptions::default()
+    };
+    let reference = hash_tree(
+        root,
+        &algs(),
+        &HashOptions {
+            io: fleetsync_engine::IoMode::Pread,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    for e in &reference.entries {
+        assert_eq!(
+            e.result.as_ref().unwrap().io,
+            fleetsync_engine::IoUsed::Pread
+        );
+    }
+    for mode in [
+        fleetsync_engine::IoMode::Auto,
+        fleetsync_engine::IoMode::Uring,
+        fleetsync_engine::IoMode::Mmap,
+    ] {
+        let opts = HashOptions {
+            io: mode,
+            ..base.clone()
+        };
+        let tree = match hash_tree(root, &algs(), &opts) {
+            Ok(t) => t,
+            Err(e) => panic!("{mode}: {e}"),
+        };
+        assert_eq!(tree.entries.len(), reference.entries.len());
+        for (a, b) in tree.entries.iter().zip(&reference.entries) {
+            assert_eq!(a.path, b.path);
+            let (ha, hb) = (a.result.as_ref(), b.result.as_ref().unwrap());
+            match ha {
+                Ok(h) => {
+                    assert_eq!(h.digests, hb.digests, "{mode} {}", a.path.display());
+                    assert_eq!(h.size, hb.size);
+                    if mode == fleetsync_engine::IoMode::Mmap {
+                        assert_eq!(h.io, fleetsync_engine::IoUsed::Mmap);
+                    }
+                    if mode == fleetsync_engine::IoMode::Uring {
+                        assert_eq!(h.io, fleetsync_engine::IoUsed::Uring);
+                    }
+                }
+                Err(fleetsync_engine::Error::UringUnavailable { .. })
+                    if mode == fleetsync_engine::IoMode::Uring => {}
+                Err(e) => panic!("{mode} {}: {e}", a.path.display()),
+            }
+        }
+    }
+}
