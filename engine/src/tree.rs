@@ -128,7 +128,10 @@ mod batch {
     const MAX_SIZE: u64 = 64 << 10;
 
     /// Whether trees use batches: io_uring asked for, or `Auto` where it
-    /// works (see the measurement in `benches/kernels.rs`, `tree/...`).
+    /// works. Measured (`examples/tree_probe.rs`, 5000 files of 0-8 KiB,
+    /// crc32, 2 busy cores): batches 142-148k files/s against 65-131k for
+    /// per-file pread, and the same CPU per file (~130-145k files per
+    /// CPU-second both); path lookup in the kernel dominates either way.
     pub(super) fn enabled(mode: IoMode) -> bool {
         matches!(mode, IoMode::Uring | IoMode::Auto) && crate::io::uring_available().is_ok()
     }

@@ -15,8 +15,9 @@ use crate::Error;
 /// How [`crate::hash_file`] should read files.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum IoMode {
-    /// io_uring for big files hashed in parallel chunks when the kernel
-    /// allows it; `pread` otherwise (see `IoUsed` for what was used).
+    /// io_uring where it measured no slower, when the kernel allows it: big
+    /// files hashed in parallel chunks, and small files of a tree read in
+    /// batches; `pread` otherwise (see `IoUsed` for what was used).
     #[default]
     Auto,
     /// io_uring only; an error if it is unavailable.
