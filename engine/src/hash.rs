@@ -53,8 +53,11 @@ pub struct FileHash {
 const SEQ_BLOCK: usize = 1 << 20;
 /// Buffers of a sequential reader thread (one being hashed, the rest filling).
 const SEQ_DEPTH: usize = 4;
-/// Files up to this size are read with one read on the calling thread.
-const SMALL_FILE: u64 = SEQ_BLOCK as u64;
+/// Files up to this size are read on the calling thread; bigger ones that
+/// are streamed get a reader thread (double buffering). Below this, the
+/// thread costs more than the overlap gains, and in a tree the other files
+/// keep the cores busy anyway.
+const SYNC_MAX: u64 = 8 << 20;
 /// Piece size for feeding several algorithms the same bytes: half the L2
 /// cache of the build machine (512 KiB), so each algorithm reads from L2.
 const L2_BLOCK: usize = 256 << 10;
@@ -118,8 +121,8 @@ pub(crate) fn hash_opened(
         IoUsed::Pread | IoUsed::Stream if parallel => {
             par_pread(file, size, chunk, algs, &mut states)
         }
-        IoUsed::Pread | IoUsed::Stream if size <= SMALL_FILE => {
-            read_small(file, size, &mut states, pread::read_exact_at)
+        IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
+            read_sync(file, size, &mut states, pread::read_exact_at)
         }
         IoUsed::Pread | IoUsed::Stream => {
             let block = chunk.min(SEQ_BLOCK);
@@ -286,18 +289,26 @@ thread_local! {
     static SMALL_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Reads a whole small file with `read_at` and hashes it.
-fn read_small(
+/// Reads a file with `read_at` in `SEQ_BLOCK` pieces on this thread and
+/// hashes each piece.
+fn read_sync(
     file: &File,
     size: u64,
     states: &mut [Box<dyn Algorithm>],
     read_at: fn(&File, &mut [u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
     let mut buf = SMALL_BUF.with(|b| b.take());
-    buf.resize(size as usize, 0);
-    let result = read_at(file, &mut buf, 0);
-    if result.is_ok() {
-        feed(states, &buf);
+    buf.resize((size as usize).min(SEQ_BLOCK), 0);
+    let mut offset = 0u64;
+    let mut result = Ok(());
+    while offset < size {
+        let len = (SEQ_BLOCK as u64).min(size - offset) as usize;
+        result = read_at(file, &mut buf[..len], offset);
+        if result.is_err() {
+            break;
+        }
+        feed(states, &buf[..len]);
+        offset += len as u64;
     }
     SMALL_BUF.with(|b| *b.borrow_mut() = buf);
     result

@@ -146,9 +146,9 @@ fn big_file_over_the_default_threshold_uses_real_chunks() {
 
 #[test]
 fn sequential_pipeline_over_several_blocks() {
-    // Not combinable, bigger than one read: the reader-thread path.
+    // Not combinable, bigger than 8 MiB: the reader-thread path.
     let dir = tempfile::tempdir().unwrap();
-    let bytes = data(3 * (1 << 20) + 17, 5);
+    let bytes = data(9 * (1 << 20) + 17, 5);
     let path = dir.path().join("seq");
     std::fs::write(&path, &bytes).unwrap();
     check_all_modes(&path, &bytes, &infos(MIXED), &HashOptions::default());
