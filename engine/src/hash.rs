@@ -61,6 +61,8 @@ const SYNC_MAX: u64 = 8 << 20;
 /// Piece size for feeding several algorithms the same bytes: half the L2
 /// cache of the build machine (512 KiB), so each algorithm reads from L2.
 const L2_BLOCK: usize = 256 << 10;
+/// Most chunks one parallel file is split into.
+const MAX_CHUNKS: u64 = 1 << 16;
 /// Blocks at least this long are fed to several algorithms in parallel.
 const PAR_ALGS_MIN: usize = 64 << 10;
 
@@ -111,7 +113,12 @@ pub(crate) fn hash_opened(
         return hash_stream(file, algs).map_err(|e| Error::io(path, e));
     }
     let size = meta.len();
-    let chunk = opts.chunk_size.max(1);
+    // Every chunk keeps its states until the combine: bound their number so
+    // a tiny `chunk_size` on a huge file cannot exhaust memory.
+    let chunk = opts
+        .chunk_size
+        .max(1)
+        .max(size.div_ceil(MAX_CHUNKS).min(usize::MAX as u64) as usize);
     let parallel =
         size > opts.parallel_threshold && size > chunk as u64 && algs.iter().all(|a| a.combinable);
     let io = choose_backend(opts.io, parallel)?;
