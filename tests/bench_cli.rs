@@ -165,6 +165,8 @@ fn compare_times_the_coreutils_references() {
     );
     for c in doc["comparisons"].as_array().unwrap() {
         assert!(c["ratio"].as_f64().unwrap() > 0.0);
+        assert!(c["ours_cpu_seconds"].as_f64().unwrap() >= 0.0);
+        assert!(c["cpu_ratio"].as_f64().unwrap() >= 0.0);
         assert!(c["target"].as_f64().is_some());
     }
 }

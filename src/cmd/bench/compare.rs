@@ -4,11 +4,12 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fleetsync_engine::AlgorithmInfo;
 
-use super::{best_of, Args, Progress, Workload};
+use super::{Args, Progress, Workload};
 
 /// Our time and a reference tool's on the same workload.
 pub(crate) struct Comparison {
@@ -20,6 +21,10 @@ pub(crate) struct Comparison {
     pub ours_seconds: f64,
     /// The reference's wall time.
     pub theirs_seconds: f64,
+    /// CPU time (user + system, all threads and processes) of our best run.
+    pub ours_cpu_seconds: f64,
+    /// CPU time of the reference's best run.
+    pub theirs_cpu_seconds: f64,
     /// The speed-up we promise (issue 3), if any.
     pub target: Option<f64>,
 }
@@ -28,6 +33,11 @@ impl Comparison {
     /// How many times faster we are.
     pub fn ratio(&self) -> f64 {
         self.theirs_seconds / self.ours_seconds
+    }
+
+    /// How many times less CPU we use.
+    pub fn cpu_ratio(&self) -> f64 {
+        self.theirs_cpu_seconds / self.ours_cpu_seconds.max(1e-9)
     }
 
     /// Whether the target is met (`None` without a target).
@@ -67,21 +77,54 @@ fn installed(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Times `argv` (stdout and stderr to /dev/null); fails if it exits non-zero.
-fn time_command(runs: u32, argv: &[OsString]) -> anyhow::Result<f64> {
-    best_of(runs, || {
-        let status = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("running {}", argv[0].to_string_lossy()))?;
-        if !status.success() {
-            bail!("{} failed: {status}", render(argv));
-        }
-        Ok(())
+/// One timed run of a command: wall-clock seconds, and CPU seconds (user +
+/// system) of it and every process it waited for.
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// CPU seconds used so far by this process's waited-for descendants.
+fn children_cpu() -> f64 {
+    // SAFETY: `rusage` is plain old data, so all-zero bytes are a valid value,
+    // and getrusage only writes into the struct we hand it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage for the call's duration.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Runs `argv` once (stdout and stderr to /dev/null); fails if it exits non-zero.
+fn time_command(argv: &[OsString]) -> anyhow::Result<Timing> {
+    let cpu_before = children_cpu();
+    let start = Instant::now();
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", argv[0].to_string_lossy()))?;
+    let wall = start.elapsed().as_secs_f64().max(1e-9);
+    if !status.success() {
+        bail!("{} failed: {status}", render(argv));
+    }
+    Ok(Timing {
+        wall,
+        cpu: (children_cpu() - cpu_before).max(0.0),
     })
+}
+
+/// The best of two timings: each figure's minimum.
+fn best(a: Timing, b: Timing) -> Timing {
+    Timing {
+        wall: a.wall.min(b.wall),
+        cpu: a.cpu.min(b.cpu),
+    }
 }
 
 fn render(argv: &[OsString]) -> String {
@@ -133,12 +176,16 @@ pub(crate) fn run(
             alg.name,
             shown.join(", ")
         ));
-        let mut ours = f64::INFINITY;
-        let mut theirs = vec![f64::INFINITY; refs.len()];
+        let none = Timing {
+            wall: f64::INFINITY,
+            cpu: f64::INFINITY,
+        };
+        let mut ours = none;
+        let mut theirs = vec![none; refs.len()];
         for _ in 0..args.runs {
-            ours = ours.min(time_command(1, &ours_argv)?);
-            for ((argv, ..), best) in refs.iter().zip(&mut theirs) {
-                *best = best.min(time_command(1, argv)?);
+            ours = best(ours, time_command(&ours_argv)?);
+            for ((argv, ..), t) in refs.iter().zip(&mut theirs) {
+                *t = best(*t, time_command(argv)?);
             }
         }
         progress.step();
@@ -146,8 +193,10 @@ pub(crate) fn run(
             out.push(Comparison {
                 algorithm: alg.name.clone(),
                 reference: shown,
-                ours_seconds: ours,
-                theirs_seconds: theirs,
+                ours_seconds: ours.wall,
+                theirs_seconds: theirs.wall,
+                ours_cpu_seconds: ours.cpu,
+                theirs_cpu_seconds: theirs.cpu,
                 target,
             });
         }

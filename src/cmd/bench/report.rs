@@ -99,14 +99,15 @@ impl Report<'_> {
                 .max(9);
             let _ = writeln!(
                 s,
-                "{:<width$}  {:<rw$}  {:>9}  {:>11}  {:>11}  {:>6}  {:>4}",
+                "{:<width$}  {:<rw$}  {:>9}  {:>11}  {:>11}  {:>6}  {:>4}  {:>9}",
                 "algorithm",
                 "reference",
                 "ours GB/s",
                 "theirs GB/s",
                 "ours/theirs",
                 "target",
-                "met"
+                "met",
+                "CPU ratio"
             );
             for c in self.comparisons {
                 let target = c.target.map(|t| format!("{t:.1}x")).unwrap_or_default();
@@ -117,16 +118,21 @@ impl Report<'_> {
                 };
                 let _ = writeln!(
                     s,
-                    "{:<width$}  {:<rw$}  {:>9.2}  {:>11.2}  {:>10.2}x  {:>6}  {:>4}",
+                    "{:<width$}  {:<rw$}  {:>9.2}  {:>11.2}  {:>10.2}x  {:>6}  {:>4}  {:>8.2}x",
                     c.algorithm,
                     c.reference,
                     self.gb_per_s(c.ours_seconds),
                     self.gb_per_s(c.theirs_seconds),
                     c.ratio(),
                     target,
-                    met
+                    met,
+                    c.cpu_ratio()
                 );
             }
+            s.push_str(
+                "\nours/theirs: their wall time / ours. CPU ratio: their CPU time (user+system) / \
+                 ours;\nabove 1 we do the same work with less CPU, which holds however busy the machine is.\n",
+            );
         }
         s
     }
@@ -158,6 +164,9 @@ impl Report<'_> {
                     "ours_gb_per_s": self.gb_per_s(c.ours_seconds),
                     "theirs_gb_per_s": self.gb_per_s(c.theirs_seconds),
                     "ratio": c.ratio(),
+                    "ours_cpu_seconds": c.ours_cpu_seconds,
+                    "theirs_cpu_seconds": c.theirs_cpu_seconds,
+                    "cpu_ratio": c.cpu_ratio(),
                     "target": c.target,
                     "met": c.met(),
                 })
