@@ -364,57 +364,74 @@ impl Server {
         Ok(token)
     }
 
-    /// Reads everything available, then handles every whole frame.
+    /// Reads until `WouldBlock` (mio is edge-triggered), handling the whole
+    /// frames after every MiB read so that a fast peer cannot make us buffer
+    /// more than that.
     fn read_conn(&mut self, token: Token) {
-        let mut frames = Vec::new();
-        let mut close: Option<String> = None;
-        {
-            let Some(conn) = self.conns.get_mut(&token) else {
-                return;
-            };
-            loop {
-                match conn.dec.read_from(&mut conn.stream) {
-                    Ok(0) => {
-                        close = Some("connection closed by peer".into());
-                        break;
-                    }
-                    Ok(_) => conn.last_activity = Instant::now(),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        close = Some(format!("read error: {e}"));
-                        break;
+        const BUDGET: usize = 1 << 20;
+        loop {
+            let mut frames = Vec::new();
+            let mut close: Option<String> = None;
+            let mut drained = false;
+            {
+                let Some(conn) = self.conns.get_mut(&token) else {
+                    return;
+                };
+                let mut read = 0;
+                while read < BUDGET {
+                    match conn.dec.read_from(&mut conn.stream) {
+                        Ok(0) => {
+                            close = Some("connection closed by peer".into());
+                            break;
+                        }
+                        Ok(n) => {
+                            read += n;
+                            conn.last_activity = Instant::now();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            close = Some(format!("read error: {e}"));
+                            break;
+                        }
                     }
                 }
-            }
-            loop {
-                match conn.dec.next_frame() {
-                    Ok(Some(body)) => frames.push(body),
-                    Ok(None) => break,
-                    Err(e) => {
-                        close = Some(format!("bad frame: {e}"));
-                        break;
+                loop {
+                    match conn.dec.next_frame() {
+                        Ok(Some(body)) => frames.push(body),
+                        Ok(None) => break,
+                        Err(e) => {
+                            close = Some(format!("bad frame: {e}"));
+                            break;
+                        }
                     }
                 }
+                if close.is_some() && conn.dec.buffered() > 0 && frames.is_empty() {
+                    close = Some(format!(
+                        "connection closed in the middle of a frame ({} bytes buffered)",
+                        conn.dec.buffered()
+                    ));
+                }
             }
-            if close.is_some() && conn.dec.buffered() > 0 && frames.is_empty() {
-                close = Some(format!(
-                    "connection closed in the middle of a frame ({} bytes buffered)",
-                    conn.dec.buffered()
-                ));
+            for body in frames {
+                if let Err(e) = self.on_frame(token, &body) {
+                    close = Some(e);
+                    break;
+                }
+                if !self.conns.contains_key(&token) {
+                    return;
+                }
             }
-        }
-        for body in frames {
-            if let Err(e) = self.on_frame(token, &body) {
-                close = Some(e);
-                break;
-            }
-            if !self.conns.contains_key(&token) {
+            if let Some(why) = close {
+                self.close(token, why);
                 return;
             }
-        }
-        if let Some(why) = close {
-            self.close(token, why);
+            if drained {
+                return;
+            }
         }
     }
 
