@@ -140,6 +140,9 @@ struct Remote {
     done_bytes: u64,
     done_files: u64,
     total_bytes: u64,
+    /// Bytes of the send orders finished before the current one (progress
+    /// within the current order is added to it).
+    progress_base: u64,
 }
 
 const SUM_NONE: u8 = 0;
@@ -701,6 +704,7 @@ impl Server {
                 done_bytes: 0,
                 done_files: 0,
                 total_bytes: 0,
+                progress_base: 0,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -888,7 +892,12 @@ impl Server {
                 self.on_item_results(job, i, role, results);
                 Ok(())
             }
-            Msg::Progress(_) => Ok(()),
+            Msg::Progress(p) => {
+                if let AgentRole::MasterLink(i) = role {
+                    self.on_send_progress(job, i, p.bytes);
+                }
+                Ok(())
+            }
             Msg::Done(_) => {
                 if let Some(c) = self.conns.get_mut(&token) {
                     c.outstanding = c.outstanding.saturating_sub(1);
@@ -1408,7 +1417,30 @@ impl Server {
             return;
         }
         r.pending = r.pending.saturating_sub(1);
+        if r.state == RState::Sending {
+            r.progress_base = r.done_bytes;
+        }
         self.pump_phase(job, i);
+    }
+
+    /// The master's progress within a send order (also within a big file).
+    fn on_send_progress(&mut self, job: u64, i: usize, order_bytes: u64) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let r = &mut j.remotes[i];
+        if r.state != RState::Sending {
+            return;
+        }
+        let p = SyncProgress {
+            remote: i as u32,
+            done_files: r.done_files,
+            total_files: r.plan.as_ref().map_or(0, |p| p.sends().len() as u64),
+            done_bytes: (r.progress_base + order_bytes).max(r.done_bytes),
+            total_bytes: r.total_bytes,
+        };
+        let control = j.control;
+        self.queue(control, &Msg::SyncProgress(p));
     }
 
     fn fail_remote(&mut self, job: u64, i: usize, why: String) {
