@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fleetsync_engine::AlgorithmInfo;
@@ -15,6 +15,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::path::{self, name, Root};
+use crate::sumcache::{FileKey, SumCache};
 use crate::AgentError;
 
 /// Read size when hashing without the engine (no `/proc`).
@@ -75,6 +76,12 @@ pub trait Backend: Send + Sync {
 
     /// Whether owner and group can be applied.
     fn can_chown(&self) -> bool;
+
+    /// Called after each checksum request (e.g. to persist a cache now and then).
+    fn checksums_done(&self) {}
+
+    /// Called when a connection ends: persist whatever should survive.
+    fn persist(&self) {}
 }
 
 /// What an attribute change did.
@@ -97,6 +104,7 @@ pub struct PosixBackend {
     can_chown: bool,
     fsync: bool,
     live_temps: Arc<Mutex<HashSet<Vec<u8>>>>,
+    sums: Option<SumCache>,
 }
 
 impl PosixBackend {
@@ -107,7 +115,26 @@ impl PosixBackend {
             can_chown: rustix::process::geteuid().is_root(),
             fsync: true,
             live_temps: Arc::default(),
+            sums: Some(match crate::sumcache::default_file(root) {
+                Some(f) => SumCache::open(f),
+                None => SumCache::in_memory(),
+            }),
         })
+    }
+
+    /// Whether checksums are cached (default: yes, in `~/.cache/fleetsync`;
+    /// see [`crate::sumcache`]). Without the cache every request reads every file.
+    pub fn with_checksum_cache(mut self, cache: bool) -> Self {
+        if !cache {
+            self.sums = None;
+        }
+        self
+    }
+
+    /// Keeps the checksum cache in `file` instead of the default place.
+    pub fn with_checksum_cache_file(mut self, file: PathBuf) -> Self {
+        self.sums = Some(SumCache::open(file));
+        self
     }
 
     /// Whether received files are fsynced before the rename (default: yes).
@@ -530,42 +557,16 @@ impl Drop for PosixTemp {
     }
 }
 
-impl Backend for PosixBackend {
-    fn list(
+impl PosixBackend {
+    /// Hashes an opened regular file (`st` is its `fstat`).
+    fn hash_fd(
         &self,
-        decide: Decider<'_>,
-        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
-    ) -> Result<(), AgentError> {
-        let st = rustix::fs::fstat(self.root.fd()).map_err(|e| AgentError::io("stat", b"", e))?;
-        sink(entry_of(b"", &st, None))?;
-        let mut prefix = Vec::new();
-        self.walk(self.root.fd(), &mut prefix, decide, sink)
-    }
-
-    fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
-        Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
-    }
-
-    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
+        fd: OwnedFd,
+        st: &Stat,
+        path: &[u8],
+        alg: &AlgorithmInfo,
+    ) -> Result<(Vec<u8>, u64), AgentError> {
         use std::os::fd::AsRawFd;
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
         // The engine opens by path: hand it the descriptor we resolved safely
         // beneath the root, through its /proc magic link (the same inode, no
         // new path resolution from the root).
@@ -610,6 +611,78 @@ impl Backend for PosixBackend {
             total += n as u64;
         }
         Ok((state.finish().as_bytes().to_vec(), total))
+    }
+}
+
+impl Backend for PosixBackend {
+    fn list(
+        &self,
+        decide: Decider<'_>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let st = rustix::fs::fstat(self.root.fd()).map_err(|e| AgentError::io("stat", b"", e))?;
+        sink(entry_of(b"", &st, None))?;
+        let mut prefix = Vec::new();
+        self.walk(self.root.fd(), &mut prefix, decide, sink)
+    }
+
+    fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
+    }
+
+    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        let key = FileKey {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+        };
+        if let Some(d) = self.sums.as_ref().and_then(|c| c.get(&alg.name, &key)) {
+            return Ok((d, key.size));
+        }
+        let hashed_at = std::time::SystemTime::now();
+        let (digest, size) = self.hash_fd(fd, &st, path, alg)?;
+        if let Some(c) = &self.sums {
+            if size == key.size {
+                c.put(&alg.name, key, &digest, hashed_at);
+            }
+        }
+        Ok((digest, size))
+    }
+
+    fn checksums_done(&self) {
+        if let Some(c) = &self.sums {
+            if let Err(e) = c.save_if_due(std::time::Duration::from_secs(5)) {
+                tracing::warn!("saving the checksum cache: {e}");
+            }
+        }
+    }
+
+    fn persist(&self) {
+        if let Some(c) = &self.sums {
+            if let Err(e) = c.save() {
+                tracing::warn!("saving the checksum cache: {e}");
+            }
+        }
     }
 
     fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError> {

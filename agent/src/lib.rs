@@ -18,6 +18,7 @@ pub mod backend;
 mod error;
 pub mod path;
 mod server;
+pub mod sumcache;
 mod transfer;
 
 pub use backend::{Backend, PosixBackend, TempFile};

@@ -210,6 +210,7 @@ fn serve_requests(
     for t in senders {
         let _ = t.join();
     }
+    shared.backend.persist();
     r
 }
 
@@ -398,6 +399,7 @@ fn checksums(
             },
         )?;
     }
+    shared.backend.checksums_done();
     Ok(())
 }
 

@@ -162,3 +162,45 @@ fn checksums_of_files_of_every_size_agree_with_a_plain_engine_state() {
         assert_eq!(r.size, *s as u64);
     }
 }
+
+#[test]
+fn regression_cached_checksum_still_sees_new_content_with_same_size_and_mtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let f = root.join("f");
+    std::fs::write(&f, b"old content").unwrap();
+    let old_mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    // Past the "racy" window, so that the first digest is cached.
+    std::thread::sleep(std::time::Duration::from_millis(2300));
+    let backend = fleetsync_agent::PosixBackend::new(&root)
+        .unwrap()
+        .with_checksum_cache_file(tmp.path().join("sums"));
+    let agent = fleetsync_agent::Agent::new(
+        &root,
+        Some(TOKEN.to_vec()),
+        Some(std::sync::Arc::new(backend)),
+    )
+    .unwrap()
+    .serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    .unwrap();
+    let mut c = Client::connect(agent.local_addr(), Role::Server);
+    let first = c.checksums(&[b"f"]);
+    let again = c.checksums(&[b"f"]);
+    assert_eq!(first, again);
+    // Same size, same mtime, new content: the ctime changed, the cache must miss.
+    std::fs::write(&f, b"new content").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(old_mtime)
+        .unwrap();
+    let after = c.checksums(&[b"f"]);
+    assert_ne!(first[0].digest, after[0].digest);
+    drop(c);
+    agent.stop();
+    // The cache was persisted outside the tree.
+    assert!(tmp.path().join("sums").exists());
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1);
+}

@@ -30,6 +30,19 @@ pub fn reader_options() -> ReaderOptions {
     o
 }
 
+/// [`reader_options`] for a message of `body_len` bytes: the traversal limit
+/// is also bounded by 8 times the message's own size (plus slack), because a
+/// list of zero-sized structs may claim millions of elements in a few bytes
+/// (Cap'n Proto charges each one word): without this, a 300-byte frame
+/// decoded into two million file entries (hundreds of MB, before the
+/// handshake too). Honest readers traverse a message about once.
+pub fn reader_options_for(body_len: usize) -> ReaderOptions {
+    let mut o = reader_options();
+    let words = (body_len / 8).saturating_mul(8).saturating_add(1024);
+    o.traversal_limit_in_words(Some(words.min(2 * MAX_FRAME / 8)));
+    o
+}
+
 /// A message builder whose first segment is big enough for `bytes` of payload,
 /// so that large messages stay in one segment.
 pub fn builder_with_capacity(bytes: usize) -> Builder<HeapAllocator> {
@@ -109,14 +122,14 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ProtoError> {
     read_frame_limited(r, MAX_FRAME)
 }
 
-/// Parses a frame body into a Cap'n Proto reader with [`reader_options`].
+/// Parses a frame body into a Cap'n Proto reader with [`reader_options_for`] its size.
 ///
 /// The bytes are copied once into aligned segments.
 pub fn parse(
     body: &[u8],
 ) -> Result<capnp::message::Reader<capnp::serialize::OwnedSegments>, ProtoError> {
     let mut slice = body;
-    let reader = capnp::serialize::read_message(&mut slice, reader_options())?;
+    let reader = capnp::serialize::read_message(&mut slice, reader_options_for(body.len()))?;
     if !slice.is_empty() {
         return Err(ProtoError::Decode(format!(
             "{} trailing bytes after the message",
@@ -267,14 +280,16 @@ impl FrameBuf {
         &capnp::Word::words_to_bytes(&self.words)[..self.len]
     }
 
-    /// Parses the last frame in place, with [`reader_options`].
+    /// Parses the last frame in place, with [`reader_options_for`] its size.
     pub fn parse(
         &self,
     ) -> Result<capnp::message::Reader<capnp::serialize::NoAllocSliceSegments<'_>>, ProtoError>
     {
         let mut slice = self.bytes();
-        let reader =
-            capnp::serialize::read_message_from_flat_slice_no_alloc(&mut slice, reader_options())?;
+        let reader = capnp::serialize::read_message_from_flat_slice_no_alloc(
+            &mut slice,
+            reader_options_for(self.len),
+        )?;
         if !slice.is_empty() {
             return Err(ProtoError::Decode(format!(
                 "{} trailing bytes after the message",

@@ -314,3 +314,72 @@ fn write_fuzz_seeds() {
         put("select_expr", format!("seed-{k}"), s.as_bytes());
     }
 }
+
+/// Found by `cargo fuzz run msg_decode`: a 352-byte listBatch whose entries
+/// are a list of zero-sized structs decoded into 2,097,277 file entries
+/// (~640 ms and hundreds of MB per frame; 4 KiB frames are accepted before
+/// the handshake). The traversal limit now scales with the frame's size.
+#[test]
+fn regression_zero_sized_struct_list_cannot_amplify_a_small_frame() {
+    let hex = "000000002b0000000000000001000100040000000000000000000000020001000100000000000000010000000000000001000000e80300010000000000008f0001000000ed010000e8030000e80300002a0000000000000007000000000000000200000000000000001000000000000000f1536500000000050000000000000000000000000000005d00000002000000000000000000000000000000ed010000e8030000e80300002a0000000000000007000000000000000200000000000000001000000000000000f153650000000005000000000000000000000000000000300000002a000000000000000000000002000000ed010000e8030000e80300002a0000000000000007000000000000000200000000000000001000000000000000f153650000000005000000000000000000000000000000005d00000002000000000000000000000000000000ed010000ff0000000000002e2e2f7400000000";
+    let body: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    match Msg::decode(&body) {
+        Ok(Msg::ListBatch { entries, .. }) => assert!(
+            entries.len() <= body.len(),
+            "{} entries from {} bytes",
+            entries.len(),
+            body.len()
+        ),
+        Ok(other) => panic!("{}", other.kind_name()),
+        Err(_) => {}
+    }
+    checks::msg_body(&body);
+}
+
+/// The size-scaled traversal limit still lets the biggest honest messages
+/// through: a full 16 MiB-class list batch and a 1 MiB chunk.
+#[test]
+fn big_honest_messages_still_decode() {
+    let entries: Vec<FileEntry> = (0..60_000)
+        .map(|i| FileEntry {
+            path: format!("some/fairly/long/directory/name/file-{i:08}.dat").into_bytes(),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 1,
+            gid: 1,
+            inode: i,
+            dev: 1,
+            nlink: 1,
+            size: i,
+            mtime_sec: 1,
+            mtime_nsec: 2,
+            link_target: None,
+            rdev: 0,
+        })
+        .collect();
+    let m = Msg::ListBatch {
+        request_id: 9,
+        entries,
+        last: true,
+    };
+    let f = m.to_frame().unwrap();
+    assert_eq!(Msg::decode(&f[4..]).unwrap(), m);
+    let reader = fleetsync_proto::frame::parse(&f[4..]).unwrap();
+    let (_, _, it) = fleetsync_proto::list_batch_entries(&reader)
+        .unwrap()
+        .unwrap();
+    let mut n = 0;
+    for e in it {
+        assert!(e.unwrap().path.starts_with(b"some/"));
+        n += 1;
+    }
+    assert_eq!(n, 60_000);
+    let chunk = Msg::FileChunk {
+        data: vec![7; fleetsync_proto::frame::MAX_CHUNK],
+    };
+    let f = chunk.to_frame().unwrap();
+    assert_eq!(Msg::decode(&f[4..]).unwrap(), chunk);
+}

@@ -140,6 +140,9 @@ struct Remote {
     done_bytes: u64,
     done_files: u64,
     total_bytes: u64,
+    /// Bytes of the send orders finished before the current one (progress
+    /// within the current order is added to it).
+    progress_base: u64,
 }
 
 const SUM_NONE: u8 = 0;
@@ -364,57 +367,74 @@ impl Server {
         Ok(token)
     }
 
-    /// Reads everything available, then handles every whole frame.
+    /// Reads until `WouldBlock` (mio is edge-triggered), handling the whole
+    /// frames after every MiB read so that a fast peer cannot make us buffer
+    /// more than that.
     fn read_conn(&mut self, token: Token) {
-        let mut frames = Vec::new();
-        let mut close: Option<String> = None;
-        {
-            let Some(conn) = self.conns.get_mut(&token) else {
-                return;
-            };
-            loop {
-                match conn.dec.read_from(&mut conn.stream) {
-                    Ok(0) => {
-                        close = Some("connection closed by peer".into());
-                        break;
-                    }
-                    Ok(_) => conn.last_activity = Instant::now(),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        close = Some(format!("read error: {e}"));
-                        break;
+        const BUDGET: usize = 1 << 20;
+        loop {
+            let mut frames = Vec::new();
+            let mut close: Option<String> = None;
+            let mut drained = false;
+            {
+                let Some(conn) = self.conns.get_mut(&token) else {
+                    return;
+                };
+                let mut read = 0;
+                while read < BUDGET {
+                    match conn.dec.read_from(&mut conn.stream) {
+                        Ok(0) => {
+                            close = Some("connection closed by peer".into());
+                            break;
+                        }
+                        Ok(n) => {
+                            read += n;
+                            conn.last_activity = Instant::now();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            close = Some(format!("read error: {e}"));
+                            break;
+                        }
                     }
                 }
-            }
-            loop {
-                match conn.dec.next_frame() {
-                    Ok(Some(body)) => frames.push(body),
-                    Ok(None) => break,
-                    Err(e) => {
-                        close = Some(format!("bad frame: {e}"));
-                        break;
+                loop {
+                    match conn.dec.next_frame() {
+                        Ok(Some(body)) => frames.push(body),
+                        Ok(None) => break,
+                        Err(e) => {
+                            close = Some(format!("bad frame: {e}"));
+                            break;
+                        }
                     }
                 }
+                if close.is_some() && conn.dec.buffered() > 0 && frames.is_empty() {
+                    close = Some(format!(
+                        "connection closed in the middle of a frame ({} bytes buffered)",
+                        conn.dec.buffered()
+                    ));
+                }
             }
-            if close.is_some() && conn.dec.buffered() > 0 && frames.is_empty() {
-                close = Some(format!(
-                    "connection closed in the middle of a frame ({} bytes buffered)",
-                    conn.dec.buffered()
-                ));
+            for body in frames {
+                if let Err(e) = self.on_frame(token, &body) {
+                    close = Some(e);
+                    break;
+                }
+                if !self.conns.contains_key(&token) {
+                    return;
+                }
             }
-        }
-        for body in frames {
-            if let Err(e) = self.on_frame(token, &body) {
-                close = Some(e);
-                break;
-            }
-            if !self.conns.contains_key(&token) {
+            if let Some(why) = close {
+                self.close(token, why);
                 return;
             }
-        }
-        if let Some(why) = close {
-            self.close(token, why);
+            if drained {
+                return;
+            }
         }
     }
 
@@ -684,6 +704,7 @@ impl Server {
                 done_bytes: 0,
                 done_files: 0,
                 total_bytes: 0,
+                progress_base: 0,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -871,7 +892,12 @@ impl Server {
                 self.on_item_results(job, i, role, results);
                 Ok(())
             }
-            Msg::Progress(_) => Ok(()),
+            Msg::Progress(p) => {
+                if let AgentRole::MasterLink(i) = role {
+                    self.on_send_progress(job, i, p.bytes);
+                }
+                Ok(())
+            }
             Msg::Done(_) => {
                 if let Some(c) = self.conns.get_mut(&token) {
                     c.outstanding = c.outstanding.saturating_sub(1);
@@ -1391,7 +1417,30 @@ impl Server {
             return;
         }
         r.pending = r.pending.saturating_sub(1);
+        if r.state == RState::Sending {
+            r.progress_base = r.done_bytes;
+        }
         self.pump_phase(job, i);
+    }
+
+    /// The master's progress within a send order (also within a big file).
+    fn on_send_progress(&mut self, job: u64, i: usize, order_bytes: u64) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let r = &mut j.remotes[i];
+        if r.state != RState::Sending {
+            return;
+        }
+        let p = SyncProgress {
+            remote: i as u32,
+            done_files: r.done_files,
+            total_files: r.plan.as_ref().map_or(0, |p| p.sends().len() as u64),
+            done_bytes: (r.progress_base + order_bytes).max(r.done_bytes),
+            total_bytes: r.total_bytes,
+        };
+        let control = j.control;
+        self.queue(control, &Msg::SyncProgress(p));
     }
 
     fn fail_remote(&mut self, job: u64, i: usize, why: String) {

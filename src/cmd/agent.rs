@@ -32,6 +32,10 @@ pub struct Args {
     /// Do not fsync received files before renaming them (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
+    /// Do not keep a checksum cache (by default digests are reused while a file's inode,
+    /// size, mtime and ctime are unchanged; kept in ~/.cache/fleetsync).
+    #[arg(long)]
+    no_checksum_cache: bool,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -90,7 +94,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let backend = fleetsync_agent::PosixBackend::new(&args.root)
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_fsync(!args.no_fsync);
+        .with_fsync(!args.no_fsync)
+        .with_checksum_cache(!args.no_checksum_cache);
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener =
