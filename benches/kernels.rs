@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use fleetsync_engine::{hash_file, hash_tree, HashOptions, IoMode, Registry};
 
 const KERNEL_ALGS: &[&str] = &[
@@ -50,6 +52,9 @@ fn kernels(c: &mut Criterion) {
         let info = registry.info(name).expect("built-in");
         let mut group = c.benchmark_group(format!("kernel/{name}"));
         group.throughput(Throughput::Bytes(buf.len() as u64));
+        // Flat sampling: 10 samples of equal size, not 1+2+...+10 iterations
+        // (keeps md2, at a few MB/s, to seconds).
+        group.sampling_mode(SamplingMode::Flat);
         group.bench_function("1MiB", |b| {
             b.iter(|| {
                 let mut state = info.instantiate();
@@ -78,6 +83,7 @@ fn files(c: &mut Criterion) {
     let algs = [registry.info("crc32").expect("crc32")];
     let mut group = c.benchmark_group("tree/2000-small-files");
     group.throughput(Throughput::Bytes(total));
+    group.sampling_mode(SamplingMode::Flat);
     for mode in [IoMode::Auto, IoMode::Pread, IoMode::Uring] {
         let opts = HashOptions {
             io: mode,
@@ -97,6 +103,7 @@ fn files(c: &mut Criterion) {
     std::fs::write(&big, pattern(64 << 20)).expect("write");
     let mut group = c.benchmark_group("file/64MiB");
     group.throughput(Throughput::Bytes(64 << 20));
+    group.sampling_mode(SamplingMode::Flat);
     for name in ["crc32", "sha256"] {
         let algs = [registry.info(name).expect("built-in")];
         for mode in [IoMode::Auto, IoMode::Pread, IoMode::Uring, IoMode::Mmap] {
