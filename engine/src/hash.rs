@@ -123,21 +123,29 @@ pub(crate) fn hash_opened(
         size > opts.parallel_threshold && size > chunk as u64 && algs.iter().all(|a| a.combinable);
     let io = choose_backend(opts.io, parallel)?;
     let mut states = new_states(algs);
-    let result = match io {
-        IoUsed::Mmap => hash_mmap(file, size, chunk, parallel, algs, &mut states),
-        IoUsed::Pread | IoUsed::Stream if parallel => {
-            par_pread(file, size, chunk, algs, &mut states)
-        }
-        IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
-            read_sync(file, size, &mut states, pread::read_exact_at)
-        }
-        IoUsed::Pread | IoUsed::Stream => {
-            let block = chunk.min(SEQ_BLOCK);
-            seq_pipeline(&mut states, SEQ_DEPTH, |tx, free| {
-                pread::produce(file, size, block, SEQ_DEPTH, tx, free)
-            })
-        }
-        IoUsed::Uring => hash_uring(file, size, chunk, parallel, algs, &mut states),
+    let result = read_with(io, file, size, chunk, parallel, algs, &mut states);
+    #[cfg(all(feature = "uring", target_os = "linux"))]
+    let (io, result) = if opts.io == IoMode::Auto
+        && io == IoUsed::Uring
+        && result
+            .as_ref()
+            .is_err_and(crate::io::uring::is_setup_failure)
+    {
+        // The probe passed but this thread could not get a ring (memlock
+        // limit, fd limit): Auto falls back to pread and says so.
+        states = new_states(algs);
+        let again = read_with(
+            IoUsed::Pread,
+            file,
+            size,
+            chunk,
+            parallel,
+            algs,
+            &mut states,
+        );
+        (IoUsed::Pread, again)
+    } else {
+        (io, result)
     };
     result.map_err(|e| Error::io(path, e))?;
     Ok(FileHash {
@@ -145,6 +153,32 @@ pub(crate) fn hash_opened(
         digests: states.iter().map(|s| s.finish()).collect(),
         io,
     })
+}
+
+/// Reads the file with backend `io`, feeding `states`.
+fn read_with(
+    io: IoUsed,
+    file: &File,
+    size: u64,
+    chunk: usize,
+    parallel: bool,
+    algs: &[AlgorithmInfo],
+    states: &mut [Box<dyn Algorithm>],
+) -> io::Result<()> {
+    match io {
+        IoUsed::Mmap => hash_mmap(file, size, chunk, parallel, algs, states),
+        IoUsed::Pread | IoUsed::Stream if parallel => par_pread(file, size, chunk, algs, states),
+        IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
+            read_sync(file, size, states, pread::read_exact_at)
+        }
+        IoUsed::Pread | IoUsed::Stream => {
+            let block = chunk.min(SEQ_BLOCK);
+            seq_pipeline(states, SEQ_DEPTH, |tx, free| {
+                pread::produce(file, size, block, SEQ_DEPTH, tx, free)
+            })
+        }
+        IoUsed::Uring => hash_uring(file, size, chunk, parallel, algs, states),
+    }
 }
 
 /// Which backend reads a regular file of `size` bytes in `mode`.
