@@ -362,15 +362,70 @@ const BLAKE3_RAYON_MIN: usize = 128 * 1024;
 
 /// BLAKE3, hashed across the current rayon pool for big buffers.
 ///
-/// Not combinable through [`Algorithm::combine`]: `blake3::hazmat` can only
-/// merge subtrees whose sizes and offsets follow the BLAKE3 tree (power-of-two
-/// chunk counts, aligned), while `combine` promises any split point, and a
-/// chunk state would have to know its offset before it sees any input.
-/// Big files are still hashed on every thread, through `update_rayon`.
+/// Not combinable through the generic [`Algorithm::combine`] contract (any
+/// split point, fresh states): BLAKE3 can only merge subtrees whose sizes
+/// and offsets follow its tree, and a subtree must know its offset before it
+/// sees input. Inside the engine, the parallel file path makes chunk states
+/// with [`Blake3::at_offset`] over power-of-two chunk sizes (8 MiB by
+/// default) and `combine` accepts exactly those: each chunk becomes one
+/// subtree chaining value (`blake3::hazmat`), and `finish` merges them the
+/// way the BLAKE3 tree does. Anything else is refused.
 #[derive(Clone, Default)]
-struct Blake3 {
+pub(crate) struct Blake3 {
     hasher: blake3::Hasher,
     len: u64,
+    /// Where this state's input starts, when made for the chunk path.
+    offset: Option<u64>,
+    /// Finished chunks before `hasher`'s: (length, chaining value), all of
+    /// the same power-of-two length, starting at offset 0.
+    done: Vec<(u64, blake3::hazmat::ChainingValue)>,
+}
+
+impl Blake3 {
+    /// A state for the chunk of a file that starts at `offset`.
+    pub(crate) fn at_offset(offset: u64) -> Self {
+        use blake3::hazmat::HasherExt;
+        let mut hasher = blake3::Hasher::new();
+        hasher.set_input_offset(offset);
+        Blake3 {
+            hasher,
+            len: 0,
+            offset: Some(offset),
+            done: Vec::new(),
+        }
+    }
+
+    /// Whether `chunk` bytes per chunk keep every chunk a whole BLAKE3 subtree.
+    pub(crate) fn chunk_size_ok(chunk: u64) -> bool {
+        chunk >= blake3::CHUNK_LEN as u64 && chunk.is_power_of_two()
+    }
+
+    fn refuse(&self) -> Error {
+        Error::CombineUnsupported {
+            algorithm: "blake3 (only whole power-of-two chunks made by the engine)".to_owned(),
+        }
+    }
+
+    /// Merges `cvs` (equal power-of-two subtrees, the last possibly shorter)
+    /// into the tree BLAKE3 builds over them: the left part is the largest
+    /// power-of-two number of pieces smaller than the whole.
+    fn merge(cvs: &[blake3::hazmat::ChainingValue]) -> blake3::hazmat::ChainingValue {
+        use blake3::hazmat::{merge_subtrees_non_root, Mode};
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let left = left_pieces(cvs.len());
+        merge_subtrees_non_root(
+            &Self::merge(&cvs[..left]),
+            &Self::merge(&cvs[left..]),
+            Mode::Hash,
+        )
+    }
+}
+
+/// The largest power of two strictly smaller than `n` (n >= 2).
+fn left_pieces(n: usize) -> usize {
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
 }
 
 impl Algorithm for Blake3 {
@@ -378,7 +433,8 @@ impl Algorithm for Blake3 {
         "blake3"
     }
     fn update(&mut self, data: &[u8]) {
-        if data.len() >= BLAKE3_RAYON_MIN {
+        // Chunk states (`offset` set) already run one per thread.
+        if data.len() >= BLAKE3_RAYON_MIN && self.offset.is_none() {
             self.hasher.update_rayon(data);
         } else {
             self.hasher.update(data);
@@ -386,19 +442,64 @@ impl Algorithm for Blake3 {
         self.len += data.len() as u64;
     }
     fn finish(&self) -> Digest {
-        Digest::from_bytes(self.hasher.finalize().as_bytes().to_vec())
+        use blake3::hazmat::{merge_subtrees_root, HasherExt, Mode};
+        if self.done.is_empty() {
+            return Digest::from_bytes(self.hasher.finalize().as_bytes().to_vec());
+        }
+        // `combine` freezes a piece only when a non-empty one follows, so
+        // the live hasher always holds the last piece here.
+        let mut cvs: Vec<_> = self.done.iter().map(|(_, cv)| *cv).collect();
+        cvs.push(self.hasher.finalize_non_root());
+        let left = left_pieces(cvs.len());
+        let hash = merge_subtrees_root(
+            &Self::merge(&cvs[..left]),
+            &Self::merge(&cvs[left..]),
+            Mode::Hash,
+        );
+        Digest::from_bytes(hash.as_bytes().to_vec())
     }
     fn reset(&mut self) {
-        *self = Self::default();
+        *self = match self.offset {
+            Some(o) => Self::at_offset(o),
+            None => Self::default(),
+        };
     }
     fn box_clone(&self) -> Box<dyn Algorithm> {
         Box::new(self.clone())
+    }
+    fn combine(&mut self, next: &dyn Algorithm) -> Result<(), Error> {
+        use blake3::hazmat::HasherExt;
+        let next = downcast_same::<Self>(self, next)?;
+        let live = self.len - self.done_len();
+        let aligned = self.offset == Some(0)
+            && next.done.is_empty()
+            && next.offset == Some(self.len)
+            && Self::chunk_size_ok(live)
+            && self.done.iter().all(|(l, _)| *l == live)
+            && next.len <= live;
+        if !aligned {
+            return Err(self.refuse());
+        }
+        if next.len == 0 {
+            return Ok(());
+        }
+        // The live piece is whole and something follows: freeze it.
+        self.done.push((live, self.hasher.finalize_non_root()));
+        self.hasher = next.hasher.clone();
+        self.len += next.len;
+        Ok(())
     }
     fn len(&self) -> u64 {
         self.len
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+impl Blake3 {
+    fn done_len(&self) -> u64 {
+        self.done.iter().map(|(l, _)| l).sum()
     }
 }
 

@@ -120,7 +120,7 @@ pub(crate) fn hash_opened(
         .max(1)
         .max(size.div_ceil(MAX_CHUNKS).min(usize::MAX as u64) as usize);
     let parallel =
-        size > opts.parallel_threshold && size > chunk as u64 && algs.iter().all(|a| a.combinable);
+        size > opts.parallel_threshold && size > chunk as u64 && chunks_combine(algs, chunk);
     let io = choose_backend(opts.io, parallel)?;
     let mut states = new_states(algs);
     let result = read_with(io, file, size, chunk, parallel, algs, &mut states);
@@ -222,8 +222,8 @@ fn hash_uring(
         let results: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = (0..n)
             .into_par_iter()
             .map(|i| {
-                let mut st = new_states(algs);
                 let start = i * chunk as u64;
+                let mut st = chunk_states(algs, start);
                 let end = (start + chunk as u64).min(size);
                 uring::read_range(file, start, end, false, &mut |piece| {
                     update_all(&mut st, piece)
@@ -231,10 +231,7 @@ fn hash_uring(
                 Ok(st)
             })
             .collect();
-        for st in results {
-            append(states, &st?)?;
-        }
-        Ok(())
+        combine_chunks(states, results)
     } else {
         uring::read_range(file, 0, size, false, &mut |piece| feed(states, piece))
     }
@@ -298,6 +295,50 @@ pub(crate) fn hash_bytes(algs: &[AlgorithmInfo], data: &[u8], io: IoUsed) -> Fil
         digests: states.iter().map(|s| s.finish()).collect(),
         io,
     }
+}
+
+/// Whether every algorithm's chunk states combine at `chunk`-byte splits:
+/// the combinable ones always, BLAKE3 at power-of-two sizes (whole subtrees).
+fn chunks_combine(algs: &[AlgorithmInfo], chunk: usize) -> bool {
+    algs.iter().all(|a| {
+        a.combinable || (is_blake3(a) && crate::builtin::Blake3::chunk_size_ok(chunk as u64))
+    })
+}
+
+fn is_blake3(info: &AlgorithmInfo) -> bool {
+    info.instantiate().as_any().is::<crate::builtin::Blake3>()
+}
+
+/// Fresh states for the chunk of a file that starts at `offset`.
+fn chunk_states(algs: &[AlgorithmInfo], offset: u64) -> Vec<Box<dyn Algorithm>> {
+    algs.iter()
+        .map(|a| {
+            if !a.combinable && is_blake3(a) {
+                Box::new(crate::builtin::Blake3::at_offset(offset)) as Box<dyn Algorithm>
+            } else {
+                a.instantiate()
+            }
+        })
+        .collect()
+}
+
+/// Combines the chunk states, in file order, into `states`.
+fn combine_chunks(
+    states: &mut [Box<dyn Algorithm>],
+    chunks: impl IntoIterator<Item = io::Result<Vec<Box<dyn Algorithm>>>>,
+) -> io::Result<()> {
+    let mut chunks = chunks.into_iter();
+    if let Some(first) = chunks.next() {
+        // Start from the first chunk itself (a BLAKE3 chunk state knows its
+        // offset; a fresh state does not).
+        for (s, f) in states.iter_mut().zip(first?) {
+            *s = f;
+        }
+    }
+    for st in chunks {
+        append(states, &st?)?;
+    }
+    Ok(())
 }
 
 fn new_states(algs: &[AlgorithmInfo]) -> Vec<Box<dyn Algorithm>> {
@@ -396,8 +437,8 @@ fn par_pread(
         .map(|i| {
             let taken = spare.lock().expect("buffer pool").pop();
             let mut buf = taken.unwrap_or_else(|| vec![0u8; L2_BLOCK]);
-            let mut st = new_states(algs);
             let mut offset = i * chunk as u64;
+            let mut st = chunk_states(algs, offset);
             let end = (offset + chunk as u64).min(size);
             let mut read = Ok(());
             while offset < end {
@@ -415,10 +456,7 @@ fn par_pread(
             read.map(|()| st)
         })
         .collect();
-    for st in results {
-        append(states, &st?)?;
-    }
-    Ok(())
+    combine_chunks(states, results)
 }
 
 /// Feeds `data` to every state piece by piece, so that with several
@@ -448,17 +486,16 @@ fn hash_mmap(
         return Ok(());
     };
     if parallel {
-        let chunks: Vec<Vec<Box<dyn Algorithm>>> = map
+        let chunks: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = map
             .par_chunks(chunk)
-            .map(|piece| {
-                let mut st = new_states(algs);
+            .enumerate()
+            .map(|(i, piece)| {
+                let mut st = chunk_states(algs, (i * chunk) as u64);
                 update_all(&mut st, piece);
-                st
+                Ok(st)
             })
             .collect();
-        for st in &chunks {
-            append(states, st)?;
-        }
+        combine_chunks(states, chunks)?;
     } else {
         for piece in map.chunks(chunk.min(SEQ_BLOCK)) {
             feed(states, piece);

@@ -53,7 +53,10 @@ fn uring_works() -> bool {
 fn check_all_modes(path: &Path, bytes: &[u8], algs: &[AlgorithmInfo], opts: &HashOptions) {
     let want = reference(algs, bytes);
     let uring = uring_works();
-    let parallel_ok = algs.iter().all(|a| a.combinable);
+    let parallel_ok = algs.iter().all(|a| {
+        a.combinable
+            || (a.name == "blake3" && opts.chunk_size.is_power_of_two() && opts.chunk_size >= 1024)
+    });
     for mode in [IoMode::Auto, IoMode::Uring, IoMode::Pread, IoMode::Mmap] {
         let o = HashOptions {
             io: mode,
@@ -205,4 +208,38 @@ fn hashing_runs_inside_a_capped_rayon_pool() {
         parallel_threshold: 65_536,
     };
     pool.install(|| check_all_modes(&path, &bytes, &infos(COMBINABLE), &opts));
+}
+
+#[test]
+fn blake3_big_files_split_into_subtrees_match_blake3() {
+    // Power-of-two chunks make each chunk a BLAKE3 subtree (hazmat merge);
+    // the reference is the blake3 crate's one-shot hash via one update.
+    let dir = tempfile::tempdir().unwrap();
+    let algs = infos(&["blake3", "crc32"]);
+    for chunk in [1024usize, 4096, 65_536] {
+        let opts = HashOptions {
+            io: IoMode::Auto,
+            chunk_size: chunk,
+            parallel_threshold: 0,
+        };
+        for pieces in [2usize, 3, 4, 5, 7, 8, 9] {
+            for extra in [0usize, 1, chunk / 2, chunk - 1] {
+                let size = (pieces - 1) * chunk + extra.max(1);
+                let bytes = data(size, (pieces * 31 + extra) as u32);
+                let path = dir.path().join(format!("b3-{chunk}-{pieces}-{extra}"));
+                std::fs::write(&path, &bytes).unwrap();
+                check_all_modes(&path, &bytes, &algs, &opts);
+            }
+        }
+    }
+    // A chunk size that is not a power of two: BLAKE3 streams instead.
+    let opts = HashOptions {
+        io: IoMode::Pread,
+        chunk_size: 5000,
+        parallel_threshold: 0,
+    };
+    let bytes = data(23_456, 1);
+    let path = dir.path().join("b3-odd");
+    std::fs::write(&path, &bytes).unwrap();
+    check_all_modes(&path, &bytes, &algs, &opts);
 }
