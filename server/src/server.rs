@@ -44,6 +44,9 @@ const LISTENER: Token = Token(0);
 const CHUNK: usize = 20_000;
 /// Plan items per `planItems` frame.
 const ITEMS_PER_FRAME: usize = 2_000;
+/// Itemized plan output waiting for the control client beyond which the
+/// server stops producing more.
+const EMIT_HIGH: usize = 4 << 20;
 /// Per-item failures kept per remote (the rest are only counted).
 const MAX_FAILURES: usize = 1_000;
 /// Requests in flight per connection and purpose: the rest is built only
@@ -143,6 +146,10 @@ struct Remote {
     /// Bytes of the send orders finished before the current one (progress
     /// within the current order is added to it).
     progress_base: u64,
+    /// Next plan step to itemize to the control client.
+    emit_cur: usize,
+    /// The remote is finished but its plan is still being itemized.
+    finish_deferred: bool,
 }
 
 const SUM_NONE: u8 = 0;
@@ -280,6 +287,7 @@ impl Server {
                 }
             }
             self.check_timeouts();
+            self.pump_all_emits();
             self.flush_and_close();
         }
         Ok(())
@@ -705,6 +713,8 @@ impl Server {
                 done_files: 0,
                 total_bytes: 0,
                 progress_base: 0,
+                emit_cur: 0,
+                finish_deferred: false,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -1139,19 +1149,21 @@ impl Server {
         self.start_phase(job, i, RState::Before);
     }
 
+    /// Starts itemizing remote `i`'s plan to the control client: the notes
+    /// now, the steps by [`Server::pump_emit`] as the client reads them.
     fn emit_plan(&mut self, job: u64, i: usize) {
-        // Split borrows: items are encoded into the control connection's
-        // output as they are produced, never all held as structs.
         let Server {
             jobs, conns, dirty, ..
         } = self;
-        let j = jobs.get_mut(&job).unwrap();
+        let Some(j) = jobs.get_mut(&job) else {
+            return;
+        };
         let control = j.control;
-        dirty.insert(control);
-        let mut control_conn = conns.get_mut(&control);
         let r = &mut j.remotes[i];
-        let plan = r.plan.as_ref().unwrap();
-        let (master, remote) = (&j.master, &r.list);
+        let Some(plan) = r.plan.as_ref() else {
+            return;
+        };
+        let master = &j.master;
         let mut items = Vec::new();
         if !r.can_chown {
             items.push(PlanItem {
@@ -1171,47 +1183,105 @@ impl Server {
                 detail: "special file (fifo, socket or device) skipped".into(),
             });
         }
-        let mut deleted = 0;
-        let mut changed = 0;
-        for s in plan.steps() {
-            if items.len() >= ITEMS_PER_FRAME {
-                if let Some(c) = control_conn.as_deref_mut() {
-                    queue_on(c, &Msg::PlanItems(std::mem::take(&mut items)));
-                }
-                items.clear();
-            }
-            let (path, action, size) = match s.kind {
-                StepKind::Delete | StepKind::DeleteTree => {
-                    deleted += 1;
-                    (remote.path(s.index), Action::Delete, 0)
-                }
-                StepKind::Send => (master.path(s.index), Action::Transfer, master.size(s.index)),
-                k => {
-                    changed += 1;
-                    let a = match k {
-                        StepKind::Mkdir => Action::Mkdir,
-                        StepKind::Symlink => Action::Symlink,
-                        StepKind::HardLink => Action::HardLink,
-                        StepKind::Skip => Action::Skip,
-                        _ => Action::SetAttrs,
-                    };
-                    (master.path(s.index), a, 0)
-                }
-            };
-            items.push(PlanItem {
-                remote: i as u32,
-                path: path.to_vec(),
-                action,
-                size,
-                detail: describe(s, master, remote, r.can_chown),
-            });
-        }
+        let deleted = plan
+            .before()
+            .iter()
+            .filter(|s| matches!(s.kind, StepKind::Delete | StepKind::DeleteTree))
+            .count() as u64;
         r.result.deleted = deleted;
-        r.result.changed = changed;
-        if !items.is_empty() {
-            if let Some(c) = control_conn {
-                queue_on(c, &Msg::PlanItems(items));
+        r.result.changed = (plan.steps().len() - plan.sends().len()) as u64 - deleted;
+        r.emit_cur = 0;
+        if let Some(c) = conns.get_mut(&control) {
+            for chunk in items.chunks(ITEMS_PER_FRAME) {
+                queue_on(c, &Msg::PlanItems(chunk.to_vec()));
             }
+            dirty.insert(control);
+        }
+        self.pump_emit(job, i);
+    }
+
+    /// Itemizes more of remote `i`'s plan while the control connection has
+    /// less than [`EMIT_HIGH`] bytes waiting, so a million-step plan is never
+    /// all in memory as messages. Finishes a remote whose end was deferred.
+    fn pump_emit(&mut self, job: u64, i: usize) {
+        let finish = {
+            let Server {
+                jobs, conns, dirty, ..
+            } = self;
+            let Some(j) = jobs.get_mut(&job) else {
+                return;
+            };
+            let control = j.control;
+            let r = &mut j.remotes[i];
+            let Some(plan) = r.plan.as_ref() else {
+                return;
+            };
+            let steps = plan.steps();
+            let (master, remote) = (&j.master, &r.list);
+            match conns.get_mut(&control) {
+                Some(c) => {
+                    while r.emit_cur < steps.len() && c.out.len() - c.out_pos < EMIT_HIGH {
+                        let end = (r.emit_cur + ITEMS_PER_FRAME).min(steps.len());
+                        let items: Vec<PlanItem> = steps[r.emit_cur..end]
+                            .iter()
+                            .map(|s| {
+                                let (path, action, size) = match s.kind {
+                                    StepKind::Delete | StepKind::DeleteTree => {
+                                        (remote.path(s.index), Action::Delete, 0)
+                                    }
+                                    StepKind::Send => (
+                                        master.path(s.index),
+                                        Action::Transfer,
+                                        master.size(s.index),
+                                    ),
+                                    StepKind::Mkdir => (master.path(s.index), Action::Mkdir, 0),
+                                    StepKind::Symlink => (master.path(s.index), Action::Symlink, 0),
+                                    StepKind::HardLink => {
+                                        (master.path(s.index), Action::HardLink, 0)
+                                    }
+                                    StepKind::Skip => (master.path(s.index), Action::Skip, 0),
+                                    StepKind::SetAttrs => {
+                                        (master.path(s.index), Action::SetAttrs, 0)
+                                    }
+                                };
+                                PlanItem {
+                                    remote: i as u32,
+                                    path: path.to_vec(),
+                                    action,
+                                    size,
+                                    detail: describe(s, master, remote, r.can_chown),
+                                }
+                            })
+                            .collect();
+                        queue_on(c, &Msg::PlanItems(items));
+                        dirty.insert(control);
+                        r.emit_cur = end;
+                    }
+                }
+                // No client to tell: nothing more to emit.
+                None => r.emit_cur = steps.len(),
+            }
+            r.emit_cur >= steps.len() && r.finish_deferred
+        };
+        if finish {
+            self.finish_remote(job, i);
+        }
+    }
+
+    /// Calls [`Server::pump_emit`] for every remote still itemizing.
+    fn pump_all_emits(&mut self) {
+        let pending: Vec<(u64, usize)> = self
+            .jobs
+            .iter()
+            .flat_map(|(&id, j)| {
+                j.remotes.iter().enumerate().filter_map(move |(i, r)| {
+                    let plan = r.plan.as_ref()?;
+                    (r.state != RState::Done && r.emit_cur < plan.steps().len()).then_some((id, i))
+                })
+            })
+            .collect();
+        for (job, i) in pending {
+            self.pump_emit(job, i);
         }
     }
 
@@ -1488,6 +1558,16 @@ impl Server {
         if r.state == RState::Done {
             return;
         }
+        if r.result.error.is_empty()
+            && r.plan
+                .as_ref()
+                .is_some_and(|p| r.emit_cur < p.steps().len())
+        {
+            // The client has not been told the whole plan yet: the result
+            // must come after it (see pump_emit).
+            r.finish_deferred = true;
+            return;
+        }
         r.state = RState::Done;
         r.result.ok = r.result.error.is_empty() && r.failed_count == 0;
         if r.failed_count as usize > r.result.failures.len() {
@@ -1541,6 +1621,10 @@ fn queue_on(conn: &mut Conn, msg: &Msg) {
         Ok(bytes) => {
             if conn.out_pos == conn.out.len() {
                 conn.out.clear();
+                conn.out_pos = 0;
+            } else if conn.out_pos >= conn.out.len() / 2 {
+                // Reclaim what was written (a busy connection may never drain).
+                conn.out.drain(..conn.out_pos);
                 conn.out_pos = 0;
             }
             conn.out.extend_from_slice(&bytes);
