@@ -347,11 +347,11 @@ impl Server {
     fn connect_agent(&mut self, addr: &str, job: u64, role: AgentRole) -> Result<Token, String> {
         let sa = addr
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .map_err(|e| format!("cannot reach the agent {addr}: cannot resolve: {e}"))?
             .next()
-            .ok_or_else(|| format!("cannot resolve {addr}"))?;
+            .ok_or_else(|| format!("cannot reach the agent {addr}: cannot resolve"))?;
         let mut stream =
-            TcpStream::connect(sa).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            TcpStream::connect(sa).map_err(|e| format!("cannot reach the agent {addr}: {e}"))?;
         let token = self.new_token();
         self.poll
             .registry()
@@ -520,6 +520,14 @@ impl Server {
         let _ = flush(&mut conn);
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.dirty.remove(&token);
+        // Failing before the handshake completed: the agent could not be reached.
+        let why = if matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
+            && matches!(conn.peer, Peer::Agent { .. })
+        {
+            format!("cannot reach the agent: {why}")
+        } else {
+            why
+        };
         match conn.peer {
             Peer::Control { job } => {
                 if why != "connection closed by peer" {
