@@ -36,6 +36,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
+use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
 
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     /// Fail an agent connection that has a request outstanding and stays
     /// silent this long (`None`: wait forever).
     pub idle_timeout: Option<Duration>,
+    /// Job history database (see [`crate::jobs`]); `None` records nothing.
+    pub jobs_db: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +175,8 @@ struct Job {
     remotes: Vec<Remote>,
     next_req: u64,
     finished: bool,
+    /// This job in the history database.
+    record: Option<JobId>,
 }
 
 /// Stores a digest in its fixed-width slot (the algorithm's digest width:
@@ -229,6 +234,8 @@ pub struct Server {
     config: ServerConfig,
     dirty: HashSet<Token>,
     to_close: Vec<(Token, String)>,
+    /// Job history (quick SQLite writes at job start/end, never per file).
+    history: Option<JobStore>,
 }
 
 impl Server {
@@ -238,6 +245,10 @@ impl Server {
         let mut listener = TcpListener::bind(addr)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let history = match &config.jobs_db {
+            Some(path) => Some(JobStore::open(path).map_err(io::Error::other)?),
+            None => None,
+        };
         Ok(Server {
             poll,
             listener,
@@ -248,6 +259,7 @@ impl Server {
             config,
             dirty: HashSet::new(),
             to_close: Vec::new(),
+            history,
         })
     }
 
@@ -681,7 +693,15 @@ impl Server {
                     Ok(())
                 }
             });
+        let record = self.history.as_mut().and_then(|h| {
+            let remotes: Vec<&str> = req.remotes.iter().map(String::as_str).collect();
+            let class = describe_classification(&req);
+            h.start_job(&req.master, &remotes, &class, &req.algorithm)
+                .map_err(|e| warn!(job = id, "job history: {e}"))
+                .ok()
+        });
         if let Err(e) = check {
+            self.record_finish(record, JobStatus::Failed, Some(&e));
             self.queue(
                 control,
                 &Msg::SyncDone {
@@ -741,6 +761,7 @@ impl Server {
                 remotes,
                 next_req: 1,
                 finished: false,
+                record,
             },
         );
         match self.connect_agent(&master_addr, id, AgentRole::MasterList) {
@@ -773,6 +794,7 @@ impl Server {
     fn abort_job(&mut self, id: u64) {
         if let Some(job) = self.jobs.remove(&id) {
             info!(job = id, "control client gone: abandoning the sync");
+            self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
             let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
             for r in &job.remotes {
                 tokens.extend(r.conn);
@@ -1593,6 +1615,25 @@ impl Server {
         r.pair = None;
         let tokens: Vec<Token> = r.conn.take().into_iter().chain(r.link.take()).collect();
         let control = j.control;
+        if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
+            let counts = RemoteCounts {
+                sent: result.transferred,
+                deleted: result.deleted,
+                fixed: result.changed,
+                bytes: result.bytes,
+                rounds: 1,
+            };
+            let error = if !result.error.is_empty() {
+                Some(result.error.clone())
+            } else if !result.ok {
+                Some(format!("{} item(s) failed", r.failed_count))
+            } else {
+                None
+            };
+            if let Err(e) = h.record_remote(record, &r.addr, &counts, error.as_deref()) {
+                warn!(job, "job history: {e}");
+            }
+        }
         self.queue(control, &Msg::RemoteResult(result));
         for t in tokens {
             self.to_close.push((t, "remote finished".into()));
@@ -1610,6 +1651,13 @@ impl Server {
                 format!("{failed} of {} remote(s) failed", j.remotes.len())
             };
             let master = j.master_conn.take();
+            let record = j.record;
+            let status = if ok {
+                JobStatus::Succeeded
+            } else {
+                JobStatus::Failed
+            };
+            self.record_finish(record, status, (!ok).then_some(message.as_str()));
             self.queue(control, &Msg::SyncDone { ok, message });
             if let Some(t) = master {
                 self.to_close.push((t, "job finished".into()));
@@ -1622,6 +1670,27 @@ impl Server {
             self.jobs.remove(&job);
         }
     }
+}
+
+impl Server {
+    /// Records the end of a job in the history (errors are logged only).
+    fn record_finish(&mut self, record: Option<JobId>, status: JobStatus, error: Option<&str>) {
+        if let (Some(h), Some(record)) = (self.history.as_mut(), record) {
+            if let Err(e) = h.finish_job(record, status, error) {
+                warn!(job = %record, "job history: {e}");
+            }
+        }
+    }
+}
+
+/// The classification of a request as the user would write it (for the job history).
+fn describe_classification(req: &SyncRequest) -> String {
+    let c = fleetsync_proto::select::Classification::from(&req.classification);
+    let mut parts: Vec<String> = c.rules.iter().map(ToString::to_string).collect();
+    if let Some(e) = &c.select {
+        parts.push(format!("--select {e}"));
+    }
+    parts.join(" ")
 }
 
 fn queue_on(conn: &mut Conn, msg: &Msg) {

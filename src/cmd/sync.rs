@@ -541,6 +541,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
     let config = fleetsync_server::ServerConfig {
         token: Some(token.clone()),
         idle_timeout: None,
+        jobs_db: Some(super::jobs::db_path(None)?),
     };
     let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)?;
     let server_addr = server.local_addr()?;
