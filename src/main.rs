@@ -31,6 +31,8 @@ enum Command {
     Agent(cmd::agent::Args),
     /// Run the comparison server.
     Server(cmd::server::Args),
+    /// List the server's job history, or show one job.
+    Jobs(cmd::jobs::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Sync(args) => cmd::sync::run(args),
         Command::Agent(args) => cmd::agent::run(args),
         Command::Server(args) => cmd::server::run(args),
+        Command::Jobs(args) => cmd::jobs::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

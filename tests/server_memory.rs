@@ -65,7 +65,7 @@ fn entries() -> impl Iterator<Item = FileEntry> {
     root.chain(dirs).chain(files)
 }
 
-fn serve_agent(stream: TcpStream) {
+fn serve_agent(stream: TcpStream, empty: bool) {
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut w = BufWriter::new(stream);
     {
@@ -94,7 +94,7 @@ fn serve_agent(stream: TcpStream) {
             Msg::ListRequest { request_id, .. } => {
                 let mut batch = Vec::with_capacity(4096);
                 let mut ok = true;
-                for e in entries() {
+                for e in entries().take(if empty { 1 } else { usize::MAX }) {
                     batch.push(e);
                     if batch.len() == 4096 {
                         ok &= send(
@@ -172,12 +172,12 @@ fn serve_agent(stream: TcpStream) {
     }
 }
 
-fn fake_agent() -> String {
+fn fake_agent(empty: bool) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            std::thread::spawn(move || serve_agent(s));
+            std::thread::spawn(move || serve_agent(s, empty));
         }
     });
     addr
@@ -189,7 +189,9 @@ fn status_kb(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-fn measure(remotes: usize) -> f64 {
+/// Peak server RSS per file per remote; `empty`: the remotes are empty
+/// (initial copy: every file planned for sending) instead of identical.
+fn measure(remotes: usize, empty: bool) -> f64 {
     let mut child = Command::new(BIN)
         .args(["server", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
         .stdout(Stdio::piped())
@@ -207,8 +209,8 @@ fn measure(remotes: usize) -> f64 {
         .to_owned();
     let pid = server.0.id();
     let idle = status_kb(pid, "VmRSS:");
-    let master = fake_agent();
-    let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent()).collect();
+    let master = fake_agent(false);
+    let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent(empty)).collect();
     let out = Command::new(BIN)
         .args([
             "sync",
@@ -226,7 +228,8 @@ fn measure(remotes: usize) -> f64 {
     let peak = status_kb(pid, "VmHWM:");
     let per = (peak - idle) as f64 * 1024.0 / FILES as f64 / remotes as f64;
     println!(
-        "{remotes} remote(s): server peak RSS {} MiB (idle {} MiB): {per:.0} bytes per file per remote",
+        "{remotes} {} remote(s): server peak RSS {} MiB (idle {} MiB): {per:.0} bytes per file per remote",
+        if empty { "empty" } else { "identical" },
         peak / 1024,
         idle / 1024
     );
@@ -236,11 +239,13 @@ fn measure(remotes: usize) -> f64 {
 #[test]
 #[ignore = "serves two million-entry lists; run explicitly (see module docs)"]
 fn server_peak_rss_per_file_per_remote() {
-    let one = measure(1);
-    let two = measure(2);
-    assert!(one <= 200.0, "{one} bytes per file with one remote");
-    assert!(
-        two <= 200.0,
-        "{two} bytes per file per remote with two remotes"
-    );
+    for empty in [false, true] {
+        let one = measure(1, empty);
+        let two = measure(2, empty);
+        assert!(one <= 200.0, "{one} bytes per file with one remote");
+        assert!(
+            two <= 200.0,
+            "{two} bytes per file per remote with two remotes"
+        );
+    }
 }

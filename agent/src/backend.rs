@@ -475,6 +475,29 @@ fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentErr
     }
 }
 
+/// Marks a temporary name as in use while it exists, so that a listing
+/// running meanwhile does not take it for a leftover and remove it.
+struct LiveTemp<'a> {
+    set: &'a Mutex<HashSet<Vec<u8>>>,
+    rel: Vec<u8>,
+}
+
+impl<'a> LiveTemp<'a> {
+    fn new(set: &'a Mutex<HashSet<Vec<u8>>>, rel: &[u8]) -> Self {
+        set.lock().expect("poisoned").insert(rel.to_vec());
+        LiveTemp {
+            set,
+            rel: rel.to_vec(),
+        }
+    }
+}
+
+impl Drop for LiveTemp<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("poisoned").remove(&self.rel);
+    }
+}
+
 struct PosixTemp {
     file: Option<File>,
     parent: OwnedFd,
@@ -782,6 +805,7 @@ impl Backend for PosixBackend {
         let (parent, n) = self.root.parent(path)?;
         let (parent_rel, _) = path::split(path);
         let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let _live = LiveTemp::new(&self.live_temps, &tmp_rel);
         rustix::fs::symlinkat(name(target), &parent, name(&tmp))
             .map_err(|e| AgentError::io("symlink", &tmp_rel, e))?;
         let result = (|| {
@@ -822,6 +846,7 @@ impl Backend for PosixBackend {
         }
         let (parent_rel, _) = path::split(path);
         let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let _live = LiveTemp::new(&self.live_temps, &tmp_rel);
         rustix::fs::linkat(&eparent, name(en), &parent, name(&tmp), AtFlags::empty())
             .map_err(|e| AgentError::io("link", &tmp_rel, e))?;
         let result = (|| {

@@ -12,6 +12,21 @@
 //! println!("listening on {}", handle.local_addr());
 //! handle.stop();
 //! ```
+//!
+//! What the agent guarantees:
+//! - **Authentication**: every connection starts with an HMAC-SHA256
+//!   challenge-response on the shared token (`fleetsync_proto::auth`); a peer
+//!   that fails gets its connection closed and nothing else.
+//! - **Paths stay beneath the root**: every path from a message is checked
+//!   ([`path::check`]) and resolved with `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS)`; the last component is handled with `*at` calls
+//!   that do not follow symlinks.
+//! - **Old or new, never torn**: received files go to `.fleetsync.tmp.*`
+//!   beside their destination, are verified (size and checksum), fsynced and
+//!   renamed; symlinks and hard links are made under a temp name and renamed
+//!   over. Leftovers of a killed agent are removed by the next listing.
+//! - **Checksums where the data lives**, through `fleetsync_engine`, with a
+//!   ctime-keyed cache ([`sumcache`]) so an unchanged tree is not read again.
 #![deny(missing_docs)]
 
 pub mod backend;

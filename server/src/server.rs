@@ -36,6 +36,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
+use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
 
@@ -44,6 +45,9 @@ const LISTENER: Token = Token(0);
 const CHUNK: usize = 20_000;
 /// Plan items per `planItems` frame.
 const ITEMS_PER_FRAME: usize = 2_000;
+/// Itemized plan output waiting for the control client beyond which the
+/// server stops producing more.
+const EMIT_HIGH: usize = 4 << 20;
 /// Per-item failures kept per remote (the rest are only counted).
 const MAX_FAILURES: usize = 1_000;
 /// Requests in flight per connection and purpose: the rest is built only
@@ -58,6 +62,8 @@ pub struct ServerConfig {
     /// Fail an agent connection that has a request outstanding and stays
     /// silent this long (`None`: wait forever).
     pub idle_timeout: Option<Duration>,
+    /// Job history database (see [`crate::jobs`]); `None` records nothing.
+    pub jobs_db: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +149,10 @@ struct Remote {
     /// Bytes of the send orders finished before the current one (progress
     /// within the current order is added to it).
     progress_base: u64,
+    /// Next plan step to itemize to the control client.
+    emit_cur: usize,
+    /// The remote is finished but its plan is still being itemized.
+    finish_deferred: bool,
 }
 
 const SUM_NONE: u8 = 0;
@@ -165,6 +175,8 @@ struct Job {
     remotes: Vec<Remote>,
     next_req: u64,
     finished: bool,
+    /// This job in the history database.
+    record: Option<JobId>,
 }
 
 /// Stores a digest in its fixed-width slot (the algorithm's digest width:
@@ -222,6 +234,8 @@ pub struct Server {
     config: ServerConfig,
     dirty: HashSet<Token>,
     to_close: Vec<(Token, String)>,
+    /// Job history (quick SQLite writes at job start/end, never per file).
+    history: Option<JobStore>,
 }
 
 impl Server {
@@ -231,6 +245,10 @@ impl Server {
         let mut listener = TcpListener::bind(addr)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let history = match &config.jobs_db {
+            Some(path) => Some(JobStore::open(path).map_err(io::Error::other)?),
+            None => None,
+        };
         Ok(Server {
             poll,
             listener,
@@ -241,6 +259,7 @@ impl Server {
             config,
             dirty: HashSet::new(),
             to_close: Vec::new(),
+            history,
         })
     }
 
@@ -280,6 +299,7 @@ impl Server {
                 }
             }
             self.check_timeouts();
+            self.pump_all_emits();
             self.flush_and_close();
         }
         Ok(())
@@ -339,11 +359,11 @@ impl Server {
     fn connect_agent(&mut self, addr: &str, job: u64, role: AgentRole) -> Result<Token, String> {
         let sa = addr
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .map_err(|e| format!("cannot reach the agent {addr}: cannot resolve: {e}"))?
             .next()
-            .ok_or_else(|| format!("cannot resolve {addr}"))?;
+            .ok_or_else(|| format!("cannot reach the agent {addr}: cannot resolve"))?;
         let mut stream =
-            TcpStream::connect(sa).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            TcpStream::connect(sa).map_err(|e| format!("cannot reach the agent {addr}: {e}"))?;
         let token = self.new_token();
         self.poll
             .registry()
@@ -512,6 +532,14 @@ impl Server {
         let _ = flush(&mut conn);
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.dirty.remove(&token);
+        // Failing before the handshake completed: the agent could not be reached.
+        let why = if matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
+            && matches!(conn.peer, Peer::Agent { .. })
+        {
+            format!("cannot reach the agent: {why}")
+        } else {
+            why
+        };
         match conn.peer {
             Peer::Control { job } => {
                 if why != "connection closed by peer" {
@@ -665,7 +693,15 @@ impl Server {
                     Ok(())
                 }
             });
+        let record = self.history.as_mut().and_then(|h| {
+            let remotes: Vec<&str> = req.remotes.iter().map(String::as_str).collect();
+            let class = describe_classification(&req);
+            h.start_job(&req.master, &remotes, &class, &req.algorithm)
+                .map_err(|e| warn!(job = id, "job history: {e}"))
+                .ok()
+        });
         if let Err(e) = check {
+            self.record_finish(record, JobStatus::Failed, Some(&e));
             self.queue(
                 control,
                 &Msg::SyncDone {
@@ -705,6 +741,8 @@ impl Server {
                 done_files: 0,
                 total_bytes: 0,
                 progress_base: 0,
+                emit_cur: 0,
+                finish_deferred: false,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -723,6 +761,7 @@ impl Server {
                 remotes,
                 next_req: 1,
                 finished: false,
+                record,
             },
         );
         match self.connect_agent(&master_addr, id, AgentRole::MasterList) {
@@ -755,6 +794,7 @@ impl Server {
     fn abort_job(&mut self, id: u64) {
         if let Some(job) = self.jobs.remove(&id) {
             info!(job = id, "control client gone: abandoning the sync");
+            self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
             let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
             for r in &job.remotes {
                 tokens.extend(r.conn);
@@ -1139,19 +1179,21 @@ impl Server {
         self.start_phase(job, i, RState::Before);
     }
 
+    /// Starts itemizing remote `i`'s plan to the control client: the notes
+    /// now, the steps by [`Server::pump_emit`] as the client reads them.
     fn emit_plan(&mut self, job: u64, i: usize) {
-        // Split borrows: items are encoded into the control connection's
-        // output as they are produced, never all held as structs.
         let Server {
             jobs, conns, dirty, ..
         } = self;
-        let j = jobs.get_mut(&job).unwrap();
+        let Some(j) = jobs.get_mut(&job) else {
+            return;
+        };
         let control = j.control;
-        dirty.insert(control);
-        let mut control_conn = conns.get_mut(&control);
         let r = &mut j.remotes[i];
-        let plan = r.plan.as_ref().unwrap();
-        let (master, remote) = (&j.master, &r.list);
+        let Some(plan) = r.plan.as_ref() else {
+            return;
+        };
+        let master = &j.master;
         let mut items = Vec::new();
         if !r.can_chown {
             items.push(PlanItem {
@@ -1171,47 +1213,105 @@ impl Server {
                 detail: "special file (fifo, socket or device) skipped".into(),
             });
         }
-        let mut deleted = 0;
-        let mut changed = 0;
-        for s in plan.steps() {
-            if items.len() >= ITEMS_PER_FRAME {
-                if let Some(c) = control_conn.as_deref_mut() {
-                    queue_on(c, &Msg::PlanItems(std::mem::take(&mut items)));
-                }
-                items.clear();
-            }
-            let (path, action, size) = match s.kind {
-                StepKind::Delete | StepKind::DeleteTree => {
-                    deleted += 1;
-                    (remote.path(s.index), Action::Delete, 0)
-                }
-                StepKind::Send => (master.path(s.index), Action::Transfer, master.size(s.index)),
-                k => {
-                    changed += 1;
-                    let a = match k {
-                        StepKind::Mkdir => Action::Mkdir,
-                        StepKind::Symlink => Action::Symlink,
-                        StepKind::HardLink => Action::HardLink,
-                        StepKind::Skip => Action::Skip,
-                        _ => Action::SetAttrs,
-                    };
-                    (master.path(s.index), a, 0)
-                }
-            };
-            items.push(PlanItem {
-                remote: i as u32,
-                path: path.to_vec(),
-                action,
-                size,
-                detail: describe(s, master, remote, r.can_chown),
-            });
-        }
+        let deleted = plan
+            .before()
+            .iter()
+            .filter(|s| matches!(s.kind, StepKind::Delete | StepKind::DeleteTree))
+            .count() as u64;
         r.result.deleted = deleted;
-        r.result.changed = changed;
-        if !items.is_empty() {
-            if let Some(c) = control_conn {
-                queue_on(c, &Msg::PlanItems(items));
+        r.result.changed = (plan.steps().len() - plan.sends().len()) as u64 - deleted;
+        r.emit_cur = 0;
+        if let Some(c) = conns.get_mut(&control) {
+            for chunk in items.chunks(ITEMS_PER_FRAME) {
+                queue_on(c, &Msg::PlanItems(chunk.to_vec()));
             }
+            dirty.insert(control);
+        }
+        self.pump_emit(job, i);
+    }
+
+    /// Itemizes more of remote `i`'s plan while the control connection has
+    /// less than [`EMIT_HIGH`] bytes waiting, so a million-step plan is never
+    /// all in memory as messages. Finishes a remote whose end was deferred.
+    fn pump_emit(&mut self, job: u64, i: usize) {
+        let finish = {
+            let Server {
+                jobs, conns, dirty, ..
+            } = self;
+            let Some(j) = jobs.get_mut(&job) else {
+                return;
+            };
+            let control = j.control;
+            let r = &mut j.remotes[i];
+            let Some(plan) = r.plan.as_ref() else {
+                return;
+            };
+            let steps = plan.steps();
+            let (master, remote) = (&j.master, &r.list);
+            match conns.get_mut(&control) {
+                Some(c) => {
+                    while r.emit_cur < steps.len() && c.out.len() - c.out_pos < EMIT_HIGH {
+                        let end = (r.emit_cur + ITEMS_PER_FRAME).min(steps.len());
+                        let items: Vec<PlanItem> = steps[r.emit_cur..end]
+                            .iter()
+                            .map(|s| {
+                                let (path, action, size) = match s.kind {
+                                    StepKind::Delete | StepKind::DeleteTree => {
+                                        (remote.path(s.index), Action::Delete, 0)
+                                    }
+                                    StepKind::Send => (
+                                        master.path(s.index),
+                                        Action::Transfer,
+                                        master.size(s.index),
+                                    ),
+                                    StepKind::Mkdir => (master.path(s.index), Action::Mkdir, 0),
+                                    StepKind::Symlink => (master.path(s.index), Action::Symlink, 0),
+                                    StepKind::HardLink => {
+                                        (master.path(s.index), Action::HardLink, 0)
+                                    }
+                                    StepKind::Skip => (master.path(s.index), Action::Skip, 0),
+                                    StepKind::SetAttrs => {
+                                        (master.path(s.index), Action::SetAttrs, 0)
+                                    }
+                                };
+                                PlanItem {
+                                    remote: i as u32,
+                                    path: path.to_vec(),
+                                    action,
+                                    size,
+                                    detail: describe(s, master, remote, r.can_chown),
+                                }
+                            })
+                            .collect();
+                        queue_on(c, &Msg::PlanItems(items));
+                        dirty.insert(control);
+                        r.emit_cur = end;
+                    }
+                }
+                // No client to tell: nothing more to emit.
+                None => r.emit_cur = steps.len(),
+            }
+            r.emit_cur >= steps.len() && r.finish_deferred
+        };
+        if finish {
+            self.finish_remote(job, i);
+        }
+    }
+
+    /// Calls [`Server::pump_emit`] for every remote still itemizing.
+    fn pump_all_emits(&mut self) {
+        let pending: Vec<(u64, usize)> = self
+            .jobs
+            .iter()
+            .flat_map(|(&id, j)| {
+                j.remotes.iter().enumerate().filter_map(move |(i, r)| {
+                    let plan = r.plan.as_ref()?;
+                    (r.state != RState::Done && r.emit_cur < plan.steps().len()).then_some((id, i))
+                })
+            })
+            .collect();
+        for (job, i) in pending {
+            self.pump_emit(job, i);
         }
     }
 
@@ -1488,6 +1588,16 @@ impl Server {
         if r.state == RState::Done {
             return;
         }
+        if r.result.error.is_empty()
+            && r.plan
+                .as_ref()
+                .is_some_and(|p| r.emit_cur < p.steps().len())
+        {
+            // The client has not been told the whole plan yet: the result
+            // must come after it (see pump_emit).
+            r.finish_deferred = true;
+            return;
+        }
         r.state = RState::Done;
         r.result.ok = r.result.error.is_empty() && r.failed_count == 0;
         if r.failed_count as usize > r.result.failures.len() {
@@ -1505,6 +1615,25 @@ impl Server {
         r.pair = None;
         let tokens: Vec<Token> = r.conn.take().into_iter().chain(r.link.take()).collect();
         let control = j.control;
+        if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
+            let counts = RemoteCounts {
+                sent: result.transferred,
+                deleted: result.deleted,
+                fixed: result.changed,
+                bytes: result.bytes,
+                rounds: 1,
+            };
+            let error = if !result.error.is_empty() {
+                Some(result.error.clone())
+            } else if !result.ok {
+                Some(format!("{} item(s) failed", r.failed_count))
+            } else {
+                None
+            };
+            if let Err(e) = h.record_remote(record, &r.addr, &counts, error.as_deref()) {
+                warn!(job, "job history: {e}");
+            }
+        }
         self.queue(control, &Msg::RemoteResult(result));
         for t in tokens {
             self.to_close.push((t, "remote finished".into()));
@@ -1522,6 +1651,13 @@ impl Server {
                 format!("{failed} of {} remote(s) failed", j.remotes.len())
             };
             let master = j.master_conn.take();
+            let record = j.record;
+            let status = if ok {
+                JobStatus::Succeeded
+            } else {
+                JobStatus::Failed
+            };
+            self.record_finish(record, status, (!ok).then_some(message.as_str()));
             self.queue(control, &Msg::SyncDone { ok, message });
             if let Some(t) = master {
                 self.to_close.push((t, "job finished".into()));
@@ -1536,11 +1672,36 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Records the end of a job in the history (errors are logged only).
+    fn record_finish(&mut self, record: Option<JobId>, status: JobStatus, error: Option<&str>) {
+        if let (Some(h), Some(record)) = (self.history.as_mut(), record) {
+            if let Err(e) = h.finish_job(record, status, error) {
+                warn!(job = %record, "job history: {e}");
+            }
+        }
+    }
+}
+
+/// The classification of a request as the user would write it (for the job history).
+fn describe_classification(req: &SyncRequest) -> String {
+    let c = fleetsync_proto::select::Classification::from(&req.classification);
+    let mut parts: Vec<String> = c.rules.iter().map(ToString::to_string).collect();
+    if let Some(e) = &c.select {
+        parts.push(format!("--select {e}"));
+    }
+    parts.join(" ")
+}
+
 fn queue_on(conn: &mut Conn, msg: &Msg) {
     match msg.to_frame() {
         Ok(bytes) => {
             if conn.out_pos == conn.out.len() {
                 conn.out.clear();
+                conn.out_pos = 0;
+            } else if conn.out_pos >= conn.out.len() / 2 {
+                // Reclaim what was written (a busy connection may never drain).
+                conn.out.drain(..conn.out_pos);
                 conn.out_pos = 0;
             }
             conn.out.extend_from_slice(&bytes);

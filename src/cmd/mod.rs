@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod jobs;
 pub mod server;
 pub mod sum;
 pub mod sync;

@@ -30,6 +30,10 @@ pub struct Args {
     /// Fail an agent that leaves a request unanswered this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     idle_timeout: u64,
+    /// Job history database [default: $FLEETSYNC_JOBS_DB, else
+    /// $XDG_STATE_HOME/fleetsync/jobs.sqlite, else ~/.local/state/fleetsync/jobs.sqlite].
+    #[arg(long, value_name = "PATH")]
+    jobs_db: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -66,6 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let config = fleetsync_server::ServerConfig {
         token,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        jobs_db: Some(super::jobs::db_path(args.jobs_db)?),
     };
     let mut server = fleetsync_server::Server::bind(addr, config)
         .with_context(|| format!("listening on {}", args.listen))?;

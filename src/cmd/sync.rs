@@ -40,7 +40,7 @@ FIFOs, sockets and devices are skipped with a note.
 Exit codes:
   0  every remote is in sync (or, with -n, the plan was computed)
   1  some changes failed, or a remote could not be reached or failed midway
-  2  usage error, or the server or master agent could not be reached"
+  2  usage error, or the server or the master agent could not be reached (a master\n     agent that fails after the start counts as 1)"
 )]
 pub struct Args {
     /// MASTER_DIR REMOTE_DIR... (embedded) or REMOTE_AGENT... (with --server).
@@ -360,7 +360,7 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
         && out
             .results
             .values()
-            .all(|r| r.error.starts_with("master agent:"));
+            .all(|r| r.error.starts_with("master agent: cannot reach"));
     let code = if (out.results.is_empty() && !out.done_ok) || master_unreachable {
         2
     } else if any_failed || !out.done_ok {
@@ -541,6 +541,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
     let config = fleetsync_server::ServerConfig {
         token: Some(token.clone()),
         idle_timeout: None,
+        jobs_db: Some(super::jobs::db_path(None)?),
     };
     let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)?;
     let server_addr = server.local_addr()?;
