@@ -121,32 +121,9 @@ pub(crate) fn hash_opened(
         .max(size.div_ceil(MAX_CHUNKS).min(usize::MAX as u64) as usize);
     let parallel =
         size > opts.parallel_threshold && size > chunk as u64 && chunks_combine(algs, chunk);
-    let io = choose_backend(opts.io, parallel)?;
+    let io = choose_backend(opts.io)?;
     let mut states = new_states(algs);
     let result = read_with(io, file, size, chunk, parallel, algs, &mut states);
-    #[cfg(all(feature = "uring", target_os = "linux"))]
-    let (io, result) = if opts.io == IoMode::Auto
-        && io == IoUsed::Uring
-        && result
-            .as_ref()
-            .is_err_and(crate::io::uring::is_setup_failure)
-    {
-        // The probe passed but this thread could not get a ring (memlock
-        // limit, fd limit): Auto falls back to pread and says so.
-        states = new_states(algs);
-        let again = read_with(
-            IoUsed::Pread,
-            file,
-            size,
-            chunk,
-            parallel,
-            algs,
-            &mut states,
-        );
-        (IoUsed::Pread, again)
-    } else {
-        (io, result)
-    };
     result.map_err(|e| Error::io(path, e))?;
     Ok(FileHash {
         size,
@@ -182,23 +159,22 @@ fn read_with(
 }
 
 /// Which backend reads a regular file of `size` bytes in `mode`.
-fn choose_backend(mode: IoMode, parallel: bool) -> Result<IoUsed, Error> {
+fn choose_backend(mode: IoMode) -> Result<IoUsed, Error> {
     match mode {
         IoMode::Pread => Ok(IoUsed::Pread),
         IoMode::Mmap => Ok(IoUsed::Mmap),
         IoMode::Uring => crate::io::uring_available()
             .map(|()| IoUsed::Uring)
             .map_err(|reason| Error::UringUnavailable { reason }),
-        // Auto uses io_uring where it did not measure slower: the parallel
-        // chunked read of a big file, each worker keeping 4 registered-buffer
-        // reads in flight (1 GB cached file, crc32, 2 cores: uring 6.2 vs
-        // pread 6.2 GB per CPU-second; on cold storage the queue depth is
-        // what helps). A single sequential reader measured much slower with
-        // io_uring on this kernel (6.18; 1.9 vs 5.2 GB per CPU-second; perf
-        // shows the kernel's copy into our buffers at 55% in that pattern
-        // against 12% in the parallel one), so sequential and small files
-        // use pread.
-        IoMode::Auto if parallel && crate::io::uring_available().is_ok() => Ok(IoUsed::Uring),
+        // Auto reads single files with pread: on this machine (kernel 6.18,
+        // 1 GB cached file, 2 cores) io_uring reads measured slower in every
+        // pattern: sequential crc32 1.9 vs 5.2 GB per CPU-second, parallel
+        // chunks 2.0-2.3 vs 8.0-8.2 (one earlier run had them equal, 6.2 vs
+        // 6.2). perf puts the kernel's copy into our buffers at 55% of the
+        // time under io_uring against 12% under pread. Cold reads were mixed
+        // (sequential xxh3 1.08 vs 0.64 GB/s for uring, parallel crc32 0.56
+        // vs 0.77). Trees still use io_uring batches for small files, which
+        // measured no slower (see `tree.rs`).
         IoMode::Auto => Ok(IoUsed::Pread),
     }
 }

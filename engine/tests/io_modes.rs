@@ -53,10 +53,6 @@ fn uring_works() -> bool {
 fn check_all_modes(path: &Path, bytes: &[u8], algs: &[AlgorithmInfo], opts: &HashOptions) {
     let want = reference(algs, bytes);
     let uring = uring_works();
-    let parallel_ok = algs.iter().all(|a| {
-        a.combinable
-            || (a.name == "blake3" && opts.chunk_size.is_power_of_two() && opts.chunk_size >= 1024)
-    });
     for mode in [IoMode::Auto, IoMode::Uring, IoMode::Pread, IoMode::Mmap] {
         let o = HashOptions {
             io: mode,
@@ -79,15 +75,7 @@ fn check_all_modes(path: &Path, bytes: &[u8], algs: &[AlgorithmInfo], opts: &Has
             IoMode::Pread => IoUsed::Pread,
             IoMode::Mmap => IoUsed::Mmap,
             IoMode::Uring => IoUsed::Uring,
-            // Auto: io_uring (if it works) for the parallel chunked path only.
-            IoMode::Auto
-                if uring
-                    && parallel_ok
-                    && bytes.len() as u64 > opts.parallel_threshold
-                    && bytes.len() > opts.chunk_size =>
-            {
-                IoUsed::Uring
-            }
+            // Auto: single files are read with pread (measured faster).
             IoMode::Auto => IoUsed::Pread,
         };
         assert_eq!(got.io, expected_io, "{mode} on {} bytes", bytes.len());

@@ -15,9 +15,9 @@ use crate::Error;
 /// How [`crate::hash_file`] should read files.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum IoMode {
-    /// io_uring where it measured no slower, when the kernel allows it: big
-    /// files hashed in parallel chunks, and small files of a tree read in
-    /// batches; `pread` otherwise (see `IoUsed` for what was used).
+    /// `pread` for single files (it measured faster than io_uring for cached
+    /// data); io_uring batches for the small files of a tree when the kernel
+    /// allows it (see [`IoUsed`] for what read each file).
     #[default]
     Auto,
     /// io_uring only; an error if it is unavailable.

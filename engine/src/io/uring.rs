@@ -42,29 +42,6 @@ pub(crate) fn probe() -> Result<(), String> {
         .clone()
 }
 
-/// Marks an error as "no ring could be set up" (nothing was read), so that
-/// `IoMode::Auto` can fall back to pread; see [`is_setup_failure`].
-#[derive(Debug)]
-struct RingSetupFailed(io::Error);
-
-impl std::fmt::Display for RingSetupFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot set up io_uring: {}", self.0)
-    }
-}
-
-impl std::error::Error for RingSetupFailed {}
-
-fn setup_failed(e: io::Error) -> io::Error {
-    io::Error::other(RingSetupFailed(e))
-}
-
-/// Whether `e` says that no ring could be set up (so nothing was read).
-pub(crate) fn is_setup_failure(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.is::<RingSetupFailed>())
-}
-
 /// `submit_and_wait`, retrying on interruption.
 fn wait(ring: &IoUring, want: usize) -> io::Result<()> {
     loop {
@@ -271,7 +248,7 @@ pub(crate) fn read_range(
     let taken = LOCAL.with(|c| c.borrow_mut().take());
     let mut local = match taken {
         Some(l) => l,
-        None => LocalRing::new().map_err(setup_failed)?,
+        None => LocalRing::new()?,
     };
     match local.read_range(file, start, end, punt, f) {
         Ok(result) => {
@@ -326,7 +303,7 @@ pub(crate) fn read_batch(
     let taken = BATCH.with(|c| c.borrow_mut().take());
     let mut batch = match taken {
         Some(b) => b,
-        None => BatchRing::new().map_err(setup_failed)?,
+        None => BatchRing::new()?,
     };
     let base = buf.as_mut_ptr();
     let mut offset = 0usize;
