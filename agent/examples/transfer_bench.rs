@@ -119,6 +119,7 @@ fn main() {
                 request_id: 3,
                 algorithm: alg.clone(),
                 paths: files.clone(),
+                fresh: false,
             });
         }
         let mut errors = 0;

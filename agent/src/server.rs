@@ -252,7 +252,8 @@ fn serve_loop(
                 request_id,
                 algorithm,
                 paths,
-            } => checksums(w, shared, request_id, &algorithm, &paths)?,
+                fresh,
+            } => checksums(w, shared, request_id, &algorithm, &paths, fresh)?,
             Msg::SendOrder {
                 request_id,
                 target,
@@ -345,6 +346,7 @@ fn checksums(
     request_id: u64,
     algorithm: &str,
     paths: &[Vec<u8>],
+    fresh: bool,
 ) -> Result<(), AgentError> {
     let info = match shared.registry.info(algorithm) {
         Ok(i) => i,
@@ -375,7 +377,7 @@ fn checksums(
         let results = chunk
             .par_iter()
             .map(|p| {
-                let r = path::check(p).and_then(|()| shared.backend.checksum(p, &info));
+                let r = path::check(p).and_then(|()| shared.backend.checksum(p, &info, fresh));
                 match r {
                     Ok((digest, size)) => fleetsync_proto::ChecksumResult {
                         path: p.clone(),

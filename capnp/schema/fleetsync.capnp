@@ -149,6 +149,7 @@ struct ChecksumRequest {
   requestId @0 :UInt64;
   algorithm @1 :Text;     # a fleetsync-engine registry name, e.g. "crc32"
   paths @2 :List(Data);
+  fresh @3 :Bool;         # ignore any checksum cache: read the data (fleetsync verify)
 }
 
 struct ChecksumResult {

@@ -738,6 +738,8 @@ pub enum Msg {
         algorithm: String,
         /// Relative paths.
         paths: Vec<Vec<u8>>,
+        /// Ignore any checksum cache and read the data (`fleetsync verify`).
+        fresh: bool,
     },
     /// Agent -> server: checksums.
     ChecksumReply {
@@ -942,9 +944,11 @@ impl Msg {
                 request_id,
                 algorithm,
                 paths,
+                fresh,
             } => {
                 let mut b = root.init_checksum_request();
                 b.set_request_id(*request_id);
+                b.set_fresh(*fresh);
                 b.set_algorithm(algorithm.as_str());
                 let mut l = b.init_paths(paths.len() as u32);
                 for (i, p) in paths.iter().enumerate() {
@@ -1194,6 +1198,7 @@ impl Msg {
                     request_id: b.get_request_id(),
                     algorithm: text(b.get_algorithm())?,
                     paths: data_list(b.get_paths()?)?,
+                    fresh: b.get_fresh(),
                 }
             }
             W::ChecksumReply(b) => {

@@ -83,6 +83,7 @@ fn all_messages() -> Vec<Msg> {
             request_id: 2,
             algorithm: "crc32".into(),
             paths: vec![b"x".to_vec(), b"\x80".to_vec()],
+            fresh: true,
         },
         Msg::ChecksumReply {
             request_id: 2,
@@ -315,6 +316,7 @@ fn oversize_message_is_refused_on_send() {
         request_id: 1,
         algorithm: "crc32".into(),
         paths: vec![vec![0u8; 1024 * 1024]; 17],
+        fresh: false,
     };
     assert!(matches!(
         m.to_frame(),

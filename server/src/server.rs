@@ -1044,6 +1044,7 @@ impl Server {
                         request_id: rid,
                         algorithm: algorithm.clone(),
                         paths,
+                        fresh: false,
                     },
                 );
             }

@@ -79,6 +79,7 @@ impl Client {
             request_id,
             algorithm: "crc32".into(),
             paths: paths.iter().map(|p| p.to_vec()).collect(),
+            fresh: false,
         });
         let mut all = Vec::new();
         loop {
