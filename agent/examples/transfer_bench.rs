@@ -160,6 +160,7 @@ fn main() {
             target: r.local_addr().to_string(),
             algorithm: "crc32".into(),
             paths: files.clone(),
+            lock_timeout_ms: None,
         });
     }
     let mut left = remotes.len();

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) token: Option<Vec<u8>>,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) registry: Registry,
+    /// The tree root (locks are taken on paths beneath it).
+    pub(crate) root: PathBuf,
 }
 
 /// An agent serving one tree; see [`Agent::serve`].
@@ -60,6 +62,7 @@ impl Agent {
                 token,
                 backend,
                 registry: Registry::with_builtins(),
+                root: root.clone(),
             }),
             root,
         })
@@ -259,6 +262,7 @@ fn serve_loop(
                 target,
                 algorithm,
                 paths,
+                lock_timeout_ms,
             } => {
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());
@@ -267,7 +271,13 @@ fn serve_loop(
                     .name("agent-send".into())
                     .spawn(move || {
                         if let Err(e) = crate::transfer::send_files(
-                            &w, &shared, request_id, &target, &algorithm, &paths,
+                            &w,
+                            &shared,
+                            request_id,
+                            &target,
+                            &algorithm,
+                            &paths,
+                            lock_timeout_ms,
                         ) {
                             warn!("send order {request_id}: {e}");
                         }

@@ -106,6 +106,7 @@ fn all_messages() -> Vec<Msg> {
             target: "127.0.0.1:1".into(),
             algorithm: "crc32".into(),
             paths: vec![b"p".to_vec()],
+            lock_timeout_ms: Some(1_500),
         },
         Msg::ApplyRequest {
             request_id: 4,
@@ -163,6 +164,7 @@ fn all_messages() -> Vec<Msg> {
             request_id: 3,
             entry: entry(b"f"),
             algorithm: "crc32".into(),
+            lock_timeout_ms: Some(0),
         },
         Msg::FileChunk {
             data: vec![7; frame::MAX_CHUNK],
@@ -181,6 +183,7 @@ fn all_messages() -> Vec<Msg> {
             delete: true,
             dry_run: true,
             classification: class,
+            lock_timeout_ms: Some(2_000),
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,

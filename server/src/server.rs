@@ -1414,6 +1414,7 @@ impl Server {
                         .collect();
                     let target = r.addr.clone();
                     let algorithm = j.req.algorithm.clone();
+                    let lock_timeout_ms = j.req.lock_timeout_ms;
                     (
                         r.link,
                         Box::new(move |request_id| Msg::SendOrder {
@@ -1421,6 +1422,7 @@ impl Server {
                             target,
                             algorithm,
                             paths,
+                            lock_timeout_ms,
                         }),
                     )
                 } else {

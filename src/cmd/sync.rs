@@ -90,6 +90,14 @@ pub struct Args {
     /// Talk to a server running without authentication.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Lock each file while it is synchronized: a shared lock on the master copy while it is
+    /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
+    #[arg(long)]
+    lock: bool,
+    /// With --lock: wait at most this long for a lock; a file not locked in time fails,
+    /// naming the holder.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    lock_timeout: f64,
     /// Embedded mode: do not fsync received files (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
@@ -499,12 +507,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 delete: args.delete,
                 dry_run: args.dry_run,
                 classification: spec,
+                lock_timeout_ms: lock_timeout_ms(&args)?,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
         }
         _ => embedded(&args, spec, start),
     }
+}
+
+/// `--lock` / `--lock-timeout` as the request carries them.
+fn lock_timeout_ms(args: &Args) -> anyhow::Result<Option<u32>> {
+    if !(0.0..=86_400.0).contains(&args.lock_timeout) {
+        bail!("--lock-timeout must be between 0 and 86400 seconds");
+    }
+    Ok(args
+        .lock
+        .then(|| (args.lock_timeout * 1000.0).round() as u32))
 }
 
 /// Starts one in-process agent serving `root` on 127.0.0.1.
@@ -564,6 +583,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         delete: args.delete,
         dry_run: args.dry_run,
         classification: spec,
+        lock_timeout_ms: lock_timeout_ms(args)?,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);
