@@ -128,7 +128,7 @@ fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
 }
 
 #[test]
-fn without_holders_a_locked_sync_completes() {
+fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
     let tmp = tempfile::tempdir().unwrap();
     let (master, remote, db) = (
         tmp.path().join("m"),
@@ -138,6 +138,9 @@ fn without_holders_a_locked_sync_completes() {
     tree(&master, "new");
     tree(&remote, "old");
     fs::write(remote.join("extra"), b"x").unwrap();
+    // A symlink where the master has a file: nothing to lock, it is simply replaced.
+    fs::remove_file(remote.join("e")).unwrap();
+    std::os::unix::fs::symlink("a.conf", remote.join("e")).unwrap();
     let (out, _) = sync(&master, &remote, &db, &["--delete", "--lock"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(rsync_diff(&master, &remote), "");

@@ -35,8 +35,9 @@ struct RelayState {
     done: bool,
 }
 
-/// Locks `p` beneath `root` for `--lock`; `Ok(None)` if there is no such file (nothing to
-/// protect). The error is the [`LockError`] text, which names the holders.
+/// Locks `p` beneath `root` for `--lock`; `Ok(None)` if there is no such file or it is a
+/// symlink (nothing a reader could have locked: readers lock what a link points to). The
+/// error is the [`LockError`] text, which names the holders.
 fn lock_beneath(
     root: &std::path::Path,
     p: &[u8],
@@ -51,7 +52,10 @@ fn lock_beneath(
     };
     match FileLock::open_beneath(root, &rel, kind, &opts) {
         Ok(l) => Ok(Some(l)),
-        Err(LockError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(LockError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ELOOP) =>
+        {
             Ok(None)
         }
         Err(e) => Err(e.to_string()),
