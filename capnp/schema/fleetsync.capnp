@@ -291,6 +291,7 @@ struct SyncRequest {
   classification @5 :Classification;
   lock @6 :Bool;               # --lock: lock each file while it is synchronized
   lockTimeoutMs @7 :UInt32;    # --lock-timeout
+  verify @8 :Bool;             # fleetsync verify: dry run with fresh checksums (no cache)
 }
 
 enum Action {

@@ -577,6 +577,8 @@ pub struct SyncRequest {
     pub dry_run: bool,
     /// Which files take part.
     pub classification: ClassificationSpec,
+    /// `fleetsync verify`: a dry run whose checksums bypass the agents' caches.
+    pub verify: bool,
     /// `--lock`: lock each file while it is synchronized, waiting at most this many
     /// milliseconds (`--lock-timeout`); `None`: no locking.
     pub lock_timeout_ms: Option<u32>,
@@ -1093,6 +1095,7 @@ impl Msg {
                 b.set_algorithm(r.algorithm.as_str());
                 b.set_delete(r.delete);
                 b.set_dry_run(r.dry_run);
+                b.set_verify(r.verify);
                 b.set_lock(r.lock_timeout_ms.is_some());
                 b.set_lock_timeout_ms(r.lock_timeout_ms.unwrap_or(0));
                 let mut l = b.reborrow().init_remotes(r.remotes.len() as u32);
@@ -1362,6 +1365,7 @@ impl Msg {
                     algorithm: text(b.get_algorithm())?,
                     delete: b.get_delete(),
                     dry_run: b.get_dry_run(),
+                    verify: b.get_verify(),
                     classification: if b.has_classification() {
                         ClassificationSpec::read_from(b.get_classification()?)?
                     } else {

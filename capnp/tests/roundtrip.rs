@@ -183,6 +183,7 @@ fn all_messages() -> Vec<Msg> {
             delete: true,
             dry_run: true,
             classification: class,
+            verify: true,
             lock_timeout_ms: Some(2_000),
         }),
         Msg::PlanItems(vec![PlanItem {

@@ -1036,6 +1036,7 @@ impl Server {
                 return;
             }
             let algorithm = j.req.algorithm.clone();
+            let fresh = j.req.verify;
             for (t, paths) in msgs {
                 let rid = self.next_req(job);
                 self.send_request(
@@ -1044,7 +1045,7 @@ impl Server {
                         request_id: rid,
                         algorithm: algorithm.clone(),
                         paths,
-                        fresh: false,
+                        fresh,
                     },
                 );
             }
@@ -1169,7 +1170,7 @@ impl Server {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
-        if j.req.dry_run {
+        if j.req.dry_run || j.req.verify {
             let r = &mut j.remotes[i];
             let plan = r.plan.as_ref().unwrap();
             r.result.transferred = plan.sends().len() as u64;

@@ -218,15 +218,15 @@ fn item_line(item: &PlanItem, remote_label: Option<&str>) -> String {
     s
 }
 
-struct Outcome {
-    results: BTreeMap<u32, RemoteResult>,
-    items: Vec<PlanItem>,
-    done_ok: bool,
-    done_message: String,
+pub(crate) struct Outcome {
+    pub(crate) results: BTreeMap<u32, RemoteResult>,
+    pub(crate) items: Vec<PlanItem>,
+    pub(crate) done_ok: bool,
+    pub(crate) done_message: String,
 }
 
 /// Sends the request and reads the server's answers until `syncDone`.
-fn drive(
+pub(crate) fn drive(
     server: &str,
     token: Option<&[u8]>,
     req: fleetsync_proto::SyncRequest,
@@ -506,6 +506,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 algorithm: args.algorithm.clone(),
                 delete: args.delete,
                 dry_run: args.dry_run,
+                verify: false,
                 classification: spec,
                 lock_timeout_ms: lock_timeout_ms(&args)?,
             };
@@ -527,7 +528,7 @@ fn lock_timeout_ms(args: &Args) -> anyhow::Result<Option<u32>> {
 }
 
 /// Starts one in-process agent serving `root` on 127.0.0.1.
-fn start_agent(
+pub(crate) fn start_agent(
     root: &Path,
     token: &[u8],
     fsync: bool,
@@ -582,6 +583,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         algorithm: args.algorithm.clone(),
         delete: args.delete,
         dry_run: args.dry_run,
+        verify: false,
         classification: spec,
         lock_timeout_ms: lock_timeout_ms(args)?,
     };
