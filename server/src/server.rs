@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Job history database (see [`crate::jobs`]); `None` records nothing.
     pub jobs_db: Option<std::path::PathBuf>,
+    /// Names to record in the job history instead of agent addresses (the embedded
+    /// `fleetsync sync` maps its in-process agents to their directories).
+    pub job_labels: HashMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -693,10 +696,13 @@ impl Server {
                     Ok(())
                 }
             });
+        let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
-            let remotes: Vec<&str> = req.remotes.iter().map(String::as_str).collect();
+            let label = |a: &str| labels.get(a).cloned().unwrap_or_else(|| a.to_owned());
+            let remotes: Vec<String> = req.remotes.iter().map(|a| label(a)).collect();
+            let remotes: Vec<&str> = remotes.iter().map(String::as_str).collect();
             let class = describe_classification(&req);
-            h.start_job(&req.master, &remotes, &class, &req.algorithm)
+            h.start_job(&label(&req.master), &remotes, &class, &req.algorithm)
                 .map_err(|e| warn!(job = id, "job history: {e}"))
                 .ok()
         });
@@ -1634,7 +1640,8 @@ impl Server {
             } else {
                 None
             };
-            if let Err(e) = h.record_remote(record, &r.addr, &counts, error.as_deref()) {
+            let name = self.config.job_labels.get(&r.addr).unwrap_or(&r.addr);
+            if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                 warn!(job, "job history: {e}");
             }
         }

@@ -562,6 +562,11 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         token: Some(token.clone()),
         idle_timeout: None,
         jobs_db: Some(super::jobs::db_path(None)?),
+        job_labels: handles
+            .iter()
+            .zip(&args.paths)
+            .map(|(h, p)| (h.local_addr().to_string(), p.display().to_string()))
+            .collect(),
     };
     let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)?;
     let server_addr = server.local_addr()?;
