@@ -33,6 +33,8 @@ enum Command {
     Server(cmd::server::Args),
     /// List the server's job history, or show one job.
     Jobs(cmd::jobs::Args),
+    /// Report how the remote trees differ from the master, changing nothing.
+    Verify(cmd::verify::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => cmd::agent::run(args),
         Command::Server(args) => cmd::server::run(args),
         Command::Jobs(args) => cmd::jobs::run(args),
+        Command::Verify(args) => cmd::verify::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

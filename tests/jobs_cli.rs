@@ -160,6 +160,12 @@ fn the_embedded_sync_records_too() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["status"], "succeeded");
     assert_eq!(list[0]["totals"]["sent"], 5);
+    // Recorded under the directories, not the in-process agents' addresses.
+    assert_eq!(list[0]["master"], master.display().to_string());
+    assert_eq!(
+        list[0]["remotes"],
+        serde_json::json!([remote.display().to_string()])
+    );
 }
 
 #[test]

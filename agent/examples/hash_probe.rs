@@ -29,7 +29,7 @@ fn main() {
     let t = Instant::now();
     let mut bytes = 0;
     for f in &files {
-        bytes += b.checksum(f, &info).unwrap().1;
+        bytes += b.checksum(f, &info, false).unwrap().1;
     }
     let s = t.elapsed().as_secs_f64();
     println!(

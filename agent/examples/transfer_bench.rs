@@ -119,6 +119,7 @@ fn main() {
                 request_id: 3,
                 algorithm: alg.clone(),
                 paths: files.clone(),
+                fresh: false,
             });
         }
         let mut errors = 0;
@@ -159,6 +160,7 @@ fn main() {
             target: r.local_addr().to_string(),
             algorithm: "crc32".into(),
             paths: files.clone(),
+            lock_timeout_ms: None,
         });
     }
     let mut left = remotes.len();

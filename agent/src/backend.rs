@@ -44,8 +44,14 @@ pub trait Backend: Send + Sync {
     /// Opens a regular file for reading, with its metadata at open time.
     fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError>;
 
-    /// Checksum of a regular file: (digest bytes, bytes hashed).
-    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError>;
+    /// Checksum of a regular file: (digest bytes, bytes hashed). `fresh`: read the data even
+    /// if a cached digest exists (`fleetsync verify`).
+    fn checksum(
+        &self,
+        path: &[u8],
+        alg: &AlgorithmInfo,
+        fresh: bool,
+    ) -> Result<(Vec<u8>, u64), AgentError>;
 
     /// Starts writing new content for `path` into a temporary file beside it.
     /// Dropping the result without [`TempFile::commit`] removes the temporary file.
@@ -662,7 +668,12 @@ impl Backend for PosixBackend {
         Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
     }
 
-    fn checksum(&self, path: &[u8], alg: &AlgorithmInfo) -> Result<(Vec<u8>, u64), AgentError> {
+    fn checksum(
+        &self,
+        path: &[u8],
+        alg: &AlgorithmInfo,
+        fresh: bool,
+    ) -> Result<(Vec<u8>, u64), AgentError> {
         let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
         if kind_of(&st) != FileKind::File {
@@ -679,7 +690,11 @@ impl Backend for PosixBackend {
             mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
             ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
         };
-        if let Some(d) = self.sums.as_ref().and_then(|c| c.get(&alg.name, &key)) {
+        if let Some(d) = (!fresh)
+            .then_some(self.sums.as_ref())
+            .flatten()
+            .and_then(|c| c.get(&alg.name, &key))
+        {
             return Ok((d, key.size));
         }
         let hashed_at = std::time::SystemTime::now();
@@ -874,5 +889,41 @@ impl Backend for PosixBackend {
 
     fn can_chown(&self) -> bool {
         self.can_chown
+    }
+}
+
+#[cfg(test)]
+mod fresh_checksum_tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn fresh_checksum_reads_the_data_even_when_a_digest_is_cached() {
+        let tree = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(tree.path().join("f"), b"abc").unwrap();
+        let b = PosixBackend::new(tree.path())
+            .unwrap()
+            .with_checksum_cache_file(cache.path().join("sums"));
+        let info = fleetsync_engine::Registry::with_builtins()
+            .info("crc32")
+            .unwrap();
+        let real = b.checksum(b"f", &info, true).unwrap().0;
+        // A stale digest for the unchanged key: what a cache-trusting read would return.
+        let md = std::fs::metadata(tree.path().join("f")).unwrap();
+        let key = FileKey {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec() as u32),
+            ctime: (md.ctime(), md.ctime_nsec() as u32),
+        };
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        b.sums
+            .as_ref()
+            .unwrap()
+            .put(&info.name, key, b"bad!", later);
+        assert_eq!(b.checksum(b"f", &info, false).unwrap().0, b"bad!");
+        assert_eq!(b.checksum(b"f", &info, true).unwrap().0, real);
     }
 }

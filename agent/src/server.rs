@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) token: Option<Vec<u8>>,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) registry: Registry,
+    /// The tree root (locks are taken on paths beneath it).
+    pub(crate) root: PathBuf,
 }
 
 /// An agent serving one tree; see [`Agent::serve`].
@@ -60,6 +62,7 @@ impl Agent {
                 token,
                 backend,
                 registry: Registry::with_builtins(),
+                root: root.clone(),
             }),
             root,
         })
@@ -252,12 +255,14 @@ fn serve_loop(
                 request_id,
                 algorithm,
                 paths,
-            } => checksums(w, shared, request_id, &algorithm, &paths)?,
+                fresh,
+            } => checksums(w, shared, request_id, &algorithm, &paths, fresh)?,
             Msg::SendOrder {
                 request_id,
                 target,
                 algorithm,
                 paths,
+                lock_timeout_ms,
             } => {
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());
@@ -266,7 +271,13 @@ fn serve_loop(
                     .name("agent-send".into())
                     .spawn(move || {
                         if let Err(e) = crate::transfer::send_files(
-                            &w, &shared, request_id, &target, &algorithm, &paths,
+                            &w,
+                            &shared,
+                            request_id,
+                            &target,
+                            &algorithm,
+                            &paths,
+                            lock_timeout_ms,
                         ) {
                             warn!("send order {request_id}: {e}");
                         }
@@ -345,6 +356,7 @@ fn checksums(
     request_id: u64,
     algorithm: &str,
     paths: &[Vec<u8>],
+    fresh: bool,
 ) -> Result<(), AgentError> {
     let info = match shared.registry.info(algorithm) {
         Ok(i) => i,
@@ -375,7 +387,7 @@ fn checksums(
         let results = chunk
             .par_iter()
             .map(|p| {
-                let r = path::check(p).and_then(|()| shared.backend.checksum(p, &info));
+                let r = path::check(p).and_then(|()| shared.backend.checksum(p, &info, fresh));
                 match r {
                     Ok((digest, size)) => fleetsync_proto::ChecksumResult {
                         path: p.clone(),

@@ -18,6 +18,8 @@ use tracing::{debug, warn};
 
 use crate::backend::TempFile;
 use crate::error::show;
+use crate::journal::RelPath;
+use crate::lock::{FileLock, LockError, LockKind, LockOptions};
 use crate::server::{flush, send, send_flush, Shared, SharedWriter};
 use crate::{path, AgentError};
 
@@ -31,6 +33,33 @@ struct RelayState {
     skipped: u64,
     bytes: u64,
     done: bool,
+}
+
+/// Locks `p` beneath `root` for `--lock`; `Ok(None)` if there is no such file or it is a
+/// symlink (nothing a reader could have locked: readers lock what a link points to). The
+/// error is the [`LockError`] text, which names the holders.
+fn lock_beneath(
+    root: &std::path::Path,
+    p: &[u8],
+    kind: LockKind,
+    timeout_ms: u32,
+) -> Result<Option<FileLock>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let rel = RelPath::new(std::ffi::OsStr::from_bytes(p)).map_err(|e| e.to_string())?;
+    let opts = LockOptions {
+        timeout: Duration::from_millis(timeout_ms.into()),
+        ..LockOptions::default()
+    };
+    match FileLock::open_beneath(root, &rel, kind, &opts) {
+        Ok(l) => Ok(Some(l)),
+        Err(LockError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn failed(path: &[u8], message: String) -> ItemResult {
@@ -51,6 +80,7 @@ pub(crate) fn send_files(
     target: &str,
     algorithm: &str,
     paths: &[Vec<u8>],
+    lock_timeout_ms: Option<u32>,
 ) -> Result<(), AgentError> {
     let total = paths.len() as u64;
     let fail_all = |why: String| -> Result<(), AgentError> {
@@ -108,6 +138,17 @@ pub(crate) fn send_files(
     let mut last_progress = Instant::now();
     let (mut items, mut bytes) = (0u64, 0u64);
     for p in paths {
+        // With --lock: a shared lock on the master copy, held until the file is sent.
+        let lock =
+            match lock_timeout_ms.map(|ms| lock_beneath(&shared.root, p, LockKind::Shared, ms)) {
+                Some(Err(e)) => {
+                    local_failures.push(failed(p, e));
+                    local_failed.insert(p.clone());
+                    continue;
+                }
+                Some(Ok(lock)) => lock,
+                None => None,
+            };
         let opened = path::check(p).and_then(|()| shared.backend.open_read(p));
         let (mut reader, entry) = match opened {
             Ok(x) => x,
@@ -117,6 +158,19 @@ pub(crate) fn send_files(
                 continue;
             }
         };
+        if let Some(l) = &lock {
+            // The file read must be the one locked (not a replacement renamed in between).
+            let same = l.file().metadata().is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino() == entry.inode && m.dev() == entry.dev
+            });
+            if !same {
+                let why = "replaced on the master while being locked; sync again".to_owned();
+                local_failures.push(failed(p, why));
+                local_failed.insert(p.clone());
+                continue;
+            }
+        }
         // Progress also within a big file, so that the server sees bytes
         // flowing (its idle timeout) and the progress bar moves.
         let mut in_file = |sent_in_file: u64| -> Result<(), AgentError> {
@@ -143,6 +197,7 @@ pub(crate) fn send_files(
             &info,
             &mut buf,
             &mut in_file,
+            lock_timeout_ms,
         ) {
             Ok(n) => bytes += n,
             Err(StreamError::Server(e)) => return Err(e),
@@ -151,6 +206,7 @@ pub(crate) fn send_files(
                 break;
             }
         }
+        drop(lock);
         items += 1;
         if last_progress.elapsed() > PROGRESS_EVERY {
             last_progress = Instant::now();
@@ -234,6 +290,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// Sends one file; a read error mid-file becomes an aborted `fileEnd` (the
 /// remote discards it). Returns the bytes sent.
+#[allow(clippy::too_many_arguments)] // the send loop's state, passed down once per file
 fn stream_file(
     out: &mut BufWriter<TcpStream>,
     reader: &mut dyn Read,
@@ -242,6 +299,7 @@ fn stream_file(
     info: &fleetsync_engine::AlgorithmInfo,
     buf: &mut [u8],
     progress: &mut dyn FnMut(u64) -> Result<(), AgentError>,
+    lock_timeout_ms: Option<u32>,
 ) -> Result<u64, StreamError> {
     let net = |e: ProtoError| StreamError::Net(e.to_string());
     frame::write_frame(
@@ -250,6 +308,7 @@ fn stream_file(
             request_id,
             entry: entry.clone(),
             algorithm: info.name.clone(),
+            lock_timeout_ms,
         }
         .encode(),
     )
@@ -386,6 +445,8 @@ struct Incoming {
     state: Option<Box<dyn Algorithm>>,
     received: u64,
     error: Option<String>,
+    /// `--lock`: exclusive-lock the destination while replacing it.
+    lock_timeout_ms: Option<u32>,
 }
 
 /// Remote side: receives files from a master agent until `streamEnd`.
@@ -432,6 +493,7 @@ pub(crate) fn receive(
                 request_id,
                 entry,
                 algorithm,
+                lock_timeout_ms,
             } => {
                 if cur.is_some() {
                     return Err(AgentError::Proto(ProtoError::Decode(
@@ -445,6 +507,7 @@ pub(crate) fn receive(
                     state: None,
                     received: 0,
                     error: None,
+                    lock_timeout_ms,
                 };
                 let p = inc.entry.path.clone();
                 let prepared = path::check(&p)
@@ -476,12 +539,14 @@ pub(crate) fn receive(
                     )));
                 };
                 let p = inc.entry.path.clone();
+                let lock = inc.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
                 match verify_file(inc, size, &digest, aborted, error) {
                     Ok((temp, attrs)) => committer.submit(CommitJob {
                         temp,
                         attrs,
                         path: p,
                         size,
+                        lock,
                     })?,
                     Err(e) => {
                         debug!("receive {}: {e}", show(&p));
@@ -570,6 +635,8 @@ struct CommitJob {
     attrs: Attrs,
     path: Vec<u8>,
     size: u64,
+    /// `--lock`: the tree root and the lock timeout.
+    lock: Option<(std::path::PathBuf, u32)>,
 }
 
 #[derive(Default)]
@@ -654,8 +721,19 @@ fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
         attrs,
         path,
         size,
+        lock,
     } = job;
-    let r = temp.commit(&attrs);
+    // With --lock: an exclusive lock on the existing destination (cooperating readers hold
+    // shared locks on it) while the new file is renamed over it.
+    let r = match lock.map(|(root, ms)| lock_beneath(&root, &path, LockKind::Exclusive, ms)) {
+        Some(Err(e)) => Err(e),
+        Some(Ok(guard)) => {
+            let r = temp.commit(&attrs).map_err(|e| e.to_string());
+            drop(guard);
+            r
+        }
+        None => temp.commit(&attrs).map_err(|e| e.to_string()),
+    };
     let (result, request_id) = {
         let mut st = state.lock().expect("poisoned");
         let result = match r {
@@ -677,7 +755,7 @@ fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
             }
             Err(e) => {
                 st.done.failed += 1;
-                failed(&path, e.to_string())
+                failed(&path, e)
             }
         };
         (result, st.done.request_id)

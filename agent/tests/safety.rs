@@ -149,6 +149,7 @@ fn received_file_under_a_symlinked_directory_is_refused() {
             request_id: 1,
             entry: entry.clone(),
             algorithm: "crc32".into(),
+            lock_timeout_ms: None,
         });
         c.send(&Msg::FileChunk {
             data: data.to_vec(),

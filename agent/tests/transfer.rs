@@ -106,6 +106,7 @@ fn atomic_write_leaves_old_content_when_the_stream_is_cut_mid_file() {
             request_id: 1,
             entry: entry(b"f", 2_000_000),
             algorithm: "crc32".into(),
+            lock_timeout_ms: None,
         });
         c.send(&Msg::FileChunk {
             data: vec![b'x'; 1_000_000],
@@ -133,6 +134,7 @@ fn checksum_or_size_mismatch_never_replaces_the_old_file() {
             request_id: 1,
             entry: entry(b"f", 3),
             algorithm: "crc32".into(),
+            lock_timeout_ms: None,
         });
         c.send(&Msg::FileChunk {
             data: b"new".to_vec(),
@@ -320,6 +322,7 @@ fn two_send_orders_on_one_connection_run_at_once() {
             target: a.local_addr().to_string(),
             algorithm: "crc32".into(),
             paths: paths.clone(),
+            lock_timeout_ms: None,
         });
     }
     let mut done = std::collections::HashMap::new();

@@ -149,6 +149,7 @@ struct ChecksumRequest {
   requestId @0 :UInt64;
   algorithm @1 :Text;     # a fleetsync-engine registry name, e.g. "crc32"
   paths @2 :List(Data);
+  fresh @3 :Bool;         # ignore any checksum cache: read the data (fleetsync verify)
 }
 
 struct ChecksumResult {
@@ -176,6 +177,8 @@ struct SendOrder {
   target @1 :Text;
   algorithm @2 :Text;     # checksum sent with each file and verified by the receiver
   paths @3 :List(Data);
+  lock @4 :Bool;          # shared-lock each master file while it is sent (--lock)
+  lockTimeoutMs @5 :UInt32;
 }
 
 # Attributes to apply; each `set*` flag says whether the field is meaningful.
@@ -262,6 +265,8 @@ struct FileStart {
   requestId @0 :UInt64;
   entry @1 :FileEntry;     # path, mode, uid, gid, mtime, size of the new content
   algorithm @2 :Text;
+  lock @3 :Bool;           # exclusive-lock the existing destination while replacing it
+  lockTimeoutMs @4 :UInt32;
 }
 
 struct FileChunk {
@@ -284,6 +289,9 @@ struct SyncRequest {
   delete @3 :Bool;
   dryRun @4 :Bool;
   classification @5 :Classification;
+  lock @6 :Bool;               # --lock: lock each file while it is synchronized
+  lockTimeoutMs @7 :UInt32;    # --lock-timeout
+  verify @8 :Bool;             # fleetsync verify: dry run with fresh checksums (no cache)
 }
 
 enum Action {

@@ -577,6 +577,11 @@ pub struct SyncRequest {
     pub dry_run: bool,
     /// Which files take part.
     pub classification: ClassificationSpec,
+    /// `fleetsync verify`: a dry run whose checksums bypass the agents' caches.
+    pub verify: bool,
+    /// `--lock`: lock each file while it is synchronized, waiting at most this many
+    /// milliseconds (`--lock-timeout`); `None`: no locking.
+    pub lock_timeout_ms: Option<u32>,
 }
 
 /// Kind of a planned change.
@@ -738,6 +743,8 @@ pub enum Msg {
         algorithm: String,
         /// Relative paths.
         paths: Vec<Vec<u8>>,
+        /// Ignore any checksum cache and read the data (`fleetsync verify`).
+        fresh: bool,
     },
     /// Agent -> server: checksums.
     ChecksumReply {
@@ -758,6 +765,9 @@ pub enum Msg {
         algorithm: String,
         /// Relative paths.
         paths: Vec<Vec<u8>>,
+        /// Shared-lock each master file while it is sent, waiting at most this many
+        /// milliseconds for the lock (`--lock`); `None`: no locking.
+        lock_timeout_ms: Option<u32>,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -785,6 +795,9 @@ pub enum Msg {
         entry: FileEntry,
         /// Algorithm of the digest in `fileEnd`.
         algorithm: String,
+        /// Exclusive-lock the existing destination while it is replaced, waiting at most this many
+        /// milliseconds for the lock (`--lock`); `None`: no locking.
+        lock_timeout_ms: Option<u32>,
     },
     /// Master -> remote agent: file bytes (at most 1 MiB).
     FileChunk {
@@ -942,9 +955,11 @@ impl Msg {
                 request_id,
                 algorithm,
                 paths,
+                fresh,
             } => {
                 let mut b = root.init_checksum_request();
                 b.set_request_id(*request_id);
+                b.set_fresh(*fresh);
                 b.set_algorithm(algorithm.as_str());
                 let mut l = b.init_paths(paths.len() as u32);
                 for (i, p) in paths.iter().enumerate() {
@@ -975,9 +990,12 @@ impl Msg {
                 target,
                 algorithm,
                 paths,
+                lock_timeout_ms,
             } => {
                 let mut b = root.init_send_order();
                 b.set_request_id(*request_id);
+                b.set_lock(lock_timeout_ms.is_some());
+                b.set_lock_timeout_ms(lock_timeout_ms.unwrap_or(0));
                 b.set_target(target.as_str());
                 b.set_algorithm(algorithm.as_str());
                 let mut l = b.init_paths(paths.len() as u32);
@@ -1045,9 +1063,12 @@ impl Msg {
                 request_id,
                 entry,
                 algorithm,
+                lock_timeout_ms,
             } => {
                 let mut b = root.init_file_start();
                 b.set_request_id(*request_id);
+                b.set_lock(lock_timeout_ms.is_some());
+                b.set_lock_timeout_ms(lock_timeout_ms.unwrap_or(0));
                 b.set_algorithm(algorithm.as_str());
                 entry.write_to(b.init_entry());
             }
@@ -1074,6 +1095,9 @@ impl Msg {
                 b.set_algorithm(r.algorithm.as_str());
                 b.set_delete(r.delete);
                 b.set_dry_run(r.dry_run);
+                b.set_verify(r.verify);
+                b.set_lock(r.lock_timeout_ms.is_some());
+                b.set_lock_timeout_ms(r.lock_timeout_ms.unwrap_or(0));
                 let mut l = b.reborrow().init_remotes(r.remotes.len() as u32);
                 for (i, s) in r.remotes.iter().enumerate() {
                     l.set(i as u32, s.as_str());
@@ -1194,6 +1218,7 @@ impl Msg {
                     request_id: b.get_request_id(),
                     algorithm: text(b.get_algorithm())?,
                     paths: data_list(b.get_paths()?)?,
+                    fresh: b.get_fresh(),
                 }
             }
             W::ChecksumReply(b) => {
@@ -1226,6 +1251,7 @@ impl Msg {
                     target: text(b.get_target())?,
                     algorithm: text(b.get_algorithm())?,
                     paths: data_list(b.get_paths()?)?,
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                 }
             }
             W::ApplyRequest(b) => {
@@ -1311,6 +1337,7 @@ impl Msg {
                     request_id: b.get_request_id(),
                     entry: FileEntry::read_from(b.get_entry()?)?,
                     algorithm: text(b.get_algorithm())?,
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                 }
             }
             W::FileChunk(b) => Msg::FileChunk {
@@ -1338,11 +1365,13 @@ impl Msg {
                     algorithm: text(b.get_algorithm())?,
                     delete: b.get_delete(),
                     dry_run: b.get_dry_run(),
+                    verify: b.get_verify(),
                     classification: if b.has_classification() {
                         ClassificationSpec::read_from(b.get_classification()?)?
                     } else {
                         ClassificationSpec::default()
                     },
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(

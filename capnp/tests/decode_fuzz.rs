@@ -73,6 +73,7 @@ fn seeds() -> Vec<Msg> {
             request_id: 2,
             algorithm: "crc32".into(),
             paths: vec![b"a".to_vec(), b"b/c".to_vec()],
+            fresh: false,
         },
         Msg::SyncRequest(SyncRequest {
             master: "127.0.0.1:1".into(),

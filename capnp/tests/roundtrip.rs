@@ -83,6 +83,7 @@ fn all_messages() -> Vec<Msg> {
             request_id: 2,
             algorithm: "crc32".into(),
             paths: vec![b"x".to_vec(), b"\x80".to_vec()],
+            fresh: true,
         },
         Msg::ChecksumReply {
             request_id: 2,
@@ -105,6 +106,7 @@ fn all_messages() -> Vec<Msg> {
             target: "127.0.0.1:1".into(),
             algorithm: "crc32".into(),
             paths: vec![b"p".to_vec()],
+            lock_timeout_ms: Some(1_500),
         },
         Msg::ApplyRequest {
             request_id: 4,
@@ -162,6 +164,7 @@ fn all_messages() -> Vec<Msg> {
             request_id: 3,
             entry: entry(b"f"),
             algorithm: "crc32".into(),
+            lock_timeout_ms: Some(0),
         },
         Msg::FileChunk {
             data: vec![7; frame::MAX_CHUNK],
@@ -180,6 +183,8 @@ fn all_messages() -> Vec<Msg> {
             delete: true,
             dry_run: true,
             classification: class,
+            verify: true,
+            lock_timeout_ms: Some(2_000),
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,
@@ -315,6 +320,7 @@ fn oversize_message_is_refused_on_send() {
         request_id: 1,
         algorithm: "crc32".into(),
         paths: vec![vec![0u8; 1024 * 1024]; 17],
+        fresh: false,
     };
     assert!(matches!(
         m.to_frame(),

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Job history database (see [`crate::jobs`]); `None` records nothing.
     pub jobs_db: Option<std::path::PathBuf>,
+    /// Names to record in the job history instead of agent addresses (the embedded
+    /// `fleetsync sync` maps its in-process agents to their directories).
+    pub job_labels: HashMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -693,10 +696,13 @@ impl Server {
                     Ok(())
                 }
             });
+        let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
-            let remotes: Vec<&str> = req.remotes.iter().map(String::as_str).collect();
+            let label = |a: &str| labels.get(a).cloned().unwrap_or_else(|| a.to_owned());
+            let remotes: Vec<String> = req.remotes.iter().map(|a| label(a)).collect();
+            let remotes: Vec<&str> = remotes.iter().map(String::as_str).collect();
             let class = describe_classification(&req);
-            h.start_job(&req.master, &remotes, &class, &req.algorithm)
+            h.start_job(&label(&req.master), &remotes, &class, &req.algorithm)
                 .map_err(|e| warn!(job = id, "job history: {e}"))
                 .ok()
         });
@@ -1036,6 +1042,7 @@ impl Server {
                 return;
             }
             let algorithm = j.req.algorithm.clone();
+            let fresh = j.req.verify;
             for (t, paths) in msgs {
                 let rid = self.next_req(job);
                 self.send_request(
@@ -1044,6 +1051,7 @@ impl Server {
                         request_id: rid,
                         algorithm: algorithm.clone(),
                         paths,
+                        fresh,
                     },
                 );
             }
@@ -1168,7 +1176,7 @@ impl Server {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
-        if j.req.dry_run {
+        if j.req.dry_run || j.req.verify {
             let r = &mut j.remotes[i];
             let plan = r.plan.as_ref().unwrap();
             r.result.transferred = plan.sends().len() as u64;
@@ -1413,6 +1421,7 @@ impl Server {
                         .collect();
                     let target = r.addr.clone();
                     let algorithm = j.req.algorithm.clone();
+                    let lock_timeout_ms = j.req.lock_timeout_ms;
                     (
                         r.link,
                         Box::new(move |request_id| Msg::SendOrder {
@@ -1420,6 +1429,7 @@ impl Server {
                             target,
                             algorithm,
                             paths,
+                            lock_timeout_ms,
                         }),
                     )
                 } else {
@@ -1630,7 +1640,8 @@ impl Server {
             } else {
                 None
             };
-            if let Err(e) = h.record_remote(record, &r.addr, &counts, error.as_deref()) {
+            let name = self.config.job_labels.get(&r.addr).unwrap_or(&r.addr);
+            if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                 warn!(job, "job history: {e}");
             }
         }

@@ -119,7 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     writeln!(
                         out,
                         "{:>5}  {:19}  {:31}  {:21}  {:24}  {:>7}  {:>7}  {:>7}  {:>12}",
-                        j.id,
+                        j.id.0,
                         utc(j.started_ms),
                         end_column(j),
                         j.master,

@@ -6,3 +6,4 @@ pub mod jobs;
 pub mod server;
 pub mod sum;
 pub mod sync;
+pub mod verify;

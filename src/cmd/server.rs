@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         token,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         jobs_db: Some(super::jobs::db_path(args.jobs_db)?),
+        job_labels: Default::default(),
     };
     let mut server = fleetsync_server::Server::bind(addr, config)
         .with_context(|| format!("listening on {}", args.listen))?;

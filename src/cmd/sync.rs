@@ -90,6 +90,14 @@ pub struct Args {
     /// Talk to a server running without authentication.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Lock each file while it is synchronized: a shared lock on the master copy while it is
+    /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
+    #[arg(long)]
+    lock: bool,
+    /// With --lock: wait at most this long for a lock; a file not locked in time fails,
+    /// naming the holder.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    lock_timeout: f64,
     /// Embedded mode: do not fsync received files (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
@@ -210,15 +218,15 @@ fn item_line(item: &PlanItem, remote_label: Option<&str>) -> String {
     s
 }
 
-struct Outcome {
-    results: BTreeMap<u32, RemoteResult>,
-    items: Vec<PlanItem>,
-    done_ok: bool,
-    done_message: String,
+pub(crate) struct Outcome {
+    pub(crate) results: BTreeMap<u32, RemoteResult>,
+    pub(crate) items: Vec<PlanItem>,
+    pub(crate) done_ok: bool,
+    pub(crate) done_message: String,
 }
 
 /// Sends the request and reads the server's answers until `syncDone`.
-fn drive(
+pub(crate) fn drive(
     server: &str,
     token: Option<&[u8]>,
     req: fleetsync_proto::SyncRequest,
@@ -498,7 +506,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 algorithm: args.algorithm.clone(),
                 delete: args.delete,
                 dry_run: args.dry_run,
+                verify: false,
                 classification: spec,
+                lock_timeout_ms: lock_timeout_ms(&args)?,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
@@ -507,8 +517,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
 }
 
+/// `--lock` / `--lock-timeout` as the request carries them.
+fn lock_timeout_ms(args: &Args) -> anyhow::Result<Option<u32>> {
+    if !(0.0..=86_400.0).contains(&args.lock_timeout) {
+        bail!("--lock-timeout must be between 0 and 86400 seconds");
+    }
+    Ok(args
+        .lock
+        .then(|| (args.lock_timeout * 1000.0).round() as u32))
+}
+
 /// Starts one in-process agent serving `root` on 127.0.0.1.
-fn start_agent(
+pub(crate) fn start_agent(
     root: &Path,
     token: &[u8],
     fsync: bool,
@@ -542,6 +562,11 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         token: Some(token.clone()),
         idle_timeout: None,
         jobs_db: Some(super::jobs::db_path(None)?),
+        job_labels: handles
+            .iter()
+            .zip(&args.paths)
+            .map(|(h, p)| (h.local_addr().to_string(), p.display().to_string()))
+            .collect(),
     };
     let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)?;
     let server_addr = server.local_addr()?;
@@ -563,7 +588,9 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         algorithm: args.algorithm.clone(),
         delete: args.delete,
         dry_run: args.dry_run,
+        verify: false,
         classification: spec,
+        lock_timeout_ms: lock_timeout_ms(args)?,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);

@@ -79,6 +79,7 @@ impl Client {
             request_id,
             algorithm: "crc32".into(),
             paths: paths.iter().map(|p| p.to_vec()).collect(),
+            fresh: false,
         });
         let mut all = Vec::new();
         loop {
@@ -120,6 +121,7 @@ impl Client {
             target: target.to_string(),
             algorithm: "crc32".into(),
             paths: paths.iter().map(|p| p.to_vec()).collect(),
+            lock_timeout_ms: None,
         })
     }
 }

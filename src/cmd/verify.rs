@@ -1,0 +1,287 @@
+//! `fleetsync verify`: runs the sync comparison as a dry run whose checksums bypass the
+//! agents' caches, and reports every drifted path without changing anything.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use fleetsync_proto::{auth, Action, PlanItem, SyncRequest};
+
+use super::sync::{escape_path, Outcome};
+
+/// Arguments of `fleetsync verify`.
+#[derive(clap::Args)]
+#[command(
+    override_usage = "fleetsync verify [OPTIONS] MASTER_DIR REMOTE_DIR...\n       \
+                      fleetsync verify [OPTIONS] --server ADDR --master AGENT REMOTE_AGENT...",
+    after_help = "\
+Compares every remote with the master like `fleetsync sync --delete -n`, but the agents \
+read every regular file present on both sides (no checksum cache), and nothing is changed. \
+Prints one line per drifted path: REMOTE: KIND PATH (detail), KIND being missing, extra, \
+content, type, attrs (mode, owner, mtime), symlink or hardlink.
+
+Exit codes:
+  0  every remote matches the master
+  1  drift (listed on stdout)
+  2  usage error, or the server or an agent could not be reached"
+)]
+pub struct Args {
+    /// MASTER_DIR REMOTE_DIR... (embedded) or REMOTE_AGENT... (with --server).
+    #[arg(value_name = "PATHS", required = true)]
+    paths: Vec<PathBuf>,
+    /// Address of a running `fleetsync server`.
+    #[arg(long, value_name = "ADDR", requires = "master")]
+    server: Option<String>,
+    /// The master agent (host:port), with --server.
+    #[arg(long, value_name = "AGENT", requires = "server")]
+    master: Option<String>,
+    /// Checksum algorithm (any `fleetsync sum --list` name).
+    #[arg(
+        short = 'a',
+        long = "algorithm",
+        value_name = "ALG",
+        default_value = "crc32"
+    )]
+    algorithm: String,
+    /// File holding the shared token (with --server).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk to a server running without authentication.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// `sync` options for [`super::sync::drive`]: collect the items, print nothing.
+#[derive(Parser)]
+struct Quiet {
+    #[command(flatten)]
+    args: super::sync::Args,
+}
+
+fn quiet_sync_args() -> anyhow::Result<super::sync::Args> {
+    Ok(Quiet::try_parse_from(["sync", "--json", "-n", "-"])?.args)
+}
+
+/// Runs `fleetsync verify`; returns the process exit code.
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    super::server::init_logging(args.verbose);
+    if fleetsync_engine::Registry::with_builtins()
+        .info(&args.algorithm)
+        .is_err()
+    {
+        bail!("unknown checksum algorithm '{}'", args.algorithm);
+    }
+    let request = |master: String, remotes: Vec<String>| SyncRequest {
+        master,
+        remotes,
+        algorithm: args.algorithm.clone(),
+        // Extra remote entries are drift; nothing is deleted (dry run).
+        delete: true,
+        dry_run: true,
+        verify: true,
+        ..SyncRequest::default()
+    };
+    let sync_args = quiet_sync_args()?;
+    match (&args.server, &args.master) {
+        (Some(server), Some(master)) => {
+            let token = super::agent::load_token(args.token_file.as_ref())?;
+            if token.is_none() && !args.insecure_no_auth {
+                bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
+            }
+            let remotes: Vec<String> = args
+                .paths
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let req = request(master.clone(), remotes.clone());
+            let out = super::sync::drive(server, token.as_deref(), req, &sync_args, &remotes)?;
+            Ok(report(&out, &remotes))
+        }
+        _ => {
+            if args.paths.len() < 2 {
+                bail!("usage: fleetsync verify MASTER_DIR REMOTE_DIR... (or --server ADDR --master AGENT REMOTE...)");
+            }
+            let token: Vec<u8> = auth::nonce()
+                .iter()
+                .flat_map(|b| format!("{b:02x}").into_bytes())
+                .collect();
+            let mut handles = Vec::new();
+            for p in &args.paths {
+                handles.push(super::sync::start_agent(p, &token, false)?);
+            }
+            let config = fleetsync_server::ServerConfig {
+                token: Some(token.clone()),
+                ..Default::default()
+            };
+            let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)
+                .context("starting the embedded server")?;
+            let server_addr = server.local_addr()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = Arc::clone(&stop);
+            let thread = std::thread::Builder::new()
+                .name("fleetsync-server".into())
+                .spawn(move || server.run_until(&stop2))?;
+            let labels: Vec<String> = args.paths[1..]
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let req = request(
+                handles[0].local_addr().to_string(),
+                handles[1..]
+                    .iter()
+                    .map(|h| h.local_addr().to_string())
+                    .collect(),
+            );
+            let result = super::sync::drive(
+                &server_addr.to_string(),
+                Some(&token),
+                req,
+                &sync_args,
+                &labels,
+            );
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+            for h in handles {
+                h.stop();
+            }
+            Ok(report(&result?, &labels))
+        }
+    }
+}
+
+/// The kind of drift a planned action stands for; `None`: not drift (a skipped special file,
+/// or a directory's mtime the sync would restore only because it changes the contents).
+fn drift_kind(item: &PlanItem) -> Option<&'static str> {
+    let d = item.detail.as_str();
+    Some(match item.action {
+        Action::Skip => return None,
+        Action::SetAttrs if d == DIR_TOUCHED => return None,
+        Action::Delete => "extra",
+        Action::Mkdir => "missing",
+        Action::Transfer if d.starts_with("new") => "missing",
+        Action::Transfer if d.starts_with("type") => "type",
+        Action::Transfer if d.contains("hard link") => "hardlink",
+        Action::Transfer => "content",
+        Action::SetAttrs => "attrs",
+        Action::Symlink if d.starts_with("new") => "missing",
+        Action::Symlink if d.starts_with("type") => "type",
+        Action::Symlink => "symlink",
+        Action::HardLink => "hardlink",
+    })
+}
+
+/// `Why::DirTouched` in the planner's words (server/src/plan.rs).
+const DIR_TOUCHED: &str = "directory contents changed";
+
+/// Prints the drift; returns the exit code.
+fn report(out: &Outcome, labels: &[String]) -> u8 {
+    let mut drift = vec![0u64; labels.len()];
+    for it in &out.items {
+        let label = labels.get(it.remote as usize).map_or("?", String::as_str);
+        let path = if it.path.is_empty() {
+            ".".to_owned()
+        } else {
+            escape_path(&it.path)
+        };
+        match drift_kind(it) {
+            Some(kind) => {
+                if let Some(n) = drift.get_mut(it.remote as usize) {
+                    *n += 1;
+                }
+                if it.detail.is_empty() {
+                    println!("{label}: {kind} {path}");
+                } else {
+                    println!("{label}: {kind} {path} ({})", it.detail);
+                }
+            }
+            None if it.action == Action::Skip => {
+                eprintln!("fleetsync: note: {label}: {path}: {}", it.detail)
+            }
+            None => {}
+        }
+    }
+    let mut unreachable = false;
+    for (i, label) in labels.iter().enumerate() {
+        match out.results.get(&(i as u32)) {
+            Some(r) if !r.ok => {
+                unreachable = true;
+                eprintln!("fleetsync: {label}: not verified: {}", r.error);
+            }
+            None => {
+                unreachable = true;
+                eprintln!("fleetsync: {label}: not verified (no result from the server)");
+            }
+            Some(_) if drift[i] > 0 => {
+                eprintln!("fleetsync: {label}: {} drifted path(s)", drift[i]);
+            }
+            Some(_) => eprintln!("fleetsync: {label}: matches the master"),
+        }
+    }
+    if unreachable || (!out.done_ok && drift.iter().all(|&n| n == 0)) {
+        if !out.done_message.is_empty() {
+            eprintln!("fleetsync: {}", out.done_message);
+        }
+        return 2;
+    }
+    u8::from(drift.iter().any(|&n| n > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(action: Action, detail: &str) -> PlanItem {
+        PlanItem {
+            remote: 0,
+            path: b"p".to_vec(),
+            action,
+            size: 0,
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn drift_kinds_name_the_reason() {
+        assert_eq!(drift_kind(&item(Action::Transfer, "new")), Some("missing"));
+        assert_eq!(
+            drift_kind(&item(Action::Transfer, "checksum differs")),
+            Some("content")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::Transfer, "size differs")),
+            Some("content")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::Delete, "not on master")),
+            Some("extra")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::SetAttrs, "mode 0644->0755")),
+            Some("attrs")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::Symlink, "target differs -> x")),
+            Some("symlink")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::HardLink, "=> a")),
+            Some("hardlink")
+        );
+        assert_eq!(
+            drift_kind(&item(Action::Skip, "special file skipped")),
+            None
+        );
+        assert_eq!(drift_kind(&item(Action::SetAttrs, DIR_TOUCHED)), None);
+        assert_eq!(drift_kind(&item(Action::SetAttrs, "mtime")), Some("attrs"));
+    }
+
+    #[test]
+    fn quiet_sync_args_parse() {
+        quiet_sync_args().unwrap();
+    }
+}

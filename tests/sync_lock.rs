@@ -1,0 +1,147 @@
+//! `fleetsync sync --lock` (issue 5): a file whose master copy is write-locked by another
+//! process, or whose remote copy is read-locked, is not synchronized within `--lock-timeout`
+//! and is reported failed naming the holder's pid; the other files sync; once the holders are
+//! gone the sync completes and rsync sees no difference.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::{rsync_diff, Proc, BIN};
+
+/// `flock --no-fork MODE FILE sh` holding the lock until killed; returns once the lock is held.
+fn hold_lock(mode: &str, file: &Path) -> Proc {
+    // --no-fork: the lock holder is the process we spawn (and kill), not a child of it.
+    let mut child = Command::new("flock")
+        .arg("--no-fork")
+        .arg(mode)
+        .arg(file)
+        .args(["sh", "-c", "echo locked; exec sleep 30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("flock (util-linux) must be installed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    Proc(child)
+}
+
+fn sync(master: &Path, remote: &Path, db: &Path, extra: &[&str]) -> (Output, String) {
+    let out = Command::new(BIN)
+        .arg("sync")
+        .args(extra)
+        .arg(master)
+        .arg(remote)
+        .env("FLEETSYNC_JOBS_DB", db)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("sync {extra:?}: {:?}\n{text}", out.status);
+    (out, text)
+}
+
+fn tree(dir: &Path, version: &str) {
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    for name in ["a.conf", "b.bin", "sub/c.txt", "sub/d.txt", "e"] {
+        fs::write(dir.join(name), format!("{name} {version}\n").repeat(100)).unwrap();
+    }
+}
+
+#[test]
+fn a_write_locked_master_file_fails_naming_the_holder_and_the_others_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote, db) = (
+        tmp.path().join("m"),
+        tmp.path().join("r"),
+        tmp.path().join("jobs.sqlite"),
+    );
+    tree(&master, "new");
+    fs::create_dir_all(&remote).unwrap();
+    let mut writer = hold_lock("-x", &master.join("b.bin"));
+    let pid = writer.0.id();
+
+    let (out, text) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = text
+        .lines()
+        .find(|l| l.contains("b.bin") && l.contains("lock"))
+        .unwrap_or_else(|| panic!("no lock failure for b.bin in:\n{text}"));
+    assert!(line.contains(&format!("pid {pid}")), "{line}");
+    assert!(!remote.join("b.bin").exists());
+    for name in ["a.conf", "sub/c.txt", "sub/d.txt", "e"] {
+        assert_eq!(
+            fs::read(master.join(name)).unwrap(),
+            fs::read(remote.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+
+    writer.kill_now();
+    let (out, _) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(rsync_diff(&master, &remote), "");
+}
+
+#[test]
+fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote, db) = (
+        tmp.path().join("m"),
+        tmp.path().join("r"),
+        tmp.path().join("jobs.sqlite"),
+    );
+    tree(&master, "new");
+    tree(&remote, "old");
+    let mut reader = hold_lock("-s", &remote.join("sub/c.txt"));
+    let pid = reader.0.id();
+
+    let (out, text) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = text
+        .lines()
+        .find(|l| l.contains("c.txt") && l.contains("lock"))
+        .unwrap_or_else(|| panic!("no lock failure for sub/c.txt in:\n{text}"));
+    assert!(line.contains(&format!("pid {pid}")), "{line}");
+    // The reader's file is untouched, the others are new.
+    assert_eq!(
+        fs::read_to_string(remote.join("sub/c.txt")).unwrap(),
+        "sub/c.txt old\n".repeat(100)
+    );
+    assert_eq!(
+        fs::read(master.join("a.conf")).unwrap(),
+        fs::read(remote.join("a.conf")).unwrap()
+    );
+
+    reader.kill_now();
+    let (out, _) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(rsync_diff(&master, &remote), "");
+}
+
+#[test]
+fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote, db) = (
+        tmp.path().join("m"),
+        tmp.path().join("r"),
+        tmp.path().join("jobs.sqlite"),
+    );
+    tree(&master, "new");
+    tree(&remote, "old");
+    fs::write(remote.join("extra"), b"x").unwrap();
+    // A symlink where the master has a file: nothing to lock, it is simply replaced.
+    fs::remove_file(remote.join("e")).unwrap();
+    std::os::unix::fs::symlink("a.conf", remote.join("e")).unwrap();
+    let (out, _) = sync(&master, &remote, &db, &["--delete", "--lock"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(rsync_diff(&master, &remote), "");
+}

@@ -1,0 +1,239 @@
+//! `fleetsync verify` (issue 5, consistency loop): reports drift of every remote from the master
+//! without changing anything — exit 0 in sync, 1 on drift, 2 when something cannot be reached —
+//! and reads the data (no checksum cache) on both sides.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use support::{rsync_diff, Proc, Token, BIN};
+
+/// `fleetsync agent` on `root` with its checksum cache under `cache` (not the user's).
+fn agent(token: &Token, root: &Path, cache: &Path) -> (Proc, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .arg("agent")
+        .arg("--root")
+        .arg(root)
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token.file)
+        .env("XDG_CACHE_HOME", cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    (proc, addr)
+}
+
+fn verify(token: &Token, server: &str, master: &str, remotes: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .arg("verify")
+        .args(["--server", server, "--master", master, "--token-file"])
+        .arg(&token.file)
+        .args(remotes)
+        .output()
+        .unwrap();
+    eprintln!(
+        "verify: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Everything observable about a tree: per path, kind, bytes / link target, mode, mtime, inode.
+fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64, i64, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32, i64, i64, u64)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let data = if md.file_type().is_symlink() {
+                fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else if md.is_file() {
+                fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            let t = (data, md.mode(), md.mtime(), md.mtime_nsec(), md.ino());
+            out.insert(rel, t);
+            if md.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn make_master(m: &Path) {
+    fs::create_dir_all(m.join("d/e")).unwrap();
+    fs::write(m.join("a.txt"), b"alpha\n").unwrap();
+    fs::write(m.join("d/data.bin"), vec![7u8; 100_000]).unwrap();
+    fs::write(m.join("d/e/conf"), b"key = value\n").unwrap();
+    fs::hard_link(m.join("a.txt"), m.join("d/a-link")).unwrap();
+    std::os::unix::fs::symlink("../a.txt", m.join("d/ln")).unwrap();
+    fs::set_permissions(m.join("d/e/conf"), fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn verify_reports_drift_reads_the_data_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, r, cache) = (
+        tmp.path().join("m"),
+        tmp.path().join("r"),
+        tmp.path().join("cache"),
+    );
+    make_master(&m);
+    fs::create_dir_all(&r).unwrap();
+    let token = Token::new();
+    let (_s, server) = token.server();
+    let (_ma, master) = agent(&token, &m, &cache);
+    let (_ra, remote) = agent(&token, &r, &cache);
+
+    assert!(token.sync(&server, &master, &[&remote]).status.success());
+    // Past the checksum cache's 2 s racy window, so this sync caches both sides' digests.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert!(token.sync(&server, &master, &[&remote]).status.success());
+
+    // Identical: exit 0, nothing listed, and rsync agrees.
+    let out = verify(&token, &server, &master, &[&remote]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    assert_eq!(rsync_diff(&m, &r), "");
+
+    // Same size, same mtime, different content, after the cache was warmed.
+    let f = r.join("d/data.bin");
+    let mtime = fs::metadata(&f).unwrap().modified().unwrap();
+    let mut data = fs::read(&f).unwrap();
+    data[50_000] = 8;
+    fs::write(&f, &data).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().modified().unwrap(), mtime);
+    let before = snapshot(&r);
+    let out = verify(&token, &server, &master, &[&remote]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("content d/data.bin"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert_eq!(snapshot(&r), before, "verify changed the remote tree");
+
+    // An extra remote file is drift too (and is not deleted).
+    fs::write(r.join("d/extra"), b"x").unwrap();
+    let before = snapshot(&r);
+    let out = verify(&token, &server, &master, &[&remote]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("extra d/extra"), "{stdout}");
+    assert!(stdout.contains("content d/data.bin"), "{stdout}");
+    assert_eq!(snapshot(&r), before, "verify changed the remote tree");
+
+    // A sync repairs both; verify agrees, and so does rsync.
+    assert!(token.sync(&server, &master, &[&remote]).status.success());
+    let out = verify(&token, &server, &master, &[&remote]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    assert_eq!(rsync_diff(&m, &r), "");
+}
+
+#[test]
+fn embedded_verify_names_each_kind_of_drift() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, r) = (tmp.path().join("m"), tmp.path().join("r"));
+    make_master(&m);
+    fs::create_dir_all(&r).unwrap();
+    let run = |args: &[&Path]| {
+        let out = Command::new(BIN)
+            .arg("verify")
+            .args(args)
+            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+            .env("XDG_STATE_HOME", tmp.path().join("state"))
+            .output()
+            .unwrap();
+        eprintln!("{out:?}");
+        out
+    };
+    let out = run(&[&m, &r]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("missing a.txt"), "{stdout}");
+    assert!(stdout.contains("missing d/ln"), "{stdout}");
+    assert_eq!(snapshot(&r).len(), 0, "verify wrote into the remote");
+
+    let sync = Command::new(BIN)
+        .arg("sync")
+        .arg(&m)
+        .arg(&r)
+        .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(sync.status.success(), "{sync:?}");
+    let out = run(&[&m, &r]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(rsync_diff(&m, &r), "");
+
+    // mode, mtime, symlink target, hard-link grouping.
+    fs::set_permissions(r.join("d/e/conf"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(r.join("a.txt"))
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    fs::remove_file(r.join("d/ln")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", r.join("d/ln")).unwrap();
+    fs::remove_file(r.join("d/a-link")).unwrap();
+    fs::copy(r.join("a.txt"), r.join("d/a-link")).unwrap();
+    let before = snapshot(&r);
+    let out = run(&[&m, &r]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("attrs d/e/conf (mode"), "{stdout}");
+    assert!(stdout.contains("a.txt (mtime"), "{stdout}");
+    assert!(stdout.contains("symlink d/ln"), "{stdout}");
+    assert!(stdout.contains("d/a-link"), "{stdout}");
+    assert_eq!(snapshot(&r), before, "verify changed the remote tree");
+}
+
+#[test]
+fn unreachable_or_bad_usage_is_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = Token::new();
+    // Nothing listens on port 1.
+    let out = verify(&token, "127.0.0.1:1", "127.0.0.1:1", &["127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN)
+        .arg("verify")
+        .arg(tmp.path())
+        .arg(tmp.path().join("missing"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = Command::new(BIN).arg("verify").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
