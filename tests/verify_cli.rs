@@ -237,3 +237,41 @@ fn unreachable_or_bad_usage_is_exit_2() {
     let out = Command::new(BIN).arg("verify").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn verify_honours_the_classification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, r) = (tmp.path().join("m"), tmp.path().join("r"));
+    fs::create_dir_all(&m).unwrap();
+    fs::write(m.join("a.txt"), b"a").unwrap();
+    let run = |extra: &[&str]| {
+        let sync = Command::new(BIN)
+            .arg("sync")
+            .arg(&m)
+            .arg(&r)
+            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+            .env("XDG_STATE_HOME", tmp.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(sync.status.success(), "{sync:?}");
+        let out = Command::new(BIN)
+            .arg("verify")
+            .args(extra)
+            .arg(&m)
+            .arg(&r)
+            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+            .env("XDG_STATE_HOME", tmp.path().join("state"))
+            .output()
+            .unwrap();
+        eprintln!("{out:?}");
+        out
+    };
+    fs::create_dir_all(&r).unwrap();
+    fs::write(r.join("x.log"), b"local").unwrap();
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("extra x.log"));
+    let out = run(&["--exclude", "*.log"]);
+    assert_eq!(out.status.code(), Some(0), "excluded entries are not drift");
+    assert_eq!(fs::read(r.join("x.log")).unwrap(), b"local");
+}

@@ -149,7 +149,7 @@ fn ordered_rules(include: &[String], exclude: &[String]) -> Vec<Rule> {
     rules
 }
 
-fn classification(args: &Args) -> anyhow::Result<Classification> {
+pub(crate) fn classification(args: &Args) -> anyhow::Result<Classification> {
     let select = match &args.select {
         Some(s) => Some(select::parse_expr(s).map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,

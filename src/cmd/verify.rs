@@ -17,7 +17,8 @@ use super::sync::{escape_path, Outcome};
     override_usage = "fleetsync verify [OPTIONS] MASTER_DIR REMOTE_DIR...\n       \
                       fleetsync verify [OPTIONS] --server ADDR --master AGENT REMOTE_AGENT...",
     after_help = "\
-Compares every remote with the master like `fleetsync sync --delete -n`, but the agents \
+Compares every remote with the master like `fleetsync sync --delete -n` (same --include, \
+--exclude and --select), but the agents \
 read every regular file present on both sides (no checksum cache), and nothing is changed. \
 Prints one line per drifted path: REMOTE: KIND PATH (detail), KIND being missing, extra, \
 content, type, attrs (mode, owner, mtime), symlink or hardlink.
@@ -45,6 +46,15 @@ pub struct Args {
         default_value = "crc32"
     )]
     algorithm: String,
+    /// Include entries matching GLOB (rsync rule, as in `sync`; order with --exclude matters).
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// Exclude entries matching GLOB (as in `sync`: excluded remote entries are not drift).
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Keep only non-directory entries for which EXPR is true (as in `sync`).
+    #[arg(long, value_name = "EXPR")]
+    select: Option<String>,
     /// File holding the shared token (with --server).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -63,8 +73,21 @@ struct Quiet {
     args: super::sync::Args,
 }
 
-fn quiet_sync_args() -> anyhow::Result<super::sync::Args> {
-    Ok(Quiet::try_parse_from(["sync", "--json", "-n", "-"])?.args)
+/// The classification options are passed on; `sync` reads their order from argv, which holds
+/// them in the same order.
+fn quiet_sync_args(args: &Args) -> anyhow::Result<super::sync::Args> {
+    let mut argv: Vec<String> = ["sync", "--json", "-n"].map(String::from).to_vec();
+    for g in &args.include {
+        argv.push(format!("--include={g}"));
+    }
+    for g in &args.exclude {
+        argv.push(format!("--exclude={g}"));
+    }
+    if let Some(s) = &args.select {
+        argv.push(format!("--select={s}"));
+    }
+    argv.push("-".into());
+    Ok(Quiet::try_parse_from(argv)?.args)
 }
 
 /// Runs `fleetsync verify`; returns the process exit code.
@@ -76,6 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     {
         bail!("unknown checksum algorithm '{}'", args.algorithm);
     }
+    let sync_args = quiet_sync_args(&args)?;
+    let classification =
+        fleetsync_proto::ClassificationSpec::from(&super::sync::classification(&sync_args)?);
     let request = |master: String, remotes: Vec<String>| SyncRequest {
         master,
         remotes,
@@ -84,9 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         delete: true,
         dry_run: true,
         verify: true,
+        classification: classification.clone(),
         ..SyncRequest::default()
     };
-    let sync_args = quiet_sync_args()?;
     match (&args.server, &args.master) {
         (Some(server), Some(master)) => {
             let token = super::agent::load_token(args.token_file.as_ref())?;
@@ -282,6 +308,18 @@ mod tests {
 
     #[test]
     fn quiet_sync_args_parse() {
-        quiet_sync_args().unwrap();
+        let a = Args {
+            paths: Vec::new(),
+            server: None,
+            master: None,
+            algorithm: "crc32".into(),
+            include: vec!["*.rs".into()],
+            exclude: vec!["*".into()],
+            select: Some("name:a*".into()),
+            token_file: None,
+            insecure_no_auth: false,
+            verbose: 0,
+        };
+        quiet_sync_args(&a).unwrap();
     }
 }
