@@ -101,6 +101,11 @@ pub struct Args {
     /// Embedded mode: do not fsync received files (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
+    /// Embedded mode: do not use the agents' checksum cache (every checksum is computed
+    /// from the file's bytes; by default a digest is reused while the file's inode, size,
+    /// mtime and ctime are unchanged).
+    #[arg(long)]
+    no_checksum_cache: bool,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -532,6 +537,7 @@ pub(crate) fn start_agent(
     root: &Path,
     token: &[u8],
     fsync: bool,
+    checksum_cache: bool,
 ) -> anyhow::Result<fleetsync_agent::AgentHandle> {
     let meta = std::fs::metadata(root).with_context(|| format!("{}", root.display()))?;
     if !meta.is_dir() {
@@ -539,7 +545,8 @@ pub(crate) fn start_agent(
     }
     let backend = fleetsync_agent::PosixBackend::new(root)
         .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?
-        .with_fsync(fsync);
+        .with_fsync(fsync)
+        .with_checksum_cache(checksum_cache);
     let agent = fleetsync_agent::Agent::new(root, Some(token.to_vec()), Some(Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -556,7 +563,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         .collect();
     let mut handles = Vec::new();
     for p in &args.paths {
-        handles.push(start_agent(p, &token, !args.no_fsync)?);
+        handles.push(start_agent(p, &token, !args.no_fsync, !args.no_checksum_cache)?);
     }
     let config = fleetsync_server::ServerConfig {
         token: Some(token.clone()),

@@ -138,7 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 .collect();
             let mut handles = Vec::new();
             for p in &args.paths {
-                handles.push(super::sync::start_agent(p, &token, false)?);
+                handles.push(super::sync::start_agent(p, &token, false, false)?);
             }
             let config = fleetsync_server::ServerConfig {
                 token: Some(token.clone()),
