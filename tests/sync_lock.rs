@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use support::{rsync_diff, Proc, BIN};
+use support::{fleetsync, rsync_diff, Proc};
 
 /// `flock --no-fork MODE FILE sh` holding the lock until killed; returns once the lock is held.
 fn hold_lock(mode: &str, file: &Path) -> Proc {
@@ -31,13 +31,13 @@ fn hold_lock(mode: &str, file: &Path) -> Proc {
     Proc(child)
 }
 
-fn sync(master: &Path, remote: &Path, db: &Path, extra: &[&str]) -> (Output, String) {
-    let out = Command::new(BIN)
+/// Embedded `fleetsync sync EXTRA MASTER REMOTE`, its per-user state in `home`.
+fn sync(master: &Path, remote: &Path, home: &Path, extra: &[&str]) -> (Output, String) {
+    let out = fleetsync(home)
         .arg("sync")
         .args(extra)
         .arg(master)
         .arg(remote)
-        .env("FLEETSYNC_JOBS_DB", db)
         .output()
         .unwrap();
     let text = format!(
@@ -59,17 +59,17 @@ fn tree(dir: &Path, version: &str) {
 #[test]
 fn a_write_locked_master_file_fails_naming_the_holder_and_the_others_sync() {
     let tmp = tempfile::tempdir().unwrap();
-    let (master, remote, db) = (
+    let (master, remote, home) = (
         tmp.path().join("m"),
         tmp.path().join("r"),
-        tmp.path().join("jobs.sqlite"),
+        tmp.path().join("home"),
     );
     tree(&master, "new");
     fs::create_dir_all(&remote).unwrap();
     let mut writer = hold_lock("-x", &master.join("b.bin"));
     let pid = writer.0.id();
 
-    let (out, text) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    let (out, text) = sync(&master, &remote, &home, &["--lock", "--lock-timeout", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let line = text
         .lines()
@@ -86,7 +86,7 @@ fn a_write_locked_master_file_fails_naming_the_holder_and_the_others_sync() {
     }
 
     writer.kill_now();
-    let (out, _) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    let (out, _) = sync(&master, &remote, &home, &["--lock", "--lock-timeout", "1"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(rsync_diff(&master, &remote), "");
 }
@@ -94,17 +94,17 @@ fn a_write_locked_master_file_fails_naming_the_holder_and_the_others_sync() {
 #[test]
 fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
     let tmp = tempfile::tempdir().unwrap();
-    let (master, remote, db) = (
+    let (master, remote, home) = (
         tmp.path().join("m"),
         tmp.path().join("r"),
-        tmp.path().join("jobs.sqlite"),
+        tmp.path().join("home"),
     );
     tree(&master, "new");
     tree(&remote, "old");
     let mut reader = hold_lock("-s", &remote.join("sub/c.txt"));
     let pid = reader.0.id();
 
-    let (out, text) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    let (out, text) = sync(&master, &remote, &home, &["--lock", "--lock-timeout", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let line = text
         .lines()
@@ -122,7 +122,7 @@ fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
     );
 
     reader.kill_now();
-    let (out, _) = sync(&master, &remote, &db, &["--lock", "--lock-timeout", "1"]);
+    let (out, _) = sync(&master, &remote, &home, &["--lock", "--lock-timeout", "1"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(rsync_diff(&master, &remote), "");
 }
@@ -130,10 +130,10 @@ fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
 #[test]
 fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
     let tmp = tempfile::tempdir().unwrap();
-    let (master, remote, db) = (
+    let (master, remote, home) = (
         tmp.path().join("m"),
         tmp.path().join("r"),
-        tmp.path().join("jobs.sqlite"),
+        tmp.path().join("home"),
     );
     tree(&master, "new");
     tree(&remote, "old");
@@ -141,7 +141,7 @@ fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
     // A symlink where the master has a file: nothing to lock, it is simply replaced.
     fs::remove_file(remote.join("e")).unwrap();
     std::os::unix::fs::symlink("a.conf", remote.join("e")).unwrap();
-    let (out, _) = sync(&master, &remote, &db, &["--delete", "--lock"]);
+    let (out, _) = sync(&master, &remote, &home, &["--delete", "--lock"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(rsync_diff(&master, &remote), "");
 }

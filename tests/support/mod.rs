@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 
 /// The shared token written by [`Token::new`].
 pub const TOKEN: &[u8] = b"test-token-0123456789";
@@ -37,9 +38,52 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `fleetsync ARGS...` and reads its `listening on ADDR` line.
+/// Points the per-user state a `fleetsync` process keeps outside the trees (the job history
+/// database, the agents' checksum cache; see README) into `home`, so that tests never read or
+/// write the invoking user's `~`. Settings made on `cmd` afterwards win (a test of the
+/// default paths sets its own `XDG_STATE_HOME`).
+pub fn isolate<'a>(cmd: &'a mut Command, home: &Path) -> &'a mut Command {
+    cmd.env("HOME", home)
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("FLEETSYNC_JOBS_DB", home.join("jobs.sqlite"))
+}
+
+/// `fleetsync` with its per-user state in `home` (see [`isolate`]).
+pub fn fleetsync(home: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    isolate(&mut cmd, home);
+    cmd
+}
+
+static SCRATCH_HOME: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_scratch_home() {
+    if let Some(dir) = SCRATCH_HOME.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The home of the processes this test binary starts without one of their own: a temporary
+/// directory, removed when the test binary exits.
+pub fn scratch_home() -> &'static Path {
+    SCRATCH_HOME.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetsync-test-home-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        // SAFETY: registers a function without arguments or captured state, which only
+        // removes a directory; atexit(3) has no other preconditions.
+        unsafe { libc::atexit(remove_scratch_home) };
+        dir
+    })
+}
+
+/// Starts `fleetsync ARGS...` (its home in [`scratch_home`]) and reads its `listening on ADDR`
+/// line.
 pub fn spawn_listening(args: &[&OsStr]) -> (Proc, String) {
-    let mut child = Command::new(BIN)
+    let mut child = fleetsync(scratch_home())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -98,7 +142,7 @@ impl Token {
 
     /// `fleetsync sync --server S --master M REMOTES...`, not yet started.
     pub fn sync_command(&self, server: &str, master: &str, remotes: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = fleetsync(scratch_home());
         cmd.arg("sync")
             .arg("--server")
             .arg(server)
