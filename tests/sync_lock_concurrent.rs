@@ -169,13 +169,14 @@ fn lock(file: &File, family: Family, exclusive: bool) {
     }
 }
 
-/// Writes `data` at `offset` in 256 KiB pieces with a pause after each, so that an in-place
-/// rewrite is visibly half done for a while (to anyone not honouring the lock).
+/// Writes `data` at `offset` in 64 KiB pieces with a pause after each, so that an in-place
+/// rewrite is visibly half done for a while (to anyone not honouring the lock): 4 MiB take
+/// over 64 ms.
 fn write_slowly(file: &File, offset: usize, data: &[u8]) {
-    for (k, piece) in data.chunks(256 * 1024).enumerate() {
-        file.write_all_at(piece, (offset + k * 256 * 1024) as u64)
-            .unwrap();
-        std::thread::sleep(Duration::from_micros(500));
+    const PIECE: usize = 64 * 1024;
+    for (k, piece) in data.chunks(PIECE).enumerate() {
+        file.write_all_at(piece, (offset + k * PIECE) as u64).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
