@@ -3,15 +3,17 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetsync_proto::{auth, frame, FileEntry, FileKind, Msg, Role};
 
+mod support;
+
 const TOKEN: &str = "cli-test-token";
 
 fn spawn_agent(root: &Path, token_file: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetsync"))
+    let mut child = support::fleetsync(support::scratch_home())
         .args(["agent", "--listen", "127.0.0.1:0", "--root"])
         .arg(root)
         .arg("--token-file")
@@ -72,7 +74,7 @@ fn list(addr: &str) -> Vec<FileEntry> {
 #[test]
 fn agent_refuses_to_start_without_a_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetsync"))
+    let out = support::fleetsync(support::scratch_home())
         .args(["agent", "--listen", "127.0.0.1:0", "--root"])
         .arg(tmp.path())
         .env_remove("FLEETSYNC_TOKEN")

@@ -6,11 +6,11 @@ mod support;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{rsync_diff, spawn_listening, Proc, Token, BIN};
+use support::{fleetsync, rsync_diff, scratch_home, spawn_listening, Proc, Token};
 
 /// `fleetsync server` recording into `db`.
 fn server(token: &Token, db: &Path) -> (Proc, String) {
@@ -33,7 +33,7 @@ fn jobs_json(db: &Path, args: &[&str]) -> Value {
 }
 
 fn jobs(db: &Path, args: &[&str], json: bool) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = fleetsync(scratch_home());
     cmd.arg("jobs").args(args).arg("--db").arg(db);
     if json {
         cmd.arg("--json");
@@ -147,7 +147,7 @@ fn the_embedded_sync_records_too() {
     let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
     small_master(&master, 5);
     fs::create_dir_all(&remote).unwrap();
-    let out = Command::new(BIN)
+    let out = fleetsync(scratch_home())
         .arg("sync")
         .arg(&master)
         .arg(&remote)

@@ -10,12 +10,13 @@
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
+
+mod support;
 
 use fleetsync_proto::frame::{read_frame, write_frame};
 use fleetsync_proto::{auth, ChecksumResult, Done, FileEntry, FileKind, ItemResult, Msg, Outcome};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
 const FILES: u32 = 1_000_000;
 
 struct Proc(Child);
@@ -192,7 +193,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 /// Peak server RSS per file per remote; `empty`: the remotes are empty
 /// (initial copy: every file planned for sending) instead of identical.
 fn measure(remotes: usize, empty: bool) -> f64 {
-    let mut child = Command::new(BIN)
+    let mut child = support::fleetsync(support::scratch_home())
         .args(["server", "--listen", "127.0.0.1:0", "--insecure-no-auth"])
         .stdout(Stdio::piped())
         .spawn()
@@ -211,7 +212,7 @@ fn measure(remotes: usize, empty: bool) -> f64 {
     let idle = status_kb(pid, "VmRSS:");
     let master = fake_agent(false);
     let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent(empty)).collect();
-    let out = Command::new(BIN)
+    let out = support::fleetsync(support::scratch_home())
         .args([
             "sync",
             "--insecure-no-auth",

@@ -76,7 +76,8 @@ fn version_bytes(name: &str, v: u64, lines: usize) -> Vec<u8> {
 
 /// The version `data` is a complete copy of, or what is wrong with it.
 fn check_version(name: &str, base: usize, data: &[u8]) -> Result<u64, String> {
-    if data.len() < 2 * LINE || data.len() % LINE != 0 {
+    // (A whole number of lines; `is_multiple_of` is newer than our rust-version.)
+    if data.len() < 2 * LINE || data.len() / LINE * LINE != data.len() {
         return Err(format!(
             "{name}: torn: {} bytes is not a whole number of lines",
             data.len()
@@ -175,7 +176,8 @@ fn lock(file: &File, family: Family, exclusive: bool) {
 fn write_slowly(file: &File, offset: usize, data: &[u8]) {
     const PIECE: usize = 64 * 1024;
     for (k, piece) in data.chunks(PIECE).enumerate() {
-        file.write_all_at(piece, (offset + k * PIECE) as u64).unwrap();
+        file.write_all_at(piece, (offset + k * PIECE) as u64)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -218,10 +220,15 @@ fn helper_process() {
 
 fn start_helper(role: &str, envs: &[(&str, &std::ffi::OsStr)]) -> Proc {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "helper_process", "--test-threads=1", "--nocapture"])
-        .env(ROLE_ENV, role)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--exact",
+        "helper_process",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env(ROLE_ENV, role)
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -328,7 +335,10 @@ fn reader(dir: &Path, ctl: &Path) {
             };
             lock(&file, family, false);
             let same_file = |file: &File| {
-                let (a, b) = (file.metadata().unwrap(), fs::symlink_metadata(&path).unwrap());
+                let (a, b) = (
+                    file.metadata().unwrap(),
+                    fs::symlink_metadata(&path).unwrap(),
+                );
                 (a.dev(), a.ino()) == (b.dev(), b.ino())
             };
             if !same_file(&file) {
@@ -353,9 +363,9 @@ fn reader(dir: &Path, ctl: &Path) {
             }
             std::thread::sleep(Duration::from_millis(2));
             if !same_file(&file) {
-                report
-                    .violations
-                    .push(format!("{name}: replaced while the reader held a shared lock"));
+                report.violations.push(format!(
+                    "{name}: replaced while the reader held a shared lock"
+                ));
             }
             drop(file);
             publish(&ctl.join("reader.progress"), &report.text());

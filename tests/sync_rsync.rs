@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{spawn_listening, Proc, BIN};
+use support::{fleetsync, scratch_home, spawn_listening, Proc};
 
 fn spawn_agent(root: &Path, token_file: &Path) -> (Proc, String) {
     spawn_listening(&[
@@ -78,7 +78,7 @@ impl Cluster {
     }
 
     fn sync_to(&self, remotes: &[String], extra: &[&str]) -> Output {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = fleetsync(scratch_home());
         cmd.arg("sync")
             .arg("--server")
             .arg(&self.server)
@@ -438,7 +438,7 @@ fn classification_excludes_and_protects_from_delete() {
 
 #[test]
 fn select_parse_error_is_a_usage_error() {
-    let out = Command::new(BIN)
+    let out = fleetsync(scratch_home())
         .args(["sync", "--select", "ext:rs and", "a", "b"])
         .output()
         .unwrap();
@@ -449,7 +449,7 @@ fn select_parse_error_is_a_usage_error() {
 
 #[test]
 fn explain_says_why() {
-    let out = Command::new(BIN)
+    let out = fleetsync(scratch_home())
         .args([
             "sync",
             "--exclude",
@@ -474,7 +474,7 @@ fn explain_says_why() {
 fn embedded_mode_syncs_two_remotes() {
     let t = Trees::new(2);
     populate(&t.master);
-    let out = Command::new(BIN)
+    let out = fleetsync(scratch_home())
         .arg("sync")
         .arg("--delete")
         .arg(&t.master)
@@ -483,7 +483,7 @@ fn embedded_mode_syncs_two_remotes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_in_sync(&t.master, &t.remote_refs());
-    let out = Command::new(BIN)
+    let out = fleetsync(scratch_home())
         .arg("sync")
         .arg("--json")
         .arg(&t.master)
@@ -617,7 +617,7 @@ fn killed_remote_agent_mid_transfer_leaves_old_or_new_files_and_next_sync_finish
     }
     let mut c = t.cluster();
     let sync = {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = fleetsync(scratch_home());
         cmd.arg("sync")
             .arg("--server")
             .arg(&c.server)
