@@ -40,7 +40,19 @@
 //! file's, skipping blocked waiters `->`), which gives the pid for POSIX and `flock` locks and,
 //! on current kernels, for OFD locks too. Where it shows `-1`, every `/proc/PID/fdinfo/FD` is
 //! searched for a `lock:` line on the same inode, which names the processes that have the
-//! locked open file. Our own process is left out.
+//! locked open file. Our own process is left out. `/proc/locks` is handed out a page at a time
+//! and can skip a line when other locks come and go meanwhile, so it is read again when it
+//! shows no conflicting lock, and then fdinfo is searched for any (see [`holders_of`]).
+//!
+//! # Readers that open by path
+//!
+//! The remote copy is replaced by renaming a complete new file over it while the old one is
+//! exclusively locked. A reader that opened the old file and waits for its shared lock gets it
+//! after the rename, on the old (now unlinked) file: it reads the old version whole, never a
+//! torn or mixed one, but the path already names the new file. A reader that wants "the file at
+//! this path, not replaced while I read it" checks after locking that the path still names the
+//! file it locked (`fstat` against `stat`: same device and inode) and opens again if not; while
+//! it holds the lock on the current file, a `sync --lock` does not replace it.
 
 use std::fmt;
 use std::fs::File;
@@ -428,37 +440,77 @@ fn command_of(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_owned())
 }
 
+/// How many times `/proc/locks` is read when it shows no conflicting lock on the file.
+const PROC_LOCKS_READS: usize = 3;
+
 /// Holders of locks on `file` that conflict with `kind`, from `/proc/locks`, falling back to
 /// `/proc/*/fdinfo` for locks shown without a pid.
+///
+/// `/proc/locks` is not one snapshot: the kernel hands it out about a page (~65 locks) per
+/// `read`, and when other locks are taken or released between two reads, a line can be skipped.
+/// On a busy machine the holder's line can so be missing. It is therefore read again (up to
+/// [`PROC_LOCKS_READS`] times) while it shows no conflicting lock on the file, and if it never
+/// does, every `/proc/PID/fdinfo/FD` is searched (each of those is read whole, at once).
 pub fn holders_of(file: &File, kind: LockKind) -> io::Result<Vec<Holder>> {
     let key = proc_locks_key(file)?;
-    let me = std::process::id();
-    let locks = std::fs::read_to_string("/proc/locks")?;
+    holders_from(
+        &key,
+        kind,
+        std::process::id(),
+        || std::fs::read_to_string("/proc/locks"),
+        fdinfo_lockers,
+    )
+}
+
+/// [`holders_of`] with its sources passed in: `proc_locks` reads `/proc/locks`, `fdinfo`
+/// searches the open files of every process for locks on `key`; `me` is left out.
+fn holders_from(
+    key: &str,
+    kind: LockKind,
+    me: u32,
+    mut proc_locks: impl FnMut() -> io::Result<String>,
+    fdinfo: impl Fn(&str) -> Vec<(u32, LockFamily, bool)>,
+) -> io::Result<Vec<Holder>> {
+    let conflicts = |write: bool| kind == LockKind::Exclusive || write;
     let mut holders: Vec<Holder> = Vec::new();
     let mut anonymous = Vec::new();
-    for line in locks.lines() {
-        let Some((family, write, pid, k)) = parse_lock_line(line) else {
-            continue;
-        };
-        if k != key || (kind == LockKind::Shared && !write) {
-            continue;
-        }
-        if pid > 0 {
-            if pid as u32 != me {
-                holders.push(Holder {
-                    pid: pid as u32,
-                    family,
-                    write,
-                    command: command_of(pid as u32),
-                });
+    for _ in 0..PROC_LOCKS_READS {
+        let locks = proc_locks()?;
+        for line in locks.lines() {
+            let Some((family, write, pid, k)) = parse_lock_line(line) else {
+                continue;
+            };
+            if k != key || !conflicts(write) {
+                continue;
             }
-        } else {
-            anonymous.push((family, write));
+            if pid > 0 {
+                if pid as u32 != me {
+                    holders.push(Holder {
+                        pid: pid as u32,
+                        family,
+                        write,
+                        command: command_of(pid as u32),
+                    });
+                }
+            } else {
+                anonymous.push((family, write));
+            }
+        }
+        if !holders.is_empty() || !anonymous.is_empty() {
+            break;
         }
     }
-    if !anonymous.is_empty() {
-        for (pid, family, write) in fdinfo_lockers(&key) {
-            if pid != me && anonymous.contains(&(family, write)) {
+    // Nothing seen in /proc/locks (a skipped line, or the lock is gone): any conflicting lock
+    // in fdinfo counts. Locks shown without a pid: the fdinfo locks of that family and access.
+    let missed = holders.is_empty() && anonymous.is_empty();
+    if missed || !anonymous.is_empty() {
+        for (pid, family, write) in fdinfo(key) {
+            let wanted = if missed {
+                conflicts(write)
+            } else {
+                anonymous.contains(&(family, write))
+            };
+            if pid != me && wanted {
                 holders.push(Holder {
                     pid,
                     family,
@@ -522,6 +574,65 @@ mod tests {
             parse_lock_line("2: -> FLOCK  ADVISORY  WRITE 78 08:01:9 0 EOF"),
             None
         );
+    }
+
+    /// `/proc/locks` skips lines when locks churn between the pages of one read (seen on a
+    /// busy machine: "holder unknown" with the holder's lock held).
+    #[test]
+    fn regression_a_holder_line_skipped_in_proc_locks_is_found_on_a_second_read() {
+        let line = "7: FLOCK  ADVISORY  WRITE 4242 00:2d:99 0 EOF\n";
+        let mut reads = vec![Ok(String::new()), Ok(line.to_owned())].into_iter();
+        let holders = holders_from(
+            "00:2d:99",
+            LockKind::Shared,
+            1,
+            || reads.next().unwrap(),
+            |_| panic!("fdinfo searched although /proc/locks showed the holder"),
+        )
+        .unwrap();
+        assert_eq!(holders.len(), 1);
+        assert_eq!(
+            (holders[0].pid, holders[0].family, holders[0].write),
+            (4242, LockFamily::Flock, true)
+        );
+    }
+
+    #[test]
+    fn regression_a_holder_never_seen_in_proc_locks_is_found_in_fdinfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        let quick = LockOptions {
+            timeout: Duration::ZERO,
+            flock: true,
+        };
+        let held = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
+        let key = proc_locks_key(held.file()).unwrap();
+        let mut reads = 0;
+        // `me` = 0: this process is the holder, and must not be left out here.
+        let holders = holders_from(
+            &key,
+            LockKind::Exclusive,
+            0,
+            || {
+                reads += 1;
+                Ok(String::new())
+            },
+            fdinfo_lockers,
+        )
+        .unwrap();
+        assert_eq!(reads, PROC_LOCKS_READS);
+        let mut mine: Vec<_> = holders
+            .iter()
+            .filter(|h| h.pid == std::process::id())
+            .map(|h| (h.family == LockFamily::Flock, h.write))
+            .collect();
+        mine.sort();
+        // Both of FileLock's locks (OFD, then flock), both shared.
+        assert_eq!(mine, [(false, false), (true, false)]);
+        // Read locks do not stand in the way of another shared lock.
+        let none = holders_from(&key, LockKind::Shared, 0, || Ok(String::new()), fdinfo_lockers);
+        assert!(none.unwrap().is_empty());
     }
 
     #[test]
