@@ -145,3 +145,83 @@ fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(rsync_diff(&master, &remote), "");
 }
+
+/// `fleetsync sync EXTRA MASTER REMOTE` as a user that is not root: as `nobody` under
+/// `setpriv` when the tests run as root (root may open any file for writing), else as is.
+fn sync_not_root(master: &Path, remote: &Path, home: &Path, extra: &[&str]) -> Output {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            support::BIN,
+        ]);
+        support::isolate(&mut c, home);
+        c
+    } else {
+        fleetsync(home)
+    };
+    let out = cmd
+        .arg("sync")
+        .args(extra)
+        .arg(master)
+        .arg(remote)
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    eprintln!("sync as not root {extra:?}: {out:?}");
+    out
+}
+
+/// A file read-only on the master (0444) is read-only on the remote after a sync; an agent
+/// that is not root cannot open it for writing to lock it, but may still replace it (a rename
+/// needs only the directory writable), so `--lock` must still replace it.
+#[test]
+fn regression_a_read_only_remote_file_is_replaced_under_lock_by_an_agent_that_is_not_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote, home) = (
+        tmp.path().join("m"),
+        tmp.path().join("r"),
+        tmp.path().join("home"),
+    );
+    let write_read_only = |text: &str| {
+        let f = master.join("app.conf");
+        if f.exists() {
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        fs::write(&f, text).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o444)).unwrap();
+    };
+    for d in [&master, &remote, &home] {
+        fs::create_dir_all(d).unwrap();
+    }
+    write_read_only("port = 80\n");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        for p in [&master, &remote, &home, &master.join("app.conf")] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    let out = sync_not_root(&master, &remote, &home, &["--lock"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        fs::metadata(remote.join("app.conf"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
+
+    write_read_only("port = 81\n");
+    let out = sync_not_root(&master, &remote, &home, &["--lock", "--lock-timeout", "1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        fs::read_to_string(remote.join("app.conf")).unwrap(),
+        "port = 81\n"
+    );
+    assert_eq!(rsync_diff(&master, &remote), "");
+}

@@ -26,6 +26,9 @@
 //! applications must use one of these (e.g. `fcntl(F_OFD_SETLKW)`, `lockf`, `flock`); a
 //! process that does not lock is not stopped (the locks are advisory).
 //!
+//! A file that may not be opened for writing (say mode 0444, the agent not root) cannot carry
+//! an OFD write lock; its exclusive lock is weaker there (see [`FileLock::acquire`]).
+//!
 //! On NFS `flock` is emulated with byte-range locks, so the two would conflict with each
 //! other: set [`LockOptions::flock`] to `false` there.
 //!
@@ -257,17 +260,27 @@ fn is_busy(e: &io::Error) -> bool {
 impl FileLock {
     /// Opens `path` (read-only for [`LockKind::Shared`], read-write for
     /// [`LockKind::Exclusive`]; never following a final symlink) and locks it.
+    /// An exclusive lock on a file we may not open for writing is taken read-only (see
+    /// [`FileLock::acquire`]).
     pub fn open(path: &Path, kind: LockKind, opts: &LockOptions) -> Result<Self, LockError> {
-        let file = File::options()
-            .read(true)
-            .write(kind == LockKind::Exclusive)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| LockError::Io {
-                action: "open for locking",
-                path: path.to_owned(),
-                source,
-            })?;
+        let open = |write: bool| {
+            File::options()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+        };
+        let file = match open(kind == LockKind::Exclusive) {
+            Err(e) if kind == LockKind::Exclusive && e.raw_os_error() == Some(libc::EACCES) => {
+                open(false)
+            }
+            other => other,
+        }
+        .map_err(|source| LockError::Io {
+            action: "open for locking",
+            path: path.to_owned(),
+            source,
+        })?;
         Self::acquire(file, path, kind, opts)
     }
 
@@ -289,22 +302,37 @@ impl FileLock {
         let root_fd = journal::open_root(root).map_err(|e| io(io::Error::other(e)))?;
         let (dir, name) =
             journal::open_parent(root_fd.as_fd(), path).map_err(|e| io(io::Error::other(e)))?;
-        let access = match kind {
-            LockKind::Shared => OFlags::RDONLY,
-            LockKind::Exclusive => OFlags::RDWR,
+        let open = |access: OFlags| {
+            rustix::fs::openat(
+                dir.as_fd(),
+                name,
+                access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
         };
-        let fd = rustix::fs::openat(
-            dir.as_fd(),
-            name,
-            access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
+        let fd = match kind {
+            LockKind::Shared => open(OFlags::RDONLY),
+            // A read-only file (mode 0444 as on the master) is still replaced by a rename;
+            // lock it read-only then (see `acquire`).
+            LockKind::Exclusive => match open(OFlags::RDWR) {
+                Err(rustix::io::Errno::ACCESS) => open(OFlags::RDONLY),
+                other => other,
+            },
+        }
         .map_err(|e| io(e.into()))?;
         Self::acquire(File::from(fd), &shown, kind, opts)
     }
 
     /// Locks an already open file (opened beneath the tree root by the caller); `path` is
-    /// used in messages. An exclusive lock needs the file open for writing.
+    /// used in messages.
+    ///
+    /// An exclusive lock on a file open read-only (one we may not open for writing: the
+    /// kernel refuses an OFD write lock on it) is a `flock` exclusive lock, which works on
+    /// any open file, plus an OFD *read* lock taken only while `F_OFD_GETLK` finds no other
+    /// OFD or POSIX lock on the file: writers are kept out, readers present are waited for,
+    /// but an OFD or POSIX reader arriving after that is not stopped (it reads the old file
+    /// whole; it may see the path replaced while it holds its lock). `flock` readers are
+    /// kept out as for a writable file.
     pub fn acquire(
         file: File,
         path: &Path,
@@ -314,8 +342,15 @@ impl FileLock {
         let start = Instant::now();
         let deadline = start + opts.timeout;
         let mut backoff = Duration::from_millis(1);
+        let read_only = rustix::fs::fcntl_getfl(&file)
+            .map(|f| (f & OFlags::ACCMODE) == OFlags::RDONLY)
+            .map_err(|e| LockError::Io {
+                action: "lock",
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
         loop {
-            match try_lock(file.as_fd(), kind, opts.flock) {
+            match try_lock(file.as_fd(), kind, read_only, opts.flock) {
                 Ok(Attempt::Granted) => {
                     return Ok(Self {
                         file,
@@ -372,16 +407,30 @@ impl Drop for FileLock {
     }
 }
 
-/// One non-blocking attempt at both locks; on a refusal nothing stays held.
-fn try_lock(fd: BorrowedFd<'_>, kind: LockKind, flock: bool) -> io::Result<Attempt> {
+/// One non-blocking attempt at both locks; on a refusal nothing stays held. `read_only`:
+/// the file is open read-only (see [`FileLock::acquire`] for an exclusive lock then).
+fn try_lock(
+    fd: BorrowedFd<'_>,
+    kind: LockKind,
+    read_only: bool,
+    flock: bool,
+) -> io::Result<Attempt> {
     let l_type = match kind {
-        LockKind::Shared => libc::F_RDLCK,
-        LockKind::Exclusive => libc::F_WRLCK,
+        LockKind::Exclusive if !read_only => libc::F_WRLCK,
+        _ => libc::F_RDLCK,
     };
     match ofd_fcntl(fd, libc::F_OFD_SETLK, l_type) {
         Ok(_) => {}
         Err(e) if is_busy(&e) => return Ok(Attempt::Busy),
         Err(e) => return Err(e),
+    }
+    if kind == LockKind::Exclusive && read_only {
+        // Would a write lock be granted? Our own read lock does not count (same owner).
+        let probe = ofd_fcntl(fd, libc::F_OFD_GETLK, libc::F_WRLCK);
+        if !matches!(&probe, Ok(fl) if fl.l_type == libc::F_UNLCK as libc::c_short) {
+            let _ = ofd_fcntl(fd, libc::F_OFD_SETLK, libc::F_UNLCK);
+            return probe.map(|_| Attempt::Busy);
+        }
     }
     if flock {
         let op = match kind {
@@ -631,8 +680,58 @@ mod tests {
         // Both of FileLock's locks (OFD, then flock), both shared.
         assert_eq!(mine, [(false, false), (true, false)]);
         // Read locks do not stand in the way of another shared lock.
-        let none = holders_from(&key, LockKind::Shared, 0, || Ok(String::new()), fdinfo_lockers);
+        let none = holders_from(
+            &key,
+            LockKind::Shared,
+            0,
+            || Ok(String::new()),
+            fdinfo_lockers,
+        );
         assert!(none.unwrap().is_empty());
+    }
+
+    /// A read-only remote file (mode 0444 like the master's) could not be replaced with
+    /// `--lock` by an agent that is not root: opening it for writing to lock it failed.
+    #[test]
+    fn regression_an_exclusive_lock_on_a_read_only_open_file_waits_for_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        let quick = LockOptions {
+            timeout: Duration::from_millis(30),
+            flock: true,
+        };
+        let read_only = || File::open(&path).unwrap();
+        let busy = |r: Result<FileLock, LockError>| {
+            assert!(matches!(r, Err(LockError::Timeout { .. })), "{r:?}");
+        };
+        // Free: granted. While held, a FileLock reader and an OFD writer are kept out.
+        let ex = FileLock::acquire(read_only(), &path, LockKind::Exclusive, &quick).unwrap();
+        busy(FileLock::open(&path, LockKind::Shared, &quick));
+        let other = File::options().read(true).write(true).open(&path).unwrap();
+        let e = ofd_fcntl(other.as_fd(), libc::F_OFD_SETLK, libc::F_WRLCK).unwrap_err();
+        assert!(is_busy(&e), "{e}");
+        drop(ex);
+        // A reader holding only an OFD read lock, or only a flock shared lock, is waited for.
+        let ofd_reader = read_only();
+        ofd_fcntl(ofd_reader.as_fd(), libc::F_OFD_SETLK, libc::F_RDLCK).unwrap();
+        busy(FileLock::acquire(
+            read_only(),
+            &path,
+            LockKind::Exclusive,
+            &quick,
+        ));
+        drop(ofd_reader);
+        let flock_reader = read_only();
+        rustix::fs::flock(&flock_reader, FlockOperation::NonBlockingLockShared).unwrap();
+        busy(FileLock::acquire(
+            read_only(),
+            &path,
+            LockKind::Exclusive,
+            &quick,
+        ));
+        drop(flock_reader);
+        FileLock::acquire(read_only(), &path, LockKind::Exclusive, &quick).unwrap();
     }
 
     #[test]
