@@ -376,7 +376,7 @@ fn reader(dir: &Path, ctl: &Path) {
                 }
                 Err(e) => report.violations.push(e),
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(5));
             if !same_file(&file) {
                 report.violations.push(format!(
                     "{name}: replaced while the reader held a shared lock"
