@@ -1,7 +1,8 @@
 //! `fleetsync sync --lock` (issue 5): a file whose master copy is write-locked by another
 //! process, or whose remote copy is read-locked, is not synchronized within `--lock-timeout`
 //! and is reported failed naming the holder's pid; the other files sync; once the holders are
-//! gone the sync completes and rsync sees no difference.
+//! gone the sync completes and rsync sees no difference; a read-only file is still replaced by
+//! an agent that is not root. (Concurrent writers and readers: `sync_lock_concurrent.rs`.)
 
 mod support;
 

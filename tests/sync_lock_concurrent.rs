@@ -339,7 +339,7 @@ impl ReaderReport {
 /// The remote reader: until `ctl/stop-reader` exists, for each file: open it, wait for a shared
 /// lock (odd files `flock`, even ones OFD: the other family than the writer's), check that the
 /// path still names the file locked (else count it stale and move on), read it whole, check it
-/// is one complete version not older than the last one seen, hold the lock a moment longer
+/// is one complete version not older than the last one seen, hold the lock 5 ms longer
 /// and check that the path was not replaced meanwhile.
 fn reader(dir: &Path, ctl: &Path) {
     let mut report = ReaderReport::default();
