@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+mod checkserve;
 mod error;
 pub mod path;
 mod server;

@@ -36,6 +36,11 @@ pub struct Args {
     /// size, mtime and ctime are unchanged; kept in ~/.cache/fleetsync).
     #[arg(long)]
     no_checksum_cache: bool,
+    /// The agent's write log: every file it receives is recorded (size, mtime, inode,
+    /// checksum) for the consistency check after a sync; must be outside the tree
+    /// [default: ~/.cache/fleetsync/writes-HASH, one per tree].
+    #[arg(long, value_name = "FILE")]
+    write_log: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -96,7 +101,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_fsync(!args.no_fsync)
         .with_checksum_cache(!args.no_checksum_cache);
+    let write_log = args
+        .write_log
+        .clone()
+        .or_else(|| fleetsync_agent::consistency::default_write_log(&args.root));
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
+        .and_then(|a| a.with_write_log(write_log.as_deref()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
