@@ -14,11 +14,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fleetsync_agent::consistency::{
     ConsistencyCheck, Inconsistency, Problem, ReceivedFile, RecordedStateCheck,
 };
+use fleetsync_agent::journal::RelPath;
+use fleetsync_agent::lock::{FileLock, LockKind, LockOptions};
 use fleetsync_agent::{Agent, AgentHandle};
 use serde_json::Value;
 use support::{rsync_diff, spawn_listening, Proc, Token, BIN, TOKEN};
@@ -93,6 +95,9 @@ struct Interferer {
     path: PathBuf,
     rounds: u32,
     calls: AtomicU32,
+    /// Keep a shared lock on the file after writing it (a cooperating reader of it).
+    hold_lock: bool,
+    held: Mutex<Vec<FileLock>>,
 }
 
 impl Interferer {
@@ -101,6 +106,8 @@ impl Interferer {
             path: PathBuf::from(path),
             rounds,
             calls: AtomicU32::new(0),
+            hold_lock: false,
+            held: Mutex::default(),
         }
     }
 }
@@ -121,6 +128,13 @@ impl ConsistencyCheck for Interferer {
             f.rewind().unwrap();
             f.write_all(&[first[0] ^ 0x20]).unwrap();
             f.set_modified(mtime).unwrap();
+            if self.hold_lock {
+                let rel = RelPath::new(&self.path).unwrap();
+                let lock =
+                    FileLock::open_beneath(root, &rel, LockKind::Shared, &LockOptions::default())
+                        .unwrap();
+                self.held.lock().unwrap().push(lock);
+            }
         }
         Vec::new()
     }
@@ -509,4 +523,53 @@ fn a_deployment_validator_is_consulted_and_a_passing_recheck_needs_no_resend() {
         "{stderr}"
     );
     drop(handle);
+}
+
+#[test]
+fn lock_resync_locks_the_files_synchronized_again() {
+    for lock_resync in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
+        master_tree(&master);
+        fs::create_dir_all(&remote).unwrap();
+        let token = Token::new();
+        let (_m, maddr) = token.agent(&master);
+        let log = tmp.path().join("r.writes");
+        // The application writes the file and then keeps reading it under a shared lock.
+        let mut app = Interferer::new(CONF, 1);
+        app.hold_lock = true;
+        let (_h, raddr) = library_agent(
+            &remote,
+            &log,
+            vec![
+                Box::new(app),
+                Box::new(RecordedStateCheck::new(Some(log.clone()))),
+            ],
+        );
+        let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
+        let mut extra = vec!["--json", "--lock-timeout", "0.2"];
+        if lock_resync {
+            extra.push("--lock-resync");
+        }
+        let out = sync(&token, &saddr, &maddr, &[&raddr], &extra);
+        let r = &json(&out)["remotes"][0];
+        assert_eq!(r["rounds"], if lock_resync { 1 } else { 2 }, "{r}");
+        if lock_resync {
+            // The first transfers were not locked; the re-send waits for the reader's lock
+            // and fails naming it.
+            assert_eq!(out.status.code(), Some(1));
+            let f = &r["failures"][0];
+            assert_eq!(f["path"], CONF, "{r}");
+            let msg = f["message"].as_str().unwrap();
+            assert!(
+                msg.starts_with("synchronizing the inconsistent file again: ")
+                    && msg.contains("exclusive lock")
+                    && msg.contains("within 200"),
+                "{msg}"
+            );
+        } else {
+            assert_eq!(out.status.code(), Some(0));
+            assert_eq!(rsync_diff(&master, &remote), "");
+        }
+    }
 }

@@ -300,6 +300,7 @@ struct SyncRequest {
   verify @8 :Bool;             # fleetsync verify: dry run with fresh checksums (no cache)
   maxRounds @9 :UInt32;        # consistency rounds per remote after its transfers (0 = no check)
   lockResync @10 :Bool;        # lock the files the consistency loop synchronizes again
+                               # (waiting lockTimeoutMs; also without `lock`)
 }
 
 enum Action {

@@ -586,8 +586,9 @@ pub struct SyncRequest {
     pub lock_timeout_ms: Option<u32>,
     /// Consistency rounds per remote after its transfers (0: no check; 1: check once).
     pub max_rounds: u32,
-    /// Lock the files the consistency loop synchronizes again (as `--lock` does).
-    pub lock_resync: bool,
+    /// Lock the files the consistency loop synchronizes again (as `--lock` does, also
+    /// without it), waiting at most this many milliseconds; `None`: as the rest of the sync.
+    pub lock_resync_ms: Option<u32>,
 }
 
 /// Kind of a planned change.
@@ -1154,9 +1155,10 @@ impl Msg {
                 b.set_dry_run(r.dry_run);
                 b.set_verify(r.verify);
                 b.set_lock(r.lock_timeout_ms.is_some());
-                b.set_lock_timeout_ms(r.lock_timeout_ms.unwrap_or(0));
+                // One timeout on the wire: --lock and --lock-resync share --lock-timeout.
+                b.set_lock_timeout_ms(r.lock_timeout_ms.or(r.lock_resync_ms).unwrap_or(0));
                 b.set_max_rounds(r.max_rounds);
-                b.set_lock_resync(r.lock_resync);
+                b.set_lock_resync(r.lock_resync_ms.is_some());
                 let mut l = b.reborrow().init_remotes(r.remotes.len() as u32);
                 for (i, s) in r.remotes.iter().enumerate() {
                     l.set(i as u32, s.as_str());
@@ -1475,7 +1477,7 @@ impl Msg {
                     },
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                     max_rounds: b.get_max_rounds(),
-                    lock_resync: b.get_lock_resync(),
+                    lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(

@@ -187,7 +187,7 @@ fn all_messages() -> Vec<Msg> {
             verify: true,
             lock_timeout_ms: Some(2_000),
             max_rounds: 3,
-            lock_resync: true,
+            lock_resync_ms: Some(2_000),
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,

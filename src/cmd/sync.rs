@@ -100,7 +100,7 @@ pub struct Args {
     /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
     #[arg(long)]
     lock: bool,
-    /// With --lock: wait at most this long for a lock; a file not locked in time fails,
+    /// With --lock or --lock-resync: wait at most this long for a lock; a file not locked in time fails,
     /// naming the holder.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     lock_timeout: f64,
@@ -556,7 +556,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 classification: spec,
                 lock_timeout_ms: lock_timeout_ms(&args)?,
                 max_rounds: args.max_rounds,
-                lock_resync: args.lock_resync,
+                lock_resync_ms: lock_resync_ms(&args)?,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
@@ -573,6 +573,14 @@ fn lock_timeout_ms(args: &Args) -> anyhow::Result<Option<u32>> {
     Ok(args
         .lock
         .then(|| (args.lock_timeout * 1000.0).round() as u32))
+}
+
+/// `--lock-resync` / `--lock-timeout` as the request carries them.
+fn lock_resync_ms(args: &Args) -> anyhow::Result<Option<u32>> {
+    lock_timeout_ms(args).map(|_| {
+        args.lock_resync
+            .then(|| (args.lock_timeout * 1000.0).round() as u32)
+    })
 }
 
 /// Starts one in-process agent serving `root` on 127.0.0.1.
@@ -644,7 +652,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         classification: spec,
         lock_timeout_ms: lock_timeout_ms(args)?,
         max_rounds: args.max_rounds,
-        lock_resync: args.lock_resync,
+        lock_resync_ms: lock_resync_ms(args)?,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);

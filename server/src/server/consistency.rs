@@ -26,10 +26,6 @@ use tracing::{debug, info, warn};
 use super::{AgentRole, RState, Server, CHUNK, MAX_FAILURES, WINDOW};
 use crate::list::FileList;
 
-/// Lock timeout of re-synchronized files with `lockResync` when the request has no
-/// `--lock-timeout` of its own.
-const DEFAULT_LOCK_MS: u32 = 10_000;
-
 /// Inconsistent files named in a remote's error message (all are in `inconsistent`).
 const NAMED_IN_ERROR: usize = 10;
 
@@ -399,11 +395,7 @@ impl Server {
         };
         let width = j.width;
         let owner = j.remotes[i].can_chown;
-        let lock_timeout_ms = if j.req.lock_resync {
-            Some(j.req.lock_timeout_ms.unwrap_or(DEFAULT_LOCK_MS))
-        } else {
-            j.req.lock_timeout_ms
-        };
+        let lock_timeout_ms = j.req.lock_resync_ms.or(j.req.lock_timeout_ms);
         let target = j.remotes[i].addr.clone();
         let algorithm = j.req.algorithm.clone();
         let r = &mut j.remotes[i];
