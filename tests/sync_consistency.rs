@@ -259,12 +259,19 @@ fn a_normal_sync_is_checked_once_and_matches_rsync() {
     let mut entries = write_log_entries(&log);
     entries.sort();
     let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
-    assert_eq!(names, ["empty", "etc/app.conf", "etc/db.conf", "www/index.html"]);
+    assert_eq!(
+        names,
+        ["empty", "etc/app.conf", "etc/db.conf", "www/index.html"]
+    );
     for (path, size, mtime, inode) in &entries {
         let md = fs::metadata(remote.join(path)).unwrap();
         assert_eq!(*size, md.size(), "{path}");
         assert_eq!(*inode, md.ino(), "{path}");
-        assert_eq!(*mtime, format!("{}.{}", md.mtime(), md.mtime_nsec()), "{path}");
+        assert_eq!(
+            *mtime,
+            format!("{}.{}", md.mtime(), md.mtime_nsec()),
+            "{path}"
+        );
     }
 
     // The summary line says it too.
@@ -290,7 +297,10 @@ fn a_normal_sync_is_checked_once_and_matches_rsync() {
         &["--json", "--max-rounds", "0"],
     );
     let r = &json(&out)["remotes"][0];
-    assert_eq!((r["ok"].clone(), r["transferred"].clone()), (Value::Bool(true), 1.into()));
+    assert_eq!(
+        (r["ok"].clone(), r["transferred"].clone()),
+        (Value::Bool(true), 1.into())
+    );
     assert_eq!(r["rounds"], 0);
     assert_eq!(rsync_diff(&master, &remote), "");
 }
@@ -376,7 +386,13 @@ fn a_file_that_keeps_changing_fails_its_remote_after_max_rounds_and_others_go_on
     let db = tmp.path().join("jobs.sqlite");
     let (_s, saddr) = server(&token, &db);
 
-    let out = sync(&token, &saddr, &maddr, &[&baddr, &caddr], &["--max-rounds", "3"]);
+    let out = sync(
+        &token,
+        &saddr,
+        &maddr,
+        &[&baddr, &caddr],
+        &["--max-rounds", "3"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -388,7 +404,8 @@ fn a_file_that_keeps_changing_fails_its_remote_after_max_rounds_and_others_go_on
     assert!(stderr.contains("[recorded-state]"), "{stderr}");
     // The other remote is done after its single round, in sync.
     assert!(
-        stderr.contains(&format!("{caddr}: sent 4 files")) && stderr.contains("1 consistency round(s)"),
+        stderr.contains(&format!("{caddr}: sent 4 files"))
+            && stderr.contains("1 consistency round(s)"),
         "{stderr}"
     );
     assert_eq!(rsync_diff(&master, &calm), "");
@@ -403,8 +420,14 @@ fn a_file_that_keeps_changing_fails_its_remote_after_max_rounds_and_others_go_on
     let d: Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(d["status"], "failed");
     let results = d["results"].as_array().unwrap();
-    let busy_rec = results.iter().find(|r| r["remote"] == baddr.as_str()).unwrap();
-    let calm_rec = results.iter().find(|r| r["remote"] == caddr.as_str()).unwrap();
+    let busy_rec = results
+        .iter()
+        .find(|r| r["remote"] == baddr.as_str())
+        .unwrap();
+    let calm_rec = results
+        .iter()
+        .find(|r| r["remote"] == caddr.as_str())
+        .unwrap();
     assert_eq!(busy_rec["counts"]["rounds"], 3);
     assert!(
         busy_rec["error"].as_str().unwrap().contains(CONF),
@@ -418,7 +441,10 @@ fn a_file_that_keeps_changing_fails_its_remote_after_max_rounds_and_others_go_on
         .output()
         .unwrap();
     let human = String::from_utf8_lossy(&human.stdout);
-    assert!(human.contains("rounds 3") && human.contains("rounds 1"), "{human}");
+    assert!(
+        human.contains("rounds 3") && human.contains("rounds 1"),
+        "{human}"
+    );
 
     // JSON: the inconsistent files and why, per remote.
     let out = sync(
@@ -472,10 +498,19 @@ fn a_deployment_validator_is_consulted_and_a_passing_recheck_needs_no_resend() {
     let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
 
     // --max-rounds 1: checked once, nothing synchronized again, both .conf files named.
-    let out = sync(&token, &saddr, &maddr, &[&raddr], &["--json", "--max-rounds", "1"]);
+    let out = sync(
+        &token,
+        &saddr,
+        &maddr,
+        &[&raddr],
+        &["--json", "--max-rounds", "1"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let r = &json(&out)["remotes"][0];
-    assert_eq!((r["rounds"].clone(), r["resynced"].clone()), (1.into(), 0.into()));
+    assert_eq!(
+        (r["rounds"].clone(), r["resynced"].clone()),
+        (1.into(), 0.into())
+    );
     let bad: Vec<&str> = r["inconsistent"]
         .as_array()
         .unwrap()
@@ -503,7 +538,10 @@ fn a_deployment_validator_is_consulted_and_a_passing_recheck_needs_no_resend() {
     let out = sync(&token, &saddr, &maddr, &[&raddr], &["--json"]);
     assert_eq!(out.status.code(), Some(0));
     let r = &json(&out)["remotes"][0];
-    assert_eq!((r["rounds"].clone(), r["resynced"].clone()), (2.into(), 2.into()));
+    assert_eq!(
+        (r["rounds"].clone(), r["resynced"].clone()),
+        (2.into(), 2.into())
+    );
     assert_eq!(
         fs::metadata(remote.join(CONF)).unwrap().ino(),
         validator.first_inode.load(Ordering::SeqCst)

@@ -64,7 +64,8 @@ impl ConsistState {
             source: std::io::Error::other(why),
         };
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| bad(format!("creating its directory: {e}")))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| bad(format!("creating its directory: {e}")))?;
         }
         let dir = file
             .parent()
@@ -139,6 +140,8 @@ impl ConsistState {
         let mut recs = Vec::with_capacity(files.len());
         {
             let records = self.records.lock().expect("poisoned");
+            // Records no longer in memory (checked before) come from the log, read once.
+            let mut logged: Option<HashMap<RelPath, ReceivedFile>> = None;
             for f in files {
                 let bad = |check: &str, message: String| InconsistentFile {
                     path: f.path.clone(),
@@ -157,7 +160,18 @@ impl ConsistState {
                         continue;
                     }
                 };
-                match records.get(&rel) {
+                let rec = records.get(&rel).or_else(|| {
+                    let path = self.log_path()?;
+                    logged
+                        .get_or_insert_with(|| {
+                            WriteLog::read(&path).unwrap_or_else(|e| {
+                                warn!("{e}");
+                                HashMap::new()
+                            })
+                        })
+                        .get(&rel)
+                });
+                match rec {
                     None => out.push(bad("write-log", Problem::NotInWriteLog.to_string())),
                     Some(r)
                         if r.algorithm != algorithm
@@ -257,4 +271,151 @@ pub(crate) fn serve(
         send(w, &msg)?;
     }
     crate::server::flush(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consistency::checksum_file;
+    use std::fs;
+
+    fn crc32_of(p: &Path) -> Vec<u8> {
+        let hex = checksum_file(&mut fs::File::open(p).unwrap(), "crc32").unwrap();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn expected(root: &Path, path: &str) -> ExpectedFile {
+        let p = root.join(path);
+        ExpectedFile {
+            path: path.as_bytes().to_vec(),
+            digest: crc32_of(&p),
+            size: fs::metadata(&p).unwrap().len(),
+        }
+    }
+
+    /// A tree with `a` and `b/c` "received" (recorded as the agent does after a commit).
+    fn received(dir: &Path, log: Option<&Path>) -> (PathBuf, ConsistState) {
+        let root = dir.join("tree");
+        fs::create_dir_all(root.join("b")).unwrap();
+        fs::write(root.join("a"), "alpha\n").unwrap();
+        fs::write(root.join("b/c"), "gamma gamma\n").unwrap();
+        let mut st = ConsistState::new(&root);
+        st.set_log(log).unwrap();
+        for p in ["a", "b/c"] {
+            st.record(p.as_bytes(), "crc32", &crc32_of(&root.join(p)));
+        }
+        st.sync_log();
+        (root, st)
+    }
+
+    #[test]
+    fn untouched_files_are_consistent_then_served_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("state/writes");
+        let (root, st) = received(dir.path(), Some(&log));
+        let files = [expected(&root, "a"), expected(&root, "b/c")];
+        assert_eq!(st.check("crc32", &files), []);
+        // Found consistent: dropped from memory, still known from the log.
+        assert!(st.records.lock().unwrap().is_empty());
+        assert_eq!(st.check("crc32", &files), []);
+        assert_eq!(WriteLog::read(&log).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn drift_and_a_write_the_master_did_not_send_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, st) = received(dir.path(), None);
+        let mut files = vec![expected(&root, "a"), expected(&root, "b/c")];
+        // The master's digest of `a` is not what the agent wrote.
+        files[0].digest = vec![0, 0, 0, 1];
+        // `b/c` grows behind the agent's back.
+        fs::write(root.join("b/c"), "gamma gamma gamma\n").unwrap();
+        // A file the agent never wrote.
+        fs::write(root.join("d"), "delta\n").unwrap();
+        files.push(expected(&root, "d"));
+        let found = st.check("crc32", &files);
+        let got: Vec<(&[u8], &str, &str)> = found
+            .iter()
+            .map(|f| (f.path.as_slice(), f.check.as_str(), f.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].0, b"a");
+        assert_eq!(got[0].1, "write-log");
+        assert!(
+            got[0].2.contains("not what the master sent"),
+            "{}",
+            got[0].2
+        );
+        assert_eq!(
+            (got[1].0, got[1].1, got[1].2),
+            (&b"b/c"[..], "recorded-state", "size changed from 12 to 18")
+        );
+        assert_eq!(
+            (got[2].0, got[2].1, got[2].2),
+            (&b"d"[..], "write-log", "not in the agent's write log")
+        );
+        // An unsafe path is an inconsistency of the request, not a crash or a read.
+        let evil = ExpectedFile {
+            path: b"../etc/passwd".to_vec(),
+            ..ExpectedFile::default()
+        };
+        let found = st.check("crc32", &[evil]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].check, "request");
+    }
+
+    struct Always(&'static str);
+    impl ConsistencyCheck for Always {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn check(&self, _: &Path, files: &[ReceivedFile]) -> Vec<Inconsistency> {
+            files
+                .iter()
+                .map(|f| Inconsistency {
+                    path: f.path.as_path().to_owned(),
+                    check: self.0.to_owned(),
+                    problem: Problem::Other("nope".into()),
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn added_checks_run_after_the_built_in_one_and_can_replace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, mut st) = received(dir.path(), None);
+        fs::write(root.join("a"), "ALPHA\n").unwrap(); // same size, new content
+        st.add_check(Box::new(Always("app")));
+        let files = [expected(&dir.path().join("tree"), "b/c")];
+        let found = st.check("crc32", &files);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].check.as_str(), found[0].message.as_str()),
+            ("app", "nope")
+        );
+        // A reported file keeps its record: it is checked again next round.
+        assert_eq!(st.records.lock().unwrap().len(), 2);
+
+        let mut a = expected(&root, "a");
+        a.digest = crc32_of(&root.join("a")); // whatever the master says, the file changed
+        st.set_checks(vec![Box::new(Always("only"))]);
+        let found = st.check("crc32", &[a]);
+        let checks: Vec<&str> = found.iter().map(|f| f.check.as_str()).collect();
+        assert_eq!(checks, ["write-log"], "{found:?}");
+    }
+
+    #[test]
+    fn a_write_log_inside_the_tree_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        fs::create_dir_all(&root).unwrap();
+        let mut st = ConsistState::new(&root);
+        let e = st.set_log(Some(&root.join("x/writes"))).unwrap_err();
+        assert!(e.to_string().contains("outside the served tree"), "{e}");
+        st.set_log(Some(&dir.path().join("writes"))).unwrap();
+    }
 }

@@ -98,7 +98,10 @@ impl Agent {
     }
 
     /// Replaces every consistency check, the built-in one included, by `checks` (in order).
-    pub fn with_checks(mut self, checks: Vec<Box<dyn crate::consistency::ConsistencyCheck>>) -> Agent {
+    pub fn with_checks(
+        mut self,
+        checks: Vec<Box<dyn crate::consistency::ConsistencyCheck>>,
+    ) -> Agent {
         self.consist_mut().set_checks(checks);
         self
     }

@@ -728,7 +728,12 @@ impl Drop for Committer {
     }
 }
 
-fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter, consist: &ConsistState) {
+fn commit_one(
+    job: CommitJob,
+    state: &Mutex<CommitState>,
+    w: &SharedWriter,
+    consist: &ConsistState,
+) {
     let CommitJob {
         temp,
         attrs,

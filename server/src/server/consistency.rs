@@ -209,8 +209,7 @@ impl Server {
             return Ok(false);
         }
         let finished = match msg {
-            Msg::ConsistencyReply { last, .. }
-            | Msg::ChecksumReply { last, .. } => *last,
+            Msg::ConsistencyReply { last, .. } | Msg::ChecksumReply { last, .. } => *last,
             Msg::Done(_) => true,
             _ => false,
         };
@@ -223,7 +222,9 @@ impl Server {
             Msg::ConsistencyReply {
                 inconsistent, last, ..
             } if role == AgentRole::Remote(i) => self.on_inconsistent(job, i, inconsistent, *last),
-            Msg::ChecksumReply { results, last, .. } => self.on_fresh_sums(job, i, role, results, *last),
+            Msg::ChecksumReply { results, last, .. } => {
+                self.on_fresh_sums(job, i, role, results, *last)
+            }
             Msg::ItemResults { results, .. } => self.on_fix_results(job, i, role, results),
             Msg::Done(_) => self.on_fix_done(job, i),
             // Progress of a re-send: not shown.
@@ -538,5 +539,57 @@ impl Server {
         if rd.pending == 0 {
             self.check_round(job, i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::list::{Kind, Meta};
+
+    #[test]
+    fn a_check_set_gives_back_each_file_with_its_digest_or_none() {
+        let mut master = FileList::new();
+        let file = Meta {
+            kind: Some(Kind::File),
+            ..Meta::default()
+        };
+        for p in [&b"a"[..], b"b/c", b"d"] {
+            master.push(p, &file, b"").unwrap();
+        }
+        master.finish().unwrap();
+        let (a, bc, d) = (
+            master.find(b"a").unwrap(),
+            master.find(b"b/c").unwrap(),
+            master.find(b"d").unwrap(),
+        );
+        let mut set = CheckSet::default();
+        set.push(bc, 12, &[1, 2, 3, 4], 4);
+        // A digest of the wrong width (an old agent sends none) is "unknown", as is an
+        // all-zero one only when it was not given: crc32 of an empty file is 00000000.
+        set.push(a, 0, &[0, 0, 0, 0], 4);
+        set.push(d, 5, &[], 4);
+        assert_eq!(set.len(), 3);
+        let got: Vec<ExpectedFile> = (0..3).map(|k| set.expected(k, 4, &master)).collect();
+        assert_eq!(
+            got,
+            [
+                ExpectedFile {
+                    path: b"b/c".to_vec(),
+                    digest: vec![1, 2, 3, 4],
+                    size: 12
+                },
+                ExpectedFile {
+                    path: b"a".to_vec(),
+                    digest: vec![0, 0, 0, 0],
+                    size: 0
+                },
+                ExpectedFile {
+                    path: b"d".to_vec(),
+                    digest: Vec::new(),
+                    size: 5
+                },
+            ]
+        );
     }
 }
