@@ -14,7 +14,7 @@
 //! drives one state machine per remote:
 //!
 //! `connect → list → checksums → before (deletes, mkdirs) → sends → after
-//! (links, attributes) → done | failed`.
+//! (links, attributes) → consistency rounds (see `consistency.rs`) → done | failed`.
 //!
 //! A remote that fails (connection refused, reset, protocol error) is
 //! reported in its `remoteResult`; the others go on.
