@@ -23,6 +23,10 @@ use crate::{path, AgentError};
 /// Inconsistent files per `consistencyReply` frame.
 const PER_REPLY: usize = 4096;
 
+/// Records kept in memory at most (each file's is dropped once found consistent; beyond this,
+/// with the check off, they are forgotten and looked up in the write log instead).
+const MAX_RECORDS: usize = 1 << 20;
+
 /// What the agent wrote, and how it checks it.
 pub(crate) struct ConsistState {
     root: PathBuf,
@@ -79,6 +83,11 @@ impl ConsistState {
                 root.display()
             )));
         }
+        match WriteLog::compact(file) {
+            Ok(true) => debug!(log = %file.display(), "write log compacted"),
+            Ok(false) => {}
+            Err(e) => warn!("{e}"),
+        }
         let log = WriteLog::open(file).map_err(|e| bad(e.to_string()))?;
         self.log = Some(Mutex::new(log));
         Ok(())
@@ -121,7 +130,11 @@ impl ConsistState {
                 warn!("{e}");
             }
         }
-        self.records.lock().expect("poisoned").insert(rel, rec);
+        let mut records = self.records.lock().expect("poisoned");
+        if records.len() >= MAX_RECORDS {
+            records.clear();
+        }
+        records.insert(rel, rec);
     }
 
     /// Makes the write log durable (end of a sync stream).
@@ -406,6 +419,24 @@ mod tests {
         let found = st.check("crc32", &[a]);
         let checks: Vec<&str> = found.iter().map(|f| f.check.as_str()).collect();
         assert_eq!(checks, ["write-log"], "{found:?}");
+    }
+
+    #[test]
+    fn the_write_log_is_compacted_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("writes");
+        let (root, st) = received(dir.path(), Some(&log));
+        for _ in 0..3 {
+            st.record(b"a", "crc32", &crc32_of(&root.join("a")));
+        }
+        st.sync_log();
+        drop(st);
+        let before = WriteLog::read(&log).unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 5);
+        let mut st = ConsistState::new(&root);
+        st.set_log(Some(&log)).unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 2);
+        assert_eq!(WriteLog::read(&log).unwrap(), before);
     }
 
     #[test]

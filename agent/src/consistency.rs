@@ -416,6 +416,45 @@ impl WriteLog {
             .map_err(io("append to write log"))
     }
 
+    /// Rewrites the log at `path` with only the last entry of each path (atomically: a
+    /// temporary file beside it, fsynced, renamed over it) when it holds more than twice as
+    /// many lines as paths. Returns whether it was rewritten. Not safe against another
+    /// process appending meanwhile: run it before serving.
+    pub fn compact(path: &Path) -> Result<bool, ConsistencyError> {
+        let lines = match std::fs::read(path) {
+            Ok(t) => t.iter().filter(|&&b| b == b'\n').count(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ConsistencyError::Io {
+                    action: "read write log",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let last = Self::read(path)?;
+        if lines <= 2 * last.len() {
+            return Ok(false);
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".compact");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let mut entries: Vec<&ReceivedFile> = last.values().collect();
+        entries.sort_by(|a, b| a.path.as_path().cmp(b.path.as_path()));
+        let mut log = Self::open(&tmp)?;
+        for e in entries {
+            log.append_unsynced(e)?;
+        }
+        log.sync()?;
+        std::fs::rename(&tmp, path).map_err(|source| ConsistencyError::Io {
+            action: "replace write log",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(true)
+    }
+
     /// Reads a log: the last entry of each path. A missing log is empty.
     pub fn read(path: &Path) -> Result<HashMap<RelPath, ReceivedFile>, ConsistencyError> {
         let text = match std::fs::read(path) {
