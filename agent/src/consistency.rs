@@ -285,7 +285,10 @@ fn mtime_of(md: &std::fs::Metadata) -> Mtime {
 
 /// Computes the checksum of an open file with the engine algorithm `algorithm`, streaming.
 pub fn checksum_file(file: &mut File, algorithm: &str) -> Result<String, String> {
-    let mut alg = fleetsync_engine::Registry::with_builtins()
+    // One registry for every file (building it allocates).
+    static REGISTRY: std::sync::OnceLock<fleetsync_engine::Registry> = std::sync::OnceLock::new();
+    let mut alg = REGISTRY
+        .get_or_init(fleetsync_engine::Registry::with_builtins)
         .get(algorithm)
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 256 * 1024];
