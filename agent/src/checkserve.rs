@@ -244,16 +244,20 @@ pub(crate) fn serve(
     algorithm: &str,
     files: &[ExpectedFile],
 ) -> Result<(), AgentError> {
-    if let Err(e) = shared.registry.info(algorithm) {
-        return send_flush(
-            w,
-            &Msg::Error {
-                request_id,
-                message: e.to_string(),
-            },
-        );
-    }
-    let found = shared.consist.check(algorithm, files);
+    // Records carry the algorithm's own name (as the master's `fileStart` does).
+    let algorithm = match shared.registry.info(algorithm) {
+        Ok(info) => info.name,
+        Err(e) => {
+            return send_flush(
+                w,
+                &Msg::Error {
+                    request_id,
+                    message: e.to_string(),
+                },
+            )
+        }
+    };
+    let found = shared.consist.check(&algorithm, files);
     debug!(
         request_id,
         files = files.len(),
