@@ -67,22 +67,28 @@ impl ConsistState {
             path: file.as_os_str().as_bytes().to_vec(),
             source: std::io::Error::other(why),
         };
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| bad(format!("creating its directory: {e}")))?;
-        }
         let dir = file
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let dir = std::fs::canonicalize(dir).map_err(|e| bad(e.to_string()))?;
+        // Where the directory is (or would be), resolved through the part that exists: it
+        // is refused before anything is created inside the tree.
+        let mut existing = dir;
+        let mut missing = Vec::new();
+        while !existing.exists() {
+            missing.push(existing.file_name().unwrap_or_default());
+            existing = existing.parent().unwrap_or(Path::new("."));
+        }
+        let mut resolved = std::fs::canonicalize(existing).map_err(|e| bad(e.to_string()))?;
+        resolved.extend(missing.iter().rev());
         let root = std::fs::canonicalize(&self.root).map_err(|e| bad(e.to_string()))?;
-        if dir.starts_with(&root) {
+        if resolved.starts_with(&root) {
             return Err(bad(format!(
                 "must be outside the served tree {}",
                 root.display()
             )));
         }
+        std::fs::create_dir_all(dir).map_err(|e| bad(format!("creating its directory: {e}")))?;
         match WriteLog::compact(file) {
             Ok(true) => debug!(log = %file.display(), "write log compacted"),
             Ok(false) => {}
@@ -449,7 +455,11 @@ mod tests {
         let root = dir.path().join("tree");
         fs::create_dir_all(&root).unwrap();
         let mut st = ConsistState::new(&root);
-        let e = st.set_log(Some(&root.join("x/writes"))).unwrap_err();
+        let e = st.set_log(Some(&root.join("x/y/writes"))).unwrap_err();
+        assert!(e.to_string().contains("outside the served tree"), "{e}");
+        // Refused before anything was created in the tree.
+        assert!(!root.join("x").exists());
+        let e = st.set_log(Some(&root.join("../tree/writes"))).unwrap_err();
         assert!(e.to_string().contains("outside the served tree"), "{e}");
         st.set_log(Some(&dir.path().join("writes"))).unwrap();
     }

@@ -85,8 +85,13 @@ impl Agent {
     /// [`crate::consistency`]), which must be outside the tree; `None` (the default) keeps
     /// the records in memory only.
     pub fn with_write_log(mut self, file: Option<&Path>) -> Result<Agent, AgentError> {
-        self.consist_mut().set_log(file)?;
+        self.set_write_log(file)?;
         Ok(self)
+    }
+
+    /// As [`Agent::with_write_log`], in place; on error the agent keeps its previous log.
+    pub fn set_write_log(&mut self, file: Option<&Path>) -> Result<(), AgentError> {
+        self.consist_mut().set_log(file)
     }
 
     /// Adds a consistency check, run after the built-in

@@ -46,6 +46,27 @@ pub struct Args {
     verbose: u8,
 }
 
+/// Gives `agent` its write log: `explicit` (an error if unusable, e.g. inside the tree), else
+/// the default place beside the checksum cache — or, if that is unusable (say the tree is the
+/// home directory holding it), records in memory only, with a warning.
+pub(crate) fn with_write_log(
+    mut agent: fleetsync_agent::Agent,
+    root: &std::path::Path,
+    explicit: Option<&std::path::Path>,
+) -> anyhow::Result<fleetsync_agent::Agent> {
+    if let Some(file) = explicit {
+        return agent
+            .with_write_log(Some(file))
+            .map_err(|e| anyhow::anyhow!("--write-log: {e}"));
+    }
+    if let Some(file) = fleetsync_agent::consistency::default_write_log(root) {
+        if let Err(e) = agent.set_write_log(Some(&file)) {
+            tracing::warn!("no write log ({e}): the consistency records stay in memory");
+        }
+    }
+    Ok(agent)
+}
+
 /// Reads the token from `file`, or else from `FLEETSYNC_TOKEN`.
 pub fn load_token(file: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     let raw = match file {
@@ -101,13 +122,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_fsync(!args.no_fsync)
         .with_checksum_cache(!args.no_checksum_cache);
-    let write_log = args
-        .write_log
-        .clone()
-        .or_else(|| fleetsync_agent::consistency::default_write_log(&args.root));
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
-        .and_then(|a| a.with_write_log(write_log.as_deref()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = with_write_log(agent, &args.root, args.write_log.as_deref())?;
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let handle = agent.serve(listener).context("starting the agent")?;

@@ -598,10 +598,9 @@ pub(crate) fn start_agent(
         .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?
         .with_fsync(fsync)
         .with_checksum_cache(checksum_cache);
-    let write_log = fleetsync_agent::consistency::default_write_log(root);
     let agent = fleetsync_agent::Agent::new(root, Some(token.to_vec()), Some(Arc::new(backend)))
-        .and_then(|a| a.with_write_log(write_log.as_deref()))
         .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+    let agent = super::agent::with_write_log(agent, root, None)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(agent.serve(listener)?)
 }
