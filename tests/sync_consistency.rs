@@ -325,7 +325,10 @@ fn a_write_log_inside_the_tree_is_refused() {
         stderr.contains("writes.log") && stderr.contains("outside the served tree"),
         "{stderr}"
     );
-    assert!(!tmp.path().join("sub").exists(), "nothing created in the tree");
+    assert!(
+        !tmp.path().join("sub").exists(),
+        "nothing created in the tree"
+    );
 }
 
 #[test]
