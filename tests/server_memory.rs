@@ -142,6 +142,7 @@ fn serve_agent(stream: TcpStream, empty: bool) {
                         outcome: Outcome::Ok,
                         message: String::new(),
                         bytes: 0,
+                        digest: Vec::new(),
                     })
                     .collect();
                 send(

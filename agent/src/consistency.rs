@@ -32,6 +32,17 @@
 //! interleave; a torn last line (a crash mid-append) is ignored when reading; the last line
 //! for a path wins. The log is what the agent itself believes it wrote: a file that differs
 //! from its last log entry was changed by someone else.
+//!
+//! # In the agent
+//!
+//! A serving agent ([`crate::Agent`]) records every file it commits from a sync stream
+//! (after the rename, with the digest the master sent and the agent verified) in its log
+//! ([`crate::Agent::with_write_log`]; `fleetsync agent --write-log FILE`, by default
+//! [`default_write_log`], outside the tree) and in memory. After a remote's transfers the
+//! server sends a `consistencyRequest` naming the files with the master's digest and size;
+//! the agent runs its checks — [`RecordedStateCheck`] unless replaced, plus any added with
+//! [`crate::Agent::with_check`] — and answers with the inconsistent files. The server
+//! synchronizes those again and asks again, up to `--max-rounds`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -42,6 +53,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
@@ -273,7 +285,10 @@ fn mtime_of(md: &std::fs::Metadata) -> Mtime {
 
 /// Computes the checksum of an open file with the engine algorithm `algorithm`, streaming.
 pub fn checksum_file(file: &mut File, algorithm: &str) -> Result<String, String> {
-    let mut alg = fleetsync_engine::Registry::with_builtins()
+    // One registry for every file (building it allocates).
+    static REGISTRY: std::sync::OnceLock<fleetsync_engine::Registry> = std::sync::OnceLock::new();
+    let mut alg = REGISTRY
+        .get_or_init(fleetsync_engine::Registry::with_builtins)
         .get(algorithm)
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -357,6 +372,29 @@ impl WriteLog {
 
     /// Appends one entry with a single write, and fsyncs.
     pub fn append(&mut self, entry: &ReceivedFile) -> Result<(), ConsistencyError> {
+        self.append_unsynced(entry)?;
+        self.sync()
+    }
+
+    /// Makes every entry appended so far durable (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), ConsistencyError> {
+        self.file
+            .sync_data()
+            .map_err(|source| ConsistencyError::Io {
+                action: "fsync write log",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one entry with a single write, without fsync: call [`WriteLog::sync`] after a
+    /// batch (the agent does at the end of each sync stream).
+    pub fn append_unsynced(&mut self, entry: &ReceivedFile) -> Result<(), ConsistencyError> {
         let mut line = String::from("v1 ");
         journal::escape(
             &mut line,
@@ -378,8 +416,46 @@ impl WriteLog {
         };
         self.file
             .write_all(line.as_bytes())
-            .map_err(io("append to write log"))?;
-        self.file.sync_data().map_err(io("fsync write log"))
+            .map_err(io("append to write log"))
+    }
+
+    /// Rewrites the log at `path` with only the last entry of each path (atomically: a
+    /// temporary file beside it, fsynced, renamed over it) when it holds more than twice as
+    /// many lines as paths. Returns whether it was rewritten. Not safe against another
+    /// process appending meanwhile: run it before serving.
+    pub fn compact(path: &Path) -> Result<bool, ConsistencyError> {
+        let lines = match std::fs::read(path) {
+            Ok(t) => t.iter().filter(|&&b| b == b'\n').count(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ConsistencyError::Io {
+                    action: "read write log",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let last = Self::read(path)?;
+        if lines <= 2 * last.len() {
+            return Ok(false);
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".compact");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let mut entries: Vec<&ReceivedFile> = last.values().collect();
+        entries.sort_by(|a, b| a.path.as_path().cmp(b.path.as_path()));
+        let mut log = Self::open(&tmp)?;
+        for e in entries {
+            log.append_unsynced(e)?;
+        }
+        log.sync()?;
+        std::fs::rename(&tmp, path).map_err(|source| ConsistencyError::Io {
+            action: "replace write log",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(true)
     }
 
     /// Reads a log: the last entry of each path. A missing log is empty.
@@ -530,8 +606,9 @@ impl ConsistencyCheck for RecordedStateCheck {
                 }
             },
         };
+        // In parallel: the checksums are recomputed here.
         files
-            .iter()
+            .par_iter()
             .filter_map(|f| {
                 self.check_one(root, f, log.as_ref())
                     .map(|problem| Inconsistency {
@@ -542,4 +619,21 @@ impl ConsistencyCheck for RecordedStateCheck {
             })
             .collect()
     }
+}
+
+/// The default write log of the tree at `root`, beside the checksum cache and outside the
+/// tree: `$XDG_CACHE_HOME/fleetsync/writes-HASH` (else `~/.cache/fleetsync/...`), one file
+/// per canonical root path. `None` without a home or when `root` cannot be resolved.
+pub fn default_write_log(root: &Path) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let canon = std::fs::canonicalize(root).ok()?;
+    // FNV-1a of the root's path (as for the checksum cache).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    Some(base.join("fleetsync").join(format!("writes-{h:016x}")))
 }

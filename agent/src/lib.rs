@@ -27,9 +27,15 @@
 //!   over. Leftovers of a killed agent are removed by the next listing.
 //! - **Checksums where the data lives**, through `fleetsync_engine`, with a
 //!   ctime-keyed cache ([`sumcache`]) so an unchanged tree is not read again.
+//! - **Self-checks after a sync**: every received file is recorded (size, mtime,
+//!   inode, digest) in memory and in a write log outside the tree
+//!   ([`Agent::with_write_log`]); a `consistencyRequest` runs the checks
+//!   ([`consistency::RecordedStateCheck`], plus a deployment's own added with
+//!   [`Agent::with_check`]) and names the files that changed since.
 #![deny(missing_docs)]
 
 pub mod backend;
+mod checkserve;
 mod error;
 pub mod path;
 mod server;

@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// The tree root (locks are taken on paths beneath it).
     pub(crate) root: PathBuf,
+    /// Write log and consistency checks.
+    pub(crate) consist: Arc<crate::checkserve::ConsistState>,
 }
 
 /// An agent serving one tree; see [`Agent::serve`].
@@ -63,9 +65,50 @@ impl Agent {
                 backend,
                 registry: Registry::with_builtins(),
                 root: root.clone(),
+                consist: Arc::new(crate::checkserve::ConsistState::new(&root)),
             }),
             root,
         })
+    }
+
+    fn consist_mut(&mut self) -> &mut crate::checkserve::ConsistState {
+        // Only `serve` shares these, and it consumes the agent.
+        Arc::get_mut(
+            &mut Arc::get_mut(&mut self.shared)
+                .expect("not serving yet")
+                .consist,
+        )
+        .expect("not serving yet")
+    }
+
+    /// Records every file received from a sync stream in the write log `file` (see
+    /// [`crate::consistency`]), which must be outside the tree; `None` (the default) keeps
+    /// the records in memory only.
+    pub fn with_write_log(mut self, file: Option<&Path>) -> Result<Agent, AgentError> {
+        self.set_write_log(file)?;
+        Ok(self)
+    }
+
+    /// As [`Agent::with_write_log`], in place; on error the agent keeps its previous log.
+    pub fn set_write_log(&mut self, file: Option<&Path>) -> Result<(), AgentError> {
+        self.consist_mut().set_log(file)
+    }
+
+    /// Adds a consistency check, run after the built-in
+    /// [`RecordedStateCheck`](crate::consistency::RecordedStateCheck) on the files of each
+    /// `consistencyRequest`.
+    pub fn with_check(mut self, check: Box<dyn crate::consistency::ConsistencyCheck>) -> Agent {
+        self.consist_mut().add_check(check);
+        self
+    }
+
+    /// Replaces every consistency check, the built-in one included, by `checks` (in order).
+    pub fn with_checks(
+        mut self,
+        checks: Vec<Box<dyn crate::consistency::ConsistencyCheck>>,
+    ) -> Agent {
+        self.consist_mut().set_checks(checks);
+        self
     }
 
     /// Accepts connections on `listener` on a background thread (one more
@@ -288,6 +331,11 @@ fn serve_loop(
             Msg::ApplyRequest { request_id, ops } => {
                 apply(w, shared, request_id, &ops, &mut owner_noted)?
             }
+            Msg::ConsistencyRequest {
+                request_id,
+                algorithm,
+                files,
+            } => crate::checkserve::serve(w, shared, request_id, &algorithm, &files)?,
             other => {
                 let message = format!("unexpected message '{}' from the server", other.kind_name());
                 let _ = send_flush(
@@ -480,6 +528,7 @@ fn apply(
             outcome,
             message,
             bytes: 0,
+            digest: Vec::new(),
         });
         if results.len() >= 1024 {
             send(
@@ -508,6 +557,7 @@ fn apply(
                 outcome: Outcome::Failed,
                 message: e.to_string(),
                 bytes: 0,
+                digest: Vec::new(),
             });
         }
     }

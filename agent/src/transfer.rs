@@ -17,6 +17,7 @@ use fleetsync_proto::{
 use tracing::{debug, warn};
 
 use crate::backend::TempFile;
+use crate::checkserve::ConsistState;
 use crate::error::show;
 use crate::journal::RelPath;
 use crate::lock::{FileLock, LockError, LockKind, LockOptions};
@@ -68,6 +69,7 @@ fn failed(path: &[u8], message: String) -> ItemResult {
         outcome: Outcome::Failed,
         message,
         bytes: 0,
+        digest: Vec::new(),
     }
 }
 
@@ -447,6 +449,8 @@ struct Incoming {
     error: Option<String>,
     /// `--lock`: exclusive-lock the destination while replacing it.
     lock_timeout_ms: Option<u32>,
+    /// Algorithm of the digest (for the write log).
+    algorithm: String,
 }
 
 /// Remote side: receives files from a master agent until `streamEnd`.
@@ -457,7 +461,7 @@ pub(crate) fn receive(
 ) -> Result<(), AgentError> {
     let backend = &shared.backend;
     let mut cur: Option<Incoming> = None;
-    let mut committer = Committer::new(w.clone(), COMMIT_THREADS);
+    let mut committer = Committer::new(w.clone(), COMMIT_THREADS, shared.consist.clone());
     let mut fb = frame::FrameBuf::new();
     loop {
         if !fb.read(reader, frame::MAX_FRAME)? {
@@ -508,6 +512,7 @@ pub(crate) fn receive(
                     received: 0,
                     error: None,
                     lock_timeout_ms,
+                    algorithm: algorithm.clone(),
                 };
                 let p = inc.entry.path.clone();
                 let prepared = path::check(&p)
@@ -540,6 +545,7 @@ pub(crate) fn receive(
                 };
                 let p = inc.entry.path.clone();
                 let lock = inc.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
+                let algorithm = inc.algorithm.clone();
                 match verify_file(inc, size, &digest, aborted, error) {
                     Ok((temp, attrs)) => committer.submit(CommitJob {
                         temp,
@@ -547,6 +553,8 @@ pub(crate) fn receive(
                         path: p,
                         size,
                         lock,
+                        algorithm,
+                        digest,
                     })?,
                     Err(e) => {
                         debug!("receive {}: {e}", show(&p));
@@ -571,6 +579,7 @@ pub(crate) fn receive(
                         warn!("{e}");
                     }
                 }
+                shared.consist.sync_log();
                 send_flush(w, &Msg::Done(done))?;
                 return Ok(());
             }
@@ -637,6 +646,9 @@ struct CommitJob {
     size: u64,
     /// `--lock`: the tree root and the lock timeout.
     lock: Option<(std::path::PathBuf, u32)>,
+    /// The verified digest, recorded in the write log once committed.
+    algorithm: String,
+    digest: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -653,19 +665,20 @@ struct Committer {
 }
 
 impl Committer {
-    fn new(w: SharedWriter, threads: usize) -> Committer {
+    fn new(w: SharedWriter, threads: usize, consist: Arc<ConsistState>) -> Committer {
         let (tx, rx) = std::sync::mpsc::sync_channel::<CommitJob>(threads * 2);
         let rx = Arc::new(Mutex::new(rx));
         let state = Arc::new(Mutex::new(CommitState::default()));
         let workers = (0..threads)
             .filter_map(|_| {
                 let (rx, state, w) = (rx.clone(), state.clone(), w.clone());
+                let consist = consist.clone();
                 thread::Builder::new()
                     .name("agent-commit".into())
                     .spawn(move || loop {
                         let job = rx.lock().expect("poisoned").recv();
                         let Ok(job) = job else { return };
-                        commit_one(job, &state, &w);
+                        commit_one(job, &state, &w, &consist);
                     })
                     .ok()
             })
@@ -715,13 +728,20 @@ impl Drop for Committer {
     }
 }
 
-fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
+fn commit_one(
+    job: CommitJob,
+    state: &Mutex<CommitState>,
+    w: &SharedWriter,
+    consist: &ConsistState,
+) {
     let CommitJob {
         temp,
         attrs,
         path,
         size,
         lock,
+        algorithm,
+        digest,
     } = job;
     // With --lock: an exclusive lock on the existing destination (cooperating readers hold
     // shared locks on it) while the new file is renamed over it.
@@ -729,10 +749,19 @@ fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
         Some(Err(e)) => Err(e),
         Some(Ok(guard)) => {
             let r = temp.commit(&attrs).map_err(|e| e.to_string());
+            if r.is_ok() {
+                consist.record(&path, &algorithm, &digest);
+            }
             drop(guard);
             r
         }
-        None => temp.commit(&attrs).map_err(|e| e.to_string()),
+        None => {
+            let r = temp.commit(&attrs).map_err(|e| e.to_string());
+            if r.is_ok() {
+                consist.record(&path, &algorithm, &digest);
+            }
+            r
+        }
     };
     let (result, request_id) = {
         let mut st = state.lock().expect("poisoned");
@@ -751,6 +780,7 @@ fn commit_one(job: CommitJob, state: &Mutex<CommitState>, w: &SharedWriter) {
                     outcome: Outcome::Ok,
                     message,
                     bytes: size,
+                    digest,
                 }
             }
             Err(e) => {

@@ -39,6 +39,10 @@ struct Message {
     syncDone @19 :SyncDone;
     syncProgress @21 :SyncProgress;
 
+    # --- consistency loop (server -> remote agent, after its transfers) ---
+    consistencyRequest @22 :ConsistencyRequest;
+    consistencyReply @23 :ConsistencyReply;
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -232,6 +236,8 @@ struct ItemResult {
   outcome @1 :Outcome;
   message @2 :Text;       # error or note
   bytes @3 :UInt64;       # bytes transferred (send orders)
+  digest @4 :Data;        # send orders, ok: digest (the order's algorithm) of the content
+                          # the remote committed; empty otherwise
 }
 
 struct ItemResults {
@@ -292,6 +298,9 @@ struct SyncRequest {
   lock @6 :Bool;               # --lock: lock each file while it is synchronized
   lockTimeoutMs @7 :UInt32;    # --lock-timeout
   verify @8 :Bool;             # fleetsync verify: dry run with fresh checksums (no cache)
+  maxRounds @9 :UInt32;        # consistency rounds per remote after its transfers (0 = no check)
+  lockResync @10 :Bool;        # lock the files the consistency loop synchronizes again
+                               # (waiting lockTimeoutMs; also without `lock`)
 }
 
 enum Action {
@@ -331,6 +340,9 @@ struct RemoteResult {
   deleted @5 :UInt64;
   changed @6 :UInt64;          # other changes (attrs, links, mkdir)
   failures @7 :List(Failure);  # per-item failures
+  rounds @8 :UInt32;           # consistency checks run (0: none)
+  resynced @9 :UInt64;         # files synchronized again by the consistency loop
+  inconsistent @10 :List(Failure); # files still inconsistent after the last round, with why
 }
 
 struct SyncProgress {
@@ -339,6 +351,38 @@ struct SyncProgress {
   totalFiles @2 :UInt64;
   doneBytes @3 :UInt64;
   totalBytes @4 :UInt64;
+}
+
+# ---------------------------------------------------------------- consistency
+
+# A file the remote received in this job, as the master sent it.
+struct ExpectedFile {
+  path @0 :Data;
+  digest @1 :Data;         # in the request's algorithm; empty: whatever the agent recorded
+  size @2 :UInt64;
+}
+
+# Server -> remote agent, after the transfers: check that each file is still
+# what was received (the agent's configured checks). Answered by one or more
+# `consistencyReply`, the last with `last = true`.
+struct ConsistencyRequest {
+  requestId @0 :UInt64;
+  algorithm @1 :Text;
+  files @2 :List(ExpectedFile);
+}
+
+struct Inconsistency {
+  path @0 :Data;
+  check @1 :Text;          # name of the check that found it
+  message @2 :Text;        # what is wrong
+}
+
+# Only the inconsistent files are listed; `checked` counts the files checked.
+struct ConsistencyReply {
+  requestId @0 :UInt64;
+  inconsistent @1 :List(Inconsistency);
+  checked @2 :UInt64;
+  last @3 :Bool;
 }
 
 struct SyncDone {

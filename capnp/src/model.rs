@@ -532,6 +532,8 @@ pub struct ItemResult {
     pub message: String,
     /// Bytes transferred.
     pub bytes: u64,
+    /// Send orders, ok: the digest of the content the remote committed (empty otherwise).
+    pub digest: Vec<u8>,
 }
 
 /// Progress of a long request.
@@ -582,6 +584,11 @@ pub struct SyncRequest {
     /// `--lock`: lock each file while it is synchronized, waiting at most this many
     /// milliseconds (`--lock-timeout`); `None`: no locking.
     pub lock_timeout_ms: Option<u32>,
+    /// Consistency rounds per remote after its transfers (0: no check; 1: check once).
+    pub max_rounds: u32,
+    /// Lock the files the consistency loop synchronizes again (as `--lock` does, also
+    /// without it), waiting at most this many milliseconds; `None`: as the rest of the sync.
+    pub lock_resync_ms: Option<u32>,
 }
 
 /// Kind of a planned change.
@@ -671,6 +678,34 @@ pub struct RemoteResult {
     pub changed: u64,
     /// Per-item failures.
     pub failures: Vec<Failure>,
+    /// Consistency checks run (0: none).
+    pub rounds: u32,
+    /// Files synchronized again by the consistency loop.
+    pub resynced: u64,
+    /// Files still inconsistent after the last round (`message` says why).
+    pub inconsistent: Vec<Failure>,
+}
+
+/// A file a remote received, as the master sent it (in a consistency request).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExpectedFile {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Digest in the request's algorithm; empty: whatever the agent recorded.
+    pub digest: Vec<u8>,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A file a remote's consistency check found inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InconsistentFile {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Name of the check that found it.
+    pub check: String,
+    /// What is wrong.
+    pub message: String,
 }
 
 /// Progress of one remote, for the control client.
@@ -825,6 +860,26 @@ pub enum Msg {
     RemoteResult(RemoteResult),
     /// Server -> control client: progress of a remote.
     SyncProgress(SyncProgress),
+    /// Server -> remote agent: check that these received files are unchanged.
+    ConsistencyRequest {
+        /// Request id.
+        request_id: u64,
+        /// Algorithm of the digests.
+        algorithm: String,
+        /// The files.
+        files: Vec<ExpectedFile>,
+    },
+    /// Remote agent -> server: the inconsistent files (of one or more replies).
+    ConsistencyReply {
+        /// Request id.
+        request_id: u64,
+        /// Inconsistent files only.
+        inconsistent: Vec<InconsistentFile>,
+        /// Files checked in this reply.
+        checked: u64,
+        /// Last reply of the request.
+        last: bool,
+    },
     /// Server -> control client: all remotes finished.
     SyncDone {
         /// Everything succeeded.
@@ -883,6 +938,8 @@ impl Msg {
             Msg::RemoteResult(_) => "remoteResult",
             Msg::SyncProgress(_) => "syncProgress",
             Msg::SyncDone { .. } => "syncDone",
+            Msg::ConsistencyRequest { .. } => "consistencyRequest",
+            Msg::ConsistencyReply { .. } => "consistencyReply",
             Msg::Error { .. } => "error",
         }
     }
@@ -1042,6 +1099,7 @@ impl Msg {
                     });
                     rb.set_message(r.message.as_str());
                     rb.set_bytes(r.bytes);
+                    rb.set_digest(&r.digest);
                 }
             }
             Msg::Progress(p) => {
@@ -1097,7 +1155,10 @@ impl Msg {
                 b.set_dry_run(r.dry_run);
                 b.set_verify(r.verify);
                 b.set_lock(r.lock_timeout_ms.is_some());
-                b.set_lock_timeout_ms(r.lock_timeout_ms.unwrap_or(0));
+                // One timeout on the wire: --lock and --lock-resync share --lock-timeout.
+                b.set_lock_timeout_ms(r.lock_timeout_ms.or(r.lock_resync_ms).unwrap_or(0));
+                b.set_max_rounds(r.max_rounds);
+                b.set_lock_resync(r.lock_resync_ms.is_some());
                 let mut l = b.reborrow().init_remotes(r.remotes.len() as u32);
                 for (i, s) in r.remotes.iter().enumerate() {
                     l.set(i as u32, s.as_str());
@@ -1124,8 +1185,16 @@ impl Msg {
                 b.set_bytes(r.bytes);
                 b.set_deleted(r.deleted);
                 b.set_changed(r.changed);
-                let mut l = b.init_failures(r.failures.len() as u32);
+                b.set_rounds(r.rounds);
+                b.set_resynced(r.resynced);
+                let mut l = b.reborrow().init_failures(r.failures.len() as u32);
                 for (i, f) in r.failures.iter().enumerate() {
+                    let mut fb = l.reborrow().get(i as u32);
+                    fb.set_path(&f.path);
+                    fb.set_message(f.message.as_str());
+                }
+                let mut l = b.init_inconsistent(r.inconsistent.len() as u32);
+                for (i, f) in r.inconsistent.iter().enumerate() {
                     let mut fb = l.reborrow().get(i as u32);
                     fb.set_path(&f.path);
                     fb.set_message(f.message.as_str());
@@ -1138,6 +1207,40 @@ impl Msg {
                 b.set_total_files(p.total_files);
                 b.set_done_bytes(p.done_bytes);
                 b.set_total_bytes(p.total_bytes);
+            }
+            Msg::ConsistencyRequest {
+                request_id,
+                algorithm,
+                files,
+            } => {
+                let mut b = root.init_consistency_request();
+                b.set_request_id(*request_id);
+                b.set_algorithm(algorithm.as_str());
+                let mut l = b.init_files(files.len() as u32);
+                for (i, f) in files.iter().enumerate() {
+                    let mut fb = l.reborrow().get(i as u32);
+                    fb.set_path(&f.path);
+                    fb.set_digest(&f.digest);
+                    fb.set_size(f.size);
+                }
+            }
+            Msg::ConsistencyReply {
+                request_id,
+                inconsistent,
+                checked,
+                last,
+            } => {
+                let mut b = root.init_consistency_reply();
+                b.set_request_id(*request_id);
+                b.set_checked(*checked);
+                b.set_last(*last);
+                let mut l = b.init_inconsistent(inconsistent.len() as u32);
+                for (i, f) in inconsistent.iter().enumerate() {
+                    let mut fb = l.reborrow().get(i as u32);
+                    fb.set_path(&f.path);
+                    fb.set_check(f.check.as_str());
+                    fb.set_message(f.message.as_str());
+                }
             }
             Msg::SyncDone { ok, message } => {
                 let mut b = root.init_sync_done();
@@ -1304,6 +1407,7 @@ impl Msg {
                             },
                             message: text(r.get_message())?,
                             bytes: r.get_bytes(),
+                            digest: r.get_digest()?.to_vec(),
                         })
                     })
                     .collect::<Result<_, ProtoError>>()?;
@@ -1372,6 +1476,8 @@ impl Msg {
                         ClassificationSpec::default()
                     },
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    max_rounds: b.get_max_rounds(),
+                    lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(
@@ -1408,6 +1514,18 @@ impl Msg {
                             })
                         })
                         .collect::<Result<_, ProtoError>>()?,
+                    rounds: b.get_rounds(),
+                    resynced: b.get_resynced(),
+                    inconsistent: b
+                        .get_inconsistent()?
+                        .iter()
+                        .map(|f| {
+                            Ok(Failure {
+                                path: f.get_path()?.to_vec(),
+                                message: text(f.get_message())?,
+                            })
+                        })
+                        .collect::<Result<_, ProtoError>>()?,
                 })
             }
             W::SyncProgress(b) => {
@@ -1425,6 +1543,43 @@ impl Msg {
                 Msg::SyncDone {
                     ok: b.get_ok(),
                     message: text(b.get_message())?,
+                }
+            }
+            W::ConsistencyRequest(b) => {
+                let b = b?;
+                Msg::ConsistencyRequest {
+                    request_id: b.get_request_id(),
+                    algorithm: text(b.get_algorithm())?,
+                    files: b
+                        .get_files()?
+                        .iter()
+                        .map(|f| {
+                            Ok(ExpectedFile {
+                                path: f.get_path()?.to_vec(),
+                                digest: f.get_digest()?.to_vec(),
+                                size: f.get_size(),
+                            })
+                        })
+                        .collect::<Result<_, ProtoError>>()?,
+                }
+            }
+            W::ConsistencyReply(b) => {
+                let b = b?;
+                Msg::ConsistencyReply {
+                    request_id: b.get_request_id(),
+                    inconsistent: b
+                        .get_inconsistent()?
+                        .iter()
+                        .map(|f| {
+                            Ok(InconsistentFile {
+                                path: f.get_path()?.to_vec(),
+                                check: text(f.get_check())?,
+                                message: text(f.get_message())?,
+                            })
+                        })
+                        .collect::<Result<_, ProtoError>>()?,
+                    checked: b.get_checked(),
+                    last: b.get_last(),
                 }
             }
             W::Error(b) => {

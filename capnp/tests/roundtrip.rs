@@ -145,6 +145,7 @@ fn all_messages() -> Vec<Msg> {
                 outcome: Outcome::Skipped,
                 message: "not root".into(),
                 bytes: 9,
+                digest: vec![0xde, 0xad],
             }],
         },
         Msg::Progress(Progress {
@@ -185,6 +186,8 @@ fn all_messages() -> Vec<Msg> {
             classification: class,
             verify: true,
             lock_timeout_ms: Some(2_000),
+            max_rounds: 3,
+            lock_resync_ms: Some(2_000),
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,
@@ -205,7 +208,35 @@ fn all_messages() -> Vec<Msg> {
                 path: b"q".to_vec(),
                 message: "m".into(),
             }],
+            rounds: 3,
+            resynced: 5,
+            inconsistent: vec![Failure {
+                path: b"etc/app.conf".to_vec(),
+                message: "modified [recorded-state]".into(),
+            }],
         }),
+        Msg::ConsistencyRequest {
+            request_id: 9,
+            algorithm: "crc32".into(),
+            files: vec![
+                ExpectedFile {
+                    path: b"a/b".to_vec(),
+                    digest: vec![1, 2, 3, 4],
+                    size: 17,
+                },
+                ExpectedFile::default(),
+            ],
+        },
+        Msg::ConsistencyReply {
+            request_id: 9,
+            inconsistent: vec![InconsistentFile {
+                path: b"a/\xffb".to_vec(),
+                check: "recorded-state".into(),
+                message: "size changed from 17 to 3".into(),
+            }],
+            checked: 2,
+            last: true,
+        },
         Msg::SyncProgress(SyncProgress {
             remote: 0,
             done_files: 1,

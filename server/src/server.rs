@@ -14,7 +14,7 @@
 //! drives one state machine per remote:
 //!
 //! `connect → list → checksums → before (deletes, mkdirs) → sends → after
-//! (links, attributes) → done | failed`.
+//! (links, attributes) → consistency rounds (see `consistency.rs`) → done | failed`.
 //!
 //! A remote that fails (connection refused, reset, protocol error) is
 //! reported in its `remoteResult`; the others go on.
@@ -39,6 +39,8 @@ use tracing::{debug, info, warn};
 use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
+
+mod consistency;
 
 const LISTENER: Token = Token(0);
 /// Paths per checksum request / send order / apply request (frames ≤ 16 MiB).
@@ -120,6 +122,10 @@ enum RState {
     Before,
     Sending,
     After,
+    /// Consistency loop (see [`consistency`]): waiting for the remote's check.
+    Checking,
+    /// Consistency loop: synchronizing the inconsistent files again.
+    Resyncing,
     Done,
 }
 
@@ -156,6 +162,8 @@ struct Remote {
     emit_cur: usize,
     /// The remote is finished but its plan is still being itemized.
     finish_deferred: bool,
+    /// The consistency loop after the transfers.
+    rounds: consistency::Rounds,
 }
 
 const SUM_NONE: u8 = 0;
@@ -749,6 +757,7 @@ impl Server {
                 progress_base: 0,
                 emit_cur: 0,
                 finish_deferred: false,
+                rounds: consistency::Rounds::default(),
             })
             .collect();
         let master_addr = req.master.clone();
@@ -919,6 +928,11 @@ impl Server {
         let msg = Msg::from_reader(root).map_err(|e| e.to_string())?;
         if let Some(c) = self.conns.get_mut(&token) {
             c.last_activity = Instant::now();
+        }
+        if let AgentRole::MasterLink(i) | AgentRole::Remote(i) = role {
+            if self.on_round_frame(job, i, role, token, &msg)? {
+                return Ok(());
+            }
         }
         match msg {
             Msg::ChecksumReply { results, last, .. } => {
@@ -1460,7 +1474,7 @@ impl Server {
         match state {
             RState::Before => self.start_phase(job, i, RState::Sending),
             RState::Sending => self.start_phase(job, i, RState::After),
-            RState::After => self.finish_remote(job, i),
+            RState::After => self.start_rounds(job, i),
             _ => {}
         }
     }
@@ -1497,6 +1511,7 @@ impl Server {
                     if sending {
                         r.result.transferred += 1;
                         r.result.bytes += res.bytes;
+                        r.rounds.note_received(&j.master, j.width, &res);
                     }
                 }
             }
@@ -1631,7 +1646,7 @@ impl Server {
                 deleted: result.deleted,
                 fixed: result.changed,
                 bytes: result.bytes,
-                rounds: 1,
+                rounds: result.rounds,
             };
             let error = if !result.error.is_empty() {
                 Some(result.error.clone())

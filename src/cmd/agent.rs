@@ -36,9 +36,35 @@ pub struct Args {
     /// size, mtime and ctime are unchanged; kept in ~/.cache/fleetsync).
     #[arg(long)]
     no_checksum_cache: bool,
+    /// The agent's write log: every file it receives is recorded (size, mtime, inode,
+    /// checksum) for the consistency check after a sync; must be outside the tree
+    /// [default: ~/.cache/fleetsync/writes-HASH, one per tree].
+    #[arg(long, value_name = "FILE")]
+    write_log: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+/// Gives `agent` its write log: `explicit` (an error if unusable, e.g. inside the tree), else
+/// the default place beside the checksum cache — or, if that is unusable (say the tree is the
+/// home directory holding it), records in memory only, with a warning.
+pub(crate) fn with_write_log(
+    mut agent: fleetsync_agent::Agent,
+    root: &std::path::Path,
+    explicit: Option<&std::path::Path>,
+) -> anyhow::Result<fleetsync_agent::Agent> {
+    if let Some(file) = explicit {
+        return agent
+            .with_write_log(Some(file))
+            .map_err(|e| anyhow::anyhow!("--write-log: {e}"));
+    }
+    if let Some(file) = fleetsync_agent::consistency::default_write_log(root) {
+        if let Err(e) = agent.set_write_log(Some(&file)) {
+            tracing::warn!("no write log ({e}): the consistency records stay in memory");
+        }
+    }
+    Ok(agent)
 }
 
 /// Reads the token from `file`, or else from `FLEETSYNC_TOKEN`.
@@ -98,6 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_checksum_cache(!args.no_checksum_cache);
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = with_write_log(agent, &args.root, args.write_log.as_deref())?;
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let handle = agent.serve(listener).context("starting the agent")?;

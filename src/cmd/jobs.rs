@@ -10,7 +10,8 @@ use fleetsync_server::jobs::{JobId, JobStore, JobSummary};
 #[derive(clap::Args)]
 #[command(after_help = "\
 Every sync run by `fleetsync server` or by the embedded `fleetsync sync MASTER REMOTE...` is \
-recorded with its start and end, master, remotes, classification and per-remote counts. \
+recorded with its start and end, master, remotes, classification and per-remote counts \
+(ROUNDS: consistency rounds, the most of any remote). \
 A job whose server died mid-way is shown as `interrupted` once the database is opened again.
 
 Exit codes: 0 ok, 1 no such job (show), 2 usage error or unreadable database.")]
@@ -104,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             } else {
                 writeln!(
                     out,
-                    "{:>5}  {:19}  {:31}  {:21}  {:24}  {:>7}  {:>7}  {:>7}  {:>12}",
+                    "{:>5}  {:19}  {:31}  {:21}  {:24}  {:>7}  {:>7}  {:>7}  {:>12}  {:>6}",
                     "ID",
                     "START (UTC)",
                     "END / STATUS",
@@ -113,12 +114,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     "SENT",
                     "DELETED",
                     "FIXED",
-                    "BYTES"
+                    "BYTES",
+                    "ROUNDS"
                 )?;
                 for j in &jobs {
                     writeln!(
                         out,
-                        "{:>5}  {:19}  {:31}  {:21}  {:24}  {:>7}  {:>7}  {:>7}  {:>12}",
+                        "{:>5}  {:19}  {:31}  {:21}  {:24}  {:>7}  {:>7}  {:>7}  {:>12}  {:>6}",
                         j.id.0,
                         utc(j.started_ms),
                         end_column(j),
@@ -127,7 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                         j.totals.sent,
                         j.totals.deleted,
                         j.totals.fixed,
-                        j.totals.bytes
+                        j.totals.bytes,
+                        j.totals.rounds
                     )?;
                 }
             }

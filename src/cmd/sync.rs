@@ -37,9 +37,15 @@ Directories kept by the rules are always synced. --explain PATH prints why PATH 
 Owner and group are applied when the remote agent runs as root, else skipped with a note. \
 FIFOs, sockets and devices are skipped with a note.
 
+Consistency loop: after its transfers each remote checks the files it received (size, \
+mtime, inode, its write log, recomputed checksum) and names the inconsistent ones; those \
+are synchronized again (fresh checksums on both sides; sent again if they differ) and \
+checked again, up to --max-rounds checks (default 3; 1 = check once; 0 = no check). Files \
+still inconsistent then fail the remote, each named with why.
+
 Exit codes:
   0  every remote is in sync (or, with -n, the plan was computed)
-  1  some changes failed, or a remote could not be reached or failed midway
+  1  some changes failed, a remote could not be reached or failed midway, or files were\n     still inconsistent after --max-rounds consistency rounds
   2  usage error, or the server or the master agent could not be reached (a master\n     agent that fails after the start counts as 1)"
 )]
 pub struct Args {
@@ -94,10 +100,18 @@ pub struct Args {
     /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
     #[arg(long)]
     lock: bool,
-    /// With --lock: wait at most this long for a lock; a file not locked in time fails,
+    /// With --lock or --lock-resync: wait at most this long for a lock; a file not locked in time fails,
     /// naming the holder.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     lock_timeout: f64,
+    /// Consistency checks per remote after its transfers: files found inconsistent are
+    /// synchronized again and checked again, at most N checks in all (0: no check).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    max_rounds: u32,
+    /// Lock the files the consistency loop synchronizes again (as --lock does, with
+    /// --lock-timeout), even without --lock.
+    #[arg(long)]
+    lock_resync: bool,
     /// Embedded mode: do not fsync received files (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
@@ -363,6 +377,9 @@ impl<R, W: Write> Write for ReadWrite<'_, R, W> {
     }
 }
 
+/// Inconsistent files the server names in a remote's error message.
+const INCONSISTENT_IN_ERROR: usize = 10;
+
 fn json_str(s: &str) -> serde_json::Value {
     serde_json::Value::String(s.to_owned())
 }
@@ -411,6 +428,12 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
                         "path": String::from_utf8_lossy(&f.path),
                         "message": f.message,
                     })).collect::<Vec<_>>(),
+                    "rounds": r.rounds,
+                    "resynced": r.resynced,
+                    "inconsistent": r.inconsistent.iter().map(|f| serde_json::json!({
+                        "path": String::from_utf8_lossy(&f.path),
+                        "message": f.message,
+                    })).collect::<Vec<_>>(),
                     "plan": plan,
                 })
             })
@@ -444,10 +467,28 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
                 f.message
             );
         }
+        // The error names the first few; the others are listed here.
+        for f in r.inconsistent.iter().skip(INCONSISTENT_IN_ERROR) {
+            eprintln!(
+                "fleetsync: {label}: inconsistent {}: {}",
+                escape_path(&f.path),
+                f.message
+            );
+        }
         if args.verbose > 0 || !args.dry_run {
             let verb = if args.dry_run { "would send" } else { "sent" };
+            let rounds = if args.dry_run {
+                String::new()
+            } else if r.resynced > 0 {
+                format!(
+                    ", {} consistency round(s), {} file(s) synchronized again",
+                    r.rounds, r.resynced
+                )
+            } else {
+                format!(", {} consistency round(s)", r.rounds)
+            };
             eprintln!(
-                "{label}: {verb} {} files ({} bytes), {} deleted, {} other changes{}",
+                "{label}: {verb} {} files ({} bytes), {} deleted, {} other changes{rounds}{}",
                 r.transferred,
                 r.bytes,
                 r.deleted,
@@ -514,6 +555,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 verify: false,
                 classification: spec,
                 lock_timeout_ms: lock_timeout_ms(&args)?,
+                max_rounds: args.max_rounds,
+                lock_resync_ms: lock_resync_ms(&args)?,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
@@ -530,6 +573,14 @@ fn lock_timeout_ms(args: &Args) -> anyhow::Result<Option<u32>> {
     Ok(args
         .lock
         .then(|| (args.lock_timeout * 1000.0).round() as u32))
+}
+
+/// `--lock-resync` / `--lock-timeout` as the request carries them.
+fn lock_resync_ms(args: &Args) -> anyhow::Result<Option<u32>> {
+    lock_timeout_ms(args).map(|_| {
+        args.lock_resync
+            .then(|| (args.lock_timeout * 1000.0).round() as u32)
+    })
 }
 
 /// Starts one in-process agent serving `root` on 127.0.0.1.
@@ -549,6 +600,7 @@ pub(crate) fn start_agent(
         .with_checksum_cache(checksum_cache);
     let agent = fleetsync_agent::Agent::new(root, Some(token.to_vec()), Some(Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+    let agent = super::agent::with_write_log(agent, root, None)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(agent.serve(listener)?)
 }
@@ -603,6 +655,8 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         verify: false,
         classification: spec,
         lock_timeout_ms: lock_timeout_ms(args)?,
+        max_rounds: args.max_rounds,
+        lock_resync_ms: lock_resync_ms(args)?,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);
