@@ -874,6 +874,10 @@ impl BlockTxn {
                 Ok(_) => {}
                 Err(JournalError::MissingParent { .. })
                     if path.parent().is_some_and(|par| made_dirs.contains(&par)) => {}
+                // Nothing to delete beneath a missing parent or a non-directory (a symlink
+                // among the parents is never followed, so the path names nothing in the tree).
+                Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
+                    if matches!(op, Op::Delete { .. }) => {}
                 Err(e) => return Err(e),
             }
             let name = slot_name(*slot);
@@ -1026,8 +1030,12 @@ fn apply_all(
         }
         let (dir, name) = match open_parent(root, path) {
             Ok(x) => x,
-            // Nothing to delete where there is no parent.
-            Err(JournalError::MissingParent { .. }) if matches!(op, Op::Delete { .. }) => continue,
+            // Nothing to delete where there is no parent (or it is not a directory).
+            Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
+                if matches!(op, Op::Delete { .. }) =>
+            {
+                continue
+            }
             Err(e) => return Err(e),
         };
         let dir = dir.as_fd();

@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+mod blockserve;
 mod error;
 pub mod path;
 mod server;

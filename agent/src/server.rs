@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// The tree root (locks are taken on paths beneath it).
     pub(crate) root: PathBuf,
+    /// Open block staging transactions (`--blocks`).
+    pub(crate) stages: crate::blockserve::Stages,
 }
 
 /// An agent serving one tree; see [`Agent::serve`].
@@ -53,6 +55,7 @@ impl Agent {
         backend: Option<Arc<dyn Backend>>,
     ) -> Result<Agent, AgentError> {
         let root = root.as_ref().to_path_buf();
+        recover_blocks(&root)?;
         let backend = match backend {
             Some(b) => b,
             None => Arc::new(PosixBackend::new(&root)?),
@@ -63,6 +66,7 @@ impl Agent {
                 backend,
                 registry: Registry::with_builtins(),
                 root: root.clone(),
+                stages: Default::default(),
             }),
             root,
         })
@@ -103,6 +107,32 @@ impl Agent {
             thread: Some(thread),
         })
     }
+}
+
+/// Finishes or undoes the dependency blocks a killed agent left in the journal
+/// ([`crate::journal::recover`]), before anything else touches the tree.
+fn recover_blocks(root: &Path) -> Result<(), AgentError> {
+    if !root.is_dir() {
+        return Ok(()); // the backend reports a missing root
+    }
+    let report = crate::journal::recover(root).map_err(|e| AgentError::Io {
+        op: "recover the block journal in",
+        path: root.as_os_str().as_encoded_bytes().to_vec(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    for t in &report.rolled_back {
+        info!(txn = %t, "block journal: uncommitted block rolled back (the tree keeps the old version)");
+    }
+    for t in &report.rolled_forward {
+        info!(txn = %t, "block journal: committed block completed (the tree has the new version)");
+    }
+    for t in &report.cleaned {
+        info!(txn = %t, "block journal: finished block's staging directory removed");
+    }
+    for t in &report.in_use {
+        warn!(txn = %t, "block journal: transaction in use by another process, left alone");
+    }
+    Ok(())
 }
 
 /// A running agent.
@@ -209,10 +239,12 @@ fn serve_requests(
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
     let mut senders: Vec<JoinHandle<()>> = Vec::new();
-    let r = serve_loop(reader, w, shared, &mut senders);
+    let owner = shared.stages.new_owner();
+    let r = serve_loop(reader, w, shared, &mut senders, owner);
     for t in senders {
         let _ = t.join();
     }
+    shared.stages.drop_owner(owner);
     shared.backend.persist();
     r
 }
@@ -222,6 +254,7 @@ fn serve_loop(
     w: &SharedWriter,
     shared: &Arc<Shared>,
     senders: &mut Vec<JoinHandle<()>>,
+    owner: u64,
 ) -> Result<(), AgentError> {
     let mut owner_noted = false;
     while let Some(body) = frame::read_frame(reader)? {
@@ -263,6 +296,7 @@ fn serve_loop(
                 algorithm,
                 paths,
                 lock_timeout_ms,
+                stage,
             } => {
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());
@@ -278,6 +312,7 @@ fn serve_loop(
                             &algorithm,
                             &paths,
                             lock_timeout_ms,
+                            &stage,
                         ) {
                             warn!("send order {request_id}: {e}");
                         }
@@ -288,6 +323,17 @@ fn serve_loop(
             Msg::ApplyRequest { request_id, ops } => {
                 apply(w, shared, request_id, &ops, &mut owner_noted)?
             }
+            Msg::BlockBegin {
+                request_id,
+                stage,
+                block,
+            } => crate::blockserve::begin(w, shared, owner, request_id, &stage, &block)?,
+            Msg::BlockCommit {
+                request_id,
+                stage,
+                ops,
+                abort,
+            } => crate::blockserve::commit(w, shared, request_id, &stage, &ops, abort)?,
             other => {
                 let message = format!("unexpected message '{}' from the server", other.kind_name());
                 let _ = send_flush(
@@ -463,6 +509,10 @@ fn apply(
                 path::check(existing)?;
                 backend.hard_link(p, existing).map(|()| String::new())
             }
+            OpKind::Put { .. } => Err(AgentError::Verify {
+                path: p.clone(),
+                why: "a put is only valid in a block commit".into(),
+            }),
         });
         let (outcome, message) = match r {
             Ok(m) => {

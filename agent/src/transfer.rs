@@ -81,6 +81,7 @@ pub(crate) fn send_files(
     algorithm: &str,
     paths: &[Vec<u8>],
     lock_timeout_ms: Option<u32>,
+    stage: &str,
 ) -> Result<(), AgentError> {
     let total = paths.len() as u64;
     let fail_all = |why: String| -> Result<(), AgentError> {
@@ -198,6 +199,7 @@ pub(crate) fn send_files(
             &mut buf,
             &mut in_file,
             lock_timeout_ms,
+            stage,
         ) {
             Ok(n) => bytes += n,
             Err(StreamError::Server(e)) => return Err(e),
@@ -300,6 +302,7 @@ fn stream_file(
     buf: &mut [u8],
     progress: &mut dyn FnMut(u64) -> Result<(), AgentError>,
     lock_timeout_ms: Option<u32>,
+    stage: &str,
 ) -> Result<u64, StreamError> {
     let net = |e: ProtoError| StreamError::Net(e.to_string());
     frame::write_frame(
@@ -309,6 +312,7 @@ fn stream_file(
             entry: entry.clone(),
             algorithm: info.name.clone(),
             lock_timeout_ms,
+            stage: stage.to_owned(),
         }
         .encode(),
     )
@@ -494,6 +498,7 @@ pub(crate) fn receive(
                 entry,
                 algorithm,
                 lock_timeout_ms,
+                stage,
             } => {
                 if cur.is_some() {
                     return Err(AgentError::Proto(ProtoError::Decode(
@@ -507,7 +512,8 @@ pub(crate) fn receive(
                     state: None,
                     received: 0,
                     error: None,
-                    lock_timeout_ms,
+                    // A staged file replaces nothing until its block commits.
+                    lock_timeout_ms: lock_timeout_ms.filter(|_| stage.is_empty()),
                 };
                 let p = inc.entry.path.clone();
                 let prepared = path::check(&p)
@@ -517,7 +523,14 @@ pub(crate) fn receive(
                             .info(&algorithm)
                             .map_err(|e| AgentError::Engine(e.to_string()))
                     })
-                    .and_then(|info| Ok((info, backend.create_temp(&p)?)));
+                    .and_then(|info| {
+                        let temp = if stage.is_empty() {
+                            backend.create_temp(&p)?
+                        } else {
+                            crate::blockserve::stage_file(shared, &stage, &p)?
+                        };
+                        Ok((info, temp))
+                    });
                 match prepared {
                     Ok((info, temp)) => {
                         inc.state = Some(info.instantiate());
