@@ -40,6 +40,8 @@ use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
 
+mod blocksync;
+
 const LISTENER: Token = Token(0);
 /// Paths per checksum request / send order / apply request (frames ≤ 16 MiB).
 const CHUNK: usize = 20_000;
@@ -119,6 +121,8 @@ enum RState {
     Checksums,
     Before,
     Sending,
+    /// The dependency blocks, one at a time ([`blocksync`]).
+    Blocks,
     After,
     Done,
 }
@@ -156,6 +160,8 @@ struct Remote {
     emit_cur: usize,
     /// The remote is finished but its plan is still being itemized.
     finish_deferred: bool,
+    /// `--blocks`: the plan split into unblocked phases and blocks.
+    blocks: Option<blocksync::BlockRun>,
 }
 
 const SUM_NONE: u8 = 0;
@@ -180,6 +186,8 @@ struct Job {
     finished: bool,
     /// This job in the history database.
     record: Option<JobId>,
+    /// `--blocks`: the checked blocks of the request.
+    blocks: Option<Arc<blocksync::BlockSet>>,
 }
 
 /// Stores a digest in its fixed-width slot (the algorithm's digest width:
@@ -696,6 +704,11 @@ impl Server {
                     Ok(())
                 }
             });
+        let mut blocks = None;
+        let check = check.and_then(|()| {
+            blocks = blocksync::BlockSet::from_request(&req.blocks)?;
+            Ok(())
+        });
         let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
             let label = |a: &str| labels.get(a).cloned().unwrap_or_else(|| a.to_owned());
@@ -749,6 +762,7 @@ impl Server {
                 progress_base: 0,
                 emit_cur: 0,
                 finish_deferred: false,
+                blocks: None,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -768,6 +782,7 @@ impl Server {
                 next_req: 1,
                 finished: false,
                 record,
+                blocks,
             },
         );
         match self.connect_agent(&master_addr, id, AgentRole::MasterList) {
@@ -1172,6 +1187,7 @@ impl Server {
         let plan = pair.resolve(&j.master, &r.list, &same);
         r.total_bytes = plan.send_bytes(&j.master);
         r.plan = Some(plan);
+        self.partition_blocks(job, i);
         self.emit_plan(job, i);
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
@@ -1256,13 +1272,15 @@ impl Server {
             };
             let steps = plan.steps();
             let (master, remote) = (&j.master, &r.list);
+            let blocks = r.blocks.as_ref();
             match conns.get_mut(&control) {
                 Some(c) => {
                     while r.emit_cur < steps.len() && c.out.len() - c.out_pos < EMIT_HIGH {
                         let end = (r.emit_cur + ITEMS_PER_FRAME).min(steps.len());
                         let items: Vec<PlanItem> = steps[r.emit_cur..end]
                             .iter()
-                            .map(|s| {
+                            .enumerate()
+                            .map(|(k, s)| {
                                 let (path, action, size) = match s.kind {
                                     StepKind::Delete | StepKind::DeleteTree => {
                                         (remote.path(s.index), Action::Delete, 0)
@@ -1282,12 +1300,18 @@ impl Server {
                                         (master.path(s.index), Action::SetAttrs, 0)
                                     }
                                 };
+                                let mut detail = describe(s, master, remote, r.can_chown);
+                                if let Some(b) =
+                                    blocks.and_then(|b| b.block_of_step(r.emit_cur + k))
+                                {
+                                    detail = format!("block {b}: {detail}");
+                                }
                                 PlanItem {
                                     remote: i as u32,
                                     path: path.to_vec(),
                                     action,
                                     size,
-                                    detail: describe(s, master, remote, r.can_chown),
+                                    detail,
                                 }
                             })
                             .collect();
@@ -1396,10 +1420,13 @@ impl Server {
             let r = &j.remotes[i];
             let Some(plan) = r.plan.as_ref() else { return };
             let phase = r.state;
-            let steps = match phase {
-                RState::Before => plan.before(),
-                RState::Sending => plan.sends(),
-                RState::After => plan.after(),
+            let steps = match (phase, r.blocks.as_ref()) {
+                (RState::Before | RState::Sending | RState::After, Some(b)) => {
+                    b.phase_steps(phase)
+                }
+                (RState::Before, None) => plan.before(),
+                (RState::Sending, None) => plan.sends(),
+                (RState::After, None) => plan.after(),
                 _ => return,
             };
             if r.pcur >= steps.len() {
@@ -1430,6 +1457,7 @@ impl Server {
                             algorithm,
                             paths,
                             lock_timeout_ms,
+                            stage: String::new(),
                         }),
                     )
                 } else {
@@ -1459,7 +1487,7 @@ impl Server {
         };
         match state {
             RState::Before => self.start_phase(job, i, RState::Sending),
-            RState::Sending => self.start_phase(job, i, RState::After),
+            RState::Sending => self.start_blocks(job, i),
             RState::After => self.finish_remote(job, i),
             _ => {}
         }
@@ -1476,6 +1504,10 @@ impl Server {
             return;
         };
         let r = &mut j.remotes[i];
+        if r.state == RState::Blocks {
+            self.block_item_results(job, i, results);
+            return;
+        }
         let sending = matches!(role, AgentRole::MasterLink(_)) && r.state == RState::Sending;
         for res in results {
             match res.outcome {
@@ -1523,6 +1555,10 @@ impl Server {
             return;
         };
         let r = &mut j.remotes[i];
+        if r.state == RState::Blocks {
+            self.block_done(job, i);
+            return;
+        }
         if !matches!(r.state, RState::Before | RState::Sending | RState::After) {
             return;
         }
@@ -1623,6 +1659,7 @@ impl Server {
         r.list = FileList::new();
         r.plan = None;
         r.pair = None;
+        r.blocks = None;
         let tokens: Vec<Token> = r.conn.take().into_iter().chain(r.link.take()).collect();
         let control = j.control;
         if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {

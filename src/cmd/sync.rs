@@ -72,6 +72,10 @@ pub struct Args {
     /// Keep only non-directory entries for which EXPR is true.
     #[arg(long, value_name = "EXPR")]
     select: Option<String>,
+    /// Dependency blocks (TOML): each block's files are staged on the remote and put in place
+    /// together (all old or all new, also across a crash), blocks in their `after` order.
+    #[arg(long, value_name = "FILE")]
+    blocks: Option<PathBuf>,
     /// Print why PATH (relative to the tree; trailing '/' = directory) is in or out, and exit.
     #[arg(long, value_name = "PATH")]
     explain: Vec<String>,
@@ -490,6 +494,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         bail!("unknown checksum algorithm '{}'", args.algorithm);
     }
     let spec = ClassificationSpec::from(&c);
+    let blocks = match &args.blocks {
+        Some(path) => fleetsync_server::blocks::BlocksFile::load_for_cli(path)
+            .map_err(anyhow::Error::msg)?
+            .to_defs(),
+        None => Vec::new(),
+    };
     let start = Instant::now();
     match (&args.server, &args.master) {
         (Some(server), Some(master)) => {
@@ -514,11 +524,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 verify: false,
                 classification: spec,
                 lock_timeout_ms: lock_timeout_ms(&args)?,
+                blocks,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
         }
-        _ => embedded(&args, spec, start),
+        _ => embedded(&args, spec, blocks, start),
     }
 }
 
@@ -553,7 +564,12 @@ pub(crate) fn start_agent(
     Ok(agent.serve(listener)?)
 }
 
-fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Result<u8> {
+fn embedded(
+    args: &Args,
+    spec: ClassificationSpec,
+    blocks: Vec<fleetsync_proto::BlockDef>,
+    start: Instant,
+) -> anyhow::Result<u8> {
     if args.paths.len() < 2 {
         bail!("usage: fleetsync sync MASTER_DIR REMOTE_DIR... (or --server ADDR --master AGENT REMOTE...)");
     }
@@ -598,6 +614,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         verify: false,
         classification: spec,
         lock_timeout_ms: lock_timeout_ms(args)?,
+        blocks,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);
