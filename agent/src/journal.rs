@@ -699,11 +699,20 @@ impl BlockTxn {
     pub fn begin(root: &Path, block_name: &str) -> Result<Self> {
         let root_fd = open_root(root)?;
         let staging_shown = root.join(STAGING_DIR);
-        let staging_fd = ensure_dir_at(root_fd.as_fd(), STAGING_DIR, &staging_shown)?;
         let txn_name = new_txn_name();
         let txn_shown = staging_shown.join(&txn_name);
-        rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700))
-            .map_err(|e| io_err("create transaction directory", &txn_shown, e))?;
+        let mut attempts = 0;
+        let staging_fd = loop {
+            let staging_fd = ensure_dir_at(root_fd.as_fd(), STAGING_DIR, &staging_shown)?;
+            match rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700))
+            {
+                Ok(()) => break staging_fd,
+                // The staging directory was removed as empty by another transaction between
+                // our open and our mkdir: make it again.
+                Err(Errno::NOENT) if attempts < 100 => attempts += 1,
+                Err(e) => return Err(io_err("create transaction directory", &txn_shown, e)),
+            }
+        };
         let txn_fd = open_dir_at(staging_fd.as_fd(), OsStr::new(&txn_name))
             .map_err(|e| io_err("open", &txn_shown, e))?;
         // Held for the life of the transaction (and released by the kernel if we die), so
@@ -841,6 +850,9 @@ impl BlockTxn {
                 &mut hook,
             )
         });
+        if result.is_ok() {
+            remove_staging_if_empty(self.root_fd.as_fd());
+        }
         result.map_err(|e| JournalError::InDoubt {
             txn: shown,
             source: Box::new(e),
@@ -858,7 +870,9 @@ impl BlockTxn {
             self.staging_fd.as_fd(),
             OsStr::new(&self.txn_name),
             &self.txn_shown(),
-        )
+        )?;
+        remove_staging_if_empty(self.root_fd.as_fd());
+        Ok(())
     }
 
     fn prepare(&mut self, hook: &mut CrashHook) -> Result<()> {
@@ -1224,7 +1238,15 @@ pub fn recover(root: &Path) -> Result<RecoveryReport> {
         }
     }
     fsync_fd(staging.as_fd(), &staging_shown)?;
+    remove_staging_if_empty(root_fd.as_fd());
     Ok(report)
+}
+
+/// Removes the staging directory when no transaction is left in it, so that a tree at rest
+/// holds nothing of ours (another transaction's directory keeps it: `ENOTEMPTY`).
+/// [`BlockTxn::begin`] copes with it vanishing between its `mkdir` and its own.
+fn remove_staging_if_empty(root: BorrowedFd<'_>) {
+    let _ = rustix::fs::unlinkat(root, STAGING_DIR, AtFlags::REMOVEDIR);
 }
 
 fn read_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<Vec<u8>> {

@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::{RState, Server, CHUNK, MAX_FAILURES};
 use crate::blocks::{BlockSpec, BlocksFile};
 use crate::list::{FileList, Kind};
-use crate::plan::{Plan, Step, StepKind};
+use crate::plan::{Plan, Step, StepKind, Why};
 
 /// No block: the step runs as without `--blocks`.
 pub(super) const NO_BLOCK: u16 = u16::MAX;
@@ -226,6 +226,22 @@ pub(super) fn partition(
         }
     }
     late_rmdirs.append(&mut after);
+    // The agent's staging directory comes and goes in the root: restore the root's mtime.
+    if work.iter().any(|w| !w.steps.is_empty()) {
+        if let (Some(m), Some(r)) = (master.find(b""), remote.find(b"")) {
+            let has = late_rmdirs
+                .iter()
+                .any(|s| s.kind == StepKind::SetAttrs && s.index == m);
+            if !has && master.kind(m) == Kind::Dir {
+                late_rmdirs.push(Step {
+                    kind: StepKind::SetAttrs,
+                    why: Why::DirTouched,
+                    index: m,
+                    other: r,
+                });
+            }
+        }
+    }
     BlockRun {
         set: set.clone(),
         before,
