@@ -540,7 +540,7 @@ fn sigkill_of_the_remote_agent_leaves_each_block_all_old_or_all_new_and_the_next
         // Even iterations: SIGKILL at a random moment of the sync (stream, staging, commit).
         // Odd ones: the journal's own hook kills the agent just before a random step of the
         // commit, which a timer would rarely hit.
-        let crash_at = (it % 2 == 1).then(|| 1 + rng.below(160));
+        let crash_at = (it % 2 == 1).then(|| 1 + rng.below(110));
         let (mut remote_proc, remote) = agent(&token, &remote_root, crash_at);
         let mut sync = run_sync(&remote)
             .stdout(Stdio::null())
