@@ -127,8 +127,8 @@ fn commit_order(stderr: &str) -> Vec<String> {
 }
 
 #[test]
-fn blocks_run_in_after_order_with_symlinks_deletions_and_attrs_and_a_second_sync_has_nothing_to_do(
-) {
+fn blocks_run_in_after_order_with_symlinks_deletions_and_attrs_and_a_second_sync_has_nothing_to_do()
+{
     let tmp = tempfile::tempdir().unwrap();
     let (m, r) = blocks_trees(tmp.path());
     let blocks = tmp.path().join("blocks.toml");
@@ -195,16 +195,25 @@ fn a_failed_block_stays_old_and_the_blocks_after_it_are_not_applied() {
     );
     // binaries: all old, although usr/bin/app itself arrived fine.
     assert_eq!(fs::read(r.join("usr/bin/app")).unwrap(), b"app v1\n");
-    assert_eq!(fs::read(r.join("usr/lib/libapp.so")).unwrap(), vec![1u8; 200_000]);
+    assert_eq!(
+        fs::read(r.join("usr/lib/libapp.so")).unwrap(),
+        vec![1u8; 200_000]
+    );
     assert!(!r.join("usr/bin/.fleetsync-staging").exists());
     // config: all old (content, symlink, deletion, mode).
-    assert_eq!(fs::read(r.join("etc/app/a.conf")).unwrap(), b"threads = 4\n");
+    assert_eq!(
+        fs::read(r.join("etc/app/a.conf")).unwrap(),
+        b"threads = 4\n"
+    );
     assert_eq!(
         fs::read_link(r.join("etc/app/current")).unwrap(),
         Path::new("b.conf")
     );
     assert!(r.join("etc/app/old.conf").exists());
-    let mode = fs::metadata(r.join("etc/app/b.conf")).unwrap().permissions().mode();
+    let mode = fs::metadata(r.join("etc/app/b.conf"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7777, 0o600);
     // An independent block and the unblocked files are applied.
     assert_eq!(fs::read(r.join("docs/readme")).unwrap(), b"docs v2\n");
@@ -243,10 +252,7 @@ fn a_bad_blocks_file_is_a_usage_error_naming_the_file_line_and_problem() {
     for (name, content, expected) in cases {
         let file = tmp.path().join(format!("{name}.toml"));
         fs::write(&file, content).unwrap();
-        let out = sync(
-            &["--blocks", file.to_str().unwrap()],
-            &[&m, &r],
-        );
+        let out = sync(&["--blocks", file.to_str().unwrap()], &[&m, &r]);
         assert_eq!(out.status.code(), Some(2), "{name}");
         let err = text(&out.stderr);
         assert!(err.contains(file.to_str().unwrap()), "{name}: {err}");
@@ -349,7 +355,7 @@ fn block_path(i: usize) -> String {
 /// File `i` of the block in `version` 0 (old) or 1 (new): every fifth one is big, so that
 /// kills land in the middle of the stream; old and new sizes differ for some.
 fn block_content(i: usize, version: u64) -> Vec<u8> {
-    let len = if i % 5 == 0 {
+    let len = if i.is_multiple_of(5) {
         1_200_000 + i * 1000 + version as usize * 7
     } else {
         3_000 + i * 100 + (version as usize * (i % 2)) * 50
@@ -401,7 +407,11 @@ fn make_version(root: &Path, version: u64) {
     chmod(&root.join(block_path(3)), mode);
     for k in 0..4 {
         let data = format!("outside {k} version {version}\n").repeat(1000 * (k + 1));
-        write(&root.join(format!("other/o{k}.txt")), data.as_bytes(), mtime);
+        write(
+            &root.join(format!("other/o{k}.txt")),
+            data.as_bytes(),
+            mtime,
+        );
     }
 }
 
@@ -417,10 +427,9 @@ fn block_state(root: &Path) -> u64 {
         let actual = match fs::symlink_metadata(&p) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => panic!("{path}: {e}"),
-            Ok(md) if md.file_type().is_symlink() => Some(format!(
-                "@{}",
-                fs::read_link(&p).unwrap().to_string_lossy()
-            )),
+            Ok(md) if md.file_type().is_symlink() => {
+                Some(format!("@{}", fs::read_link(&p).unwrap().to_string_lossy()))
+            }
             Ok(_) => Some(format!("{:x?}", fs::read(&p).unwrap())),
         };
         let expect = |version: u64| {
@@ -455,7 +464,16 @@ fn block_state(root: &Path) -> u64 {
         "the block is mixed (mode {mode:o}): {:?}",
         verdicts
             .iter()
-            .map(|(p, (o, n))| format!("{p}: {}", if *o { "old" } else if *n { "new" } else { "?" }))
+            .map(|(p, (o, n))| format!(
+                "{p}: {}",
+                if *o {
+                    "old"
+                } else if *n {
+                    "new"
+                } else {
+                    "?"
+                }
+            ))
             .collect::<Vec<_>>()
     );
     u64::from(all_new && !all_old)
@@ -481,7 +499,11 @@ fn agent(token: &Token, root: &Path, crash_at: Option<u64>) -> (Proc, String) {
     let proc = Proc(child);
     let mut line = String::new();
     std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     (proc, addr)
 }
 
@@ -491,8 +513,7 @@ select = "path:data/**"
 "#;
 
 #[test]
-fn sigkill_of_the_remote_agent_leaves_each_block_all_old_or_all_new_and_the_next_sync_finishes()
-{
+fn sigkill_of_the_remote_agent_leaves_each_block_all_old_or_all_new_and_the_next_sync_finishes() {
     let started = Instant::now();
     let seed = std::env::var("FLEETSYNC_KILL_SEED")
         .ok()

@@ -182,10 +182,8 @@ impl TempFile for StagedFile {
     /// (with the attributes of the commit's `put`) only when the whole block commits.
     fn commit(self: Box<Self>, _attrs: &Attrs) -> Result<Applied, AgentError> {
         let mut st = self.staged.lock().expect("poisoned");
-        st.files.insert(
-            self.path.clone(),
-            Arrival::Arrived { size: self.written },
-        );
+        st.files
+            .insert(self.path.clone(), Arrival::Arrived { size: self.written });
         Ok(Applied::default())
     }
 }

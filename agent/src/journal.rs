@@ -704,8 +704,7 @@ impl BlockTxn {
         let mut attempts = 0;
         let staging_fd = loop {
             let staging_fd = ensure_dir_at(root_fd.as_fd(), STAGING_DIR, &staging_shown)?;
-            match rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700))
-            {
+            match rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => break staging_fd,
                 // The staging directory was removed as empty by another transaction between
                 // our open and our mkdir: make it again.

@@ -125,7 +125,10 @@ impl fmt::Display for BlocksError {
                 write!(f, "{}", cycle.first().map_or("", String::as_str))
             }
             Self::BadSelect { block, message } => {
-                write!(f, "blocks file: block {block:?} has a bad select: {message}")
+                write!(
+                    f,
+                    "blocks file: block {block:?} has a bad select: {message}"
+                )
             }
             Self::NoBlocks => write!(f, "blocks file defines no [block.NAME] table"),
         }
@@ -401,11 +404,12 @@ pub fn error_line(text: &str, err: &BlocksError) -> Option<usize> {
         format!("[block.\"{block}\"]"),
         format!("[block.'{block}']"),
     ];
-    text.lines().position(|l| {
-        let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
-        headers.iter().any(|h| l.starts_with(h.as_str()))
-    })
-    .map(|n| n + 1)
+    text.lines()
+        .position(|l| {
+            let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+            headers.iter().any(|h| l.starts_with(h.as_str()))
+        })
+        .map(|n| n + 1)
 }
 
 /// Finds a cycle in the dependency graph (`deps[i]` = blocks `i` comes after), returned in

@@ -1421,9 +1421,7 @@ impl Server {
             let Some(plan) = r.plan.as_ref() else { return };
             let phase = r.state;
             let steps = match (phase, r.blocks.as_ref()) {
-                (RState::Before | RState::Sending | RState::After, Some(b)) => {
-                    b.phase_steps(phase)
-                }
+                (RState::Before | RState::Sending | RState::After, Some(b)) => b.phase_steps(phase),
                 (RState::Before, None) => plan.before(),
                 (RState::Sending, None) => plan.sends(),
                 (RState::After, None) => plan.after(),

@@ -28,7 +28,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use fleetsync_proto::select::Matcher;
-use fleetsync_proto::{auth, BlockDef, Failure, ItemResult, Msg, Op, OpKind, Outcome};
+use fleetsync_proto::{
+    auth, BlockDef, Failure, ItemResult, Msg, Op, OpKind, Outcome, SyncProgress,
+};
 use tracing::{debug, info, warn};
 
 use super::{RState, Server, CHUNK, MAX_FAILURES};
@@ -56,7 +58,10 @@ impl BlockSet {
             return Ok(None);
         }
         if defs.len() > MAX_BLOCKS {
-            return Err(format!("too many blocks ({}, at most {MAX_BLOCKS})", defs.len()));
+            return Err(format!(
+                "too many blocks ({}, at most {MAX_BLOCKS})",
+                defs.len()
+            ));
         }
         let specs = defs
             .iter()
@@ -407,7 +412,12 @@ impl Server {
         let Some(run) = r.blocks.as_mut() else { return };
         let Some(b) = run.cur else { return };
         let w = &mut run.work[b];
+        let staging = w.state == BState::Sending;
         for res in results {
+            if staging {
+                r.done_files += 1;
+                r.done_bytes += res.bytes;
+            }
             match res.outcome {
                 Outcome::Failed => {
                     if matches!(w.state, BState::Beginning | BState::Sending) {
@@ -427,12 +437,23 @@ impl Server {
                     }
                 }
                 Outcome::Ok | Outcome::Skipped => {
-                    if w.state == BState::Sending {
+                    if staging {
                         w.staged += 1;
                         w.staged_bytes += res.bytes;
                     }
                 }
             }
+        }
+        if staging {
+            let p = SyncProgress {
+                remote: i as u32,
+                done_files: r.done_files,
+                total_files: r.plan.as_ref().map_or(0, |p| p.sends().len() as u64),
+                done_bytes: r.done_bytes,
+                total_bytes: r.total_bytes,
+            };
+            let control = j.control;
+            self.queue(control, &Msg::SyncProgress(p));
         }
     }
 
