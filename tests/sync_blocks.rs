@@ -227,6 +227,67 @@ fn a_failed_block_stays_old_and_the_blocks_after_it_are_not_applied() {
     assert_eq!(rsync_diff(&m, &r), "");
 }
 
+/// An old remote for [`hard_links_type_changes_and_two_remotes_that_progress_independently`].
+fn old_app_remote(r: &Path) {
+    write(&r.join("app/lead"), b"v1\n", 1_000);
+    write(&r.join("app/member"), b"v1\n", 1_000);
+    write(&r.join("app/was_file"), b"a file\n", 1_000);
+    write(&r.join("app/was_dir/sub/deep"), b"deep\n", 1_000);
+    write(&r.join("app/extra/deeper/e.txt"), b"e\n", 1_000);
+    write(&r.join("app/extra/e2"), b"e2\n", 1_000);
+}
+
+#[test]
+fn hard_links_type_changes_and_two_remotes_that_progress_independently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("master");
+    write(&m.join("app/lead"), b"v2\n", 2_000);
+    fs::hard_link(m.join("app/lead"), m.join("app/member")).unwrap();
+    write(&m.join("app/was_file/inside.txt"), b"now a directory\n", 2_000);
+    write(&m.join("app/was_dir"), b"now a file\n", 2_000);
+    let (r1, r2) = (tmp.path().join("r1"), tmp.path().join("r2"));
+    old_app_remote(&r1);
+    old_app_remote(&r2);
+    let blocks = tmp.path().join("blocks.toml");
+    fs::write(&blocks, "[block.app]\nselect = \"path:app/**\"\n").unwrap();
+
+    let token = Token::new();
+    let (_server, server) = token.server();
+    let (_master, master) = token.agent(&m);
+    let (_a1, a1) = token.agent(&r1);
+    // r2's agent dies at the first step of its block commit.
+    let (mut p2, a2) = agent(&token, &r2, Some(1));
+    let out = token
+        .sync_command(&server, &master, &[&a1, &a2])
+        .arg("--blocks")
+        .arg(&blocks)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(rsync_diff(&m, &r1), "", "r1 completed on its own");
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    assert_eq!(ino(&r1.join("app/lead")), ino(&r1.join("app/member")));
+    p2.kill_now();
+    let (_p2, a2) = token.agent(&r2);
+    // r2: the block is all old.
+    assert_eq!(fs::read(r2.join("app/lead")).unwrap(), b"v1\n");
+    assert_eq!(fs::read(r2.join("app/member")).unwrap(), b"v1\n");
+    assert_eq!(fs::read(r2.join("app/was_dir/sub/deep")).unwrap(), b"deep\n");
+    assert!(!r2.join("app/was_dir").is_file());
+
+    let out = token
+        .sync_command(&server, &master, &[&a1, &a2])
+        .arg("--blocks")
+        .arg(&blocks)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for r in [&r1, &r2] {
+        assert_eq!(rsync_diff(&m, r), "");
+        assert_eq!(ino(&r.join("app/lead")), ino(&r.join("app/member")));
+    }
+}
+
 #[test]
 fn a_bad_blocks_file_is_a_usage_error_naming_the_file_line_and_problem() {
     let tmp = tempfile::tempdir().unwrap();

@@ -230,6 +230,26 @@ pub(super) fn partition(
             after.push(*s);
         }
     }
+    // An extra directory beneath a path that a block replaces (a directory that becomes a
+    // file or symlink) goes with it: the block moves the whole old directory aside.
+    let replaced: HashSet<&[u8]> = steps
+        .iter()
+        .zip(&step_block)
+        .filter(|(_, &b)| b != NO_BLOCK)
+        .filter_map(|(s, _)| match s.kind {
+            StepKind::Delete | StepKind::DeleteTree => Some(remote.path(s.index)),
+            StepKind::Send | StepKind::Symlink | StepKind::HardLink => {
+                Some(master.path(s.index))
+            }
+            _ => None,
+        })
+        .collect();
+    late_rmdirs.retain(|s| {
+        let p = remote.path(s.index);
+        !p.iter()
+            .enumerate()
+            .any(|(k, &c)| c == b'/' && replaced.contains(&p[..k]))
+    });
     late_rmdirs.append(&mut after);
     // The agent's staging directory comes and goes in the root: restore the root's mtime.
     if work.iter().any(|w| !w.steps.is_empty()) {
