@@ -243,7 +243,11 @@ fn hard_links_type_changes_and_two_remotes_that_progress_independently() {
     let m = tmp.path().join("master");
     write(&m.join("app/lead"), b"v2\n", 2_000);
     fs::hard_link(m.join("app/lead"), m.join("app/member")).unwrap();
-    write(&m.join("app/was_file/inside.txt"), b"now a directory\n", 2_000);
+    write(
+        &m.join("app/was_file/inside.txt"),
+        b"now a directory\n",
+        2_000,
+    );
     write(&m.join("app/was_dir"), b"now a file\n", 2_000);
     let (r1, r2) = (tmp.path().join("r1"), tmp.path().join("r2"));
     old_app_remote(&r1);
@@ -272,7 +276,10 @@ fn hard_links_type_changes_and_two_remotes_that_progress_independently() {
     // r2: the block is all old.
     assert_eq!(fs::read(r2.join("app/lead")).unwrap(), b"v1\n");
     assert_eq!(fs::read(r2.join("app/member")).unwrap(), b"v1\n");
-    assert_eq!(fs::read(r2.join("app/was_dir/sub/deep")).unwrap(), b"deep\n");
+    assert_eq!(
+        fs::read(r2.join("app/was_dir/sub/deep")).unwrap(),
+        b"deep\n"
+    );
     assert!(!r2.join("app/was_dir").is_file());
 
     let out = token
@@ -384,6 +391,109 @@ fn the_server_refuses_bad_blocks_in_a_request_and_keeps_serving() {
     let (ok, message) = raw_request(&server, request(vec![def("all", "name:*", &[])]));
     assert!(ok, "{message}");
     assert_eq!(fs::read(r.join("usr/bin/app")).unwrap(), b"app v2\n");
+}
+
+/// A raw server connection to an agent.
+struct RawServer {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl RawServer {
+    fn connect(addr: &str) -> RawServer {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        auth::connect(&mut s, Some(support::TOKEN), Role::Server).unwrap();
+        RawServer {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    /// Sends a request; returns its item results and `done`.
+    fn request(&mut self, m: Msg) -> (Vec<fleetsync_proto::ItemResult>, fleetsync_proto::Done) {
+        self.w.write_all(&m.to_frame().unwrap()).unwrap();
+        let mut items = Vec::new();
+        loop {
+            let body = frame::read_frame(&mut self.r).unwrap().expect("reply");
+            match Msg::decode(&body).unwrap() {
+                Msg::ItemResults { results, .. } => items.extend(results),
+                Msg::Done(d) => return (items, d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_agent_commits_only_what_arrived_and_drops_the_transactions_of_a_closed_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    write(&root.join("keep.txt"), b"old\n", 1_000);
+    let token = Token::new();
+    let (_agent, addr) = token.agent(&root);
+    let put = |path: &str, size: u64| fleetsync_proto::Op {
+        path: path.as_bytes().to_vec(),
+        kind: fleetsync_proto::OpKind::Put {
+            attrs: fleetsync_proto::Attrs::default(),
+            size,
+        },
+    };
+    let delete = |path: &str| fleetsync_proto::Op {
+        path: path.as_bytes().to_vec(),
+        kind: fleetsync_proto::OpKind::Delete { recursive: false },
+    };
+
+    let mut s = RawServer::connect(&addr);
+    let begin = |stage: &str| Msg::BlockBegin {
+        request_id: 1,
+        stage: stage.into(),
+        block: "b".into(),
+    };
+    let (items, done) = s.request(begin("t1"));
+    assert_eq!((done.ok, done.failed), (1, 0), "{items:?}");
+    assert!(root.join(STAGING).is_dir());
+    // A put of a file that was never sent: the whole block fails, nothing changes.
+    let (items, done) = s.request(Msg::BlockCommit {
+        request_id: 2,
+        stage: "t1".into(),
+        ops: vec![delete("keep.txt"), put("new.txt", 3)],
+        abort: false,
+    });
+    assert_eq!((done.ok, done.failed), (0, 2));
+    assert!(
+        items
+            .iter()
+            .all(|i| i.message.contains("new.txt: was not sent")),
+        "{items:?}"
+    );
+    assert_eq!(fs::read(root.join("keep.txt")).unwrap(), b"old\n");
+    assert!(!root.join(STAGING).exists());
+    // A put outside a block commit is refused; a bad transaction name too.
+    let (items, _) = s.request(Msg::ApplyRequest {
+        request_id: 3,
+        ops: vec![put("new.txt", 3)],
+    });
+    assert!(
+        items[0].message.contains("only valid in a block commit"),
+        "{items:?}"
+    );
+    let (items, done) = s.request(begin("../x"));
+    assert_eq!(done.failed, 1, "{items:?}");
+    // A transaction left open by a connection that closes is dropped.
+    let (_, done) = s.request(begin("t2"));
+    assert_eq!(done.ok, 1);
+    assert!(root.join(STAGING).is_dir());
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while root.join(STAGING).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "staging of a closed connection left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read(root.join("keep.txt")).unwrap(), b"old\n");
 }
 
 // ------------------------------------------------------------------ kill test

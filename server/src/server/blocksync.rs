@@ -238,9 +238,7 @@ pub(super) fn partition(
         .filter(|(_, &b)| b != NO_BLOCK)
         .filter_map(|(s, _)| match s.kind {
             StepKind::Delete | StepKind::DeleteTree => Some(remote.path(s.index)),
-            StepKind::Send | StepKind::Symlink | StepKind::HardLink => {
-                Some(master.path(s.index))
-            }
+            StepKind::Send | StepKind::Symlink | StepKind::HardLink => Some(master.path(s.index)),
             _ => None,
         })
         .collect();
