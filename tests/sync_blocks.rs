@@ -393,6 +393,79 @@ fn the_server_refuses_bad_blocks_in_a_request_and_keeps_serving() {
     assert_eq!(fs::read(r.join("usr/bin/app")).unwrap(), b"app v2\n");
 }
 
+/// A random tree: nested directories, files of three extensions (two blocks and no block),
+/// symlinks, hard links, modes and mtimes. `salt` varies content, modes and what exists.
+fn random_tree(root: &Path, seed: u64, salt: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut salted = Rng((seed ^ salt.wrapping_mul(0xdead_beef)) | 1);
+    fs::create_dir_all(root).unwrap();
+    for k in 0..40 {
+        let dir = format!("d{}/e{}", rng.below(3), rng.below(2));
+        let ext = ["a", "b", "c"][rng.below(3) as usize];
+        let path = root.join(format!("{dir}/f{k}.{ext}"));
+        // The same draws in every version, so that most paths exist on both sides.
+        let (kind, len) = (rng.below(6), rng.below(5000) as usize);
+        let roll = salted.below(10);
+        if roll == 0 {
+            continue; // absent in this version
+        }
+        if roll == 1 && salt > 0 {
+            // A directory where the other version has a file.
+            write(&path.join("inner.c"), b"inner", 1_000);
+            continue;
+        }
+        match kind {
+            0 => symlink(&format!("t{}", salted.below(3)), &path),
+            _ => {
+                let len = len + usize::from(salted.below(3) == 0);
+                let byte = if salted.below(4) == 0 { salt as u8 } else { 7 };
+                write(&path, &vec![byte; len], 1_000 + salted.below(2));
+                chmod(&path, [0o644, 0o600, 0o755][salted.below(3) as usize]);
+            }
+        }
+    }
+    // Hard links: pairs across directories.
+    for k in 0..4 {
+        let a = root.join(format!("d{k}/h{k}.{}", ["a", "b", "c"][k % 3]));
+        write(&a, format!("hard {k}").as_bytes(), 1_000);
+        if salted.below(2) == 0 {
+            let b = root.join(format!("d{}/h{k}-link.a", (k + 1) % 3));
+            fs::create_dir_all(b.parent().unwrap()).unwrap();
+            let _ = fs::remove_file(&b);
+            fs::hard_link(&a, &b).unwrap();
+        }
+    }
+}
+
+#[test]
+fn random_trees_with_two_blocks_are_rsync_clean_after_every_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocks = tmp.path().join("blocks.toml");
+    fs::write(
+        &blocks,
+        "[block.b]\nselect = \"ext:b\"\nafter = \"a\"\n[block.a]\nselect = \"ext:a\"\n",
+    )
+    .unwrap();
+    let blocks = blocks.to_str().unwrap();
+    for seed in 1..=6u64 {
+        let m = tmp.path().join(format!("m{seed}"));
+        let r = tmp.path().join(format!("r{seed}"));
+        random_tree(&m, seed, 0);
+        random_tree(&r, seed, seed);
+        let out = sync(&["--delete", "--blocks", blocks], &[&m, &r]);
+        assert_eq!(out.status.code(), Some(0), "seed {seed}");
+        assert_eq!(rsync_diff(&m, &r), "", "seed {seed}: remote differs");
+        let out = sync(&["--json", "--delete", "--blocks", blocks], &[&m, &r]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["transferred", "deleted", "changed"] {
+            assert_eq!(
+                v["remotes"][0][key], 0,
+                "seed {seed}: {key} on the second sync"
+            );
+        }
+    }
+}
+
 /// A raw server connection to an agent.
 struct RawServer {
     w: TcpStream,
