@@ -17,8 +17,8 @@
 //!
 //! - A block name is 1–64 characters of `A-Z a-z 0-9 _ -`, starting with a letter or digit.
 //! - `select` is a classification expression, the same language as `--select` (`name:`,
-//!   `path:`, `ext:` joined with `and`/`or`/`not` and parentheses). It is kept as text here;
-//!   evaluating it is the sync side's job (`fleetsync_proto::select`).
+//!   `path:`, `ext:` joined with `and`/`or`/`not` and parentheses), checked when the file is
+//!   parsed and kept as text; [`BlocksFile::matchers`] compiles them (`fleetsync_proto::select`).
 //! - `after` names blocks that must be completely in place before this one starts.
 //!   Unknown names and cycles are errors (a cycle error names the whole cycle).
 //! - Unknown keys are errors, so that a typo (`selct`) is not silently ignored.

@@ -34,6 +34,12 @@ the non-directory entries for which EXPR is true: criteria name:GLOB, path:GLOB,
 joined with and/or/not and parentheses, e.g. --select 'ext:rs or (name:Make* and not path:target/**)'. \
 Directories kept by the rules are always synced. --explain PATH prints why PATH is in or out.
 
+Dependency blocks (--blocks FILE, TOML: [block.NAME] with select = EXPR and after = [NAMES]): \
+each block's files are staged on the remote and put in place together with its deletions, \
+symlinks and attribute changes, under the remote agent's journal, so that after a crash the \
+block is all old or all new; blocks run in their `after` order, a failed block's dependents \
+are not applied. A bad blocks file is a usage error naming the file and line.
+
 Owner and group are applied when the remote agent runs as root, else skipped with a note. \
 FIFOs, sockets and devices are skipped with a note.
 
