@@ -593,6 +593,34 @@ fn apply_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, mode: Option<u32>, shown: &Path
     Ok(())
 }
 
+/// Applies to a staged file only the attributes it does not have yet: a file whose writer
+/// already gave it its final attributes (and flushed it) then costs no metadata write, and
+/// its fsync at commit finds nothing to do.
+fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, shown: &Path) -> Result<()> {
+    let st = rustix::fs::fstat(fd).map_err(|e| io_err("fstat", shown, e))?;
+    let owner_differs =
+        a.uid.is_some_and(|u| u != st.st_uid) || a.gid.is_some_and(|g| g != st.st_gid);
+    let mode_differs = a
+        .mode
+        .is_some_and(|m| m & 0o7777 != st.st_mode as u32 & 0o7777);
+    let mtime_differs = a.mtime.is_some_and(|m| {
+        m.secs != st.st_mtime as i64 || i64::from(m.nanos) != st.st_mtime_nsec as i64
+    });
+    let changed = Attrs {
+        mode: None,
+        mtime: a.mtime.filter(|_| mtime_differs),
+        uid: a.uid.filter(|_| owner_differs),
+        gid: a.gid.filter(|_| owner_differs),
+    };
+    // chown may clear set-id bits: then the mode is applied again.
+    apply_attrs_fd(
+        fd,
+        &changed,
+        a.mode.filter(|_| mode_differs || owner_differs),
+        shown,
+    )
+}
+
 /// Applies attributes by name, without following a symlink at `name`.
 fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, shown: &Path) -> Result<()> {
     let st = lstat_at(dir, name)
@@ -905,7 +933,7 @@ impl BlockTxn {
                         Mode::empty(),
                     )
                     .map_err(|e| io_err("open staged file for", p, e))?;
-                    apply_attrs_fd(fd.as_fd(), attrs, attrs.mode, p)?;
+                    apply_changed_attrs_fd(fd.as_fd(), attrs, p)?;
                     fsync_fd(fd.as_fd(), p)?;
                     put_slots.insert(path, *slot);
                 }
