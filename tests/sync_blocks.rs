@@ -751,6 +751,29 @@ fn agent(token: &Token, root: &Path, crash_at: Option<u64>) -> (Proc, String) {
     (proc, addr)
 }
 
+/// `fleetsync agent` for `root` with its log (stderr) in `log`.
+fn agent_logging(token: &Token, root: &Path, log: &Path) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--root"])
+        .arg(root)
+        .arg("--token-file")
+        .arg(&token.file)
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    (proc, addr)
+}
+
 const KILL_BLOCKS: &str = r#"
 [block.data]
 select = "path:data/**"
@@ -834,16 +857,31 @@ fn sigkill_of_the_remote_agent_leaves_each_block_all_old_or_all_new_and_the_next
         };
         remote_proc.kill_now();
 
-        // Restart: recovery runs before the agent listens.
-        let (_remote_proc, remote) = token.agent(&remote_root);
+        // Restart: recovery runs (and logs) before the agent listens.
+        let log = tmp.path().join(format!("agent{it}.log"));
+        let (_remote_proc, remote) = agent_logging(&token, &remote_root, &log);
         let state = block_state(&remote_root);
+        let logged = fs::read_to_string(&log).unwrap();
+        if logged.contains("committed block completed") {
+            assert_eq!(state, 1, "iteration {it}: replayed, yet old: {logged}");
+        }
+        if logged.contains("uncommitted block rolled back") {
+            assert_eq!(state, 0, "iteration {it}: rolled back, yet new: {logged}");
+        }
         seen[state as usize] += 1;
         assert!(
             !remote_root.join(STAGING).exists(),
             "iteration {it}: staging left after recovery"
         );
+        let recovery = if logged.contains("committed block completed") {
+            "replayed"
+        } else if logged.contains("uncommitted block rolled back") {
+            "rolled back"
+        } else {
+            "nothing to recover"
+        };
         eprintln!(
-            "iteration {it}: {how}; sync {status}; block {} after restart",
+            "iteration {it}: {how}; sync {status}; {recovery}; block {} after restart",
             ["old", "new"][state as usize]
         );
 

@@ -120,11 +120,12 @@ fn recover_blocks(root: &Path) -> Result<(), AgentError> {
         path: root.as_os_str().as_encoded_bytes().to_vec(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    // An interrupted block is worth seeing without -v.
     for t in &report.rolled_back {
-        info!(txn = %t, "block journal: uncommitted block rolled back (the tree keeps the old version)");
+        warn!(txn = %t, "block journal: uncommitted block rolled back (the tree keeps the old version)");
     }
     for t in &report.rolled_forward {
-        info!(txn = %t, "block journal: committed block completed (the tree has the new version)");
+        warn!(txn = %t, "block journal: committed block completed (the tree has the new version)");
     }
     for t in &report.cleaned {
         info!(txn = %t, "block journal: finished block's staging directory removed");

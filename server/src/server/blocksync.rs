@@ -608,3 +608,75 @@ impl Server {
         ops
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(path: &str, kind: OpKind) -> Op {
+        Op {
+            path: path.as_bytes().to_vec(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn tidy_ops_keeps_one_content_op_per_path_and_nothing_beneath_a_replaced_path() {
+        let put = || OpKind::Put {
+            attrs: fleetsync_proto::Attrs::default(),
+            size: 1,
+        };
+        let del = || OpKind::Delete { recursive: true };
+        let ops = vec![
+            op("a/was_dir/sub/x", del()),
+            op("a/was_dir", del()),
+            op("a/gone", del()),
+            op("a/was_dir", put()),
+            op("a/other", put()),
+            op(
+                "a/gone/inner",
+                OpKind::SetAttrs(fleetsync_proto::Attrs::default()),
+            ),
+        ];
+        let kept: Vec<(String, bool)> = tidy_ops(ops)
+            .into_iter()
+            .map(|o| {
+                (
+                    String::from_utf8(o.path).unwrap(),
+                    matches!(o.kind, OpKind::Delete { .. }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("a/gone".to_owned(), true),
+                ("a/was_dir".to_owned(), false),
+                ("a/other".to_owned(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn block_requests_are_checked_like_blocks_files() {
+        let def = |name: &str, select: &str, after: &[&str]| BlockDef {
+            name: name.into(),
+            select: select.into(),
+            after: after.iter().map(|a| a.to_string()).collect(),
+        };
+        assert!(BlockSet::from_request(&[]).unwrap().is_none());
+        let set = BlockSet::from_request(&[def("c", "ext:conf", &["b"]), def("b", "name:*", &[])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(set.assign(b"etc/x.conf"), 0);
+        assert_eq!(set.assign(b"etc/x.txt"), 1);
+        let err = BlockSet::from_request(&[def("a", "name:a", &["a"])])
+            .err()
+            .unwrap();
+        assert!(err.contains("cycle"), "{err}");
+        let err = BlockSet::from_request(&[def("a", "ext:rs and", &[])])
+            .err()
+            .unwrap();
+        assert!(err.contains("bad select"), "{err}");
+    }
+}
