@@ -448,6 +448,11 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
             eprintln!("fleetsync: {label}: FAILED: {}", r.error);
         }
         for f in &r.failures {
+            if f.path.is_empty() {
+                // Not about one path (e.g. a whole block).
+                eprintln!("fleetsync: {label}: {}", f.message);
+                continue;
+            }
             eprintln!(
                 "fleetsync: {label}: {}: {}",
                 escape_path(&f.path),
