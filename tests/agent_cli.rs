@@ -136,6 +136,7 @@ fn regression_sigkill_mid_transfer_keeps_the_old_file_and_the_next_run_cleans_up
             entry,
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
+            stage: String::new(),
         },
     );
     send(

@@ -161,6 +161,7 @@ fn main() {
             algorithm: "crc32".into(),
             paths: files.clone(),
             lock_timeout_ms: None,
+            stage: String::new(),
         });
     }
     let mut left = remotes.len();

@@ -196,6 +196,10 @@ impl PosixBackend {
         decide: Decider<'_>,
         sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
+        if rel.as_slice() == crate::journal::STAGING_DIR.as_bytes() {
+            // The block journal's staging area: never listed, so never synced or deleted.
+            return Ok(());
+        }
         if n.starts_with(TEMP_PREFIX) {
             // Ours: in flight (skip) or left by a killed agent (remove).
             let live = self

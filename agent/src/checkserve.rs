@@ -38,6 +38,9 @@ pub(crate) struct ConsistState {
     builtin: bool,
     /// Further checks (a deployment's own).
     checks: Vec<Box<dyn ConsistencyCheck>>,
+    /// Files received into a block transaction (`--blocks`), by transaction: path, algorithm,
+    /// digest. Recorded when the block commits (the files are then in place), dropped if not.
+    staged: Mutex<HashMap<String, Vec<(Vec<u8>, String, Vec<u8>)>>>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -52,6 +55,7 @@ impl ConsistState {
             records: Mutex::default(),
             builtin: true,
             checks: Vec::new(),
+            staged: Mutex::default(),
         }
     }
 
@@ -141,6 +145,28 @@ impl ConsistState {
             records.clear();
         }
         records.insert(rel, rec);
+    }
+
+    /// Notes a file verified into block transaction `stage`; see [`Self::block_ended`].
+    pub(crate) fn record_staged(&self, stage: &str, path: &[u8], algorithm: &str, digest: &[u8]) {
+        self.staged
+            .lock()
+            .expect("poisoned")
+            .entry(stage.to_owned())
+            .or_default()
+            .push((path.to_vec(), algorithm.to_owned(), digest.to_vec()));
+    }
+
+    /// Block transaction `stage` ended: when `committed`, its files are now in place and are
+    /// recorded (and the log made durable); otherwise their notes are dropped.
+    pub(crate) fn block_ended(&self, stage: &str, committed: bool) {
+        let files = self.staged.lock().expect("poisoned").remove(stage);
+        if let (Some(files), true) = (files, committed) {
+            for (path, algorithm, digest) in files {
+                self.record(&path, &algorithm, &digest);
+            }
+            self.sync_log();
+        }
     }
 
     /// Makes the write log durable (end of a sync stream).

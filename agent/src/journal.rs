@@ -593,6 +593,34 @@ fn apply_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, mode: Option<u32>, shown: &Path
     Ok(())
 }
 
+/// Applies to a staged file only the attributes it does not have yet: a file whose writer
+/// already gave it its final attributes (and flushed it) then costs no metadata write, and
+/// its fsync at commit finds nothing to do.
+fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, shown: &Path) -> Result<()> {
+    let st = rustix::fs::fstat(fd).map_err(|e| io_err("fstat", shown, e))?;
+    let owner_differs =
+        a.uid.is_some_and(|u| u != st.st_uid) || a.gid.is_some_and(|g| g != st.st_gid);
+    let mode_differs = a
+        .mode
+        .is_some_and(|m| m & 0o7777 != st.st_mode as u32 & 0o7777);
+    let mtime_differs = a.mtime.is_some_and(|m| {
+        m.secs != st.st_mtime as i64 || i64::from(m.nanos) != st.st_mtime_nsec as i64
+    });
+    let changed = Attrs {
+        mode: None,
+        mtime: a.mtime.filter(|_| mtime_differs),
+        uid: a.uid.filter(|_| owner_differs),
+        gid: a.gid.filter(|_| owner_differs),
+    };
+    // chown may clear set-id bits: then the mode is applied again.
+    apply_attrs_fd(
+        fd,
+        &changed,
+        a.mode.filter(|_| mode_differs || owner_differs),
+        shown,
+    )
+}
+
 /// Applies attributes by name, without following a symlink at `name`.
 fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, shown: &Path) -> Result<()> {
     let st = lstat_at(dir, name)
@@ -699,11 +727,19 @@ impl BlockTxn {
     pub fn begin(root: &Path, block_name: &str) -> Result<Self> {
         let root_fd = open_root(root)?;
         let staging_shown = root.join(STAGING_DIR);
-        let staging_fd = ensure_dir_at(root_fd.as_fd(), STAGING_DIR, &staging_shown)?;
         let txn_name = new_txn_name();
         let txn_shown = staging_shown.join(&txn_name);
-        rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700))
-            .map_err(|e| io_err("create transaction directory", &txn_shown, e))?;
+        let mut attempts = 0;
+        let staging_fd = loop {
+            let staging_fd = ensure_dir_at(root_fd.as_fd(), STAGING_DIR, &staging_shown)?;
+            match rustix::fs::mkdirat(staging_fd.as_fd(), &*txn_name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => break staging_fd,
+                // The staging directory was removed as empty by another transaction between
+                // our open and our mkdir: make it again.
+                Err(Errno::NOENT) if attempts < 100 => attempts += 1,
+                Err(e) => return Err(io_err("create transaction directory", &txn_shown, e)),
+            }
+        };
         let txn_fd = open_dir_at(staging_fd.as_fd(), OsStr::new(&txn_name))
             .map_err(|e| io_err("open", &txn_shown, e))?;
         // Held for the life of the transaction (and released by the kernel if we die), so
@@ -841,6 +877,9 @@ impl BlockTxn {
                 &mut hook,
             )
         });
+        if result.is_ok() {
+            remove_staging_if_empty(self.root_fd.as_fd());
+        }
         result.map_err(|e| JournalError::InDoubt {
             txn: shown,
             source: Box::new(e),
@@ -858,7 +897,9 @@ impl BlockTxn {
             self.staging_fd.as_fd(),
             OsStr::new(&self.txn_name),
             &self.txn_shown(),
-        )
+        )?;
+        remove_staging_if_empty(self.root_fd.as_fd());
+        Ok(())
     }
 
     fn prepare(&mut self, hook: &mut CrashHook) -> Result<()> {
@@ -874,6 +915,10 @@ impl BlockTxn {
                 Ok(_) => {}
                 Err(JournalError::MissingParent { .. })
                     if path.parent().is_some_and(|par| made_dirs.contains(&par)) => {}
+                // Nothing to delete beneath a missing parent or a non-directory (a symlink
+                // among the parents is never followed, so the path names nothing in the tree).
+                Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
+                    if matches!(op, Op::Delete { .. }) => {}
                 Err(e) => return Err(e),
             }
             let name = slot_name(*slot);
@@ -888,7 +933,7 @@ impl BlockTxn {
                         Mode::empty(),
                     )
                     .map_err(|e| io_err("open staged file for", p, e))?;
-                    apply_attrs_fd(fd.as_fd(), attrs, attrs.mode, p)?;
+                    apply_changed_attrs_fd(fd.as_fd(), attrs, p)?;
                     fsync_fd(fd.as_fd(), p)?;
                     put_slots.insert(path, *slot);
                 }
@@ -1026,8 +1071,12 @@ fn apply_all(
         }
         let (dir, name) = match open_parent(root, path) {
             Ok(x) => x,
-            // Nothing to delete where there is no parent.
-            Err(JournalError::MissingParent { .. }) if matches!(op, Op::Delete { .. }) => continue,
+            // Nothing to delete where there is no parent (or it is not a directory).
+            Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
+                if matches!(op, Op::Delete { .. }) =>
+            {
+                continue
+            }
             Err(e) => return Err(e),
         };
         let dir = dir.as_fd();
@@ -1216,7 +1265,15 @@ pub fn recover(root: &Path) -> Result<RecoveryReport> {
         }
     }
     fsync_fd(staging.as_fd(), &staging_shown)?;
+    remove_staging_if_empty(root_fd.as_fd());
     Ok(report)
+}
+
+/// Removes the staging directory when no transaction is left in it, so that a tree at rest
+/// holds nothing of ours (another transaction's directory keeps it: `ENOTEMPTY`).
+/// [`BlockTxn::begin`] copes with it vanishing between its `mkdir` and its own.
+fn remove_staging_if_empty(root: BorrowedFd<'_>) {
+    let _ = rustix::fs::unlinkat(root, STAGING_DIR, AtFlags::REMOVEDIR);
 }
 
 fn read_at(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> Result<Vec<u8>> {

@@ -35,6 +35,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+mod blockserve;
 mod checkserve;
 mod error;
 pub mod path;

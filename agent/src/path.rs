@@ -35,6 +35,9 @@ pub fn check(path: &[u8]) -> Result<(), AgentError> {
     if path.contains(&0) {
         return Err(unsafe_path(path, "NUL byte in path"));
     }
+    if path.split(|&b| b == b'/').next() == Some(crate::journal::STAGING_DIR.as_bytes()) {
+        return Err(unsafe_path(path, "the block journal's staging directory"));
+    }
     for comp in path.split(|&b| b == b'/') {
         match comp {
             b"" => return Err(unsafe_path(path, "empty path component")),

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) root: PathBuf,
     /// Write log and consistency checks.
     pub(crate) consist: Arc<crate::checkserve::ConsistState>,
+    /// Open block staging transactions (`--blocks`).
+    pub(crate) stages: crate::blockserve::Stages,
 }
 
 /// An agent serving one tree; see [`Agent::serve`].
@@ -55,6 +57,7 @@ impl Agent {
         backend: Option<Arc<dyn Backend>>,
     ) -> Result<Agent, AgentError> {
         let root = root.as_ref().to_path_buf();
+        recover_blocks(&root)?;
         let backend = match backend {
             Some(b) => b,
             None => Arc::new(PosixBackend::new(&root)?),
@@ -66,6 +69,7 @@ impl Agent {
                 registry: Registry::with_builtins(),
                 root: root.clone(),
                 consist: Arc::new(crate::checkserve::ConsistState::new(&root)),
+                stages: Default::default(),
             }),
             root,
         })
@@ -146,6 +150,33 @@ impl Agent {
             thread: Some(thread),
         })
     }
+}
+
+/// Finishes or undoes the dependency blocks a killed agent left in the journal
+/// ([`crate::journal::recover`]), before anything else touches the tree.
+fn recover_blocks(root: &Path) -> Result<(), AgentError> {
+    if !root.is_dir() {
+        return Ok(()); // the backend reports a missing root
+    }
+    let report = crate::journal::recover(root).map_err(|e| AgentError::Io {
+        op: "recover the block journal in",
+        path: root.as_os_str().as_encoded_bytes().to_vec(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // An interrupted block is worth seeing without -v.
+    for t in &report.rolled_back {
+        warn!(txn = %t, "block journal: uncommitted block rolled back (the tree keeps the old version)");
+    }
+    for t in &report.rolled_forward {
+        warn!(txn = %t, "block journal: committed block completed (the tree has the new version)");
+    }
+    for t in &report.cleaned {
+        info!(txn = %t, "block journal: finished block's staging directory removed");
+    }
+    for t in &report.in_use {
+        warn!(txn = %t, "block journal: transaction in use by another process, left alone");
+    }
+    Ok(())
 }
 
 /// A running agent.
@@ -252,10 +283,12 @@ fn serve_requests(
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
     let mut senders: Vec<JoinHandle<()>> = Vec::new();
-    let r = serve_loop(reader, w, shared, &mut senders);
+    let owner = shared.stages.new_owner();
+    let r = serve_loop(reader, w, shared, &mut senders, owner);
     for t in senders {
         let _ = t.join();
     }
+    shared.stages.drop_owner(owner);
     shared.backend.persist();
     r
 }
@@ -265,6 +298,7 @@ fn serve_loop(
     w: &SharedWriter,
     shared: &Arc<Shared>,
     senders: &mut Vec<JoinHandle<()>>,
+    owner: u64,
 ) -> Result<(), AgentError> {
     let mut owner_noted = false;
     while let Some(body) = frame::read_frame(reader)? {
@@ -306,6 +340,7 @@ fn serve_loop(
                 algorithm,
                 paths,
                 lock_timeout_ms,
+                stage,
             } => {
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());
@@ -321,6 +356,7 @@ fn serve_loop(
                             &algorithm,
                             &paths,
                             lock_timeout_ms,
+                            &stage,
                         ) {
                             warn!("send order {request_id}: {e}");
                         }
@@ -336,6 +372,17 @@ fn serve_loop(
                 algorithm,
                 files,
             } => crate::checkserve::serve(w, shared, request_id, &algorithm, &files)?,
+            Msg::BlockBegin {
+                request_id,
+                stage,
+                block,
+            } => crate::blockserve::begin(w, shared, owner, request_id, &stage, &block)?,
+            Msg::BlockCommit {
+                request_id,
+                stage,
+                ops,
+                abort,
+            } => crate::blockserve::commit(w, shared, request_id, &stage, &ops, abort)?,
             other => {
                 let message = format!("unexpected message '{}' from the server", other.kind_name());
                 let _ = send_flush(
@@ -511,6 +558,10 @@ fn apply(
                 path::check(existing)?;
                 backend.hard_link(p, existing).map(|()| String::new())
             }
+            OpKind::Put { .. } => Err(AgentError::Verify {
+                path: p.clone(),
+                why: "a put is only valid in a block commit".into(),
+            }),
         });
         let (outcome, message) = match r {
             Ok(m) => {

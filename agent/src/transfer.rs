@@ -75,6 +75,7 @@ fn failed(path: &[u8], message: String) -> ItemResult {
 
 /// Master side: connects to `target`, streams `paths`, relays the remote's
 /// per-file results to the server, then reports `done`.
+#[allow(clippy::too_many_arguments)] // the send order's fields
 pub(crate) fn send_files(
     server: &SharedWriter,
     shared: &Shared,
@@ -83,6 +84,7 @@ pub(crate) fn send_files(
     algorithm: &str,
     paths: &[Vec<u8>],
     lock_timeout_ms: Option<u32>,
+    stage: &str,
 ) -> Result<(), AgentError> {
     let total = paths.len() as u64;
     let fail_all = |why: String| -> Result<(), AgentError> {
@@ -200,6 +202,7 @@ pub(crate) fn send_files(
             &mut buf,
             &mut in_file,
             lock_timeout_ms,
+            stage,
         ) {
             Ok(n) => bytes += n,
             Err(StreamError::Server(e)) => return Err(e),
@@ -302,6 +305,7 @@ fn stream_file(
     buf: &mut [u8],
     progress: &mut dyn FnMut(u64) -> Result<(), AgentError>,
     lock_timeout_ms: Option<u32>,
+    stage: &str,
 ) -> Result<u64, StreamError> {
     let net = |e: ProtoError| StreamError::Net(e.to_string());
     frame::write_frame(
@@ -311,6 +315,7 @@ fn stream_file(
             entry: entry.clone(),
             algorithm: info.name.clone(),
             lock_timeout_ms,
+            stage: stage.to_owned(),
         }
         .encode(),
     )
@@ -451,6 +456,8 @@ struct Incoming {
     lock_timeout_ms: Option<u32>,
     /// Algorithm of the digest (for the write log).
     algorithm: String,
+    /// Block transaction the file is staged in (empty: put in place at once).
+    stage: String,
 }
 
 /// Remote side: receives files from a master agent until `streamEnd`.
@@ -498,6 +505,7 @@ pub(crate) fn receive(
                 entry,
                 algorithm,
                 lock_timeout_ms,
+                stage,
             } => {
                 if cur.is_some() {
                     return Err(AgentError::Proto(ProtoError::Decode(
@@ -511,8 +519,10 @@ pub(crate) fn receive(
                     state: None,
                     received: 0,
                     error: None,
-                    lock_timeout_ms,
+                    // A staged file replaces nothing until its block commits.
+                    lock_timeout_ms: lock_timeout_ms.filter(|_| stage.is_empty()),
                     algorithm: algorithm.clone(),
+                    stage: stage.clone(),
                 };
                 let p = inc.entry.path.clone();
                 let prepared = path::check(&p)
@@ -522,7 +532,14 @@ pub(crate) fn receive(
                             .info(&algorithm)
                             .map_err(|e| AgentError::Engine(e.to_string()))
                     })
-                    .and_then(|info| Ok((info, backend.create_temp(&p)?)));
+                    .and_then(|info| {
+                        let temp = if stage.is_empty() {
+                            backend.create_temp(&p)?
+                        } else {
+                            crate::blockserve::stage_file(shared, &stage, &p)?
+                        };
+                        Ok((info, temp))
+                    });
                 match prepared {
                     Ok((info, temp)) => {
                         inc.state = Some(info.instantiate());
@@ -546,6 +563,7 @@ pub(crate) fn receive(
                 let p = inc.entry.path.clone();
                 let lock = inc.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
                 let algorithm = inc.algorithm.clone();
+                let stage = inc.stage.clone();
                 match verify_file(inc, size, &digest, aborted, error) {
                     Ok((temp, attrs)) => committer.submit(CommitJob {
                         temp,
@@ -555,6 +573,7 @@ pub(crate) fn receive(
                         lock,
                         algorithm,
                         digest,
+                        stage,
                     })?,
                     Err(e) => {
                         debug!("receive {}: {e}", show(&p));
@@ -649,6 +668,9 @@ struct CommitJob {
     /// The verified digest, recorded in the write log once committed.
     algorithm: String,
     digest: Vec<u8>,
+    /// Block transaction of a staged file (empty: none): its record waits for the block's
+    /// commit, when the file is actually in place.
+    stage: String,
 }
 
 #[derive(Default)]
@@ -742,7 +764,15 @@ fn commit_one(
         lock,
         algorithm,
         digest,
+        stage,
     } = job;
+    let record = |path: &[u8]| {
+        if stage.is_empty() {
+            consist.record(path, &algorithm, &digest);
+        } else {
+            consist.record_staged(&stage, path, &algorithm, &digest);
+        }
+    };
     // With --lock: an exclusive lock on the existing destination (cooperating readers hold
     // shared locks on it) while the new file is renamed over it.
     let r = match lock.map(|(root, ms)| lock_beneath(&root, &path, LockKind::Exclusive, ms)) {
@@ -750,7 +780,7 @@ fn commit_one(
         Some(Ok(guard)) => {
             let r = temp.commit(&attrs).map_err(|e| e.to_string());
             if r.is_ok() {
-                consist.record(&path, &algorithm, &digest);
+                record(&path);
             }
             drop(guard);
             r
@@ -758,7 +788,7 @@ fn commit_one(
         None => {
             let r = temp.commit(&attrs).map_err(|e| e.to_string());
             if r.is_ok() {
-                consist.record(&path, &algorithm, &digest);
+                record(&path);
             }
             r
         }

@@ -150,6 +150,7 @@ fn received_file_under_a_symlinked_directory_is_refused() {
             entry: entry.clone(),
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
+            stage: String::new(),
         });
         c.send(&Msg::FileChunk {
             data: data.to_vec(),

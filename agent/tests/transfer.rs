@@ -107,6 +107,7 @@ fn atomic_write_leaves_old_content_when_the_stream_is_cut_mid_file() {
             entry: entry(b"f", 2_000_000),
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
+            stage: String::new(),
         });
         c.send(&Msg::FileChunk {
             data: vec![b'x'; 1_000_000],
@@ -135,6 +136,7 @@ fn checksum_or_size_mismatch_never_replaces_the_old_file() {
             entry: entry(b"f", 3),
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
+            stage: String::new(),
         });
         c.send(&Msg::FileChunk {
             data: b"new".to_vec(),
@@ -323,6 +325,7 @@ fn two_send_orders_on_one_connection_run_at_once() {
             algorithm: "crc32".into(),
             paths: paths.clone(),
             lock_timeout_ms: None,
+            stage: String::new(),
         });
     }
     let mut done = std::collections::HashMap::new();

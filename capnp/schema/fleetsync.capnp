@@ -43,6 +43,10 @@ struct Message {
     consistencyRequest @22 :ConsistencyRequest;
     consistencyReply @23 :ConsistencyReply;
 
+    # --- dependency blocks (server -> remote agent) ---
+    blockBegin @24 :BlockBegin;   # open a staging transaction; answered by `done`
+    blockCommit @25 :BlockCommit; # commit (or abort) it; answered by `itemResults`* + `done`
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -183,6 +187,7 @@ struct SendOrder {
   paths @3 :List(Data);
   lock @4 :Bool;          # shared-lock each master file while it is sent (--lock)
   lockTimeoutMs @5 :UInt32;
+  stage @6 :Text;         # non-empty: stage the files in this block transaction of the remote
 }
 
 # Attributes to apply; each `set*` flag says whether the field is meaningful.
@@ -205,7 +210,13 @@ struct Op {
     setAttrs @3 :Attrs;       # directory mtimes are deferred to the end of the request
     symlink @4 :SymlinkOp;    # create or atomically repoint
     hardLink @5 :Data;        # make `path` a hard link to this existing path (atomic replace)
+    put @6 :PutOp;            # blockCommit only: put the file staged for `path` in place
   }
+}
+
+struct PutOp {
+  attrs @0 :Attrs;            # of the new file
+  size @1 :UInt64;            # the staged file must have exactly this size
 }
 
 struct DeleteOp {
@@ -273,6 +284,7 @@ struct FileStart {
   algorithm @2 :Text;
   lock @3 :Bool;           # exclusive-lock the existing destination while replacing it
   lockTimeoutMs @4 :UInt32;
+  stage @5 :Text;          # non-empty: stage into this block transaction, do not put in place
 }
 
 struct FileChunk {
@@ -284,6 +296,29 @@ struct FileEnd {
   digest @1 :Data;         # of the bytes sent; empty with `aborted`
   aborted @2 :Bool;        # the sender failed mid-file: discard it
   error @3 :Text;
+}
+
+# ---------------------------------------------------------------- dependency blocks
+
+# Server -> remote agent: open a staging transaction `stage` (server-chosen,
+# 1-64 of A-Z a-z 0-9 _ -) for block `block`, owned by this connection (aborted
+# if it closes). The agent answers `done` (or `error` with the request id).
+struct BlockBegin {
+  requestId @0 :UInt64;
+  stage @1 :Text;
+  block @2 :Text;
+}
+
+# Server -> remote agent: the block's whole op list. Every `put` needs a file
+# staged (and verified) under `stage` with the given size, and every staged
+# file needs a `put`. The agent commits through its journal (all or nothing)
+# and answers `itemResults` (every op ok, or every op failed with the reason)
+# then `done`. With `abort`, the transaction is dropped and nothing changes.
+struct BlockCommit {
+  requestId @0 :UInt64;
+  stage @1 :Text;
+  ops @2 :List(Op);
+  abort @3 :Bool;
 }
 
 # ---------------------------------------------------------------- control
@@ -301,6 +336,15 @@ struct SyncRequest {
   maxRounds @9 :UInt32;        # consistency rounds per remote after its transfers (0 = no check)
   lockResync @10 :Bool;        # lock the files the consistency loop synchronizes again
                                # (waiting lockTimeoutMs; also without `lock`)
+  blocks @11 :List(BlockDef);  # --blocks: dependency blocks, in file order (empty: none)
+}
+
+# One block of a `--blocks` file: its files are staged on each remote and put in
+# place together, under the remote agent's journal.
+struct BlockDef {
+  name @0 :Text;               # 1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit
+  select @1 :Text;             # a `--select` expression (text; the server parses it)
+  after @2 :List(Text);        # blocks that must be committed on a remote before this one
 }
 
 enum Action {

@@ -499,6 +499,13 @@ pub enum OpKind {
         /// The path to link to.
         existing: Vec<u8>,
     },
+    /// `blockCommit` only: put the file staged for the path in place.
+    Put {
+        /// Attributes of the new file.
+        attrs: Attrs,
+        /// The staged file must have exactly this size.
+        size: u64,
+    },
 }
 
 /// One order to a remote agent.
@@ -589,6 +596,19 @@ pub struct SyncRequest {
     /// Lock the files the consistency loop synchronizes again (as `--lock` does, also
     /// without it), waiting at most this many milliseconds; `None`: as the rest of the sync.
     pub lock_resync_ms: Option<u32>,
+    /// `--blocks`: dependency blocks in file order (empty: none).
+    pub blocks: Vec<BlockDef>,
+}
+
+/// One block of a `--blocks` file, as carried in a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockDef {
+    /// Block name.
+    pub name: String,
+    /// A `--select` expression, as text.
+    pub select: String,
+    /// Blocks that must be committed before this one.
+    pub after: Vec<String>,
 }
 
 /// Kind of a planned change.
@@ -803,6 +823,8 @@ pub enum Msg {
         /// Shared-lock each master file while it is sent, waiting at most this many
         /// milliseconds for the lock (`--lock`); `None`: no locking.
         lock_timeout_ms: Option<u32>,
+        /// Non-empty: stage the files in this block transaction of the remote.
+        stage: String,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -833,6 +855,8 @@ pub enum Msg {
         /// Exclusive-lock the existing destination while it is replaced, waiting at most this many
         /// milliseconds for the lock (`--lock`); `None`: no locking.
         lock_timeout_ms: Option<u32>,
+        /// Non-empty: stage into this block transaction instead of putting in place.
+        stage: String,
     },
     /// Master -> remote agent: file bytes (at most 1 MiB).
     FileChunk {
@@ -880,6 +904,26 @@ pub enum Msg {
         /// Last reply of the request.
         last: bool,
     },
+    /// Server -> remote agent: open block staging transaction `stage` for `block`.
+    BlockBegin {
+        /// Request id.
+        request_id: u64,
+        /// Server-chosen transaction name.
+        stage: String,
+        /// Block name.
+        block: String,
+    },
+    /// Server -> remote agent: commit (or abort) block transaction `stage`.
+    BlockCommit {
+        /// Request id.
+        request_id: u64,
+        /// The transaction.
+        stage: String,
+        /// The block's whole op list, in order.
+        ops: Vec<Op>,
+        /// Drop the transaction instead.
+        abort: bool,
+    },
     /// Server -> control client: all remotes finished.
     SyncDone {
         /// Everything succeeded.
@@ -894,6 +938,67 @@ pub enum Msg {
         /// What went wrong.
         message: String,
     },
+}
+
+fn write_ops(mut l: capnp::struct_list::Builder<'_, schema::op::Owned>, ops: &[Op]) {
+    for (i, op) in ops.iter().enumerate() {
+        let mut ob = l.reborrow().get(i as u32);
+        ob.set_path(&op.path);
+        match &op.kind {
+            OpKind::Mkdir(a) => a.write_to(ob.init_mkdir()),
+            OpKind::Delete { recursive } => {
+                ob.init_delete().set_recursive(*recursive);
+            }
+            OpKind::SetAttrs(a) => a.write_to(ob.init_set_attrs()),
+            OpKind::Symlink { target, attrs } => {
+                let mut s = ob.init_symlink();
+                s.set_target(target);
+                attrs.write_to(s.init_attrs());
+            }
+            OpKind::HardLink { existing } => ob.set_hard_link(existing),
+            OpKind::Put { attrs, size } => {
+                let mut p = ob.init_put();
+                p.set_size(*size);
+                attrs.write_to(p.init_attrs());
+            }
+        }
+    }
+}
+
+fn read_ops(l: capnp::struct_list::Reader<'_, schema::op::Owned>) -> Result<Vec<Op>, ProtoError> {
+    l.iter()
+        .map(|o| {
+            use schema::op::Which as O;
+            let kind = match o.which()? {
+                O::Mkdir(a) => OpKind::Mkdir(Attrs::read_from(a?)),
+                O::Delete(d) => OpKind::Delete {
+                    recursive: d?.get_recursive(),
+                },
+                O::SetAttrs(a) => OpKind::SetAttrs(Attrs::read_from(a?)),
+                O::Symlink(s) => {
+                    let s = s?;
+                    OpKind::Symlink {
+                        target: s.get_target()?.to_vec(),
+                        attrs: Attrs::read_from(s.get_attrs()?),
+                    }
+                }
+                O::HardLink(e) => OpKind::HardLink {
+                    existing: e?.to_vec(),
+                },
+                O::Put(p) => {
+                    let p = p?;
+                    OpKind::Put {
+                        attrs: Attrs::read_from(p.get_attrs()?),
+                        size: p.get_size(),
+                    }
+                }
+            };
+            Ok(Op {
+                path: o.get_path()?.to_vec(),
+                kind,
+            })
+        })
+        .collect()
 }
 
 fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, ProtoError> {
@@ -930,6 +1035,8 @@ impl Msg {
             Msg::Progress(_) => "progress",
             Msg::Done(_) => "done",
             Msg::FileStart { .. } => "fileStart",
+            Msg::BlockBegin { .. } => "blockBegin",
+            Msg::BlockCommit { .. } => "blockCommit",
             Msg::FileChunk { .. } => "fileChunk",
             Msg::FileEnd { .. } => "fileEnd",
             Msg::StreamEnd => "streamEnd",
@@ -1048,8 +1155,10 @@ impl Msg {
                 algorithm,
                 paths,
                 lock_timeout_ms,
+                stage,
             } => {
                 let mut b = root.init_send_order();
+                b.set_stage(stage.as_str());
                 b.set_request_id(*request_id);
                 b.set_lock(lock_timeout_ms.is_some());
                 b.set_lock_timeout_ms(lock_timeout_ms.unwrap_or(0));
@@ -1063,24 +1172,29 @@ impl Msg {
             Msg::ApplyRequest { request_id, ops } => {
                 let mut b = root.init_apply_request();
                 b.set_request_id(*request_id);
-                let mut l = b.init_ops(ops.len() as u32);
-                for (i, op) in ops.iter().enumerate() {
-                    let mut ob = l.reborrow().get(i as u32);
-                    ob.set_path(&op.path);
-                    match &op.kind {
-                        OpKind::Mkdir(a) => a.write_to(ob.init_mkdir()),
-                        OpKind::Delete { recursive } => {
-                            ob.init_delete().set_recursive(*recursive);
-                        }
-                        OpKind::SetAttrs(a) => a.write_to(ob.init_set_attrs()),
-                        OpKind::Symlink { target, attrs } => {
-                            let mut s = ob.init_symlink();
-                            s.set_target(target);
-                            attrs.write_to(s.init_attrs());
-                        }
-                        OpKind::HardLink { existing } => ob.set_hard_link(existing),
-                    }
-                }
+                write_ops(b.init_ops(ops.len() as u32), ops);
+            }
+            Msg::BlockBegin {
+                request_id,
+                stage,
+                block,
+            } => {
+                let mut b = root.init_block_begin();
+                b.set_request_id(*request_id);
+                b.set_stage(stage.as_str());
+                b.set_block(block.as_str());
+            }
+            Msg::BlockCommit {
+                request_id,
+                stage,
+                ops,
+                abort,
+            } => {
+                let mut b = root.init_block_commit();
+                b.set_request_id(*request_id);
+                b.set_stage(stage.as_str());
+                b.set_abort(*abort);
+                write_ops(b.init_ops(ops.len() as u32), ops);
             }
             Msg::ItemResults {
                 request_id,
@@ -1122,8 +1236,10 @@ impl Msg {
                 entry,
                 algorithm,
                 lock_timeout_ms,
+                stage,
             } => {
                 let mut b = root.init_file_start();
+                b.set_stage(stage.as_str());
                 b.set_request_id(*request_id);
                 b.set_lock(lock_timeout_ms.is_some());
                 b.set_lock_timeout_ms(lock_timeout_ms.unwrap_or(0));
@@ -1162,6 +1278,16 @@ impl Msg {
                 let mut l = b.reborrow().init_remotes(r.remotes.len() as u32);
                 for (i, s) in r.remotes.iter().enumerate() {
                     l.set(i as u32, s.as_str());
+                }
+                let mut l = b.reborrow().init_blocks(r.blocks.len() as u32);
+                for (i, d) in r.blocks.iter().enumerate() {
+                    let mut db = l.reborrow().get(i as u32);
+                    db.set_name(d.name.as_str());
+                    db.set_select(d.select.as_str());
+                    let mut al = db.init_after(d.after.len() as u32);
+                    for (k, a) in d.after.iter().enumerate() {
+                        al.set(k as u32, a.as_str());
+                    }
                 }
                 r.classification.write_to(b.init_classification());
             }
@@ -1355,41 +1481,31 @@ impl Msg {
                     algorithm: text(b.get_algorithm())?,
                     paths: data_list(b.get_paths()?)?,
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    stage: text(b.get_stage())?,
                 }
             }
             W::ApplyRequest(b) => {
                 let b = b?;
-                let ops = b
-                    .get_ops()?
-                    .iter()
-                    .map(|o| {
-                        use schema::op::Which as O;
-                        let kind = match o.which()? {
-                            O::Mkdir(a) => OpKind::Mkdir(Attrs::read_from(a?)),
-                            O::Delete(d) => OpKind::Delete {
-                                recursive: d?.get_recursive(),
-                            },
-                            O::SetAttrs(a) => OpKind::SetAttrs(Attrs::read_from(a?)),
-                            O::Symlink(s) => {
-                                let s = s?;
-                                OpKind::Symlink {
-                                    target: s.get_target()?.to_vec(),
-                                    attrs: Attrs::read_from(s.get_attrs()?),
-                                }
-                            }
-                            O::HardLink(e) => OpKind::HardLink {
-                                existing: e?.to_vec(),
-                            },
-                        };
-                        Ok(Op {
-                            path: o.get_path()?.to_vec(),
-                            kind,
-                        })
-                    })
-                    .collect::<Result<_, ProtoError>>()?;
                 Msg::ApplyRequest {
                     request_id: b.get_request_id(),
-                    ops,
+                    ops: read_ops(b.get_ops()?)?,
+                }
+            }
+            W::BlockBegin(b) => {
+                let b = b?;
+                Msg::BlockBegin {
+                    request_id: b.get_request_id(),
+                    stage: text(b.get_stage())?,
+                    block: text(b.get_block())?,
+                }
+            }
+            W::BlockCommit(b) => {
+                let b = b?;
+                Msg::BlockCommit {
+                    request_id: b.get_request_id(),
+                    stage: text(b.get_stage())?,
+                    ops: read_ops(b.get_ops()?)?,
+                    abort: b.get_abort(),
                 }
             }
             W::ItemResults(b) => {
@@ -1442,6 +1558,7 @@ impl Msg {
                     entry: FileEntry::read_from(b.get_entry()?)?,
                     algorithm: text(b.get_algorithm())?,
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    stage: text(b.get_stage())?,
                 }
             }
             W::FileChunk(b) => Msg::FileChunk {
@@ -1478,6 +1595,17 @@ impl Msg {
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                     max_rounds: b.get_max_rounds(),
                     lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
+                    blocks: b
+                        .get_blocks()?
+                        .iter()
+                        .map(|d| {
+                            Ok(BlockDef {
+                                name: text(d.get_name())?,
+                                select: text(d.get_select())?,
+                                after: d.get_after()?.iter().map(text).collect::<Result<_, _>>()?,
+                            })
+                        })
+                        .collect::<Result<_, ProtoError>>()?,
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(

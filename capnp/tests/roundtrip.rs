@@ -107,6 +107,34 @@ fn all_messages() -> Vec<Msg> {
             algorithm: "crc32".into(),
             paths: vec![b"p".to_vec()],
             lock_timeout_ms: Some(1_500),
+            stage: "s-1".into(),
+        },
+        Msg::BlockBegin {
+            request_id: 9,
+            stage: "s-1".into(),
+            block: "config".into(),
+        },
+        Msg::BlockCommit {
+            request_id: 10,
+            stage: "s-1".into(),
+            ops: vec![
+                Op {
+                    path: b"etc/a.conf".to_vec(),
+                    kind: OpKind::Put {
+                        attrs: Attrs {
+                            mode: Some(0o640),
+                            owner: None,
+                            mtime: Some((5, 6)),
+                        },
+                        size: 77,
+                    },
+                },
+                Op {
+                    path: b"etc/old".to_vec(),
+                    kind: OpKind::Delete { recursive: false },
+                },
+            ],
+            abort: true,
         },
         Msg::ApplyRequest {
             request_id: 4,
@@ -166,6 +194,7 @@ fn all_messages() -> Vec<Msg> {
             entry: entry(b"f"),
             algorithm: "crc32".into(),
             lock_timeout_ms: Some(0),
+            stage: String::new(),
         },
         Msg::FileChunk {
             data: vec![7; frame::MAX_CHUNK],
@@ -188,6 +217,11 @@ fn all_messages() -> Vec<Msg> {
             lock_timeout_ms: Some(2_000),
             max_rounds: 3,
             lock_resync_ms: Some(2_000),
+            blocks: vec![fleetsync_proto::BlockDef {
+                name: "config".into(),
+                select: "path:etc/**".into(),
+                after: vec!["bin".into(), "lib".into()],
+            }],
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,

@@ -17,8 +17,8 @@
 //!
 //! - A block name is 1–64 characters of `A-Z a-z 0-9 _ -`, starting with a letter or digit.
 //! - `select` is a classification expression, the same language as `--select` (`name:`,
-//!   `path:`, `ext:` joined with `and`/`or`/`not` and parentheses). It is kept as text here;
-//!   evaluating it is the sync side's job (`fleetsync_proto::select`).
+//!   `path:`, `ext:` joined with `and`/`or`/`not` and parentheses), checked when the file is
+//!   parsed and kept as text; [`BlocksFile::matchers`] compiles them (`fleetsync_proto::select`).
 //! - `after` names blocks that must be completely in place before this one starts.
 //!   Unknown names and cycles are errors (a cycle error names the whole cycle).
 //! - Unknown keys are errors, so that a typo (`selct`) is not silently ignored.
@@ -89,6 +89,13 @@ pub enum BlocksError {
         /// The blocks of the cycle, in order; the first follows the last.
         cycle: Vec<String>,
     },
+    /// A block's `select` is not a valid classification expression.
+    BadSelect {
+        /// The block.
+        block: String,
+        /// The parser's message (with the column in the expression).
+        message: String,
+    },
     /// The file defines no block.
     NoBlocks,
 }
@@ -116,6 +123,12 @@ impl fmt::Display for BlocksError {
                     write!(f, "{name} -> ")?;
                 }
                 write!(f, "{}", cycle.first().map_or("", String::as_str))
+            }
+            Self::BadSelect { block, message } => {
+                write!(
+                    f,
+                    "blocks file: block {block:?} has a bad select: {message}"
+                )
             }
             Self::NoBlocks => write!(f, "blocks file defines no [block.NAME] table"),
         }
@@ -249,6 +262,17 @@ impl BlocksFile {
         let mut deps: Vec<Vec<usize>> = Vec::with_capacity(blocks.len());
         for (i, b) in blocks.iter().enumerate() {
             validate_name(&b.name)?;
+            if b.select.trim().is_empty() {
+                return Err(BlocksError::EmptySelect {
+                    block: b.name.clone(),
+                });
+            }
+            if let Err(message) = compile_select(&b.select) {
+                return Err(BlocksError::BadSelect {
+                    block: b.name.clone(),
+                    message,
+                });
+            }
             if index(&b.name) != Some(i) {
                 return Err(BlocksError::Syntax {
                     message: format!("block {:?} is defined twice", b.name),
@@ -299,11 +323,93 @@ impl BlocksFile {
         self.order.iter().map(|&i| &self.blocks[i])
     }
 
+    /// The blocks as a sync request carries them (file order).
+    pub fn to_defs(&self) -> Vec<fleetsync_proto::BlockDef> {
+        self.blocks
+            .iter()
+            .map(|b| fleetsync_proto::BlockDef {
+                name: b.name.clone(),
+                select: b.select.clone(),
+                after: b.after.clone(),
+            })
+            .collect()
+    }
+
+    /// Reads a blocks file for the command line: an error names the file and, where it
+    /// concerns one block, the line of its `[block.NAME]` header (`FILE:LINE: problem`);
+    /// syntax errors carry their own line and column.
+    pub fn load_for_cli(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read blocks file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| match error_line(&text, &e) {
+            Some(line) => format!("{}:{line}: {e}", path.display()),
+            None => format!("{}: {e}", path.display()),
+        })
+    }
+
+    /// The indexes (into [`blocks`](Self::blocks)) of the blocks in their order.
+    pub fn order_indexes(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// The indexes of the blocks that block `i` comes after.
+    pub fn after_indexes(&self, i: usize) -> Vec<usize> {
+        self.blocks[i]
+            .after
+            .iter()
+            .filter_map(|a| self.blocks.iter().position(|b| &b.name == a))
+            .collect()
+    }
+
+    /// One compiled matcher per block (file order): `is_included(path, false)` says whether
+    /// a file belongs to that block's `select`.
+    pub fn matchers(&self) -> Vec<fleetsync_proto::select::Matcher> {
+        self.blocks
+            .iter()
+            .map(|b| compile_select(&b.select).expect("checked by BlocksFile::new"))
+            .collect()
+    }
+
     /// The block a file belongs to: the first in file order whose `select` expression the
     /// caller's evaluator accepts for that file, or `None`.
     pub fn assign(&self, mut selects: impl FnMut(&str) -> bool) -> Option<&BlockSpec> {
         self.blocks.iter().find(|b| selects(&b.select))
     }
+}
+
+/// Parses and compiles a `select` expression (the `--select` language).
+fn compile_select(select: &str) -> Result<fleetsync_proto::select::Matcher, String> {
+    let expr = fleetsync_proto::select::parse_expr(select).map_err(|e| e.to_string())?;
+    fleetsync_proto::select::Classification {
+        rules: Vec::new(),
+        select: Some(expr),
+    }
+    .compile()
+    .map_err(|e| e.to_string())
+}
+
+/// The line (1-based) of the text where the error is, when it concerns one block: the line
+/// of that block's `[block.NAME]` header. (Syntax errors carry their own line and column.)
+pub fn error_line(text: &str, err: &BlocksError) -> Option<usize> {
+    let block = match err {
+        BlocksError::InvalidName { name, .. } => name,
+        BlocksError::EmptySelect { block }
+        | BlocksError::UnknownAfter { block, .. }
+        | BlocksError::BadSelect { block, .. } => block,
+        BlocksError::Cycle { cycle } => cycle.first()?,
+        _ => return None,
+    };
+    let headers = [
+        format!("[block.{block}]"),
+        format!("[block.\"{block}\"]"),
+        format!("[block.'{block}']"),
+    ];
+    text.lines()
+        .position(|l| {
+            let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+            headers.iter().any(|h| l.starts_with(h.as_str()))
+        })
+        .map(|n| n + 1)
 }
 
 /// Finds a cycle in the dependency graph (`deps[i]` = blocks `i` comes after), returned in
@@ -402,6 +508,31 @@ mod tests {
             err.to_string(),
             "blocks file: the `after` relations form a cycle: a -> c -> b -> a"
         );
+    }
+
+    #[test]
+    fn a_bad_select_names_the_block_and_its_line() {
+        let text = "[block.ok]\nselect = \"name:a\"\n\n[block.broken]\nselect = \"ext:rs and\"\n";
+        let err = BlocksFile::parse(text).unwrap_err();
+        assert!(
+            matches!(&err, BlocksError::BadSelect { block, .. } if block == "broken"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"broken\""), "{err}");
+        assert_eq!(error_line(text, &err), Some(4));
+    }
+
+    #[test]
+    fn matchers_select_files_as_in_select() {
+        let f = BlocksFile::parse(
+            "[block.conf]\nselect = \"path:etc/** and ext:conf\"\n[block.rest]\nselect = \"name:*\"\n",
+        )
+        .unwrap();
+        let m = f.matchers();
+        assert!(m[0].is_included(b"etc/app/a.conf", false));
+        assert!(!m[0].is_included(b"etc/app/a.txt", false));
+        assert!(!m[0].is_included(b"usr/a.conf", false));
+        assert!(m[1].is_included(b"usr/a.conf", false));
     }
 
     #[test]

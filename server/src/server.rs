@@ -40,6 +40,7 @@ use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
 
+mod blocksync;
 mod consistency;
 
 const LISTENER: Token = Token(0);
@@ -121,6 +122,8 @@ enum RState {
     Checksums,
     Before,
     Sending,
+    /// The dependency blocks, one at a time ([`blocksync`]).
+    Blocks,
     After,
     /// Consistency loop (see [`consistency`]): waiting for the remote's check.
     Checking,
@@ -164,6 +167,8 @@ struct Remote {
     finish_deferred: bool,
     /// The consistency loop after the transfers.
     rounds: consistency::Rounds,
+    /// `--blocks`: the plan split into unblocked phases and blocks.
+    blocks: Option<blocksync::BlockRun>,
 }
 
 const SUM_NONE: u8 = 0;
@@ -188,6 +193,8 @@ struct Job {
     finished: bool,
     /// This job in the history database.
     record: Option<JobId>,
+    /// `--blocks`: the checked blocks of the request.
+    blocks: Option<Arc<blocksync::BlockSet>>,
 }
 
 /// Stores a digest in its fixed-width slot (the algorithm's digest width:
@@ -704,6 +711,11 @@ impl Server {
                     Ok(())
                 }
             });
+        let mut blocks = None;
+        let check = check.and_then(|()| {
+            blocks = blocksync::BlockSet::from_request(&req.blocks)?;
+            Ok(())
+        });
         let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
             let label = |a: &str| labels.get(a).cloned().unwrap_or_else(|| a.to_owned());
@@ -758,6 +770,7 @@ impl Server {
                 emit_cur: 0,
                 finish_deferred: false,
                 rounds: consistency::Rounds::default(),
+                blocks: None,
             })
             .collect();
         let master_addr = req.master.clone();
@@ -777,6 +790,7 @@ impl Server {
                 next_req: 1,
                 finished: false,
                 record,
+                blocks,
             },
         );
         match self.connect_agent(&master_addr, id, AgentRole::MasterList) {
@@ -1186,6 +1200,7 @@ impl Server {
         let plan = pair.resolve(&j.master, &r.list, &same);
         r.total_bytes = plan.send_bytes(&j.master);
         r.plan = Some(plan);
+        self.partition_blocks(job, i);
         self.emit_plan(job, i);
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
@@ -1270,13 +1285,15 @@ impl Server {
             };
             let steps = plan.steps();
             let (master, remote) = (&j.master, &r.list);
+            let blocks = r.blocks.as_ref();
             match conns.get_mut(&control) {
                 Some(c) => {
                     while r.emit_cur < steps.len() && c.out.len() - c.out_pos < EMIT_HIGH {
                         let end = (r.emit_cur + ITEMS_PER_FRAME).min(steps.len());
                         let items: Vec<PlanItem> = steps[r.emit_cur..end]
                             .iter()
-                            .map(|s| {
+                            .enumerate()
+                            .map(|(k, s)| {
                                 let (path, action, size) = match s.kind {
                                     StepKind::Delete | StepKind::DeleteTree => {
                                         (remote.path(s.index), Action::Delete, 0)
@@ -1296,12 +1313,18 @@ impl Server {
                                         (master.path(s.index), Action::SetAttrs, 0)
                                     }
                                 };
+                                let mut detail = describe(s, master, remote, r.can_chown);
+                                if let Some(b) =
+                                    blocks.and_then(|b| b.block_of_step(r.emit_cur + k))
+                                {
+                                    detail = format!("block {b}: {detail}");
+                                }
                                 PlanItem {
                                     remote: i as u32,
                                     path: path.to_vec(),
                                     action,
                                     size,
-                                    detail: describe(s, master, remote, r.can_chown),
+                                    detail,
                                 }
                             })
                             .collect();
@@ -1410,10 +1433,11 @@ impl Server {
             let r = &j.remotes[i];
             let Some(plan) = r.plan.as_ref() else { return };
             let phase = r.state;
-            let steps = match phase {
-                RState::Before => plan.before(),
-                RState::Sending => plan.sends(),
-                RState::After => plan.after(),
+            let steps = match (phase, r.blocks.as_ref()) {
+                (RState::Before | RState::Sending | RState::After, Some(b)) => b.phase_steps(phase),
+                (RState::Before, None) => plan.before(),
+                (RState::Sending, None) => plan.sends(),
+                (RState::After, None) => plan.after(),
                 _ => return,
             };
             if r.pcur >= steps.len() {
@@ -1444,6 +1468,7 @@ impl Server {
                             algorithm,
                             paths,
                             lock_timeout_ms,
+                            stage: String::new(),
                         }),
                     )
                 } else {
@@ -1473,7 +1498,7 @@ impl Server {
         };
         match state {
             RState::Before => self.start_phase(job, i, RState::Sending),
-            RState::Sending => self.start_phase(job, i, RState::After),
+            RState::Sending => self.start_blocks(job, i),
             RState::After => self.start_rounds(job, i),
             _ => {}
         }
@@ -1490,6 +1515,10 @@ impl Server {
             return;
         };
         let r = &mut j.remotes[i];
+        if r.state == RState::Blocks {
+            self.block_item_results(job, i, results);
+            return;
+        }
         let sending = matches!(role, AgentRole::MasterLink(_)) && r.state == RState::Sending;
         for res in results {
             match res.outcome {
@@ -1538,6 +1567,10 @@ impl Server {
             return;
         };
         let r = &mut j.remotes[i];
+        if r.state == RState::Blocks {
+            self.block_done(job, i);
+            return;
+        }
         if !matches!(r.state, RState::Before | RState::Sending | RState::After) {
             return;
         }
@@ -1638,6 +1671,7 @@ impl Server {
         r.list = FileList::new();
         r.plan = None;
         r.pair = None;
+        r.blocks = None;
         let tokens: Vec<Token> = r.conn.take().into_iter().chain(r.link.take()).collect();
         let control = j.control;
         if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {

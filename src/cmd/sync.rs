@@ -34,6 +34,12 @@ the non-directory entries for which EXPR is true: criteria name:GLOB, path:GLOB,
 joined with and/or/not and parentheses, e.g. --select 'ext:rs or (name:Make* and not path:target/**)'. \
 Directories kept by the rules are always synced. --explain PATH prints why PATH is in or out.
 
+Dependency blocks (--blocks FILE, TOML: [block.NAME] with select = EXPR and after = [NAMES]): \
+each block's files are staged on the remote and put in place together with its deletions, \
+symlinks and attribute changes, under the remote agent's journal, so that after a crash the \
+block is all old or all new; blocks run in their `after` order, a failed block's dependents \
+are not applied. A bad blocks file is a usage error naming the file and line.
+
 Owner and group are applied when the remote agent runs as root, else skipped with a note. \
 FIFOs, sockets and devices are skipped with a note.
 
@@ -78,6 +84,10 @@ pub struct Args {
     /// Keep only non-directory entries for which EXPR is true.
     #[arg(long, value_name = "EXPR")]
     select: Option<String>,
+    /// Dependency blocks (TOML): each block's files are staged on the remote and put in place
+    /// together (all old or all new, also across a crash), blocks in their `after` order.
+    #[arg(long, value_name = "FILE")]
+    blocks: Option<PathBuf>,
     /// Print why PATH (relative to the tree; trailing '/' = directory) is in or out, and exit.
     #[arg(long, value_name = "PATH")]
     explain: Vec<String>,
@@ -461,6 +471,11 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
             eprintln!("fleetsync: {label}: FAILED: {}", r.error);
         }
         for f in &r.failures {
+            if f.path.is_empty() {
+                // Not about one path (e.g. a whole block).
+                eprintln!("fleetsync: {label}: {}", f.message);
+                continue;
+            }
             eprintln!(
                 "fleetsync: {label}: {}: {}",
                 escape_path(&f.path),
@@ -531,6 +546,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         bail!("unknown checksum algorithm '{}'", args.algorithm);
     }
     let spec = ClassificationSpec::from(&c);
+    let blocks = match &args.blocks {
+        Some(path) => fleetsync_server::blocks::BlocksFile::load_for_cli(path)
+            .map_err(anyhow::Error::msg)?
+            .to_defs(),
+        None => Vec::new(),
+    };
     let start = Instant::now();
     match (&args.server, &args.master) {
         (Some(server), Some(master)) => {
@@ -557,11 +578,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 lock_timeout_ms: lock_timeout_ms(&args)?,
                 max_rounds: args.max_rounds,
                 lock_resync_ms: lock_resync_ms(&args)?,
+                blocks,
             };
             let out = drive(server, token.as_deref(), req, &args, &remotes)?;
             report(&out, &args, &remotes, start.elapsed())
         }
-        _ => embedded(&args, spec, start),
+        _ => embedded(&args, spec, blocks, start),
     }
 }
 
@@ -605,7 +627,12 @@ pub(crate) fn start_agent(
     Ok(agent.serve(listener)?)
 }
 
-fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Result<u8> {
+fn embedded(
+    args: &Args,
+    spec: ClassificationSpec,
+    blocks: Vec<fleetsync_proto::BlockDef>,
+    start: Instant,
+) -> anyhow::Result<u8> {
     if args.paths.len() < 2 {
         bail!("usage: fleetsync sync MASTER_DIR REMOTE_DIR... (or --server ADDR --master AGENT REMOTE...)");
     }
@@ -657,6 +684,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         lock_timeout_ms: lock_timeout_ms(args)?,
         max_rounds: args.max_rounds,
         lock_resync_ms: lock_resync_ms(args)?,
+        blocks,
     };
     let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
     stop.store(true, Ordering::Relaxed);

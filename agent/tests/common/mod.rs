@@ -122,6 +122,7 @@ impl Client {
             algorithm: "crc32".into(),
             paths: paths.iter().map(|p| p.to_vec()).collect(),
             lock_timeout_ms: None,
+            stage: String::new(),
         })
     }
 }

@@ -463,6 +463,7 @@ impl Server {
                     algorithm: algorithm.clone(),
                     paths: chunk.to_vec(),
                     lock_timeout_ms,
+                    stage: String::new(),
                 },
             ));
         }
