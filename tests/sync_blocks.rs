@@ -452,9 +452,17 @@ fn random_trees_with_two_blocks_are_rsync_clean_after_every_sync() {
         let r = tmp.path().join(format!("r{seed}"));
         random_tree(&m, seed, 0);
         random_tree(&r, seed, seed);
-        let out = sync(&["--delete", "--blocks", blocks], &[&m, &r]);
+        let out = sync(&["--json", "--delete", "--blocks", blocks], &[&m, &r]);
         assert_eq!(out.status.code(), Some(0), "seed {seed}");
         assert_eq!(rsync_diff(&m, &r), "", "seed {seed}: remote differs");
+        // The consistency loop checked what the blocks put in place (the remote's write log
+        // records a staged file only once its block commits) and found nothing to redo.
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let remote = &v["remotes"][0];
+        assert_ne!(remote["transferred"], 0, "seed {seed}: nothing sent");
+        assert_eq!(remote["rounds"], 1, "seed {seed}: {remote}");
+        assert_eq!(remote["resynced"], 0, "seed {seed}: {remote}");
+        assert_eq!(remote["inconsistent"], serde_json::json!([]), "seed {seed}");
         let out = sync(&["--json", "--delete", "--blocks", blocks], &[&m, &r]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         for key in ["transferred", "deleted", "changed"] {

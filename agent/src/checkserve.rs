@@ -40,8 +40,11 @@ pub(crate) struct ConsistState {
     checks: Vec<Box<dyn ConsistencyCheck>>,
     /// Files received into a block transaction (`--blocks`), by transaction: path, algorithm,
     /// digest. Recorded when the block commits (the files are then in place), dropped if not.
-    staged: Mutex<HashMap<String, Vec<(Vec<u8>, String, Vec<u8>)>>>,
+    staged: Mutex<HashMap<String, Vec<StagedRecord>>>,
 }
+
+/// A file verified into a block transaction: path, algorithm, digest.
+type StagedRecord = (Vec<u8>, String, Vec<u8>);
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
