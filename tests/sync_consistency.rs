@@ -35,6 +35,15 @@ fn master_tree(root: &Path) {
     fs::write(root.join("etc/db.conf"), "host = db1\n").unwrap();
     fs::write(root.join("www/index.html"), "<h1>hello</h1>\n".repeat(100)).unwrap();
     fs::write(root.join("empty"), "").unwrap();
+    // Directory mtimes well in the past: a file renamed into a directory on the remote
+    // (a re-sync) changes that directory's mtime, which must then be put back.
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    for d in ["etc", "www", ""] {
+        fs::File::open(root.join(d))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
 }
 
 /// `fleetsync server` recording into `db`.

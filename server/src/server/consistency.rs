@@ -24,7 +24,7 @@ use mio::Token;
 use tracing::{debug, info, warn};
 
 use super::{AgentRole, RState, Server, CHUNK, MAX_FAILURES, WINDOW};
-use crate::list::FileList;
+use crate::list::{FileList, Kind};
 
 /// Inconsistent files named in a remote's error message (all are in `inconsistent`).
 const NAMED_IN_ERROR: usize = 10;
@@ -98,6 +98,9 @@ pub(super) struct Rounds {
     /// Fresh checksums while re-synchronizing: master side (digest, size), remote side.
     msum: HashMap<u32, Result<(Vec<u8>, u64), String>>,
     rsum: HashMap<u32, Result<Vec<u8>, String>>,
+    /// After files were sent again: the master's attributes of their parent directories
+    /// (a rename into a directory changes its mtime), applied once the sends are done.
+    dir_fix: Vec<Op>,
 }
 
 impl Rounds {
@@ -445,6 +448,29 @@ impl Server {
         }
         rd.msum.clear();
         rd.rsum.clear();
+        // Parent directories of the files sent again: their mtimes go back to the master's
+        // once the sends are done (see `on_fix_done`).
+        let parents: std::collections::BTreeSet<&[u8]> = send
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .rposition(|&b| b == b'/')
+                    .map_or(&b""[..], |k| &p[..k])
+            })
+            .collect();
+        rd.dir_fix = parents
+            .into_iter()
+            .filter_map(|d| j.master.find(d).map(|m| (d, j.master.meta(m))))
+            .filter(|(_, meta)| meta.kind == Some(Kind::Dir))
+            .map(|(d, meta)| Op {
+                path: d.to_vec(),
+                kind: OpKind::SetAttrs(Attrs {
+                    mode: Some(meta.mode),
+                    owner: owner.then_some((meta.uid, meta.gid)),
+                    mtime: Some((meta.mtime_sec, meta.mtime_nsec)),
+                }),
+            })
+            .collect();
         rd.step = Step::Fix;
         rd.pending = 0;
         debug!(job, remote = %r.addr, resend = send.len(), attrs = ops.len(), "synchronizing again");
@@ -537,16 +563,34 @@ impl Server {
             return;
         }
         rd.pending = rd.pending.saturating_sub(1);
-        if rd.pending == 0 {
-            self.check_round(job, i);
+        if rd.pending > 0 {
+            return;
         }
+        let dirs = std::mem::take(&mut rd.dir_fix);
+        if dirs.is_empty() {
+            self.check_round(job, i);
+            return;
+        }
+        let Some(conn) = j.remotes[i].conn else {
+            self.fail_remote(job, i, "connection lost".into());
+            return;
+        };
+        j.remotes[i].rounds.pending = 1;
+        let rid = self.next_req(job);
+        self.send_request(
+            conn,
+            &Msg::ApplyRequest {
+                request_id: rid,
+                ops: dirs,
+            },
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::list::{Kind, Meta};
+    use crate::list::Meta;
 
     #[test]
     fn a_check_set_gives_back_each_file_with_its_digest_or_none() {
