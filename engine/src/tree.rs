@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::hash::hash_opened;
+use crate::hash::{hash_opened_as, NotRegular};
 use crate::{AlgorithmInfo, Error, FileHash, HashOptions};
 
 /// One regular file of a tree and its digests (or why it could not be hashed).
@@ -105,7 +105,10 @@ pub fn hash_tree(
 
 /// Hashes one file found by the walk on its own.
 fn hash_one(path: PathBuf, algs: &[AlgorithmInfo], opts: &HashOptions) -> TreeEntry {
-    let result = open_no_follow(&path).and_then(|f| hash_opened(&path, &f, algs, opts));
+    let result = open_no_follow(&path).and_then(|f| {
+        // One `fstat` both checks that it is still a regular file and sizes it.
+        hash_opened_as(&f, algs, opts, NotRegular::Refuse, |e| Error::io(&path, e))
+    });
     TreeEntry { path, result }
 }
 
@@ -205,21 +208,14 @@ mod batch {
 }
 
 /// Opens a file found by the walk without following a symlink that may have
-/// replaced it since, and without blocking on a FIFO that may have.
+/// replaced it since, and without blocking on a FIFO that may have (the
+/// caller refuses anything that is not a regular file).
 fn open_no_follow(path: &Path) -> Result<File, Error> {
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::other("no longer a regular file"),
-        ));
-    }
-    Ok(file)
+        .map_err(|e| Error::io(path, e))
 }
 
 /// What the walk collects, from several threads.
