@@ -49,6 +49,7 @@ mod crc;
 mod error;
 mod hash;
 mod io;
+mod md5_block;
 mod registry;
 mod sums;
 mod tree;
