@@ -34,22 +34,22 @@ fn main() {
         let mut a = None;
         let mut b = None;
         if run_ours {
-        let t = Instant::now();
-        let mut s = info.instantiate();
-        for piece in buf.chunks(1 << 20) {
-            s.update(piece);
-        }
-        a = Some(s.finish().as_bytes().to_vec());
-        ours = ours.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut s = info.instantiate();
+            for piece in buf.chunks(1 << 20) {
+                s.update(piece);
+            }
+            a = Some(s.finish().as_bytes().to_vec());
+            ours = ours.min(t.elapsed().as_secs_f64());
         }
         if run_crate {
-        let t = Instant::now();
-        let mut h = <md5::Md5 as md5::Digest>::new();
-        for piece in buf.chunks(1 << 20) {
-            md5::Digest::update(&mut h, piece);
-        }
-        b = Some(md5::Digest::finalize(h).to_vec());
-        theirs = theirs.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut h = <md5::Md5 as md5::Digest>::new();
+            for piece in buf.chunks(1 << 20) {
+                md5::Digest::update(&mut h, piece);
+            }
+            b = Some(md5::Digest::finalize(h).to_vec());
+            theirs = theirs.min(t.elapsed().as_secs_f64());
         }
         if let (Some(a), Some(b)) = (a, b) {
             assert_eq!(a, b, "digests differ");

@@ -208,7 +208,10 @@ fn fstat(file: &File) -> io::Result<(bool, u64)> {
     }
     // SAFETY: `fstat` returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    Ok((st.st_mode & libc::S_IFMT == libc::S_IFREG, st.st_size as u64))
+    Ok((
+        st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        st.st_size as u64,
+    ))
 }
 
 /// Reads the file with backend `io`, feeding `states`.

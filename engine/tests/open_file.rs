@@ -88,7 +88,10 @@ fn a_pipe_is_read_as_a_stream_to_its_end() {
     let h = hash_open_file(&file, &[r.info("crc32").unwrap()], &HashOptions::default()).unwrap();
     t.join().unwrap().unwrap();
     assert_eq!(h.size, data.len() as u64);
-    assert_eq!(h.digests[0].value(), Some(u64::from(crc32fast::hash(&data))));
+    assert_eq!(
+        h.digests[0].value(),
+        Some(u64::from(crc32fast::hash(&data)))
+    );
 }
 
 #[test]
@@ -123,7 +126,10 @@ fn big_file_takes_the_parallel_chunk_path_and_matches_independent_crates() {
         };
         let h = hash_open_file(&File::open(&path).unwrap(), &algs, &o).unwrap();
         assert_eq!(h.size, data.len() as u64);
-        assert_eq!(h.digests[0].value(), Some(u64::from(crc32fast::hash(&data))));
+        assert_eq!(
+            h.digests[0].value(),
+            Some(u64::from(crc32fast::hash(&data)))
+        );
         assert_eq!(h.digests[1].as_bytes(), md5_of(&data).as_slice());
         assert_eq!(h, hash_file(&path, &algs, &o).unwrap());
     }
