@@ -563,12 +563,7 @@ fn embedded(args: &Args, spec: ClassificationSpec, start: Instant) -> anyhow::Re
         .collect();
     let mut handles = Vec::new();
     for p in &args.paths {
-        handles.push(start_agent(
-            p,
-            &token,
-            !args.no_fsync,
-            !args.no_checksum_cache,
-        )?);
+        handles.push(start_agent(p, &token, !args.no_fsync, !args.no_checksum_cache)?);
     }
     let config = fleetsync_server::ServerConfig {
         token: Some(token.clone()),
