@@ -29,6 +29,10 @@
 //! order; otherwise it is streamed, with big buffers fed to several
 //! algorithms in parallel and `blake3` using all threads on its own. Memory
 //! stays constant: at most a few 256 KiB–1 MiB buffers per thread.
+//! [`hash_open_file`] does the same for a file the caller opened itself
+//! (beneath a directory descriptor, say), with no path resolved again.
+//! Reads go into page-aligned buffers that each thread reuses, so hashing
+//! many small files allocates nothing per file.
 //! [`hash_tree`] walks a tree in parallel without following symlinks.
 //!
 //! All parallel work runs on the *current* rayon pool: cap the threads with
