@@ -101,11 +101,11 @@ const INIT: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
 /// `x`, computed where it is written: hides the value from the optimiser so
 /// that it cannot re-associate the sum. LLVM canonicalises `a + f + k + m`
 /// to add the constant `k` last, after `f`, putting it on the dependency
-/// chain (6 operations per F step instead of 5). Measured in one run of
-/// `examples/md5_probe.rs` on the EPYC: without a barrier 0.86x `md-5`,
-/// with `std::hint::black_box` (a store and a load, off the chain) 1.08x,
-/// with this empty `asm!` (no instruction at all) 1.3x. Elsewhere the
-/// plain sum is still correct, only slower.
+/// chain (6 operations per F step instead of 5). Measured with
+/// `examples/md5_probe.rs` on the EPYC, quiet machine, against `md-5` in
+/// the same run: no barrier 1.06x, `std::hint::black_box` (a store and a
+/// load per step) 0.95x, this empty `asm!` (no instruction at all) 1.28x.
+/// Off x86-64 the plain sum is still correct, only slower.
 #[inline(always)]
 fn opaque(mut x: u32) -> u32 {
     #[cfg(target_arch = "x86_64")]
