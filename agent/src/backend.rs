@@ -18,9 +18,6 @@ use crate::path::{self, name, Root};
 use crate::sumcache::{FileKey, SumCache};
 use crate::AgentError;
 
-/// Read size when hashing without the engine (no `/proc`).
-const READ_BLOCK: usize = 1 << 20;
-
 /// Prefix of the temporary files the agent writes before renaming.
 pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
 
@@ -595,55 +592,31 @@ impl PosixBackend {
     fn hash_fd(
         &self,
         fd: OwnedFd,
-        st: &Stat,
+        // The engine takes the size from its own `fstat` of `fd`.
+        _st: &Stat,
         path: &[u8],
         alg: &AlgorithmInfo,
     ) -> Result<(Vec<u8>, u64), AgentError> {
-        use std::os::fd::AsRawFd;
-        // The engine opens by path: hand it the descriptor we resolved safely
-        // beneath the root, through its /proc magic link (the same inode, no
-        // new path resolution from the root).
-        let proc_path = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        if proc_path.exists() {
-            let h = fleetsync_engine::hash_file(
-                &proc_path,
-                std::slice::from_ref(alg),
-                &fleetsync_engine::HashOptions::default(),
-            )
-            .map_err(|e| AgentError::io("read", path, std::io::Error::other(e.to_string())))?;
-            let digest = h
-                .digests
-                .first()
-                .map(|d| d.as_bytes().to_vec())
-                .unwrap_or_default();
-            return Ok((digest, h.size));
-        }
-        // No /proc: hash the descriptor ourselves.
+        // Hash the descriptor resolved safely beneath the root: no new path
+        // resolution. The engine hashes up to the size it finds now (a file
+        // that shrinks meanwhile is an error) and splits big files into
+        // parallel chunks.
         let file = File::from(fd);
-        let mut state = alg.instantiate();
-        let size = st.st_size as u64;
-        let mut buf = vec![0u8; READ_BLOCK];
-        let mut total = 0u64;
-        // Hash up to the size at open time, like the engine; a file that
-        // shrinks meanwhile is an error.
-        while total < size {
-            let want = (size - total).min(buf.len() as u64) as usize;
-            let n = match rustix::io::pread(&file, &mut buf[..want], total) {
-                Ok(0) => {
-                    return Err(AgentError::io(
-                        "read",
-                        path,
-                        std::io::Error::other("file shrank while being hashed"),
-                    ))
-                }
-                Ok(n) => n,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(AgentError::io("read", path, e)),
-            };
-            state.update(&buf[..n]);
-            total += n as u64;
-        }
-        Ok((state.finish().as_bytes().to_vec(), total))
+        let h = fleetsync_engine::hash_open_file(
+            &file,
+            std::slice::from_ref(alg),
+            &fleetsync_engine::HashOptions::default(),
+        )
+        .map_err(|e| match e {
+            fleetsync_engine::Error::Io { source, .. } => AgentError::io("read", path, source),
+            e => AgentError::io("read", path, std::io::Error::other(e.to_string())),
+        })?;
+        let digest = h
+            .digests
+            .first()
+            .map(|d| d.as_bytes().to_vec())
+            .unwrap_or_default();
+        Ok((digest, h.size))
     }
 }
 

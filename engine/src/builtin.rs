@@ -57,7 +57,7 @@ pub(crate) fn register_all(r: &mut Registry) {
         Box::new(RustCrypto::<md2::Md2>::new("md2"))
     });
     r.register("md5", "MD5 (RFC 1321), like md5sum", || {
-        Box::new(RustCrypto::<md5::Md5>::new("md5"))
+        Box::new(crate::md5_block::Md5::default())
     });
     r.register("sha1", "SHA-1 (FIPS 180-4), like sha1sum", || {
         Box::new(RustCrypto::<sha1::Sha1>::new("sha1"))

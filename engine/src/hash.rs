@@ -2,16 +2,14 @@
 //! algorithm; big files whose algorithms all combine are split into chunks
 //! hashed in parallel on the current rayon pool.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::io::{pread, Block, IoMode, IoUsed};
+use crate::io::{buf, pread, Block, IoMode, IoUsed};
 use crate::{Algorithm, AlgorithmInfo, Digest, Error};
 
 /// How to read and split files.
@@ -50,7 +48,7 @@ pub struct FileHash {
 /// Sequential reads ask for at most this much at a time: big enough to
 /// amortise a syscall and a rayon fan-out, small enough to stay in L2-ish
 /// cache while several algorithms go over it.
-const SEQ_BLOCK: usize = 1 << 20;
+const SEQ_BLOCK: usize = buf::POOL_BUF;
 /// Buffers of a sequential reader thread (one being hashed, the rest filling).
 const SEQ_DEPTH: usize = 4;
 /// Files up to this size are read on the calling thread; bigger ones that
@@ -101,6 +99,50 @@ pub fn hash_file(
     hash_opened(path, &file, algs, opts)
 }
 
+/// Hashes a file that is already open, from its start, with every
+/// algorithm in `algs` in one pass: what [`hash_file`] does after opening.
+///
+/// Use it when the caller opened the file itself (beneath a directory
+/// descriptor, with `openat2`, with `O_NOFOLLOW`): no path is resolved
+/// again. The file's current offset is neither used nor moved (reads are
+/// positioned). A regular file is hashed up to the size `fstat` gives now;
+/// if it shrinks meanwhile that is an error; big files are split into
+/// chunks hashed in parallel exactly as [`hash_file`] does. Anything else (a
+/// pipe, a device) is read as a stream to its end. Errors carry no path:
+/// the caller knows which file it passed.
+///
+/// Reads go into page-aligned buffers that each thread reuses, so hashing
+/// many small files allocates nothing per file.
+///
+/// ```
+/// use std::fs::File;
+/// use fleetsync_engine::{hash_open_file, HashOptions, Registry};
+///
+/// let dir = std::env::temp_dir().join(format!("fleetsync-doc-open-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("check.txt");
+/// std::fs::write(&path, b"123456789").unwrap();
+///
+/// let registry = Registry::with_builtins();
+/// let algs = [registry.info("crc32").unwrap(), registry.info("md5").unwrap()];
+/// let file = File::open(&path).unwrap();
+/// let hashed = hash_open_file(&file, &algs, &HashOptions::default()).unwrap();
+/// assert_eq!(hashed.size, 9);
+/// assert_eq!(hashed.digests[0].to_hex(), "cbf43926");
+/// assert_eq!(hashed.digests[1].to_hex(), "25f9e794323b453885f5181f1b624d0b");
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn hash_open_file(
+    file: &File,
+    algs: &[AlgorithmInfo],
+    opts: &HashOptions,
+) -> Result<FileHash, Error> {
+    hash_opened_as(file, algs, opts, NotRegular::Stream, |source| Error::Io {
+        path: None,
+        source,
+    })
+}
+
 /// Hashes an already opened file; `path` names it in errors.
 pub(crate) fn hash_opened(
     path: &Path,
@@ -108,11 +150,34 @@ pub(crate) fn hash_opened(
     algs: &[AlgorithmInfo],
     opts: &HashOptions,
 ) -> Result<FileHash, Error> {
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return hash_stream(file, algs).map_err(|e| Error::io(path, e));
+    hash_opened_as(file, algs, opts, NotRegular::Stream, |e| Error::io(path, e))
+}
+
+/// What to do with an open file that is not a regular file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotRegular {
+    /// Read it as a stream to its end (`hash_file` on a FIFO or a device).
+    Stream,
+    /// Refuse it: a tree walk found a regular file there, and something
+    /// else has replaced it since.
+    Refuse,
+}
+
+/// Hashes an already opened file, mapping I/O errors with `err`.
+pub(crate) fn hash_opened_as(
+    file: &File,
+    algs: &[AlgorithmInfo],
+    opts: &HashOptions,
+    not_regular: NotRegular,
+    err: impl Fn(io::Error) -> Error,
+) -> Result<FileHash, Error> {
+    let (regular, size) = fstat(file).map_err(&err)?;
+    if !regular {
+        return match not_regular {
+            NotRegular::Stream => hash_stream(file, algs).map_err(err),
+            NotRegular::Refuse => Err(err(io::Error::other("no longer a regular file"))),
+        };
     }
-    let size = meta.len();
     // Every chunk keeps its states until the combine: bound their number so
     // a tiny `chunk_size` on a huge file cannot exhaust memory.
     let chunk = opts
@@ -123,13 +188,30 @@ pub(crate) fn hash_opened(
         size > opts.parallel_threshold && size > chunk as u64 && chunks_combine(algs, chunk);
     let io = choose_backend(opts.io)?;
     let mut states = new_states(algs);
-    let result = read_with(io, file, size, chunk, parallel, algs, &mut states);
-    result.map_err(|e| Error::io(path, e))?;
+    read_with(io, file, size, chunk, parallel, algs, &mut states).map_err(err)?;
     Ok(FileHash {
         size,
         digests: states.iter().map(|s| s.finish()).collect(),
         io,
     })
+}
+
+/// Whether `file` is a regular file, and its size: one `fstat`, the
+/// cheapest way to ask (std's `metadata` makes a `statx` with an empty path).
+fn fstat(file: &File) -> io::Result<(bool, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: the descriptor is open for the borrow of `file`, and `st`
+    // points to writable memory of the size `fstat` fills.
+    if unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fstat` returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok((
+        st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        st.st_size as u64,
+    ))
 }
 
 /// Reads the file with backend `io`, feeding `states`.
@@ -242,18 +324,20 @@ pub fn hash_reader<R: Read>(reader: R, algs: &[AlgorithmInfo]) -> Result<FileHas
 
 fn hash_stream<R: Read>(mut reader: R, algs: &[AlgorithmInfo]) -> io::Result<FileHash> {
     let mut states = new_states(algs);
-    let mut buf = vec![0u8; SEQ_BLOCK];
+    let mut buf = buf::take();
     let mut size = 0u64;
-    loop {
+    let result = loop {
         let n = match reader.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => break Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         };
         feed(&mut states, &buf[..n]);
         size += n as u64;
-    }
+    };
+    buf::give(buf);
+    result?;
     Ok(FileHash {
         size,
         digests: states.iter().map(|s| s.finish()).collect(),
@@ -341,22 +425,15 @@ fn append(acc: &mut [Box<dyn Algorithm>], next: &[Box<dyn Algorithm>]) -> io::Re
     Ok(())
 }
 
-thread_local! {
-    /// A reusable buffer for small files, taken out while in use (a rayon
-    /// thread may start another file while this one is being hashed).
-    static SMALL_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Reads a file with `read_at` in `SEQ_BLOCK` pieces on this thread and
-/// hashes each piece.
+/// Reads a file with `read_at` in `SEQ_BLOCK` pieces on this thread, into
+/// this thread's pooled buffer, and hashes each piece.
 fn read_sync(
     file: &File,
     size: u64,
     states: &mut [Box<dyn Algorithm>],
     read_at: fn(&File, &mut [u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut buf = SMALL_BUF.with(|b| b.take());
-    buf.resize((size as usize).min(SEQ_BLOCK), 0);
+    let mut buf = buf::take();
     let mut offset = 0u64;
     let mut result = Ok(());
     while offset < size {
@@ -368,7 +445,7 @@ fn read_sync(
         feed(states, &buf[..len]);
         offset += len as u64;
     }
-    SMALL_BUF.with(|b| *b.borrow_mut() = buf);
+    buf::give(buf);
     result
 }
 
@@ -386,8 +463,8 @@ where
         for block in rx.iter() {
             let block = block?;
             debug_assert_eq!(block.offset, expect);
-            expect += block.data.len() as u64;
-            feed(states, &block.data);
+            expect += block.len as u64;
+            feed(states, block.bytes());
             let _ = free_tx.send(block);
         }
         Ok(())
@@ -396,8 +473,8 @@ where
 
 /// Hashes `chunk`-sized pieces with `pread` on the current rayon pool.
 ///
-/// Each chunk is read in [`L2_BLOCK`] pieces into a reused buffer, so a
-/// worker holds one small buffer whatever the chunk size, and every
+/// Each chunk is read in [`L2_BLOCK`] pieces into the worker's pooled
+/// buffer, so a worker holds one buffer whatever the chunk size, and every
 /// algorithm reads the piece from cache.
 fn par_pread(
     file: &File,
@@ -407,12 +484,10 @@ fn par_pread(
     states: &mut [Box<dyn Algorithm>],
 ) -> io::Result<()> {
     let n = size.div_ceil(chunk as u64);
-    let spare: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let results: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = (0..n)
         .into_par_iter()
         .map(|i| {
-            let taken = spare.lock().expect("buffer pool").pop();
-            let mut buf = taken.unwrap_or_else(|| vec![0u8; L2_BLOCK]);
+            let mut buf = buf::take();
             let mut offset = i * chunk as u64;
             let mut st = chunk_states(algs, offset);
             let end = (offset + chunk as u64).min(size);
@@ -428,7 +503,7 @@ fn par_pread(
                 }
                 offset += len as u64;
             }
-            spare.lock().expect("buffer pool").push(buf);
+            buf::give(buf);
             read.map(|()| st)
         })
         .collect();

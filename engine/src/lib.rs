@@ -29,6 +29,10 @@
 //! order; otherwise it is streamed, with big buffers fed to several
 //! algorithms in parallel and `blake3` using all threads on its own. Memory
 //! stays constant: at most a few 256 KiB–1 MiB buffers per thread.
+//! [`hash_open_file`] does the same for a file the caller opened itself
+//! (beneath a directory descriptor, say), with no path resolved again.
+//! Reads go into page-aligned buffers that each thread reuses, so hashing
+//! many small files allocates nothing per file.
 //! [`hash_tree`] walks a tree in parallel without following symlinks.
 //!
 //! All parallel work runs on the *current* rayon pool: cap the threads with
@@ -49,13 +53,14 @@ mod crc;
 mod error;
 mod hash;
 mod io;
+mod md5_block;
 mod registry;
 mod sums;
 mod tree;
 
 pub use algorithm::{Algorithm, Digest};
 pub use error::Error;
-pub use hash::{hash_file, hash_reader, FileHash, HashOptions};
+pub use hash::{hash_file, hash_open_file, hash_reader, FileHash, HashOptions};
 pub use io::{IoMode, IoUsed};
 pub use registry::{AlgorithmInfo, Registry};
 pub use tree::{hash_tree, Skipped, TreeEntry, TreeHash};

@@ -254,3 +254,60 @@ fn every_io_mode_gives_the_same_tree_and_says_what_read_each_file() {
         }
     }
 }
+
+/// Batches read small files without a `stat` and switch to a `stat` per
+/// file where many files are too big for a batch: a tree whose files are
+/// first all small, then mostly big (around and far over the 64 KiB batch
+/// limit), hashed on one thread so both ways run, matches crc32fast over
+/// each file's bytes.
+#[test]
+fn small_then_big_files_match_an_independent_crc32_in_every_batch_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut x = 0x2545_f491u32;
+    let mut noise = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    for i in 0..100usize {
+        write(root, &format!("a/{i:03}"), &noise((i * 655) % (64 << 10)));
+    }
+    let limit = 64usize << 10;
+    for (i, len) in [limit - 1, limit, limit + 1, limit + 64, 3 * limit, 200_000]
+        .into_iter()
+        .cycle()
+        .take(150)
+        .enumerate()
+    {
+        write(root, &format!("b/{i:03}"), &noise(len));
+    }
+    for i in 0..40usize {
+        write(root, &format!("c/{i:03}"), &noise(i * 31));
+    }
+    let crc32 = Registry::with_builtins().info("crc32").unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let tree = pool
+        .install(|| hash_tree(root, &[crc32], &HashOptions::default()))
+        .unwrap();
+    assert_eq!(tree.entries.len(), 290);
+    for e in &tree.entries {
+        let data = std::fs::read(&e.path).unwrap();
+        let h = e.result.as_ref().unwrap();
+        assert_eq!(h.size, data.len() as u64, "{}", e.path.display());
+        assert_eq!(
+            h.digests[0].value(),
+            Some(u64::from(crc32fast::hash(&data))),
+            "{}",
+            e.path.display()
+        );
+    }
+}

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub(crate) mod buf;
 pub(crate) mod mmap;
 pub(crate) mod pread;
 #[cfg(all(feature = "uring", target_os = "linux"))]
@@ -79,12 +80,21 @@ impl fmt::Display for IoUsed {
 }
 
 /// One filled read buffer on its way from a reader thread to the hasher,
-/// and back. `data.len()` is the number of valid bytes.
+/// and back.
 pub(crate) struct Block {
     /// File offset of `data[0]`.
     pub(crate) offset: u64,
+    /// The buffer (page-aligned, for fast kernel copies).
+    pub(crate) data: buf::AlignedBuf,
+    /// How many bytes of `data` were read.
+    pub(crate) len: usize,
+}
+
+impl Block {
     /// The bytes read.
-    pub(crate) data: Vec<u8>,
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
 }
 
 /// Whether io_uring works here (probed once per process), with the reason

@@ -38,7 +38,8 @@ pub(crate) fn produce(
     let mut spare: Vec<Block> = (0..depth)
         .map(|_| Block {
             offset: 0,
-            data: vec![0; block],
+            data: super::buf::AlignedBuf::new(block),
+            len: 0,
         })
         .collect();
     let mut offset = 0u64;
@@ -51,10 +52,9 @@ pub(crate) fn produce(
             },
         };
         let want = block.min((size - offset) as usize);
-        b.data.resize(block, 0);
-        b.data.truncate(want);
+        b.len = want;
         b.offset = offset;
-        let result = read_exact_at(file, &mut b.data, offset).map(|()| b);
+        let result = read_exact_at(file, &mut b.data[..want], offset).map(|()| b);
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;

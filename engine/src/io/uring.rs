@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::buf::AlignedBuf;
 use super::pread::shrank;
 
 /// Bytes per read (and per piece handed to the hashers).
@@ -287,27 +288,41 @@ thread_local! {
     static BATCH: RefCell<Option<BatchRing>> = const { RefCell::new(None) };
 }
 
-/// Reads whole small files in one batch: for each `(path, size)`, an
-/// `OPENAT` into a direct descriptor linked to a `READ` of `size` bytes
-/// into `buf`, hard-linked to a `CLOSE`. File `i`'s bytes land at the sum of
-/// the sizes before it. Returns, per file, the read outcome (a file that
-/// reads short shrank; the open error otherwise).
+/// Where each file of a batch lands in the buffer: one after the other,
+/// each starting on a 64-byte boundary (the kernel's copy into a buffer
+/// that is not cache-line aligned is ~4x slower on the EPYC machines we
+/// measure on). Returns the offsets and the total length needed.
+pub(crate) fn batch_layout(sizes: impl Iterator<Item = u64>) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::new();
+    let mut end = 0usize;
+    for size in sizes {
+        offsets.push(end);
+        end += (size as usize).next_multiple_of(64);
+    }
+    (offsets, end)
+}
+
+/// Reads small files in one batch: for each `(path, want)`, an `OPENAT`
+/// into a direct descriptor linked to a `READ` of up to `want` bytes from
+/// offset 0 into `buf`, hard-linked to a `CLOSE`. File `i`'s bytes land at
+/// offset `batch_layout(wants).0[i]`; `buf` must be at least the total
+/// length `batch_layout` gives. Returns, per file, the number of bytes read
+/// (fewer than `want` only at the end of a regular file), or the open or
+/// read error.
 pub(crate) fn read_batch(
     files: &[(&std::ffi::CStr, u64)],
-    buf: &mut Vec<u8>,
-) -> io::Result<Vec<io::Result<()>>> {
+    buf: &mut AlignedBuf,
+) -> io::Result<Vec<io::Result<usize>>> {
     assert!(files.len() <= BATCH_FILES);
-    let total: u64 = files.iter().map(|f| f.1).sum();
-    buf.clear();
-    buf.resize(total as usize, 0);
+    let (offsets, total) = batch_layout(files.iter().map(|f| f.1));
+    assert!(buf.len() >= total, "batch buffer too small");
     let taken = BATCH.with(|c| c.borrow_mut().take());
     let mut batch = match taken {
         Some(b) => b,
         None => BatchRing::new()?,
     };
     let base = buf.as_mut_ptr();
-    let mut offset = 0usize;
-    for (i, (path, size)) in files.iter().enumerate() {
+    for (i, ((path, size), offset)) in files.iter().zip(&offsets).enumerate() {
         let slot = types::DestinationSlot::try_from_slot_target(i as u32)
             .map_err(|_| io::Error::other("bad direct descriptor slot"))?;
         let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
@@ -318,8 +333,8 @@ pub(crate) fn read_batch(
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data((i * 4) as u64);
-        // SAFETY: `offset + size <= buf.len()`.
-        let ptr = unsafe { base.add(offset) };
+        // SAFETY: `offset + size <= total <= buf.len()` (`batch_layout`).
+        let ptr = unsafe { base.add(*offset) };
         let read = opcode::Read::new(types::Fixed(i as u32), ptr, *size as u32)
             .offset(0)
             .build()
@@ -328,7 +343,6 @@ pub(crate) fn read_batch(
         let close = opcode::Close::new(types::Fixed(i as u32))
             .build()
             .user_data((i * 4 + 2) as u64);
-        offset += *size as usize;
         // SAFETY: the path strings and `buf` outlive the batch: every
         // completion is reaped below before this function returns, and the
         // ring has room for all `3 * BATCH_FILES` entries (no partial push).
@@ -345,8 +359,9 @@ pub(crate) fn read_batch(
     let mut pending = 3 * files.len();
     while pending > 0 {
         if let Err(e) = wait(&batch.ring, pending) {
-            // Reads may still be in flight into `buf`: leak it and the ring.
-            std::mem::forget(std::mem::take(buf));
+            // Reads may still be in flight into `buf`: leak it (leaving the
+            // caller an empty one) and the ring.
+            std::mem::forget(std::mem::replace(buf, AlignedBuf::new(0)));
             std::mem::forget(batch);
             return Err(e);
         }
@@ -361,18 +376,14 @@ pub(crate) fn read_batch(
         }
     }
     BATCH.with(|c| *c.borrow_mut() = Some(batch));
-    Ok(files
-        .iter()
-        .enumerate()
-        .map(|(i, (_, size))| {
+    Ok((0..files.len())
+        .map(|i| {
             if opened[i] < 0 {
                 Err(io::Error::from_raw_os_error(-opened[i]))
             } else if got[i] < 0 {
                 Err(io::Error::from_raw_os_error(-got[i]))
-            } else if (got[i] as u64) < *size {
-                Err(shrank())
             } else {
-                Ok(())
+                Ok(got[i] as usize)
             }
         })
         .collect())
