@@ -321,6 +321,24 @@ impl JobStore {
     /// Opens (creating if needed) the database at `path`, migrates its schema, and marks jobs
     /// left `running` by a server process that is gone as `interrupted`.
     pub fn open(path: &Path) -> Result<Self> {
+        // Several processes opening a new database at once (servers started together, or a
+        // server and `fleetsync jobs`): switching it to WAL and the first migration can get
+        // SQLITE_BUSY without SQLite's busy handler being called, so the whole setup is
+        // retried for a while before giving up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::open_once(path) {
+                Err(JobStoreError::Open { source, .. })
+                    if is_busy(&source) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self> {
         let open_err = |source| JobStoreError::Open {
             path: path.to_owned(),
             source,
@@ -591,6 +609,14 @@ fn fill_summary(job: &mut JobSummary, records: &[RemoteRecord]) {
     }
 }
 
+/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let open_err = |source| JobStoreError::Open {
         path: path.to_owned(),
@@ -621,6 +647,27 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_all_succeed() {
+        // Regression: two servers started together on a fresh jobs database; one failed
+        // with "database is locked" (no busy handler while switching to WAL).
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("jobs.sqlite");
+            let threads: Vec<_> = (0..6)
+                .map(|_| {
+                    let db = db.clone();
+                    std::thread::spawn(move || JobStore::open(&db).map(drop))
+                })
+                .collect();
+            for t in threads {
+                if let Err(e) = t.join().unwrap() {
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_reused_pid_is_not_mistaken_for_the_owner() {
