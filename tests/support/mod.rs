@@ -185,3 +185,16 @@ pub fn rsync_diff(master: &Path, remote: &Path) -> String {
     assert!(out.status.success(), "rsync failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Decodes `--json`'s `"path_hex"` (lowercase hex) back to the name's bytes; panics on
+/// anything else, so a wrong encoding fails the test.
+pub fn unhex(hex: &str) -> Vec<u8> {
+    assert!(
+        hex.len() % 2 == 0 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+        "not lowercase hex: {hex:?}"
+    );
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
