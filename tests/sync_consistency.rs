@@ -23,7 +23,7 @@ use fleetsync_agent::journal::RelPath;
 use fleetsync_agent::lock::{FileLock, LockKind, LockOptions};
 use fleetsync_agent::{Agent, AgentHandle};
 use serde_json::Value;
-use support::{listening, logged, rsync_diff, Proc, Token, BIN, TOKEN};
+use support::{listening, logged, rsync_diff, Token, BIN, TOKEN};
 
 const CONF: &str = "etc/app.conf";
 

@@ -267,7 +267,7 @@ pub fn rsync_diff(master: &Path, remote: &Path) -> String {
 /// anything else, so a wrong encoding fails the test.
 pub fn unhex(hex: &str) -> Vec<u8> {
     assert!(
-        hex.len() % 2 == 0 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+        hex.len().is_multiple_of(2) && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
         "not lowercase hex: {hex:?}"
     );
     (0..hex.len())
