@@ -10,20 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{fleetsync, rsync_diff, scratch_home, spawn_listening, Proc, Token};
-
-/// `fleetsync server` recording into `db`.
-fn server(token: &Token, db: &Path) -> (Proc, String) {
-    spawn_listening(&[
-        "server".as_ref(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--token-file".as_ref(),
-        token.file.as_os_str(),
-        "--jobs-db".as_ref(),
-        db.as_os_str(),
-    ])
-}
+use support::{fleetsync, rsync_diff, scratch_home, Proc, Token};
 
 /// `fleetsync jobs --db DB ARGS... --json`, parsed.
 fn jobs_json(db: &Path, args: &[&str]) -> Value {
@@ -70,7 +57,7 @@ fn a_completed_sync_is_listed_with_its_counts_and_detailed_per_remote() {
     let (_m, maddr) = token.agent(&master);
     let (_a1, addr1) = token.agent(&r1);
     let (_a2, addr2) = token.agent(&r2);
-    let (_s, saddr) = server(&token, &db);
+    let (_s, saddr) = token.server_recording(&db);
     let out = token.sync(&saddr, &maddr, &[&addr1, &addr2]);
     assert!(out.status.success());
     assert_eq!(rsync_diff(&master, &r1), "");
@@ -124,7 +111,7 @@ fn a_failed_remote_is_recorded_with_its_error() {
     small_master(&master, 2);
     let token = Token::new();
     let (_m, maddr) = token.agent(&master);
-    let (_s, saddr) = server(&token, &db);
+    let (_s, saddr) = token.server_recording(&db);
     // Nothing listens there.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -186,7 +173,7 @@ fn a_server_killed_mid_job_leaves_the_job_interrupted() {
     let token = Token::new();
     let (_m, maddr) = token.agent(&master);
     let (_r, raddr) = token.agent(&remote);
-    let (mut srv, saddr) = server(&token, &db);
+    let (mut srv, saddr) = token.server_recording(&db);
     let mut sync = Proc(
         token
             .sync_command(&saddr, &maddr, &[&raddr])

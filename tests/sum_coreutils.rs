@@ -7,7 +7,8 @@ use std::process::{Command, Output, Stdio};
 
 use proptest::prelude::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetsync");
+mod support;
+use support::{unhex, BIN};
 
 /// Our algorithm name and the coreutils command it must match.
 const REFERENCES: &[(&str, &[&str])] = &[
@@ -480,6 +481,45 @@ fn json_lines_parse_and_match_md5sum() {
     assert_eq!(lines[1]["path"], "nope");
     assert!(lines[1]["digest"].is_null());
     assert_eq!(lines[1]["error"], "No such file or directory");
+}
+
+#[test]
+fn json_names_that_are_not_utf8_carry_their_bytes_in_hex() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Two names that print alike as lossy UTF-8, and one UTF-8 name.
+    let names: [&[u8]; 3] = [b"caf\xe9", b"caf\xff", "café".as_bytes()];
+    for n in names {
+        std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(n)), n).unwrap();
+    }
+    let mine = ours(&["--json", "-r", "-a", "md5", "."], dir.path(), None);
+    assert_eq!(mine.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = String::from_utf8(mine.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), names.len());
+    for n in names {
+        let mut path = b"./".to_vec();
+        path.extend_from_slice(n);
+        let line = lines
+            .iter()
+            .find(|l| match l.get("path_hex") {
+                Some(hex) => unhex(hex.as_str().unwrap()) == path,
+                None => l["path"].as_str().unwrap().as_bytes() == path,
+            })
+            .unwrap_or_else(|| panic!("{:?} missing: {lines:?}", String::from_utf8_lossy(n)));
+        assert_eq!(line["path"], String::from_utf8_lossy(&path).as_ref());
+        assert_eq!(
+            line.get("path_hex").is_some(),
+            std::str::from_utf8(n).is_err()
+        );
+        // Each file holds its own name: the digest proves the line is that file's.
+        let md5 = run(&["md5sum"], &[], dir.path(), Some(n));
+        let md5 = String::from_utf8(md5.stdout).unwrap();
+        assert_eq!(line["digest"], md5.split_whitespace().next().unwrap());
+    }
 }
 
 #[test]

@@ -16,20 +16,14 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fleetsync_proto::{auth, frame, BlockDef, Msg, Role, SyncRequest};
-use support::{rsync_diff, Proc, Token, BIN};
+use support::{
+    kill_seed, listening, logged, rsync_diff, write_with_mtime as write, Proc, Rng, Token, BIN,
+};
 
 const STAGING: &str = ".fleetsync-staging";
-
-fn write(path: &Path, data: &[u8], mtime: u64) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-    let f = fs::File::options().write(true).open(path).unwrap();
-    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
-        .unwrap();
-}
 
 fn symlink(target: &str, path: &Path) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -49,13 +43,7 @@ fn sync(args: &[&str], dirs: &[&Path]) -> Output {
         .args(dirs)
         .output()
         .unwrap();
-    eprintln!(
-        "sync {args:?}: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    logged(&format!("sync {args:?}"), out)
 }
 
 fn text(b: &[u8]) -> String {
@@ -585,21 +573,6 @@ const OLD_MTIME: u64 = 1_500_000_000;
 const NEW_MTIME: u64 = 1_600_000_000;
 const ITERATIONS: usize = 12;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 fn block_path(i: usize) -> String {
     format!("data/s{}/f{i:02}.bin", i % 3)
 }
@@ -737,49 +710,21 @@ fn agent(token: &Token, root: &Path, crash_at: Option<u64>) -> (Proc, String) {
     let Some(n) = crash_at else {
         return token.agent(root);
     };
-    let mut child = Command::new(BIN)
-        .args(["agent", "--listen", "127.0.0.1:0", "--root"])
-        .arg(root)
-        .arg("--token-file")
-        .arg(&token.file)
-        .env("FLEETSYNC_JOURNAL_CRASH_AT", n.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    (proc, addr)
+    listening(
+        token
+            .agent_command(root)
+            .env("FLEETSYNC_JOURNAL_CRASH_AT", n.to_string())
+            .stderr(Stdio::null()),
+    )
 }
 
 /// `fleetsync agent` for `root` with its log (stderr) in `log`.
 fn agent_logging(token: &Token, root: &Path, log: &Path) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(["agent", "--listen", "127.0.0.1:0", "--root"])
-        .arg(root)
-        .arg("--token-file")
-        .arg(&token.file)
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    (proc, addr)
+    listening(
+        token
+            .agent_command(root)
+            .stderr(fs::File::create(log).unwrap()),
+    )
 }
 
 const KILL_BLOCKS: &str = r#"
@@ -790,18 +735,7 @@ select = "path:data/**"
 #[test]
 fn sigkill_of_the_remote_agent_leaves_each_block_all_old_or_all_new_and_the_next_sync_finishes() {
     let started = Instant::now();
-    let seed = std::env::var("FLEETSYNC_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("FLEETSYNC_KILL_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(kill_seed());
 
     let tmp = tempfile::tempdir().unwrap();
     let master_root = tmp.path().join("master");

@@ -12,7 +12,7 @@ use std::io::{Read, Seek, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +23,7 @@ use fleetsync_agent::journal::RelPath;
 use fleetsync_agent::lock::{FileLock, LockKind, LockOptions};
 use fleetsync_agent::{Agent, AgentHandle};
 use serde_json::Value;
-use support::{rsync_diff, spawn_listening, Proc, Token, BIN, TOKEN};
+use support::{listening, logged, rsync_diff, Token, BIN, TOKEN};
 
 const CONF: &str = "etc/app.conf";
 
@@ -46,31 +46,11 @@ fn master_tree(root: &Path) {
     }
 }
 
-/// `fleetsync server` recording into `db`.
-fn server(token: &Token, db: &Path) -> (Proc, String) {
-    spawn_listening(&[
-        "server".as_ref(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--token-file".as_ref(),
-        token.file.as_os_str(),
-        "--jobs-db".as_ref(),
-        db.as_os_str(),
-    ])
-}
-
 /// Runs `fleetsync sync --server ... EXTRA... REMOTES...`.
 fn sync(token: &Token, saddr: &str, maddr: &str, remotes: &[&str], extra: &[&str]) -> Output {
     let mut cmd = token.sync_command(saddr, maddr, &[]);
     cmd.args(extra).args(remotes);
-    let out = cmd.output().unwrap();
-    eprintln!(
-        "sync {extra:?}: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    logged(&format!("sync {extra:?}"), cmd.output().unwrap())
 }
 
 fn json(out: &Output) -> Value {
@@ -240,18 +220,14 @@ fn a_normal_sync_is_checked_once_and_matches_rsync() {
     let log = tmp.path().join("state/remote.writes");
     let token = Token::new();
     let (_m, maddr) = token.agent(&master);
-    let (_r, raddr) = spawn_listening(&[
-        "agent".as_ref(),
-        "--root".as_ref(),
-        remote.as_os_str(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--token-file".as_ref(),
-        token.file.as_os_str(),
-        "--write-log".as_ref(),
-        log.as_os_str(),
-    ]);
-    let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
+    let (_r, raddr) = listening(
+        token
+            .agent_command(&remote)
+            .arg("--write-log")
+            .arg(&log)
+            .stderr(Stdio::inherit()),
+    );
+    let (_s, saddr) = token.server_recording(&tmp.path().join("jobs.sqlite"));
 
     let out = sync(&token, &saddr, &maddr, &[&raddr], &["--json"]);
     assert_eq!(out.status.code(), Some(0));
@@ -357,7 +333,7 @@ fn a_file_changed_after_it_was_applied_is_sent_again_and_then_consistent() {
             Box::new(RecordedStateCheck::new(Some(log.clone()))),
         ],
     );
-    let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
+    let (_s, saddr) = token.server_recording(&tmp.path().join("jobs.sqlite"));
 
     let out = sync(&token, &saddr, &maddr, &[&raddr], &["--json"]);
     assert_eq!(out.status.code(), Some(0));
@@ -397,7 +373,7 @@ fn a_file_that_keeps_changing_fails_its_remote_after_max_rounds_and_others_go_on
         ],
     );
     let db = tmp.path().join("jobs.sqlite");
-    let (_s, saddr) = server(&token, &db);
+    let (_s, saddr) = token.server_recording(&db);
 
     let out = sync(
         &token,
@@ -508,7 +484,7 @@ fn a_deployment_validator_is_consulted_and_a_passing_recheck_needs_no_resend() {
         .serve(TcpListener::bind("127.0.0.1:0").unwrap())
         .unwrap();
     let raddr = handle.local_addr().to_string();
-    let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
+    let (_s, saddr) = token.server_recording(&tmp.path().join("jobs.sqlite"));
 
     // --max-rounds 1: checked once, nothing synchronized again, both .conf files named.
     let out = sync(
@@ -597,7 +573,7 @@ fn lock_resync_locks_the_files_synchronized_again() {
                 Box::new(RecordedStateCheck::new(Some(log.clone()))),
             ],
         );
-        let (_s, saddr) = server(&token, &tmp.path().join("jobs.sqlite"));
+        let (_s, saddr) = token.server_recording(&tmp.path().join("jobs.sqlite"));
         let mut extra = vec!["--json", "--lock-timeout", "0.2"];
         if lock_resync {
             extra.push("--lock-resync");

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use support::{rsync_diff, Token};
+use support::{kill_seed, rsync_diff, write_with_mtime as write, Rng, Token};
 
 /// Files on the master.
 const FILES: usize = 200;
@@ -25,21 +25,6 @@ const OLD_MTIME: u64 = 1_500_000_000;
 const NEW_MTIME: u64 = 1_600_000_000;
 const ITERATIONS: usize = 4;
 const TEMP_PREFIX: &str = ".fleetsync.tmp.";
-
-/// A small deterministic generator (xorshift64*): content and kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn rel(i: usize) -> String {
     format!("d{}/f{i:03}.bin", i % 4)
@@ -61,14 +46,6 @@ fn content(i: usize, version: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn write(path: &Path, data: &[u8], mtime: u64) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-    let f = fs::File::options().write(true).open(path).unwrap();
-    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
-        .unwrap();
 }
 
 fn make_master(root: &Path) {
@@ -163,18 +140,7 @@ fn arrived(root: &Path) -> usize {
 #[test]
 fn sigkill_mid_transfer_leaves_old_or_new_files_and_the_next_sync_finishes() {
     let started = Instant::now();
-    let seed = std::env::var("FLEETSYNC_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("FLEETSYNC_KILL_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(kill_seed());
 
     let tmp = tempfile::tempdir().unwrap();
     let master_root = tmp.path().join("master");

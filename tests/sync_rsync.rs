@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{fleetsync, scratch_home, spawn_listening, Proc};
+use support::{fleetsync, scratch_home, spawn_listening, unhex, Proc};
 
 fn spawn_agent(root: &Path, token_file: &Path) -> (Proc, String) {
     spawn_listening(&[
@@ -353,6 +353,34 @@ fn names_with_spaces_newlines_and_non_utf8_bytes() {
     let out = c.sync(&["-n"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("new\\#012line"));
+    // --json: "path_hex" holds the exact bytes of the names that are not UTF-8, and only those.
+    let out = c.sync(&["-n", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json(&out);
+    let mut planned: Vec<Vec<u8>> = Vec::new();
+    for p in v["remotes"][0]["plan"].as_array().unwrap() {
+        let text = p["path"].as_str().unwrap();
+        match p.get("path_hex") {
+            Some(hex) => {
+                let bytes = unhex(hex.as_str().unwrap());
+                assert!(std::str::from_utf8(&bytes).is_err(), "{p}");
+                assert_eq!(text, String::from_utf8_lossy(&bytes), "{p}");
+                planned.push(bytes);
+            }
+            None => planned.push(text.as_bytes().to_vec()),
+        }
+    }
+    for n in names
+        .iter()
+        .copied()
+        .chain([&b"dir \xfe\n"[..], b"dir \xfe\n/inner \x01"])
+    {
+        assert!(
+            planned.iter().any(|p| p == n),
+            "{:?} not in the JSON plan: {v}",
+            String::from_utf8_lossy(n)
+        );
+    }
     assert_eq!(c.sync(&[]).status.code(), Some(0));
     assert_in_sync(m, &t.remote_refs());
 }

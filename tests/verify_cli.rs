@@ -11,32 +11,16 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
-use support::{rsync_diff, Proc, Token, BIN};
+use support::{listening, logged, rsync_diff, Proc, Token, BIN};
 
 /// `fleetsync agent` on `root` with its checksum cache under `cache` (not the user's).
 fn agent(token: &Token, root: &Path, cache: &Path) -> (Proc, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(BIN)
-        .arg("agent")
-        .arg("--root")
-        .arg(root)
-        .args(["--listen", "127.0.0.1:0", "--token-file"])
-        .arg(&token.file)
-        .env("XDG_CACHE_HOME", cache)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    (proc, addr)
+    listening(
+        token
+            .agent_command(root)
+            .env("XDG_CACHE_HOME", cache)
+            .stderr(Stdio::inherit()),
+    )
 }
 
 fn verify(token: &Token, server: &str, master: &str, remotes: &[&str]) -> Output {
@@ -47,13 +31,7 @@ fn verify(token: &Token, server: &str, master: &str, remotes: &[&str]) -> Output
         .args(remotes)
         .output()
         .unwrap();
-    eprintln!(
-        "verify: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    logged("verify", out)
 }
 
 /// Everything observable about a tree: per path, kind, bytes / link target, mode, mtime, inode.

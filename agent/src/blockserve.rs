@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::backend::{Applied, TempFile};
 use crate::journal::{self, BlockTxn, JournalError, Mtime, RelPath};
 use crate::server::{send, send_flush, Shared, SharedWriter};
+use crate::transfer::failed;
 use crate::AgentError;
 
 /// The open staging transactions of an agent, by their server-chosen name.
@@ -93,16 +94,6 @@ fn check_stage(stage: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("invalid block transaction name {stage:?}"))
-    }
-}
-
-fn failed(path: &[u8], message: String) -> ItemResult {
-    ItemResult {
-        path: path.to_vec(),
-        outcome: Outcome::Failed,
-        message,
-        bytes: 0,
-        digest: Vec::new(),
     }
 }
 

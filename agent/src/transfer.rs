@@ -63,7 +63,8 @@ fn lock_beneath(
     }
 }
 
-fn failed(path: &[u8], message: String) -> ItemResult {
+/// The result of an item that failed with `message`.
+pub(crate) fn failed(path: &[u8], message: String) -> ItemResult {
     ItemResult {
         path: path.to_vec(),
         outcome: Outcome::Failed,

@@ -12,6 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::jsonpath::with_path;
 use anyhow::Context;
 use fleetsync_engine::Registry;
 use rayon::prelude::*;
@@ -45,6 +46,7 @@ the decimal lines of cksum/sum are accepted too.
 
 --json prints one object per file and algorithm:
   {\"path\",\"size\",\"algorithm\",\"digest\" (hex),\"error\" (null or the message)}
+A name that is not valid UTF-8 also gets \"path_hex\", its exact bytes in lowercase hex.
 
 Exit status: 0 all good; 1 a file could not be read or a checksum did not
 match (or, with --strict, a line was improperly formatted); 2 usage or other
@@ -342,13 +344,15 @@ impl Printer<'_> {
                 for ((alg, style), digest) in self.algs.iter().zip(&self.styles).zip(&hash.digests)
                 {
                     if self.args.json {
-                        let v = serde_json::json!({
-                            "path": String::from_utf8_lossy(name),
-                            "size": hash.size,
-                            "algorithm": alg.name,
-                            "digest": digest.to_hex(),
-                            "error": null,
-                        });
+                        let v = with_path(
+                            serde_json::json!({
+                                "size": hash.size,
+                                "algorithm": alg.name,
+                                "digest": digest.to_hex(),
+                                "error": null,
+                            }),
+                            name,
+                        );
                         self.line.extend_from_slice(v.to_string().as_bytes());
                         self.line.push(b'\n');
                     } else {
@@ -373,13 +377,15 @@ impl Printer<'_> {
                 let msg = engine_error_message(&e);
                 if self.args.json {
                     for alg in self.algs {
-                        let v = serde_json::json!({
-                            "path": String::from_utf8_lossy(name),
-                            "size": null,
-                            "algorithm": alg.name,
-                            "digest": null,
-                            "error": msg,
-                        });
+                        let v = with_path(
+                            serde_json::json!({
+                                "size": null,
+                                "algorithm": alg.name,
+                                "digest": null,
+                                "error": msg,
+                            }),
+                            name,
+                        );
                         self.line.extend_from_slice(v.to_string().as_bytes());
                         self.line.push(b'\n');
                     }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::jsonpath::with_path;
 use anyhow::{bail, Context};
 use fleetsync_proto::select::{self, Classification, Rule};
 use fleetsync_proto::{auth, frame, Action, ClassificationSpec, Msg, PlanItem, RemoteResult, Role};
@@ -97,7 +98,8 @@ pub struct Args {
     /// Print one line per entry and action also when syncing.
     #[arg(short = 'i', long = "itemize-changes")]
     itemize: bool,
-    /// Print the plan and the result as one JSON object on stdout.
+    /// Print the plan and the result as one JSON object on stdout; a path that is not UTF-8
+    /// also gets "path_hex", its exact bytes in hex.
     #[arg(long)]
     json: bool,
     /// File holding the shared token (with --server).
@@ -418,12 +420,14 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
                     .iter()
                     .filter(|i| i.remote == r.remote)
                     .map(|i| {
-                        serde_json::json!({
-                            "action": action_name(i.action),
-                            "path": String::from_utf8_lossy(&i.path),
-                            "size": i.size,
-                            "detail": i.detail,
-                        })
+                        with_path(
+                            serde_json::json!({
+                                "action": action_name(i.action),
+                                "size": i.size,
+                                "detail": i.detail,
+                            }),
+                            &i.path,
+                        )
                     })
                     .collect();
                 serde_json::json!({
@@ -434,16 +438,14 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
                     "bytes": r.bytes,
                     "deleted": r.deleted,
                     "changed": r.changed,
-                    "failures": r.failures.iter().map(|f| serde_json::json!({
-                        "path": String::from_utf8_lossy(&f.path),
+                    "failures": r.failures.iter().map(|f| with_path(serde_json::json!({
                         "message": f.message,
-                    })).collect::<Vec<_>>(),
+                    }), &f.path)).collect::<Vec<_>>(),
                     "rounds": r.rounds,
                     "resynced": r.resynced,
-                    "inconsistent": r.inconsistent.iter().map(|f| serde_json::json!({
-                        "path": String::from_utf8_lossy(&f.path),
+                    "inconsistent": r.inconsistent.iter().map(|f| with_path(serde_json::json!({
                         "message": f.message,
-                    })).collect::<Vec<_>>(),
+                    }), &f.path)).collect::<Vec<_>>(),
                     "plan": plan,
                 })
             })

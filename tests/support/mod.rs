@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The shared token written by [`Token::new`].
 pub const TOKEN: &[u8] = b"test-token-0123456789";
@@ -83,12 +84,17 @@ pub fn scratch_home() -> &'static Path {
 /// Starts `fleetsync ARGS...` (its home in [`scratch_home`]) and reads its `listening on ADDR`
 /// line.
 pub fn spawn_listening(args: &[&OsStr]) -> (Proc, String) {
-    let mut child = fleetsync(scratch_home())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn fleetsync");
+    listening(
+        fleetsync(scratch_home())
+            .args(args)
+            .stderr(Stdio::inherit()),
+    )
+}
+
+/// Starts `cmd` (a `fleetsync agent` or `server`; its stdout is piped here) and reads its
+/// `listening on ADDR` line.
+pub fn listening(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn fleetsync");
     let stdout = child.stdout.take().unwrap();
     let proc = Proc(child);
     let mut line = String::new();
@@ -118,15 +124,19 @@ impl Token {
 
     /// `fleetsync agent` serving `root` (fsync on, as in production).
     pub fn agent(&self, root: &Path) -> (Proc, String) {
-        spawn_listening(&[
-            "agent".as_ref(),
-            "--root".as_ref(),
-            root.as_os_str(),
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--token-file".as_ref(),
-            self.file.as_os_str(),
-        ])
+        listening(self.agent_command(root).stderr(Stdio::inherit()))
+    }
+
+    /// `fleetsync agent` serving `root` on 127.0.0.1 (its home in [`scratch_home`]), not yet
+    /// started: for [`listening`] after the caller's own settings.
+    pub fn agent_command(&self, root: &Path) -> Command {
+        let mut cmd = fleetsync(scratch_home());
+        cmd.arg("agent")
+            .arg("--root")
+            .arg(root)
+            .args(["--listen", "127.0.0.1:0", "--token-file"])
+            .arg(&self.file);
+        cmd
     }
 
     /// `fleetsync server`.
@@ -137,6 +147,19 @@ impl Token {
             "127.0.0.1:0".as_ref(),
             "--token-file".as_ref(),
             self.file.as_os_str(),
+        ])
+    }
+
+    /// `fleetsync server` recording its job history into `db`.
+    pub fn server_recording(&self, db: &Path) -> (Proc, String) {
+        spawn_listening(&[
+            "server".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--token-file".as_ref(),
+            self.file.as_os_str(),
+            "--jobs-db".as_ref(),
+            db.as_os_str(),
         ])
     }
 
@@ -168,6 +191,60 @@ impl Token {
     }
 }
 
+/// Logs a finished command's status and whole output under `what`; returns the output.
+pub fn logged(what: &str, out: Output) -> Output {
+    eprintln!(
+        "{what}: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A small deterministic generator (xorshift64*) for test contents and kill moments.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The seed of a randomized kill test: `FLEETSYNC_KILL_SEED` to replay a run, else the
+/// clock; printed so that a failing run can be replayed. Never 0 (xorshift's fixed point).
+pub fn kill_seed() -> u64 {
+    let seed = std::env::var("FLEETSYNC_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("FLEETSYNC_KILL_SEED={seed}");
+    seed
+}
+
+/// Writes `data` to `path` (creating its directories) with modification time `mtime`
+/// (seconds since the epoch).
+pub fn write_with_mtime(path: &Path, data: &[u8], mtime: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+        .unwrap();
+}
+
 fn tail(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
     let lines: Vec<&str> = s.lines().collect();
@@ -184,4 +261,17 @@ pub fn rsync_diff(master: &Path, remote: &Path) -> String {
         .expect("rsync must be installed");
     assert!(out.status.success(), "rsync failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Decodes `--json`'s `"path_hex"` (lowercase hex) back to the name's bytes; panics on
+/// anything else, so a wrong encoding fails the test.
+pub fn unhex(hex: &str) -> Vec<u8> {
+    assert!(
+        hex.len().is_multiple_of(2) && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+        "not lowercase hex: {hex:?}"
+    );
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
 }
