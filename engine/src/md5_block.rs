@@ -334,49 +334,11 @@ impl crate::Algorithm for Md5 {
 mod tests {
     use super::*;
 
-    fn hex(d: [u8; 16]) -> String {
-        d.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     #[test]
     fn constants_are_the_sines_of_rfc_1321() {
         for (i, k) in K.iter().enumerate() {
             let want = (((i + 1) as f64).sin().abs() * 4_294_967_296.0) as u32;
             assert_eq!(*k, want, "K[{i}]");
-        }
-    }
-
-    /// The test suite of RFC 1321 appendix A.5.
-    #[test]
-    fn rfc_1321_test_suite() {
-        let cases: [(&str, &str); 7] = [
-            ("", "d41d8cd98f00b204e9800998ecf8427e"),
-            ("a", "0cc175b9c0f1b6a831c399e269772661"),
-            ("abc", "900150983cd24fb0d6963f7d28e17f72"),
-            ("message digest", "f96b697d7cb7938d525a2f31aaf161d0"),
-            (
-                "abcdefghijklmnopqrstuvwxyz",
-                "c3fcd3d76192e4007dfb496cca67e13b",
-            ),
-            (
-                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
-                "d174ab98d277d9f5a5611c2c9f419d9f",
-            ),
-            (
-                "12345678901234567890123456789012345678901234567890123456789012345678901234567890",
-                "57edf4a22be3c955ac49da2e2107b67a",
-            ),
-        ];
-        for (input, want) in cases {
-            let mut h = Md5::default();
-            h.update(input.as_bytes());
-            assert_eq!(hex(h.digest()), want, "{input:?}");
-            // Byte by byte crosses every block boundary the slow way.
-            let mut h = Md5::default();
-            for b in input.as_bytes() {
-                h.update(std::slice::from_ref(b));
-            }
-            assert_eq!(hex(h.digest()), want, "{input:?} byte by byte");
         }
     }
 }
