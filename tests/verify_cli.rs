@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
-use support::{listening, logged, rsync_diff, Proc, Token, BIN};
+use support::{fleetsync, listening, logged, rsync_diff, Proc, Token, BIN};
 
 /// `fleetsync agent` on `root` with its checksum cache under `cache` (not the user's).
 fn agent(token: &Token, root: &Path, cache: &Path) -> (Proc, String) {
@@ -145,11 +145,9 @@ fn embedded_verify_names_each_kind_of_drift() {
     make_master(&m);
     fs::create_dir_all(&r).unwrap();
     let run = |args: &[&Path]| {
-        let out = Command::new(BIN)
+        let out = fleetsync(&tmp.path().join("home"))
             .arg("verify")
             .args(args)
-            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-            .env("XDG_STATE_HOME", tmp.path().join("state"))
             .output()
             .unwrap();
         eprintln!("{out:?}");
@@ -162,12 +160,10 @@ fn embedded_verify_names_each_kind_of_drift() {
     assert!(stdout.contains("missing d/ln"), "{stdout}");
     assert_eq!(snapshot(&r).len(), 0, "verify wrote into the remote");
 
-    let sync = Command::new(BIN)
+    let sync = fleetsync(&tmp.path().join("home"))
         .arg("sync")
         .arg(&m)
         .arg(&r)
-        .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-        .env("XDG_STATE_HOME", tmp.path().join("state"))
         .output()
         .unwrap();
     assert!(sync.status.success(), "{sync:?}");
@@ -223,22 +219,18 @@ fn verify_honours_the_classification() {
     fs::create_dir_all(&m).unwrap();
     fs::write(m.join("a.txt"), b"a").unwrap();
     let run = |extra: &[&str]| {
-        let sync = Command::new(BIN)
+        let sync = fleetsync(&tmp.path().join("home"))
             .arg("sync")
             .arg(&m)
             .arg(&r)
-            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-            .env("XDG_STATE_HOME", tmp.path().join("state"))
             .output()
             .unwrap();
         assert!(sync.status.success(), "{sync:?}");
-        let out = Command::new(BIN)
+        let out = fleetsync(&tmp.path().join("home"))
             .arg("verify")
             .args(extra)
             .arg(&m)
             .arg(&r)
-            .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-            .env("XDG_STATE_HOME", tmp.path().join("state"))
             .output()
             .unwrap();
         eprintln!("{out:?}");
