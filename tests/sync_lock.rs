@@ -8,7 +8,7 @@ mod support;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use support::{fleetsync, rsync_diff, Proc};
@@ -48,6 +48,14 @@ fn sync(master: &Path, remote: &Path, home: &Path, extra: &[&str]) -> (Output, S
     );
     eprintln!("sync {extra:?}: {:?}\n{text}", out.status);
     (out, text)
+}
+
+/// Master `m` with the "new" tree and remote `r` with the "old" one under `dir`, plus a home.
+fn old_remote_new_master(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (master, remote) = (dir.join("m"), dir.join("r"));
+    tree(&master, "new");
+    tree(&remote, "old");
+    (master, remote, dir.join("home"))
 }
 
 fn tree(dir: &Path, version: &str) {
@@ -95,13 +103,7 @@ fn a_write_locked_master_file_fails_naming_the_holder_and_the_others_sync() {
 #[test]
 fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
     let tmp = tempfile::tempdir().unwrap();
-    let (master, remote, home) = (
-        tmp.path().join("m"),
-        tmp.path().join("r"),
-        tmp.path().join("home"),
-    );
-    tree(&master, "new");
-    tree(&remote, "old");
+    let (master, remote, home) = old_remote_new_master(tmp.path());
     let mut reader = hold_lock("-s", &remote.join("sub/c.txt"));
     let pid = reader.0.id();
 
@@ -131,13 +133,7 @@ fn a_read_locked_remote_file_is_not_replaced_under_its_reader() {
 #[test]
 fn without_holders_a_locked_sync_completes_and_replaces_symlinks() {
     let tmp = tempfile::tempdir().unwrap();
-    let (master, remote, home) = (
-        tmp.path().join("m"),
-        tmp.path().join("r"),
-        tmp.path().join("home"),
-    );
-    tree(&master, "new");
-    tree(&remote, "old");
+    let (master, remote, home) = old_remote_new_master(tmp.path());
     fs::write(remote.join("extra"), b"x").unwrap();
     // A symlink where the master has a file: nothing to lock, it is simply replaced.
     fs::remove_file(remote.join("e")).unwrap();
