@@ -136,8 +136,9 @@ fn render(argv: &[OsString]) -> String {
 
 /// Times every algorithm that has a reference tool, ours and theirs.
 ///
-/// Runs alternate (ours, each reference, ours, ...) so that a load spike on a
-/// shared machine hits both sides alike; the best run of each side counts.
+/// Runs alternate (ours, each reference; each reference, ours; ...) so that a
+/// load spike on a shared machine hits both sides alike; the best run of each
+/// side counts.
 pub(crate) fn run(
     args: &Args,
     w: &Workload,
@@ -182,10 +183,17 @@ pub(crate) fn run(
         };
         let mut ours = none;
         let mut theirs = vec![none; refs.len()];
-        for _ in 0..args.runs {
-            ours = best(ours, time_command(&ours_argv)?);
+        for run in 0..args.runs {
+            // Ours first on even runs, last on odd ones: neither side always
+            // follows the other (or the previous algorithm's run).
+            if run % 2 == 0 {
+                ours = best(ours, time_command(&ours_argv)?);
+            }
             for ((argv, ..), t) in refs.iter().zip(&mut theirs) {
                 *t = best(*t, time_command(argv)?);
+            }
+            if run % 2 == 1 {
+                ours = best(ours, time_command(&ours_argv)?);
             }
         }
         progress.step();
