@@ -143,7 +143,7 @@ fn compare_times_the_coreutils_references() {
         "-a",
         "cksum,md5,bsd",
         "--runs",
-        "1",
+        "3",
         "--compare",
         "--json",
     ]);
@@ -168,5 +168,18 @@ fn compare_times_the_coreutils_references() {
         assert!(c["ours_cpu_seconds"].as_f64().unwrap() >= 0.0);
         assert!(c["cpu_ratio"].as_f64().unwrap() >= 0.0);
         assert!(c["target"].as_f64().is_some());
+        // One ratio per round, and the median is one of them (3 rounds).
+        let rounds: Vec<f64> = c["round_ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert_eq!(rounds.len(), 3, "{c}");
+        assert!(rounds.iter().all(|r| *r > 0.0), "{c}");
+        let median = c["median_round_ratio"].as_f64().unwrap();
+        let mut sorted = rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(median, sorted[1], "{c}");
     }
 }

@@ -25,6 +25,9 @@ pub(crate) struct Comparison {
     pub ours_cpu_seconds: f64,
     /// CPU time of the reference's best run.
     pub theirs_cpu_seconds: f64,
+    /// Their wall time / ours in each round (ours and theirs run back to
+    /// back), in run order.
+    pub round_ratios: Vec<f64>,
     /// The speed-up we promise (issue 3), if any.
     pub target: Option<f64>,
 }
@@ -38,6 +41,19 @@ impl Comparison {
     /// How many times less CPU we use.
     pub fn cpu_ratio(&self) -> f64 {
         self.theirs_cpu_seconds / self.ours_cpu_seconds.max(1e-9)
+    }
+
+    /// The median of the per-round ratios: each round's two runs share the
+    /// machine's load of that moment, so this resists slow drifts that the
+    /// best-of-N figures can split unevenly.
+    pub fn median_round_ratio(&self) -> f64 {
+        let mut r = self.round_ratios.clone();
+        r.sort_by(f64::total_cmp);
+        match r.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => r[n / 2],
+            n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+        }
     }
 
     /// Whether the target is met (`None` without a target).
@@ -183,21 +199,30 @@ pub(crate) fn run(
         };
         let mut ours = none;
         let mut theirs = vec![none; refs.len()];
+        let mut rounds = vec![Vec::new(); refs.len()];
         for run in 0..args.runs {
             // Ours first on even runs, last on odd ones: neither side always
             // follows the other (or the previous algorithm's run).
+            let mut this_ours = none;
             if run % 2 == 0 {
-                ours = best(ours, time_command(&ours_argv)?);
+                this_ours = time_command(&ours_argv)?;
             }
-            for ((argv, ..), t) in refs.iter().zip(&mut theirs) {
-                *t = best(*t, time_command(argv)?);
+            let mut this_theirs = Vec::with_capacity(refs.len());
+            for (argv, ..) in &refs {
+                this_theirs.push(time_command(argv)?);
             }
             if run % 2 == 1 {
-                ours = best(ours, time_command(&ours_argv)?);
+                this_ours = time_command(&ours_argv)?;
+            }
+            ours = best(ours, this_ours);
+            for ((t, r), this) in theirs.iter_mut().zip(&mut rounds).zip(this_theirs) {
+                *t = best(*t, this);
+                r.push(this.wall / this_ours.wall);
             }
         }
         progress.step();
-        for ((_, shown, target), theirs) in refs.into_iter().zip(theirs) {
+        for (((_, shown, target), theirs), round_ratios) in refs.into_iter().zip(theirs).zip(rounds)
+        {
             out.push(Comparison {
                 algorithm: alg.name.clone(),
                 reference: shown,
@@ -205,6 +230,7 @@ pub(crate) fn run(
                 theirs_seconds: theirs.wall,
                 ours_cpu_seconds: ours.cpu,
                 theirs_cpu_seconds: theirs.cpu,
+                round_ratios,
                 target,
             });
         }

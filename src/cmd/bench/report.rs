@@ -99,7 +99,7 @@ impl Report<'_> {
                 .max(9);
             let _ = writeln!(
                 s,
-                "{:<width$}  {:<rw$}  {:>9}  {:>11}  {:>11}  {:>6}  {:>4}  {:>9}",
+                "{:<width$}  {:<rw$}  {:>9}  {:>11}  {:>11}  {:>6}  {:>4}  {:>9}  {:>12}",
                 "algorithm",
                 "reference",
                 "ours GB/s",
@@ -107,7 +107,8 @@ impl Report<'_> {
                 "ours/theirs",
                 "target",
                 "met",
-                "CPU ratio"
+                "CPU ratio",
+                "round median"
             );
             for c in self.comparisons {
                 let target = c.target.map(|t| format!("{t:.1}x")).unwrap_or_default();
@@ -118,7 +119,7 @@ impl Report<'_> {
                 };
                 let _ = writeln!(
                     s,
-                    "{:<width$}  {:<rw$}  {:>9.2}  {:>11.2}  {:>10.2}x  {:>6}  {:>4}  {:>8.2}x",
+                    "{:<width$}  {:<rw$}  {:>9.2}  {:>11.2}  {:>10.2}x  {:>6}  {:>4}  {:>8.2}x  {:>11.2}x",
                     c.algorithm,
                     c.reference,
                     self.gb_per_s(c.ours_seconds),
@@ -126,12 +127,15 @@ impl Report<'_> {
                     c.ratio(),
                     target,
                     met,
-                    c.cpu_ratio()
+                    c.cpu_ratio(),
+                    c.median_round_ratio()
                 );
             }
             s.push_str(
                 "\nours/theirs: their wall time / ours. CPU ratio: their CPU time (user+system) / \
-                 ours;\nabove 1 we do the same work with less CPU, which holds however busy the machine is.\n",
+                 ours;\nabove 1 we do the same work with less CPU, which holds however busy the machine is.\n\
+                 round median: the median over the rounds of their wall time / ours, each round\n\
+                 running both back to back (robust to load that drifts during the run).\n",
             );
         }
         s
@@ -167,6 +171,8 @@ impl Report<'_> {
                     "ours_cpu_seconds": c.ours_cpu_seconds,
                     "theirs_cpu_seconds": c.theirs_cpu_seconds,
                     "cpu_ratio": c.cpu_ratio(),
+                    "round_ratios": c.round_ratios,
+                    "median_round_ratio": c.median_round_ratio(),
                     "target": c.target,
                     "met": c.met(),
                 })
