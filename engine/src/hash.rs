@@ -188,7 +188,7 @@ pub(crate) fn hash_opened_as(
         size > opts.parallel_threshold && size > chunk as u64 && chunks_combine(algs, chunk);
     let io = choose_backend(opts.io)?;
     let mut states = new_states(algs);
-    read_with(io, file, size, chunk, parallel, algs, &mut states).map_err(err)?;
+    let io = read_with(io, file, size, chunk, parallel, algs, &mut states).map_err(err)?;
     Ok(FileHash {
         size,
         digests: states.iter().map(|s| s.finish()).collect(),
@@ -214,7 +214,8 @@ fn fstat(file: &File) -> io::Result<(bool, u64)> {
     ))
 }
 
-/// Reads the file with backend `io`, feeding `states`.
+/// Reads the file with backend `io`, feeding `states`; returns the backend
+/// that read it (`pread` when a map was refused).
 fn read_with(
     io: IoUsed,
     file: &File,
@@ -223,9 +224,19 @@ fn read_with(
     parallel: bool,
     algs: &[AlgorithmInfo],
     states: &mut [Box<dyn Algorithm>],
-) -> io::Result<()> {
+) -> io::Result<IoUsed> {
+    if io == IoUsed::Mmap {
+        if let Some(map) = crate::io::mmap::map(file, size)? {
+            hash_mmap(&map, chunk, parallel, algs, states)?;
+            return Ok(IoUsed::Mmap);
+        }
+        if size == 0 {
+            return Ok(IoUsed::Mmap);
+        }
+        return read_with(IoUsed::Pread, file, size, chunk, parallel, algs, states);
+    }
     match io {
-        IoUsed::Mmap => hash_mmap(file, size, chunk, parallel, algs, states),
+        IoUsed::Mmap => unreachable!("handled above"),
         IoUsed::Pread | IoUsed::Stream if parallel => par_pread(file, size, chunk, algs, states),
         IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
             read_sync(file, size, states, pread::read_exact_at)
@@ -238,6 +249,7 @@ fn read_with(
         }
         IoUsed::Uring => hash_uring(file, size, chunk, parallel, algs, states),
     }
+    .map(|()| io)
 }
 
 /// Which backend reads a regular file of `size` bytes in `mode`.
@@ -257,6 +269,12 @@ fn choose_backend(mode: IoMode) -> Result<IoUsed, Error> {
         // (sequential xxh3 1.08 vs 0.64 GB/s for uring, parallel crc32 0.56
         // vs 0.77). Trees still use io_uring batches for small files, which
         // measured no slower (see `tree.rs`).
+        // Nor does Auto map files: a map skips pread's copy but costs per
+        // page-cache folio, so it wins only for files cached in large folios.
+        // 1 GiB crc32, paired runs: file written in 4 KiB pieces, map 0.77x
+        // pread's speed; written in 1 MiB or 256 KiB pieces, 0.84x to 1.3x
+        // from one run to the next. A probe (one chunk each way, timed in
+        // thread CPU time) did not pick the faster one reliably either.
         IoMode::Auto => Ok(IoUsed::Pread),
     }
 }
@@ -472,10 +490,6 @@ where
 }
 
 /// Hashes `chunk`-sized pieces with `pread` on the current rayon pool.
-///
-/// Each chunk is read in [`L2_BLOCK`] pieces into the worker's pooled
-/// buffer, so a worker holds one buffer whatever the chunk size, and every
-/// algorithm reads the piece from cache.
 fn par_pread(
     file: &File,
     size: u64,
@@ -484,30 +498,57 @@ fn par_pread(
     states: &mut [Box<dyn Algorithm>],
 ) -> io::Result<()> {
     let n = size.div_ceil(chunk as u64);
-    let results: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = (0..n)
+    let results: Vec<_> = (0..n)
         .into_par_iter()
-        .map(|i| {
-            let mut buf = buf::take();
-            let mut offset = i * chunk as u64;
-            let mut st = chunk_states(algs, offset);
-            let end = (offset + chunk as u64).min(size);
-            let mut read = Ok(());
-            while offset < end {
-                let len = (L2_BLOCK as u64).min(end - offset) as usize;
-                read = pread::read_exact_at(file, &mut buf[..len], offset);
-                if read.is_err() {
-                    break;
-                }
-                for a in &mut st {
-                    a.update(&buf[..len]);
-                }
-                offset += len as u64;
-            }
-            buf::give(buf);
-            read.map(|()| st)
-        })
+        .map(|i| pread_chunk(file, size, chunk, i, algs))
         .collect();
     combine_chunks(states, results)
+}
+
+/// The states of chunk `i` (of `chunk` bytes) read with `pread`.
+///
+/// The chunk is read in [`L2_BLOCK`] pieces into the worker's pooled
+/// buffer, so a worker holds one buffer whatever the chunk size, and every
+/// algorithm reads the piece from cache.
+fn pread_chunk(
+    file: &File,
+    size: u64,
+    chunk: usize,
+    i: u64,
+    algs: &[AlgorithmInfo],
+) -> io::Result<Vec<Box<dyn Algorithm>>> {
+    let mut buf = buf::take();
+    let mut offset = i * chunk as u64;
+    let mut st = chunk_states(algs, offset);
+    let end = (offset + chunk as u64).min(size);
+    let mut read = Ok(());
+    while offset < end {
+        let len = (L2_BLOCK as u64).min(end - offset) as usize;
+        read = pread::read_exact_at(file, &mut buf[..len], offset);
+        if read.is_err() {
+            break;
+        }
+        for a in &mut st {
+            a.update(&buf[..len]);
+        }
+        offset += len as u64;
+    }
+    buf::give(buf);
+    read.map(|()| st)
+}
+
+/// The states of chunk `i` (of `chunk` bytes) of a mapped file.
+fn map_chunk(
+    bytes: &[u8],
+    chunk: usize,
+    i: usize,
+    algs: &[AlgorithmInfo],
+) -> Vec<Box<dyn Algorithm>> {
+    let start = i * chunk;
+    let piece = &bytes[start..(start + chunk).min(bytes.len())];
+    let mut st = chunk_states(algs, start as u64);
+    update_all(&mut st, piece);
+    st
 }
 
 /// Feeds `data` to every state piece by piece, so that with several
@@ -526,31 +567,27 @@ fn update_all(states: &mut [Box<dyn Algorithm>], data: &[u8]) {
 
 /// Hashes through a map of the whole file.
 fn hash_mmap(
-    file: &File,
-    size: u64,
+    map: &crate::io::mmap::GuardedMap,
     chunk: usize,
     parallel: bool,
     algs: &[AlgorithmInfo],
     states: &mut [Box<dyn Algorithm>],
 ) -> io::Result<()> {
-    let Some(map) = crate::io::mmap::map(file, size)? else {
-        return Ok(());
-    };
+    let bytes = map.bytes();
     if parallel {
-        let chunks: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = map
-            .par_chunks(chunk)
-            .enumerate()
-            .map(|(i, piece)| {
-                let mut st = chunk_states(algs, (i * chunk) as u64);
-                update_all(&mut st, piece);
-                Ok(st)
-            })
+        let n = bytes.len().div_ceil(chunk);
+        let chunks: Vec<_> = (0..n)
+            .into_par_iter()
+            .map(|i| Ok(map_chunk(bytes, chunk, i, algs)))
             .collect();
         combine_chunks(states, chunks)?;
     } else {
-        for piece in map.chunks(chunk.min(SEQ_BLOCK)) {
+        for piece in bytes.chunks(chunk.min(SEQ_BLOCK)) {
             feed(states, piece);
         }
+    }
+    if map.shrank() {
+        return Err(pread::shrank());
     }
     Ok(())
 }

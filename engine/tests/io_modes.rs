@@ -231,3 +231,51 @@ fn blake3_big_files_split_into_subtrees_match_blake3() {
     std::fs::write(&path, &bytes).unwrap();
     check_all_modes(&path, &bytes, &algs, &opts);
 }
+
+/// A file truncated while it is hashed through a map: the hash is refused
+/// with the same error a short `pread` gives, and the process lives (an
+/// unguarded map would die of SIGBUS here).
+#[test]
+fn a_mapped_file_that_shrinks_meanwhile_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shrinks");
+    for algs in [infos(&["sha256"]), infos(&["crc32"])] {
+        // Sparse: no disk space, but every page is read (and cached) as zeros.
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let opts = HashOptions {
+            io: IoMode::Mmap,
+            ..HashOptions::default()
+        };
+        let truncate = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(4096)
+                    .unwrap();
+            })
+        };
+        let got = hash_file(&path, &algs, &opts);
+        truncate.join().unwrap();
+        let err = got.expect_err("1 GiB hashed in under 20 ms?");
+        assert!(err.to_string().contains("shrank"), "{err}");
+        // The next hash of the (now short) file works as ever.
+        let again = hash_file(&path, &algs, &opts).unwrap();
+        assert_eq!(again.size, 4096);
+        assert_eq!(again.digests, reference_digests(&algs, &[0u8; 4096]));
+    }
+}
+
+fn reference_digests(algs: &[AlgorithmInfo], bytes: &[u8]) -> Vec<fleetsync_engine::Digest> {
+    algs.iter()
+        .map(|a| {
+            let mut s = a.instantiate();
+            s.update(bytes);
+            s.finish()
+        })
+        .collect()
+}

@@ -25,7 +25,9 @@ pub enum IoMode {
     Uring,
     /// Plain positioned reads (`pread`).
     Pread,
-    /// Map the whole file into memory.
+    /// Map the whole file into memory. A file that shrinks meanwhile is an
+    /// error, as with `pread`, not a `SIGBUS`: the pages past its new end
+    /// read as zeros and the hash is refused.
     Mmap,
 }
 
