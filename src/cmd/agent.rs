@@ -23,12 +23,8 @@ pub struct Args {
     /// Address to listen on, e.g. 0.0.0.0:7070 or 127.0.0.1:0.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// File holding the shared token (trailing whitespace ignored).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// Run without any authentication (anyone who can connect may read and write the tree).
-    #[arg(long)]
-    insecure_no_auth: bool,
+    #[command(flatten)]
+    auth: super::token::TokenArgs,
     /// Do not fsync received files before renaming them (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
@@ -67,31 +63,6 @@ pub(crate) fn with_write_log(
     Ok(agent)
 }
 
-/// Reads the token from `file`, or else from `FLEETSYNC_TOKEN`.
-pub fn load_token(file: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
-    let raw = match file {
-        Some(f) => {
-            Some(std::fs::read(f).with_context(|| format!("reading token file {}", f.display()))?)
-        }
-        None => std::env::var_os("FLEETSYNC_TOKEN").map(|v| {
-            use std::os::unix::ffi::OsStringExt;
-            v.into_vec()
-        }),
-    };
-    match raw {
-        None => Ok(None),
-        Some(mut t) => {
-            while t.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                t.pop();
-            }
-            if t.is_empty() {
-                bail!("the token is empty");
-            }
-            Ok(Some(t))
-        }
-    }
-}
-
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -109,10 +80,7 @@ fn init_logging(verbose: u8) {
 /// Runs `fleetsync agent`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     init_logging(args.verbose);
-    let token = load_token(args.token_file.as_ref())?;
-    if token.is_none() && !args.insecure_no_auth {
-        bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
-    }
+    let token = args.auth.load()?;
     let meta =
         std::fs::metadata(&args.root).with_context(|| format!("root {}", args.root.display()))?;
     if !meta.is_dir() {

@@ -7,4 +7,5 @@ pub mod jsonpath;
 pub mod server;
 pub mod sum;
 pub mod sync;
+pub mod token;
 pub mod verify;

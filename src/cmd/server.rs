@@ -5,7 +5,7 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 /// Arguments of `fleetsync server`.
 #[derive(clap::Args)]
@@ -21,12 +21,8 @@ pub struct Args {
     /// Address to listen on for control clients, e.g. 127.0.0.1:7000 or 127.0.0.1:0.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// File holding the shared token (trailing whitespace ignored).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// Run without any authentication.
-    #[arg(long)]
-    insecure_no_auth: bool,
+    #[command(flatten)]
+    auth: super::token::TokenArgs,
     /// Fail an agent that leaves a request unanswered this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     idle_timeout: u64,
@@ -57,10 +53,7 @@ pub fn init_logging(verbose: u8) {
 /// Runs `fleetsync server`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     init_logging(args.verbose);
-    let token = super::agent::load_token(args.token_file.as_ref())?;
-    if token.is_none() && !args.insecure_no_auth {
-        bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
-    }
+    let token = args.auth.load()?;
     let addr = args
         .listen
         .to_socket_addrs()

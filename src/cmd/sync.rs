@@ -102,12 +102,8 @@ pub struct Args {
     /// also gets "path_hex", its exact bytes in hex.
     #[arg(long)]
     json: bool,
-    /// File holding the shared token (with --server).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// Talk to a server running without authentication.
-    #[arg(long)]
-    insecure_no_auth: bool,
+    #[command(flatten)]
+    auth: super::token::TokenArgs,
     /// Lock each file while it is synchronized: a shared lock on the master copy while it is
     /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
     #[arg(long)]
@@ -560,10 +556,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             if args.paths.is_empty() {
                 bail!("name at least one remote agent");
             }
-            let token = super::agent::load_token(args.token_file.as_ref())?;
-            if token.is_none() && !args.insecure_no_auth {
-                bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
-            }
+            let token = args.auth.load()?;
             let remotes: Vec<String> = args
                 .paths
                 .iter()

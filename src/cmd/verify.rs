@@ -55,12 +55,8 @@ pub struct Args {
     /// Keep only non-directory entries for which EXPR is true (as in `sync`).
     #[arg(long, value_name = "EXPR")]
     select: Option<String>,
-    /// File holding the shared token (with --server).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// Talk to a server running without authentication.
-    #[arg(long)]
-    insecure_no_auth: bool,
+    #[command(flatten)]
+    auth: super::token::TokenArgs,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -115,10 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     match (&args.server, &args.master) {
         (Some(server), Some(master)) => {
-            let token = super::agent::load_token(args.token_file.as_ref())?;
-            if token.is_none() && !args.insecure_no_auth {
-                bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
-            }
+            let token = args.auth.load()?;
             let remotes: Vec<String> = args
                 .paths
                 .iter()
@@ -316,8 +309,7 @@ mod tests {
             include: vec!["*.rs".into()],
             exclude: vec!["*".into()],
             select: Some("name:a*".into()),
-            token_file: None,
-            insecure_no_auth: false,
+            auth: Default::default(),
             verbose: 0,
         };
         quiet_sync_args(&a).unwrap();
