@@ -192,6 +192,66 @@ fn embedded_verify_names_each_kind_of_drift() {
     assert!(stdout.contains("symlink d/ln"), "{stdout}");
     assert!(stdout.contains("d/a-link"), "{stdout}");
     assert_eq!(snapshot(&r), before, "verify changed the remote tree");
+
+    // The same drift as one JSON document.
+    let out = fleetsync(&tmp.path().join("home"))
+        .args(["verify", "--json"])
+        .arg(&m)
+        .arg(&r)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], false);
+    let remotes = doc["remotes"].as_array().unwrap();
+    assert_eq!(remotes.len(), 1);
+    assert_eq!(remotes[0]["remote"], r.to_str().unwrap());
+    assert_eq!(remotes[0]["verified"], true);
+    assert!(remotes[0]["error"].is_null());
+    let drift: Vec<(String, String)> = remotes[0]["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [("attrs", "d/e/conf"), ("symlink", "d/ln")] {
+        assert!(
+            drift.iter().any(|(k, p)| (k.as_str(), p.as_str()) == want),
+            "{want:?} not in {drift:?}"
+        );
+    }
+    assert!(drift.iter().any(|(_, p)| p == "a.txt"), "{drift:?}");
+    assert!(drift.iter().any(|(_, p)| p == "d/a-link"), "{drift:?}");
+    assert_eq!(
+        snapshot(&r),
+        before,
+        "verify --json changed the remote tree"
+    );
+
+    // In sync: ok, no drift.
+    let r2 = tmp.path().join("r2");
+    let sync = fleetsync(&tmp.path().join("home"))
+        .arg("sync")
+        .arg(&m)
+        .arg(&r2)
+        .output()
+        .unwrap();
+    assert!(sync.status.success(), "{sync:?}");
+    let out = fleetsync(&tmp.path().join("home"))
+        .args(["verify", "--json"])
+        .arg(&m)
+        .arg(&r2)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["remotes"][0]["drift"].as_array().unwrap().len(), 0);
 }
 
 #[test]

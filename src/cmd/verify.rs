@@ -21,7 +21,9 @@ Compares every remote with the master like `fleetsync sync --delete -n` (same --
 --exclude and --select), but the agents \
 read every regular file present on both sides (no checksum cache), and nothing is changed. \
 Prints one line per drifted path: REMOTE: KIND PATH (detail), KIND being missing, extra, \
-content, type, attrs (mode, owner, mtime), symlink or hardlink.
+content, type, attrs (mode, owner, mtime), symlink or hardlink. With --json: one document \
+{ok, message, remotes: [{remote, verified, error, drift: [{kind, path, detail}], notes}]} \
+(a path that is not UTF-8 also gets path_hex, its bytes in hex).
 
 Exit codes:
   0  every remote matches the master
@@ -57,6 +59,9 @@ pub struct Args {
     select: Option<String>,
     #[command(flatten)]
     auth: super::token::TokenArgs,
+    /// Print one JSON document (per remote: verified, error, drift, notes) instead of lines.
+    #[arg(long)]
+    json: bool,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -119,7 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 .collect();
             let req = request(master.clone(), remotes.clone());
             let out = super::sync::drive(server, token.as_deref(), req, &sync_args, &remotes)?;
-            Ok(report(&out, &remotes))
+            Ok(report(&out, &remotes, args.json))
         }
         _ => {
             if args.paths.len() < 2 {
@@ -168,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             for h in handles {
                 h.stop();
             }
-            Ok(report(&result?, &labels))
+            Ok(report(&result?, &labels, args.json))
         }
     }
 }
@@ -198,8 +203,34 @@ fn drift_kind(item: &PlanItem) -> Option<&'static str> {
 const DIR_TOUCHED: &str = "directory contents changed";
 
 /// Prints the drift; returns the exit code.
-fn report(out: &Outcome, labels: &[String]) -> u8 {
+/// Prints the drift (lines, or one JSON document) and returns the exit code.
+fn report(out: &Outcome, labels: &[String], json: bool) -> u8 {
     let mut drift = vec![0u64; labels.len()];
+    for it in &out.items {
+        if drift_kind(it).is_some() {
+            if let Some(n) = drift.get_mut(it.remote as usize) {
+                *n += 1;
+            }
+        }
+    }
+    // Why each remote could not be verified, if it could not.
+    let errors: Vec<Option<String>> = (0..labels.len())
+        .map(|i| match out.results.get(&(i as u32)) {
+            Some(r) if !r.ok => Some(r.error.clone()),
+            None => Some("no result from the server".to_owned()),
+            Some(_) => None,
+        })
+        .collect();
+    let unreachable = errors.iter().any(Option::is_some);
+    let code = if unreachable || (!out.done_ok && drift.iter().all(|&n| n == 0)) {
+        2
+    } else {
+        u8::from(drift.iter().any(|&n| n > 0))
+    };
+    if json {
+        println!("{}", json_report(out, labels, &errors, code));
+        return code;
+    }
     for it in &out.items {
         let label = labels.get(it.remote as usize).map_or("?", String::as_str);
         let path = if it.path.is_empty() {
@@ -208,46 +239,70 @@ fn report(out: &Outcome, labels: &[String]) -> u8 {
             escape_path(&it.path)
         };
         match drift_kind(it) {
-            Some(kind) => {
-                if let Some(n) = drift.get_mut(it.remote as usize) {
-                    *n += 1;
-                }
-                if it.detail.is_empty() {
-                    println!("{label}: {kind} {path}");
-                } else {
-                    println!("{label}: {kind} {path} ({})", it.detail);
-                }
-            }
+            Some(kind) if it.detail.is_empty() => println!("{label}: {kind} {path}"),
+            Some(kind) => println!("{label}: {kind} {path} ({})", it.detail),
             None if it.action == Action::Skip => {
                 eprintln!("fleetsync: note: {label}: {path}: {}", it.detail)
             }
             None => {}
         }
     }
-    let mut unreachable = false;
-    for (i, label) in labels.iter().enumerate() {
-        match out.results.get(&(i as u32)) {
-            Some(r) if !r.ok => {
-                unreachable = true;
-                eprintln!("fleetsync: {label}: not verified: {}", r.error);
-            }
-            None => {
-                unreachable = true;
-                eprintln!("fleetsync: {label}: not verified (no result from the server)");
-            }
-            Some(_) if drift[i] > 0 => {
-                eprintln!("fleetsync: {label}: {} drifted path(s)", drift[i]);
-            }
-            Some(_) => eprintln!("fleetsync: {label}: matches the master"),
+    for ((label, error), n) in labels.iter().zip(&errors).zip(&drift) {
+        match error {
+            Some(e) => eprintln!("fleetsync: {label}: not verified: {e}"),
+            None if *n > 0 => eprintln!("fleetsync: {label}: {n} drifted path(s)"),
+            None => eprintln!("fleetsync: {label}: matches the master"),
         }
     }
-    if unreachable || (!out.done_ok && drift.iter().all(|&n| n == 0)) {
-        if !out.done_message.is_empty() {
-            eprintln!("fleetsync: {}", out.done_message);
-        }
-        return 2;
+    if code == 2 && !out.done_message.is_empty() {
+        eprintln!("fleetsync: {}", out.done_message);
     }
-    u8::from(drift.iter().any(|&n| n > 0))
+    code
+}
+
+/// The `--json` document: `ok`, `message`, and per remote (in the order
+/// given) `remote`, `verified`, `error`, `drift` (`kind`, `path`, `detail`)
+/// and `notes` (entries skipped, with why).
+fn json_report(
+    out: &Outcome,
+    labels: &[String],
+    errors: &[Option<String>],
+    code: u8,
+) -> serde_json::Value {
+    use super::jsonpath::with_path;
+    let remotes: Vec<serde_json::Value> = labels
+        .iter()
+        .zip(errors)
+        .enumerate()
+        .map(|(i, (label, error))| {
+            let mine = || out.items.iter().filter(move |it| it.remote as usize == i);
+            let drift: Vec<_> = mine()
+                .filter_map(|it| {
+                    let kind = drift_kind(it)?;
+                    Some(with_path(
+                        serde_json::json!({ "kind": kind, "detail": it.detail }),
+                        &it.path,
+                    ))
+                })
+                .collect();
+            let notes: Vec<_> = mine()
+                .filter(|it| drift_kind(it).is_none() && it.action == Action::Skip)
+                .map(|it| with_path(serde_json::json!({ "detail": it.detail }), &it.path))
+                .collect();
+            serde_json::json!({
+                "remote": label,
+                "verified": error.is_none(),
+                "error": error,
+                "drift": drift,
+                "notes": notes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "ok": code == 0,
+        "message": (!out.done_message.is_empty()).then_some(&out.done_message),
+        "remotes": remotes,
+    })
 }
 
 #[cfg(test)]
@@ -310,6 +365,7 @@ mod tests {
             exclude: vec!["*".into()],
             select: Some("name:a*".into()),
             auth: Default::default(),
+            json: false,
             verbose: 0,
         };
         quiet_sync_args(&a).unwrap();
