@@ -235,6 +235,7 @@ fn embedded_verify_names_each_kind_of_drift() {
 
     // In sync: ok, no drift.
     let r2 = tmp.path().join("r2");
+    fs::create_dir_all(&r2).unwrap();
     let sync = fleetsync(&tmp.path().join("home"))
         .arg("sync")
         .arg(&m)
