@@ -228,7 +228,8 @@ fn report(out: &Outcome, labels: &[String], json: bool) -> u8 {
         u8::from(drift.iter().any(|&n| n > 0))
     };
     if json {
-        println!("{}", json_report(out, labels, &errors, code));
+        let doc = json_report(out, labels, &errors, code);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return code;
     }
     for it in &out.items {
@@ -260,7 +261,7 @@ fn report(out: &Outcome, labels: &[String], json: bool) -> u8 {
     code
 }
 
-/// The `--json` document: `ok`, `message`, and per remote (in the order
+/// The `--json` document: `ok`, `message` (why, when exiting 2), and per remote (in the order
 /// given) `remote`, `verified`, `error`, `drift` (`kind`, `path`, `detail`)
 /// and `notes` (entries skipped, with why).
 fn json_report(
@@ -300,7 +301,8 @@ fn json_report(
         .collect();
     serde_json::json!({
         "ok": code == 0,
-        "message": (!out.done_message.is_empty()).then_some(&out.done_message),
+        // The server's closing message matters only when it explains a failure.
+        "message": (code == 2 && !out.done_message.is_empty()).then_some(&out.done_message),
         "remotes": remotes,
     })
 }
