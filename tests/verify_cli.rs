@@ -305,4 +305,12 @@ fn verify_honours_the_classification() {
     let out = run(&["--exclude", "*.log"]);
     assert_eq!(out.status.code(), Some(0), "excluded entries are not drift");
     assert_eq!(fs::read(r.join("x.log")).unwrap(), b"local");
+
+    // Rules apply in the order given, first match wins (rsync): an --include before the
+    // --exclude keeps x.log in (drift), after it x.log stays excluded.
+    let out = run(&["--include", "x.log", "--exclude", "*.log"]);
+    assert_eq!(out.status.code(), Some(1), "x.log is included first");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("extra x.log"));
+    let out = run(&["--exclude", "*.log", "--include", "x.log"]);
+    assert_eq!(out.status.code(), Some(0), "x.log is excluded first");
 }

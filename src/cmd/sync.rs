@@ -2,11 +2,10 @@
 //! the agents and the server in this process.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,11 +76,11 @@ pub struct Args {
     #[arg(long)]
     delete: bool,
     /// Include entries matching GLOB (rsync rule; order with --exclude matters).
-    #[arg(long, value_name = "GLOB")]
-    include: Vec<String>,
+    #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+    include: Vec<Glob>,
     /// Exclude entries matching GLOB (rsync rule; order with --include matters).
-    #[arg(long, value_name = "GLOB")]
-    exclude: Vec<String>,
+    #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+    exclude: Vec<Glob>,
     /// Keep only non-directory entries for which EXPR is true.
     #[arg(long, value_name = "EXPR")]
     select: Option<String>,
@@ -133,47 +132,51 @@ pub struct Args {
     verbose: u8,
 }
 
-/// Rebuilds the interleaved order of --include/--exclude from the command
-/// line (clap keeps the two lists apart).
-fn ordered_rules(include: &[String], exclude: &[String]) -> Vec<Rule> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let mut rules = Vec::new();
-    let mut k = 0;
-    while k < argv.len() {
-        let a = argv[k].to_string_lossy();
-        if a == "--" {
-            break;
+/// A `--include`/`--exclude` value and its place among all such values:
+/// clap keeps the two lists apart, while rsync rules apply in the order they
+/// were given. clap parses values left to right, so a counter taken at
+/// parse time records that order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Glob {
+    seq: u64,
+    glob: String,
+}
+
+impl Glob {
+    /// The next value in command-line order.
+    pub fn new(glob: &str) -> Self {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        Glob {
+            seq: SEQ.fetch_add(1, Ordering::Relaxed),
+            glob: glob.to_owned(),
         }
-        for (flag, exclude_rule) in [("--include", false), ("--exclude", true)] {
-            let value = if a == flag {
-                k += 1;
-                argv.get(k).map(|v| v.to_string_lossy().into_owned())
-            } else {
-                a.strip_prefix(flag)
-                    .and_then(|rest| rest.strip_prefix('='))
-                    .map(str::to_owned)
-            };
-            if let Some(v) = value {
-                rules.push(if exclude_rule {
-                    Rule::exclude(v)
-                } else {
-                    Rule::include(v)
-                });
-                break;
-            }
-        }
-        k += 1;
     }
-    let n_inc = rules
+
+    /// The pattern as given.
+    pub fn as_str(&self) -> &str {
+        &self.glob
+    }
+
+    /// Its place in command-line order.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// clap's value parser for `--include`/`--exclude`.
+pub fn parse_glob(s: &str) -> Result<Glob, std::convert::Infallible> {
+    Ok(Glob::new(s))
+}
+
+/// The --include/--exclude rules, interleaved in command-line order.
+fn ordered_rules(include: &[Glob], exclude: &[Glob]) -> Vec<Rule> {
+    let mut all: Vec<(u64, Rule)> = include
         .iter()
-        .filter(|r| r.kind == select::RuleKind::Include)
-        .count();
-    if n_inc != include.len() || rules.len() - n_inc != exclude.len() {
-        // Unusual spelling: fall back to includes first.
-        rules = include.iter().map(Rule::include).collect();
-        rules.extend(exclude.iter().map(Rule::exclude));
-    }
-    rules
+        .map(|g| (g.seq, Rule::include(&g.glob)))
+        .chain(exclude.iter().map(|g| (g.seq, Rule::exclude(&g.glob))))
+        .collect();
+    all.sort_by_key(|(seq, _)| *seq);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 pub(crate) fn classification(args: &Args) -> anyhow::Result<Classification> {
@@ -694,6 +697,44 @@ fn embedded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn include_and_exclude_keep_their_command_line_order() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "sync",
+            "--exclude",
+            "a",
+            "--include=b",
+            "-n",
+            "--exclude=c",
+            "--include",
+            "d",
+            "m",
+            "r",
+        ])
+        .unwrap();
+        let rules: Vec<(select::RuleKind, String)> =
+            ordered_rules(&cli.args.include, &cli.args.exclude)
+                .into_iter()
+                .map(|r| (r.kind, r.pattern))
+                .collect();
+        use select::RuleKind::{Exclude, Include};
+        assert_eq!(
+            rules,
+            [
+                (Exclude, "a".to_owned()),
+                (Include, "b".to_owned()),
+                (Exclude, "c".to_owned()),
+                (Include, "d".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn escape_like_rsync() {

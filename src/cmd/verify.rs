@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fleetsync_proto::{auth, Action, PlanItem, SyncRequest};
 
-use super::sync::{escape_path, Outcome};
+use super::sync::{escape_path, Glob, Outcome};
 
 /// Arguments of `fleetsync verify`.
 #[derive(clap::Args)]
@@ -49,11 +49,11 @@ pub struct Args {
     )]
     algorithm: String,
     /// Include entries matching GLOB (rsync rule, as in `sync`; order with --exclude matters).
-    #[arg(long, value_name = "GLOB")]
-    include: Vec<String>,
+    #[arg(long, value_name = "GLOB", value_parser = super::sync::parse_glob)]
+    include: Vec<Glob>,
     /// Exclude entries matching GLOB (as in `sync`: excluded remote entries are not drift).
-    #[arg(long, value_name = "GLOB")]
-    exclude: Vec<String>,
+    #[arg(long, value_name = "GLOB", value_parser = super::sync::parse_glob)]
+    exclude: Vec<Glob>,
     /// Keep only non-directory entries for which EXPR is true (as in `sync`).
     #[arg(long, value_name = "EXPR")]
     select: Option<String>,
@@ -74,15 +74,15 @@ struct Quiet {
     args: super::sync::Args,
 }
 
-/// The classification options are passed on; `sync` reads their order from argv, which holds
-/// them in the same order.
+/// The classification options are passed on, --include and --exclude interleaved in the
+/// order they were given.
 fn quiet_sync_args(args: &Args) -> anyhow::Result<super::sync::Args> {
     let mut argv: Vec<String> = ["sync", "--json", "-n"].map(String::from).to_vec();
-    for g in &args.include {
-        argv.push(format!("--include={g}"));
-    }
-    for g in &args.exclude {
-        argv.push(format!("--exclude={g}"));
+    let mut globs: Vec<(&Glob, &str)> = args.include.iter().map(|g| (g, "--include")).collect();
+    globs.extend(args.exclude.iter().map(|g| (g, "--exclude")));
+    globs.sort_by_key(|(g, _)| g.seq());
+    for (g, flag) in globs {
+        argv.push(format!("{flag}={}", g.as_str()));
     }
     if let Some(s) = &args.select {
         argv.push(format!("--select={s}"));
@@ -363,8 +363,8 @@ mod tests {
             server: None,
             master: None,
             algorithm: "crc32".into(),
-            include: vec!["*.rs".into()],
-            exclude: vec!["*".into()],
+            include: vec![Glob::new("*.rs")],
+            exclude: vec![Glob::new("*")],
             select: Some("name:a*".into()),
             auth: Default::default(),
             json: false,
