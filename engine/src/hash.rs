@@ -225,18 +225,8 @@ fn read_with(
     algs: &[AlgorithmInfo],
     states: &mut [Box<dyn Algorithm>],
 ) -> io::Result<IoUsed> {
-    if io == IoUsed::Mmap {
-        if let Some(map) = crate::io::mmap::map(file, size)? {
-            hash_mmap(&map, chunk, parallel, algs, states)?;
-            return Ok(IoUsed::Mmap);
-        }
-        if size == 0 {
-            return Ok(IoUsed::Mmap);
-        }
-        return read_with(IoUsed::Pread, file, size, chunk, parallel, algs, states);
-    }
     match io {
-        IoUsed::Mmap => unreachable!("handled above"),
+        IoUsed::Mmap => return read_mapped(file, size, chunk, parallel, algs, states),
         IoUsed::Pread | IoUsed::Stream if parallel => par_pread(file, size, chunk, algs, states),
         IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
             read_sync(file, size, states, pread::read_exact_at)
@@ -250,6 +240,25 @@ fn read_with(
         IoUsed::Uring => hash_uring(file, size, chunk, parallel, algs, states),
     }
     .map(|()| io)
+}
+
+/// Reads the file through a map; with `pread` if no map could be made (all
+/// guard slots busy, or the `SIGBUS` handler refused).
+fn read_mapped(
+    file: &File,
+    size: u64,
+    chunk: usize,
+    parallel: bool,
+    algs: &[AlgorithmInfo],
+    states: &mut [Box<dyn Algorithm>],
+) -> io::Result<IoUsed> {
+    match crate::io::mmap::map(file, size)? {
+        Some(map) => hash_mmap(&map, chunk, parallel, algs, states)?,
+        // An empty file: nothing to map or read.
+        None if size == 0 => {}
+        None => return read_with(IoUsed::Pread, file, size, chunk, parallel, algs, states),
+    }
+    Ok(IoUsed::Mmap)
 }
 
 /// Which backend reads a regular file of `size` bytes in `mode`.
