@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod jobs;
 pub mod jsonpath;
+pub mod selection;
 pub mod server;
 pub mod sum;
 pub mod sync;

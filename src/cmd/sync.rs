@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::jsonpath::with_path;
+use super::selection::{Selection, Target};
 use anyhow::{bail, Context};
-use fleetsync_proto::select::{self, Classification, Rule};
 use fleetsync_proto::{auth, frame, Action, ClassificationSpec, Msg, PlanItem, RemoteResult, Role};
 
 /// Arguments of `fleetsync sync`.
@@ -58,32 +58,13 @@ pub struct Args {
     /// MASTER_DIR REMOTE_DIR... (embedded) or REMOTE_AGENT... (with --server).
     #[arg(value_name = "PATHS", required_unless_present = "explain")]
     paths: Vec<PathBuf>,
-    /// Address of a running `fleetsync server`.
-    #[arg(long, value_name = "ADDR", requires = "master")]
-    server: Option<String>,
-    /// The master agent (host:port), with --server.
-    #[arg(long, value_name = "AGENT", requires = "server")]
-    master: Option<String>,
-    /// Checksum algorithm (any `fleetsync sum --list` name).
-    #[arg(
-        short = 'a',
-        long = "algorithm",
-        value_name = "ALG",
-        default_value = "crc32"
-    )]
-    algorithm: String,
+    #[command(flatten)]
+    target: Target,
     /// Delete entries on the remotes that the master lacks.
     #[arg(long)]
     delete: bool,
-    /// Include entries matching GLOB (rsync rule; order with --exclude matters).
-    #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
-    include: Vec<Glob>,
-    /// Exclude entries matching GLOB (rsync rule; order with --include matters).
-    #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
-    exclude: Vec<Glob>,
-    /// Keep only non-directory entries for which EXPR is true.
-    #[arg(long, value_name = "EXPR")]
-    select: Option<String>,
+    #[command(flatten)]
+    pub(crate) selection: Selection,
     /// Dependency blocks (TOML): each block's files are staged on the remote and put in place
     /// together (all old or all new, also across a crash), blocks in their `after` order.
     #[arg(long, value_name = "FILE")]
@@ -130,66 +111,6 @@ pub struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
-}
-
-/// A `--include`/`--exclude` value and its place among all such values:
-/// clap keeps the two lists apart, while rsync rules apply in the order they
-/// were given. clap parses values left to right, so a counter taken at
-/// parse time records that order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Glob {
-    seq: u64,
-    glob: String,
-}
-
-impl Glob {
-    /// The next value in command-line order.
-    pub fn new(glob: &str) -> Self {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        Glob {
-            seq: SEQ.fetch_add(1, Ordering::Relaxed),
-            glob: glob.to_owned(),
-        }
-    }
-
-    /// The pattern as given.
-    pub fn as_str(&self) -> &str {
-        &self.glob
-    }
-
-    /// Its place in command-line order.
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-}
-
-/// clap's value parser for `--include`/`--exclude`.
-pub fn parse_glob(s: &str) -> Result<Glob, std::convert::Infallible> {
-    Ok(Glob::new(s))
-}
-
-/// The --include/--exclude rules, interleaved in command-line order.
-fn ordered_rules(include: &[Glob], exclude: &[Glob]) -> Vec<Rule> {
-    let mut all: Vec<(u64, Rule)> = include
-        .iter()
-        .map(|g| (g.seq, Rule::include(&g.glob)))
-        .chain(exclude.iter().map(|g| (g.seq, Rule::exclude(&g.glob))))
-        .collect();
-    all.sort_by_key(|(seq, _)| *seq);
-    all.into_iter().map(|(_, r)| r).collect()
-}
-
-pub(crate) fn classification(args: &Args) -> anyhow::Result<Classification> {
-    let select = match &args.select {
-        Some(s) => Some(select::parse_expr(s).map_err(|e| anyhow::anyhow!("{e}"))?),
-        None => None,
-    };
-    let c = Classification {
-        rules: ordered_rules(&args.include, &args.exclude),
-        select,
-    };
-    c.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(c)
 }
 
 /// rsync-style escaping of a path for one-line output: `\#ooo` for control
@@ -519,10 +440,10 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
 /// Runs `fleetsync sync`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     super::server::init_logging(args.verbose);
-    let c = classification(&args)?;
+    let c = args.selection.classification()?;
     if !args.explain.is_empty() {
         let m = c.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let master_dir = if args.server.is_none() {
+        let master_dir = if args.target.server.is_none() {
             args.paths.first().cloned()
         } else {
             None
@@ -540,12 +461,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         return Ok(0);
     }
-    if fleetsync_engine::Registry::with_builtins()
-        .info(&args.algorithm)
-        .is_err()
-    {
-        bail!("unknown checksum algorithm '{}'", args.algorithm);
-    }
+    args.target.check_algorithm()?;
     let spec = ClassificationSpec::from(&c);
     let blocks = match &args.blocks {
         Some(path) => fleetsync_server::blocks::BlocksFile::load_for_cli(path)
@@ -554,7 +470,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         None => Vec::new(),
     };
     let start = Instant::now();
-    match (&args.server, &args.master) {
+    match (&args.target.server, &args.target.master) {
         (Some(server), Some(master)) => {
             if args.paths.is_empty() {
                 bail!("name at least one remote agent");
@@ -568,7 +484,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             let req = fleetsync_proto::SyncRequest {
                 master: master.clone(),
                 remotes: remotes.clone(),
-                algorithm: args.algorithm.clone(),
+                algorithm: args.target.algorithm.clone(),
                 delete: args.delete,
                 dry_run: args.dry_run,
                 verify: false,
@@ -674,7 +590,7 @@ fn embedded(
             .iter()
             .map(|h| h.local_addr().to_string())
             .collect(),
-        algorithm: args.algorithm.clone(),
+        algorithm: args.target.algorithm.clone(),
         delete: args.delete,
         dry_run: args.dry_run,
         verify: false,
@@ -697,44 +613,6 @@ fn embedded(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn include_and_exclude_keep_their_command_line_order() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: Args,
-        }
-        use clap::Parser;
-        let cli = Cli::try_parse_from([
-            "sync",
-            "--exclude",
-            "a",
-            "--include=b",
-            "-n",
-            "--exclude=c",
-            "--include",
-            "d",
-            "m",
-            "r",
-        ])
-        .unwrap();
-        let rules: Vec<(select::RuleKind, String)> =
-            ordered_rules(&cli.args.include, &cli.args.exclude)
-                .into_iter()
-                .map(|r| (r.kind, r.pattern))
-                .collect();
-        use select::RuleKind::{Exclude, Include};
-        assert_eq!(
-            rules,
-            [
-                (Exclude, "a".to_owned()),
-                (Include, "b".to_owned()),
-                (Exclude, "c".to_owned()),
-                (Include, "d".to_owned()),
-            ]
-        );
-    }
 
     #[test]
     fn escape_like_rsync() {

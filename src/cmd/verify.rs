@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fleetsync_proto::{auth, Action, PlanItem, SyncRequest};
 
-use super::sync::{escape_path, Glob, Outcome};
+use super::selection::{Selection, Target};
+use super::sync::{escape_path, Outcome};
 
 /// Arguments of `fleetsync verify`.
 #[derive(clap::Args)]
@@ -34,29 +35,10 @@ pub struct Args {
     /// MASTER_DIR REMOTE_DIR... (embedded) or REMOTE_AGENT... (with --server).
     #[arg(value_name = "PATHS", required = true)]
     paths: Vec<PathBuf>,
-    /// Address of a running `fleetsync server`.
-    #[arg(long, value_name = "ADDR", requires = "master")]
-    server: Option<String>,
-    /// The master agent (host:port), with --server.
-    #[arg(long, value_name = "AGENT", requires = "server")]
-    master: Option<String>,
-    /// Checksum algorithm (any `fleetsync sum --list` name).
-    #[arg(
-        short = 'a',
-        long = "algorithm",
-        value_name = "ALG",
-        default_value = "crc32"
-    )]
-    algorithm: String,
-    /// Include entries matching GLOB (rsync rule, as in `sync`; order with --exclude matters).
-    #[arg(long, value_name = "GLOB", value_parser = super::sync::parse_glob)]
-    include: Vec<Glob>,
-    /// Exclude entries matching GLOB (as in `sync`: excluded remote entries are not drift).
-    #[arg(long, value_name = "GLOB", value_parser = super::sync::parse_glob)]
-    exclude: Vec<Glob>,
-    /// Keep only non-directory entries for which EXPR is true (as in `sync`).
-    #[arg(long, value_name = "EXPR")]
-    select: Option<String>,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    selection: Selection,
     #[command(flatten)]
     auth: super::token::TokenArgs,
     /// Print one JSON document (per remote: verified, error, drift, notes) instead of lines.
@@ -74,19 +56,10 @@ struct Quiet {
     args: super::sync::Args,
 }
 
-/// The classification options are passed on, --include and --exclude interleaved in the
-/// order they were given.
+/// The classification options are passed on (--include and --exclude in their order).
 fn quiet_sync_args(args: &Args) -> anyhow::Result<super::sync::Args> {
     let mut argv: Vec<String> = ["sync", "--json", "-n"].map(String::from).to_vec();
-    let mut globs: Vec<(&Glob, &str)> = args.include.iter().map(|g| (g, "--include")).collect();
-    globs.extend(args.exclude.iter().map(|g| (g, "--exclude")));
-    globs.sort_by_key(|(g, _)| g.seq());
-    for (g, flag) in globs {
-        argv.push(format!("{flag}={}", g.as_str()));
-    }
-    if let Some(s) = &args.select {
-        argv.push(format!("--select={s}"));
-    }
+    argv.extend(args.selection.to_args());
     argv.push("-".into());
     Ok(Quiet::try_parse_from(argv)?.args)
 }
@@ -94,19 +67,14 @@ fn quiet_sync_args(args: &Args) -> anyhow::Result<super::sync::Args> {
 /// Runs `fleetsync verify`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     super::server::init_logging(args.verbose);
-    if fleetsync_engine::Registry::with_builtins()
-        .info(&args.algorithm)
-        .is_err()
-    {
-        bail!("unknown checksum algorithm '{}'", args.algorithm);
-    }
+    args.target.check_algorithm()?;
     let sync_args = quiet_sync_args(&args)?;
     let classification =
-        fleetsync_proto::ClassificationSpec::from(&super::sync::classification(&sync_args)?);
+        fleetsync_proto::ClassificationSpec::from(&args.selection.classification()?);
     let request = |master: String, remotes: Vec<String>| SyncRequest {
         master,
         remotes,
-        algorithm: args.algorithm.clone(),
+        algorithm: args.target.algorithm.clone(),
         // Extra remote entries are drift; nothing is deleted (dry run).
         delete: true,
         dry_run: true,
@@ -114,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         classification: classification.clone(),
         ..SyncRequest::default()
     };
-    match (&args.server, &args.master) {
+    match (&args.target.server, &args.target.master) {
         (Some(server), Some(master)) => {
             let token = args.auth.load()?;
             let remotes: Vec<String> = args
@@ -358,18 +326,28 @@ mod tests {
 
     #[test]
     fn quiet_sync_args_parse() {
-        let a = Args {
-            paths: Vec::new(),
-            server: None,
-            master: None,
-            algorithm: "crc32".into(),
-            include: vec![Glob::new("*.rs")],
-            exclude: vec![Glob::new("*")],
-            select: Some("name:a*".into()),
-            auth: Default::default(),
-            json: false,
-            verbose: 0,
-        };
-        quiet_sync_args(&a).unwrap();
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let a = Cli::try_parse_from([
+            "verify",
+            "--exclude=*",
+            "--select",
+            "name:a*",
+            "--include",
+            "*.rs",
+            "m",
+            "r",
+        ])
+        .unwrap()
+        .args;
+        let sync = quiet_sync_args(&a).unwrap();
+        // The sync side sees the same rules, in the same order.
+        assert_eq!(
+            sync.selection.classification().unwrap(),
+            a.selection.classification().unwrap()
+        );
     }
 }
