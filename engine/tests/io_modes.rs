@@ -266,16 +266,7 @@ fn a_mapped_file_that_shrinks_meanwhile_is_an_error_not_a_crash() {
         // The next hash of the (now short) file works as ever.
         let again = hash_file(&path, &algs, &opts).unwrap();
         assert_eq!(again.size, 4096);
-        assert_eq!(again.digests, reference_digests(&algs, &[0u8; 4096]));
+        let hex: Vec<String> = again.digests.iter().map(|d| d.to_hex()).collect();
+        assert_eq!(hex, reference(&algs, &[0u8; 4096]));
     }
-}
-
-fn reference_digests(algs: &[AlgorithmInfo], bytes: &[u8]) -> Vec<fleetsync_engine::Digest> {
-    algs.iter()
-        .map(|a| {
-            let mut s = a.instantiate();
-            s.update(bytes);
-            s.finish()
-        })
-        .collect()
 }

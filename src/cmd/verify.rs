@@ -239,13 +239,20 @@ fn json_report(
     code: u8,
 ) -> serde_json::Value {
     use super::jsonpath::with_path;
+    // Each remote's items, in one pass over them all.
+    let mut by_remote: Vec<Vec<&PlanItem>> = vec![Vec::new(); labels.len()];
+    for it in &out.items {
+        if let Some(v) = by_remote.get_mut(it.remote as usize) {
+            v.push(it);
+        }
+    }
     let remotes: Vec<serde_json::Value> = labels
         .iter()
         .zip(errors)
-        .enumerate()
-        .map(|(i, (label, error))| {
-            let mine = || out.items.iter().filter(move |it| it.remote as usize == i);
-            let drift: Vec<_> = mine()
+        .zip(&by_remote)
+        .map(|((label, error), items)| {
+            let drift: Vec<_> = items
+                .iter()
                 .filter_map(|it| {
                     let kind = drift_kind(it)?;
                     Some(with_path(
@@ -254,7 +261,8 @@ fn json_report(
                     ))
                 })
                 .collect();
-            let notes: Vec<_> = mine()
+            let notes: Vec<_> = items
+                .iter()
                 .filter(|it| drift_kind(it).is_none() && it.action == Action::Skip)
                 .map(|it| with_path(serde_json::json!({ "detail": it.detail }), &it.path))
                 .collect();
