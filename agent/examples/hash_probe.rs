@@ -13,15 +13,12 @@ fn main() {
     let root = std::env::args().nth(1).expect("ROOT");
     let b = PosixBackend::new(root.as_ref()).unwrap();
     let mut files = Vec::new();
-    b.list(
-        &|_, _| fleetsync_proto::select::Decision::Include,
-        &mut |e| {
-            if e.kind == fleetsync_proto::FileKind::File {
-                files.push(e.path);
-            }
-            Ok(())
-        },
-    )
+    b.list(&|_, _| fleetsync_select::Decision::Include, &mut |e| {
+        if e.kind == fleetsync_proto::FileKind::File {
+            files.push(e.path);
+        }
+        Ok(())
+    })
     .unwrap();
     let info = fleetsync_engine::Registry::with_builtins()
         .info("crc32")

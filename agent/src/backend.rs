@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fleetsync_engine::AlgorithmInfo;
-use fleetsync_proto::select::Decision;
 use fleetsync_proto::{Attrs, FileEntry, FileKind};
+use fleetsync_select::Decision;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
 

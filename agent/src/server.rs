@@ -10,10 +10,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use fleetsync_engine::Registry;
-use fleetsync_proto::select::{Classification, Decision};
 use fleetsync_proto::{
     auth, frame, Attrs, Done, FileKind, ItemResult, Msg, Op, OpKind, Outcome, Role,
 };
+use fleetsync_select::{Classification, Decision};
 use rayon::prelude::*;
 use tracing::{debug, info, warn};
 

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../capnp/tests/decode_checks/mod.rs"]
+#[path = "../../proto/tests/decode_checks/mod.rs"]
 mod checks;
 
 fuzz_target!(|body: &[u8]| {

@@ -18,7 +18,7 @@
 //! - A block name is 1–64 characters of `A-Z a-z 0-9 _ -`, starting with a letter or digit.
 //! - `select` is a classification expression, the same language as `--select` (`name:`,
 //!   `path:`, `ext:` joined with `and`/`or`/`not` and parentheses), checked when the file is
-//!   parsed and kept as text; [`BlocksFile::matchers`] compiles them (`fleetsync_proto::select`).
+//!   parsed and kept as text; [`BlocksFile::matchers`] compiles them (`fleetsync_select`).
 //! - `after` names blocks that must be completely in place before this one starts.
 //!   Unknown names and cycles are errors (a cycle error names the whole cycle).
 //! - Unknown keys are errors, so that a typo (`selct`) is not silently ignored.
@@ -363,7 +363,7 @@ impl BlocksFile {
 
     /// One compiled matcher per block (file order): `is_included(path, false)` says whether
     /// a file belongs to that block's `select`.
-    pub fn matchers(&self) -> Vec<fleetsync_proto::select::Matcher> {
+    pub fn matchers(&self) -> Vec<fleetsync_select::Matcher> {
         self.blocks
             .iter()
             .map(|b| compile_select(&b.select).expect("checked by BlocksFile::new"))
@@ -378,9 +378,9 @@ impl BlocksFile {
 }
 
 /// Parses and compiles a `select` expression (the `--select` language).
-fn compile_select(select: &str) -> Result<fleetsync_proto::select::Matcher, String> {
-    let expr = fleetsync_proto::select::parse_expr(select).map_err(|e| e.to_string())?;
-    fleetsync_proto::select::Classification {
+fn compile_select(select: &str) -> Result<fleetsync_select::Matcher, String> {
+    let expr = fleetsync_select::parse_expr(select).map_err(|e| e.to_string())?;
+    fleetsync_select::Classification {
         rules: Vec::new(),
         select: Some(expr),
     }

@@ -699,7 +699,7 @@ impl Server {
             .map(|alg| width = alg.finish().as_bytes().len())
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                fleetsync_proto::select::Classification::from(&req.classification)
+                fleetsync_select::Classification::from(&req.classification)
                     .compile()
                     .map(|_| ())
                     .map_err(|e| e.to_string())
@@ -1745,7 +1745,7 @@ impl Server {
 
 /// The classification of a request as the user would write it (for the job history).
 fn describe_classification(req: &SyncRequest) -> String {
-    let c = fleetsync_proto::select::Classification::from(&req.classification);
+    let c = fleetsync_select::Classification::from(&req.classification);
     let mut parts: Vec<String> = c.rules.iter().map(ToString::to_string).collect();
     if let Some(e) = &c.select {
         parts.push(format!("--select {e}"));

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::bail;
-use fleetsync_proto::select::{self, Classification, Rule};
+use fleetsync_select::{self as select, Classification, Rule};
 
 /// How the trees are reached, and which checksum compares files.
 #[derive(clap::Args, Clone, Debug)]

@@ -3,7 +3,7 @@
 //! `tests/server_fuzz.rs`.
 #![allow(dead_code)]
 
-use fleetsync_proto::select::{parse_expr, Classification};
+use fleetsync_select::{parse_expr, Classification};
 use fleetsync_server::blocks::BlocksFile;
 use fleetsync_server::list::{FileList, Kind, Meta};
 use fleetsync_server::plan::{describe, PairPlan, PlanOptions};

@@ -27,10 +27,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use fleetsync_proto::select::Matcher;
 use fleetsync_proto::{
     auth, BlockDef, Failure, ItemResult, Msg, Op, OpKind, Outcome, SyncProgress,
 };
+use fleetsync_select::Matcher;
 use tracing::{debug, info, warn};
 
 use super::{RState, Server, CHUNK, MAX_FAILURES};

@@ -20,7 +20,7 @@ fn checked_in_generated_code_matches_schema() {
     let crates =
         std::fs::read_to_string(Path::new(&home).join(".cargo/.crates.toml")).unwrap_or_default();
     if !crates.contains("capnpc 0.21.4") {
-        eprintln!("skipped: capnpc-rust 0.21.4 is not installed (capnp/regen.sh installs it)");
+        eprintln!("skipped: capnpc-rust 0.21.4 is not installed (proto/regen.sh installs it)");
         return;
     }
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -35,6 +35,6 @@ fn checked_in_generated_code_matches_schema() {
     let _ = std::fs::remove_dir_all(&out);
     assert!(
         fresh == checked_in,
-        "capnp/src/fleetsync_capnp.rs is stale: run capnp/regen.sh"
+        "proto/src/fleetsync_capnp.rs is stale: run proto/regen.sh"
     );
 }

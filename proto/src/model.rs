@@ -1721,9 +1721,9 @@ impl Msg {
     }
 }
 
-impl From<&crate::select::Classification> for ClassificationSpec {
-    fn from(c: &crate::select::Classification) -> Self {
-        use crate::select::{Expr, RuleKind};
+impl From<&fleetsync_select::Classification> for ClassificationSpec {
+    fn from(c: &fleetsync_select::Classification) -> Self {
+        use fleetsync_select::{Expr, RuleKind};
         /// The operands of a chain of one operator, flattened: the wire
         /// limits nesting, and `a or b or c ...` must not nest at all.
         fn operands(e: &Expr, and: bool) -> Vec<Selector> {
@@ -1764,9 +1764,9 @@ impl From<&crate::select::Classification> for ClassificationSpec {
     }
 }
 
-impl From<&ClassificationSpec> for crate::select::Classification {
+impl From<&ClassificationSpec> for fleetsync_select::Classification {
     fn from(c: &ClassificationSpec) -> Self {
-        use crate::select::{Expr, Rule};
+        use fleetsync_select::{Expr, Rule};
         fn everything() -> Expr {
             Expr::Path("**".into())
         }
@@ -1799,7 +1799,7 @@ impl From<&ClassificationSpec> for crate::select::Classification {
                 Selector::Not(a) => Expr::Not(Box::new(conv(a))),
             }
         }
-        crate::select::Classification {
+        fleetsync_select::Classification {
             rules: c
                 .rules
                 .iter()

@@ -7,8 +7,8 @@
 #![allow(dead_code)]
 
 use fleetsync_proto::frame::{self, FrameDecoder};
-use fleetsync_proto::select::{self, Classification, Rule};
 use fleetsync_proto::{ClassificationSpec, FileEntry, Msg};
+use fleetsync_select::{self as select, Classification, Rule};
 
 /// Paths every compiled classification is asked about, besides input-derived ones.
 const SAMPLE_PATHS: &[&[u8]] = &[

@@ -1,4 +1,4 @@
-//! Classification: which entries of a tree take part in a sync.
+//! fleetsync-select: which entries of a tree take part in a sync.
 //!
 //! A [`Classification`] is what the user typed (`--include`, `--exclude`,
 //! `--select`); the server sends it to every agent, and each agent compiles it
@@ -6,7 +6,7 @@
 //! about every entry it walks.
 //!
 //! ```
-//! use fleetsync_proto::select::{parse_expr, Classification, Decision, Rule};
+//! use fleetsync_select::{parse_expr, Classification, Decision, Rule};
 //!
 //! let c = Classification {
 //!     rules: vec![Rule::exclude("target/"), Rule::exclude("*.o")],
@@ -53,6 +53,8 @@
 //!   in EXT is ignored; `ext:tar.gz` works; `.bashrc` has no extension).
 //!
 //! A value may be quoted with `"` or `'` to hold spaces: `name:"my file*"`.
+
+#![deny(missing_docs)]
 
 use std::fmt;
 
@@ -850,7 +852,7 @@ impl Parser {
 /// Parses a `--select` expression.
 ///
 /// ```
-/// use fleetsync_proto::select::{parse_expr, Expr};
+/// use fleetsync_select::{parse_expr, Expr};
 /// let e = parse_expr("ext:rs and not path:target/**").unwrap();
 /// assert_eq!(e.to_string(), "(ext:rs and not path:target/**)");
 /// let err = parse_expr("ext:rs and").unwrap_err();

@@ -7,10 +7,10 @@ mod decode_checks;
 
 use decode_checks as checks;
 use fleetsync_proto::frame::{MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use fleetsync_proto::select::{parse_expr, Classification};
 use fleetsync_proto::{
     ClassificationSpec, FileEntry, FileKind, FilterRule, Msg, Selector, SyncRequest,
 };
+use fleetsync_select::{parse_expr, Classification};
 use proptest::prelude::*;
 
 /// Valid messages of several shapes, to mutate.

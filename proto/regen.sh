@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Regenerates capnp/src/fleetsync_capnp.rs from capnp/schema/fleetsync.capnp.
+# Regenerates proto/src/fleetsync_capnp.rs from proto/schema/fleetsync.capnp.
 #
 # Needs the Cap'n Proto compiler (`capnp`, Debian package `capnproto`) and the
 # Rust plugin `capnpc-rust`, installed here on demand with the same minor
 # version as the `capnp` runtime crate. A normal build needs neither: the
 # generated file is checked in.
 #
-# Usage: capnp/regen.sh [OUT_DIR]   (default: capnp/src)
+# Usage: proto/regen.sh [OUT_DIR]   (default: proto/src)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/src}"
