@@ -1,7 +1,5 @@
 //! The built-in algorithms and their registration.
 
-use std::any::Any;
-
 use crate::crc::{downcast_same, Crc, CrcKernel, CrcSpec};
 use crate::sums::{Adler32, Bsd, Sysv};
 use crate::{Algorithm, AlgorithmInfo, Digest, Error, Registry};
@@ -289,9 +287,6 @@ impl Algorithm for Cksum {
     fn reset(&mut self) {
         self.crc.reset();
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -303,9 +298,7 @@ impl Algorithm for Cksum {
     fn len(&self) -> u64 {
         self.crc.total_len()
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!();
 }
 
 /// Any RustCrypto hash (`digest::Digest`) as an [`Algorithm`].
@@ -344,15 +337,7 @@ where
         self.hasher = D::new();
         self.len = 0;
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 /// Inputs at least this long go through `blake3::Hasher::update_rayon`
@@ -464,9 +449,6 @@ impl Algorithm for Blake3 {
             None => Self::default(),
         };
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn combine(&mut self, next: &dyn Algorithm) -> Result<(), Error> {
         use blake3::hazmat::HasherExt;
         let next = downcast_same::<Self>(self, next)?;
@@ -489,12 +471,7 @@ impl Algorithm for Blake3 {
         self.len += next.len;
         Ok(())
     }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 impl Blake3 {
@@ -544,15 +521,7 @@ impl Algorithm for Xxh3 {
     fn reset(&mut self) {
         *self = Self::new(self.wide);
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 #[cfg(test)]

@@ -7,8 +7,6 @@
 //! starting the register at `R` instead of `I` changes the result by the
 //! advance of `R ^ I`.
 
-use std::any::Any;
-
 use crate::{Algorithm, Digest, Error};
 
 /// The Rocksoft parameters that combining needs. `refin == refout` is
@@ -233,9 +231,6 @@ impl<K: CrcKernel> Algorithm for Crc<K> {
     fn reset(&mut self) {
         Crc::reset(self);
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -253,9 +248,7 @@ impl<K: CrcKernel> Algorithm for Crc<K> {
     fn len(&self) -> u64 {
         self.total_len()
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!();
 }
 
 /// `next` as `T`, or the mismatch error naming both algorithms.
