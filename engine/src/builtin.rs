@@ -1,6 +1,6 @@
 //! The built-in algorithms and their registration.
 
-use crate::crc::{downcast_same, Crc, CrcKernel, CrcSpec};
+use crate::crc::{downcast_same, Crc, CrcKernel, CrcSpec, CKSUM_SPEC, CRC32_SPEC};
 use crate::sums::{Adler32, Bsd, Sysv};
 use crate::{Algorithm, AlgorithmInfo, Digest, Error, Registry};
 
@@ -131,17 +131,7 @@ fn crc16_info(e: &'static Crc16Entry) -> NameDesc {
 
 /// The CRC-32/ISO-HDLC (zlib) state.
 fn crc32() -> Crc<Crc32Kernel> {
-    Crc::new(
-        "crc32",
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0xffff_ffff,
-            xorout: 0xffff_ffff,
-            reflected: true,
-        },
-        crc32fast::Hasher::new(),
-    )
+    Crc::new("crc32", CRC32_SPEC, crc32fast::Hasher::new())
 }
 
 /// The CRC-32/ISCSI (Castagnoli) state.
@@ -158,15 +148,6 @@ fn crc32c() -> Crc<FastKernel> {
         crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
     )
 }
-
-/// CRC-32/CKSUM, the CRC part of POSIX `cksum`.
-const CKSUM_SPEC: CrcSpec = CrcSpec {
-    width: 32,
-    poly: 0x04c1_1db7,
-    init: 0,
-    xorout: 0xffff_ffff,
-    reflected: false,
-};
 
 fn crc16(entry: &'static Crc16Entry, name: &'static str) -> Crc<FastKernel> {
     let p = entry.params;

@@ -29,6 +29,24 @@ fn reflect(v: u64, width: u8) -> u64 {
     v.reverse_bits() >> (64 - u32::from(width))
 }
 
+/// CRC-32/ISO-HDLC (zlib).
+pub(crate) const CRC32_SPEC: CrcSpec = CrcSpec {
+    width: 32,
+    poly: 0x04c1_1db7,
+    init: 0xffff_ffff,
+    xorout: 0xffff_ffff,
+    reflected: true,
+};
+
+/// CRC-32/CKSUM, the CRC part of POSIX `cksum`.
+pub(crate) const CKSUM_SPEC: CrcSpec = CrcSpec {
+    width: 32,
+    poly: 0x04c1_1db7,
+    init: 0,
+    xorout: 0xffff_ffff,
+    reflected: false,
+};
+
 impl CrcSpec {
     fn mask(&self) -> u64 {
         if self.width == 64 {
@@ -303,13 +321,8 @@ mod tests {
             xorout: 0,
             reflected: true,
         },
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0xffff_ffff,
-            xorout: 0xffff_ffff,
-            reflected: true,
-        },
+        CRC32_SPEC,
+        // CRC-16/IBM-3740: not reflected.
         CrcSpec {
             width: 16,
             poly: 0x1021,
@@ -317,13 +330,7 @@ mod tests {
             xorout: 0,
             reflected: false,
         },
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0,
-            xorout: 0xffff_ffff,
-            reflected: false,
-        },
+        CKSUM_SPEC,
     ];
 
     #[test]
