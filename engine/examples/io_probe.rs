@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use fleetsync_engine::{hash_file, HashOptions, IoMode, Registry};
 
+mod probe_clock;
+use probe_clock::cpu_seconds;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = PathBuf::from(args.next().expect("FILE"));
@@ -69,16 +72,4 @@ fn main() {
             Err(e) => println!("{mode:6} error: {e}"),
         }
     }
-}
-
-/// User + system CPU time of this process (all threads, io-wq workers too).
-fn cpu_seconds() -> f64 {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `ru` is a valid, writable rusage; RUSAGE_SELF is always valid.
-    let ru = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
-        ru.assume_init()
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

@@ -28,36 +28,34 @@ fn main() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     gbps("crc32 crc32fast", &buf, |b| u64::from(crc32fast::hash(b)));
-    gbps("crc32 crc-fast", &buf, |b| {
-        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32IsoHdlc, b)
-    });
-    gbps("crc32c crc-fast", &buf, |b| {
-        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b)
-    });
+    {
+        use crc_fast::CrcAlgorithm as C;
+        let candidates = [
+            ("crc32 crc-fast", C::Crc32IsoHdlc),
+            ("crc32c crc-fast", C::Crc32Iscsi),
+            ("cksum crc-fast", C::Crc32Cksum),
+            ("crc16/xmodem crc-fast", C::Crc16Xmodem),
+            ("crc16/arc crc-fast", C::Crc16Arc),
+        ];
+        for (name, alg) in candidates {
+            gbps(name, &buf, |b| crc_fast::checksum(alg, b));
+        }
+    }
     static C32C: crc::Crc<u32, crc::Table<16>> =
         crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
+    static CK: crc::Crc<u32, crc::Table<16>> =
+        crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_CKSUM);
+    static X: crc::Crc<u16, crc::Table<16>> =
+        crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_XMODEM);
+    static A: crc::Crc<u16, crc::Table<16>> =
+        crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_ARC);
     gbps("crc32c crc Table<16>", &buf, |b| {
         u64::from(C32C.checksum(b))
     });
-    gbps("cksum crc-fast", &buf, |b| {
-        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Cksum, b)
-    });
-    static CK: crc::Crc<u32, crc::Table<16>> =
-        crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_CKSUM);
     gbps("cksum crc Table<16>", &buf, |b| u64::from(CK.checksum(b)));
-    gbps("crc16/xmodem crc-fast", &buf, |b| {
-        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc16Xmodem, b)
-    });
-    gbps("crc16/arc crc-fast", &buf, |b| {
-        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc16Arc, b)
-    });
-    static X: crc::Crc<u16, crc::Table<16>> =
-        crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_XMODEM);
     gbps("crc16/xmodem crc Table<16>", &buf, |b| {
         u64::from(X.checksum(b))
     });
-    static A: crc::Crc<u16, crc::Table<16>> =
-        crc::Crc::<u16, crc::Table<16>>::new(&crc::CRC_16_ARC);
     gbps("crc16/arc crc Table<16>", &buf, |b| {
         u64::from(A.checksum(b))
     });

@@ -6,6 +6,9 @@ use std::time::Instant;
 
 use fleetsync_engine::{hash_tree, HashOptions, IoMode, Registry};
 
+mod probe_clock;
+use probe_clock::cpu_seconds;
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -43,16 +46,4 @@ fn main() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// User + system CPU time of this process (all threads).
-fn cpu_seconds() -> f64 {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `ru` is a valid, writable rusage; RUSAGE_SELF is always valid.
-    let ru = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
-        ru.assume_init()
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

@@ -5,6 +5,26 @@ use std::fmt;
 
 use crate::Error;
 
+/// The [`Algorithm`] methods that are the same for every `Clone + 'static`
+/// state (`box_clone`, `as_any`; with `len`, also `len` read from a `len`
+/// field), written once for the `impl Algorithm` blocks of the built-ins.
+macro_rules! plain_state_methods {
+    () => {
+        fn box_clone(&self) -> Box<dyn $crate::Algorithm> {
+            Box::new(self.clone())
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    };
+    (len) => {
+        fn len(&self) -> u64 {
+            self.len
+        }
+        plain_state_methods!();
+    };
+}
+
 /// One running checksum computation, chosen at run time by name.
 ///
 /// Implementations keep their hot loop monomorphic inside [`Algorithm::update`];

@@ -1,8 +1,6 @@
 //! The built-in algorithms and their registration.
 
-use std::any::Any;
-
-use crate::crc::{downcast_same, Crc, CrcKernel, CrcSpec};
+use crate::crc::{downcast_same, Crc, CrcKernel, CrcSpec, CKSUM_SPEC, CRC32_SPEC};
 use crate::sums::{Adler32, Bsd, Sysv};
 use crate::{Algorithm, AlgorithmInfo, Digest, Error, Registry};
 
@@ -133,17 +131,7 @@ fn crc16_info(e: &'static Crc16Entry) -> NameDesc {
 
 /// The CRC-32/ISO-HDLC (zlib) state.
 fn crc32() -> Crc<Crc32Kernel> {
-    Crc::new(
-        "crc32",
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0xffff_ffff,
-            xorout: 0xffff_ffff,
-            reflected: true,
-        },
-        crc32fast::Hasher::new(),
-    )
+    Crc::new("crc32", CRC32_SPEC, crc32fast::Hasher::new())
 }
 
 /// The CRC-32/ISCSI (Castagnoli) state.
@@ -160,15 +148,6 @@ fn crc32c() -> Crc<FastKernel> {
         crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
     )
 }
-
-/// CRC-32/CKSUM, the CRC part of POSIX `cksum`.
-const CKSUM_SPEC: CrcSpec = CrcSpec {
-    width: 32,
-    poly: 0x04c1_1db7,
-    init: 0,
-    xorout: 0xffff_ffff,
-    reflected: false,
-};
 
 fn crc16(entry: &'static Crc16Entry, name: &'static str) -> Crc<FastKernel> {
     let p = entry.params;
@@ -289,9 +268,6 @@ impl Algorithm for Cksum {
     fn reset(&mut self) {
         self.crc.reset();
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -303,9 +279,7 @@ impl Algorithm for Cksum {
     fn len(&self) -> u64 {
         self.crc.total_len()
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!();
 }
 
 /// Any RustCrypto hash (`digest::Digest`) as an [`Algorithm`].
@@ -344,15 +318,7 @@ where
         self.hasher = D::new();
         self.len = 0;
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 /// Inputs at least this long go through `blake3::Hasher::update_rayon`
@@ -464,9 +430,6 @@ impl Algorithm for Blake3 {
             None => Self::default(),
         };
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn combine(&mut self, next: &dyn Algorithm) -> Result<(), Error> {
         use blake3::hazmat::HasherExt;
         let next = downcast_same::<Self>(self, next)?;
@@ -489,12 +452,7 @@ impl Algorithm for Blake3 {
         self.len += next.len;
         Ok(())
     }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 impl Blake3 {
@@ -544,15 +502,7 @@ impl Algorithm for Xxh3 {
     fn reset(&mut self) {
         *self = Self::new(self.wide);
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 #[cfg(test)]

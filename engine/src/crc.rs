@@ -7,8 +7,6 @@
 //! starting the register at `R` instead of `I` changes the result by the
 //! advance of `R ^ I`.
 
-use std::any::Any;
-
 use crate::{Algorithm, Digest, Error};
 
 /// The Rocksoft parameters that combining needs. `refin == refout` is
@@ -30,6 +28,24 @@ pub(crate) struct CrcSpec {
 fn reflect(v: u64, width: u8) -> u64 {
     v.reverse_bits() >> (64 - u32::from(width))
 }
+
+/// CRC-32/ISO-HDLC (zlib).
+pub(crate) const CRC32_SPEC: CrcSpec = CrcSpec {
+    width: 32,
+    poly: 0x04c1_1db7,
+    init: 0xffff_ffff,
+    xorout: 0xffff_ffff,
+    reflected: true,
+};
+
+/// CRC-32/CKSUM, the CRC part of POSIX `cksum`.
+pub(crate) const CKSUM_SPEC: CrcSpec = CrcSpec {
+    width: 32,
+    poly: 0x04c1_1db7,
+    init: 0,
+    xorout: 0xffff_ffff,
+    reflected: false,
+};
 
 impl CrcSpec {
     fn mask(&self) -> u64 {
@@ -233,9 +249,6 @@ impl<K: CrcKernel> Algorithm for Crc<K> {
     fn reset(&mut self) {
         Crc::reset(self);
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -253,9 +266,7 @@ impl<K: CrcKernel> Algorithm for Crc<K> {
     fn len(&self) -> u64 {
         self.total_len()
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!();
 }
 
 /// `next` as `T`, or the mismatch error naming both algorithms.
@@ -310,13 +321,8 @@ mod tests {
             xorout: 0,
             reflected: true,
         },
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0xffff_ffff,
-            xorout: 0xffff_ffff,
-            reflected: true,
-        },
+        CRC32_SPEC,
+        // CRC-16/IBM-3740: not reflected.
         CrcSpec {
             width: 16,
             poly: 0x1021,
@@ -324,13 +330,7 @@ mod tests {
             xorout: 0,
             reflected: false,
         },
-        CrcSpec {
-            width: 32,
-            poly: 0x04c1_1db7,
-            init: 0,
-            xorout: 0xffff_ffff,
-            reflected: false,
-        },
+        CKSUM_SPEC,
     ];
 
     #[test]

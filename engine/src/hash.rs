@@ -188,7 +188,14 @@ pub(crate) fn hash_opened_as(
         size > opts.parallel_threshold && size > chunk as u64 && chunks_combine(algs, chunk);
     let io = choose_backend(opts.io)?;
     let mut states = new_states(algs);
-    let io = read_with(io, file, size, chunk, parallel, algs, &mut states).map_err(err)?;
+    let read = FileRead {
+        file,
+        size,
+        chunk,
+        parallel,
+        algs,
+    };
+    let io = read_with(io, read, &mut states).map_err(err)?;
     Ok(FileHash {
         size,
         digests: states.iter().map(|s| s.finish()).collect(),
@@ -214,19 +221,40 @@ fn fstat(file: &File) -> io::Result<(bool, u64)> {
     ))
 }
 
+/// One regular file to read: its size, the chunk size, and whether the
+/// chunks are hashed in parallel (each with fresh states of `algs`).
+#[derive(Clone, Copy)]
+struct FileRead<'a> {
+    file: &'a File,
+    size: u64,
+    chunk: usize,
+    parallel: bool,
+    algs: &'a [AlgorithmInfo],
+}
+
 /// Reads the file with backend `io`, feeding `states`; returns the backend
 /// that read it (`pread` when a map was refused).
 fn read_with(
     io: IoUsed,
-    file: &File,
-    size: u64,
-    chunk: usize,
-    parallel: bool,
-    algs: &[AlgorithmInfo],
+    read: FileRead<'_>,
     states: &mut [Box<dyn Algorithm>],
 ) -> io::Result<IoUsed> {
+    let FileRead {
+        file,
+        size,
+        chunk,
+        parallel,
+        algs,
+    } = read;
     match io {
-        IoUsed::Mmap => return read_mapped(file, size, chunk, parallel, algs, states),
+        IoUsed::Mmap => match crate::io::mmap::map(file, size)? {
+            Some(map) => hash_mmap(&map, chunk, parallel, algs, states),
+            // An empty file: nothing to map or read.
+            None if size == 0 => Ok(()),
+            // No map could be made (all guard slots busy, or the `SIGBUS`
+            // handler refused): read with `pread` instead.
+            None => return read_with(IoUsed::Pread, read, states),
+        },
         IoUsed::Pread | IoUsed::Stream if parallel => par_pread(file, size, chunk, algs, states),
         IoUsed::Pread | IoUsed::Stream if size <= SYNC_MAX => {
             read_sync(file, size, states, pread::read_exact_at)
@@ -237,28 +265,9 @@ fn read_with(
                 pread::produce(file, size, block, SEQ_DEPTH, tx, free)
             })
         }
-        IoUsed::Uring => hash_uring(file, size, chunk, parallel, algs, states),
+        IoUsed::Uring => hash_uring(read, states),
     }
     .map(|()| io)
-}
-
-/// Reads the file through a map; with `pread` if no map could be made (all
-/// guard slots busy, or the `SIGBUS` handler refused).
-fn read_mapped(
-    file: &File,
-    size: u64,
-    chunk: usize,
-    parallel: bool,
-    algs: &[AlgorithmInfo],
-    states: &mut [Box<dyn Algorithm>],
-) -> io::Result<IoUsed> {
-    match crate::io::mmap::map(file, size)? {
-        Some(map) => hash_mmap(&map, chunk, parallel, algs, states)?,
-        // An empty file: nothing to map or read.
-        None if size == 0 => {}
-        None => return read_with(IoUsed::Pread, file, size, chunk, parallel, algs, states),
-    }
-    Ok(IoUsed::Mmap)
 }
 
 /// Which backend reads a regular file of `size` bytes in `mode`.
@@ -293,22 +302,16 @@ fn choose_backend(mode: IoMode) -> Result<IoUsed, Error> {
 /// copies then run on every core). Sequential: one reader, reads punted to
 /// kernel threads so the copies overlap the hashing.
 #[cfg(all(feature = "uring", target_os = "linux"))]
-fn hash_uring(
-    file: &File,
-    size: u64,
-    chunk: usize,
-    parallel: bool,
-    algs: &[AlgorithmInfo],
-    states: &mut [Box<dyn Algorithm>],
-) -> io::Result<()> {
+fn hash_uring(read: FileRead<'_>, states: &mut [Box<dyn Algorithm>]) -> io::Result<()> {
     use crate::io::uring;
-    if parallel {
+    let (file, size, chunk) = (read.file, read.size, read.chunk);
+    if read.parallel {
         let n = size.div_ceil(chunk as u64);
         let results: Vec<io::Result<Vec<Box<dyn Algorithm>>>> = (0..n)
             .into_par_iter()
             .map(|i| {
                 let start = i * chunk as u64;
-                let mut st = chunk_states(algs, start);
+                let mut st = chunk_states(read.algs, start);
                 let end = (start + chunk as u64).min(size);
                 uring::read_range(file, start, end, false, &mut |piece| {
                     update_all(&mut st, piece)
@@ -323,14 +326,7 @@ fn hash_uring(
 }
 
 #[cfg(not(all(feature = "uring", target_os = "linux")))]
-fn hash_uring(
-    _file: &File,
-    _size: u64,
-    _chunk: usize,
-    _parallel: bool,
-    _algs: &[AlgorithmInfo],
-    _states: &mut [Box<dyn Algorithm>],
-) -> io::Result<()> {
+fn hash_uring(_read: FileRead<'_>, _states: &mut [Box<dyn Algorithm>]) -> io::Result<()> {
     unreachable!("uring_available() is false without the feature")
 }
 

@@ -47,6 +47,7 @@
 //! `pread` where io_uring is unavailable (old kernel, seccomp, disabled).
 #![deny(missing_docs)]
 
+#[macro_use]
 mod algorithm;
 mod builtin;
 mod crc;

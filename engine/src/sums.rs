@@ -1,7 +1,5 @@
 //! The old Unix sums (`sum -r`, `sum -s`) and Adler-32.
 
-use std::any::Any;
-
 use crate::crc::downcast_same;
 use crate::{Algorithm, Digest, Error};
 
@@ -115,15 +113,7 @@ impl Algorithm for Bsd {
     fn reset(&mut self) {
         *self = Self::default();
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 /// `sum -s`.
@@ -147,9 +137,6 @@ impl Algorithm for Sysv {
     fn reset(&mut self) {
         *self = Self::default();
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -159,12 +146,7 @@ impl Algorithm for Sysv {
         self.len += next.len;
         Ok(())
     }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 const ADLER_BASE: u64 = 65521;
@@ -223,9 +205,6 @@ impl Algorithm for Adler32 {
     fn reset(&mut self) {
         *self = Self::default();
     }
-    fn box_clone(&self) -> Box<dyn Algorithm> {
-        Box::new(self.clone())
-    }
     fn can_combine(&self) -> bool {
         true
     }
@@ -236,12 +215,7 @@ impl Algorithm for Adler32 {
         self.len += next.len;
         Ok(())
     }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
+    plain_state_methods!(len);
 }
 
 #[cfg(test)]

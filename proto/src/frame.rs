@@ -93,6 +93,17 @@ fn check_len(len: usize, max: usize) -> Result<(), ProtoError> {
 ///
 /// Returns `Ok(None)` on a clean end of stream (no byte of a new frame read).
 pub fn read_frame_limited<R: Read>(r: &mut R, max: usize) -> Result<Option<Vec<u8>>, ProtoError> {
+    let Some(len) = read_prefix(r, max)? else {
+        return Ok(None);
+    };
+    let mut body = vec![0u8; len];
+    read_body(r, &mut body)?;
+    Ok(Some(body))
+}
+
+/// Reads a frame's length prefix and checks it against `max`; `Ok(None)` on a
+/// clean end of stream (no byte of a new frame read).
+fn read_prefix<R: Read>(r: &mut R, max: usize) -> Result<Option<usize>, ProtoError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -106,15 +117,30 @@ pub fn read_frame_limited<R: Read>(r: &mut R, max: usize) -> Result<Option<Vec<u
     }
     let len = u32::from_le_bytes(prefix) as usize;
     check_len(len, max)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| {
+    Ok(Some(len))
+}
+
+/// Fills `body` from the stream; an early end is [`ProtoError::Truncated`].
+fn read_body<R: Read>(r: &mut R, body: &mut [u8]) -> Result<(), ProtoError> {
+    r.read_exact(body).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             ProtoError::Truncated
         } else {
             ProtoError::Io(e)
         }
-    })?;
-    Ok(Some(body))
+    })
+}
+
+/// A frame holds exactly one message: what the reader left over is an error.
+fn no_trailing_bytes(rest: &[u8]) -> Result<(), ProtoError> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(ProtoError::Decode(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        )))
+    }
 }
 
 /// Reads one frame body of at most [`MAX_FRAME`] bytes; `Ok(None)` at end of stream.
@@ -130,12 +156,7 @@ pub fn parse(
 ) -> Result<capnp::message::Reader<capnp::serialize::OwnedSegments>, ProtoError> {
     let mut slice = body;
     let reader = capnp::serialize::read_message(&mut slice, reader_options_for(body.len()))?;
-    if !slice.is_empty() {
-        return Err(ProtoError::Decode(format!(
-            "{} trailing bytes after the message",
-            slice.len()
-        )));
-    }
+    no_trailing_bytes(slice)?;
     Ok(reader)
 }
 
@@ -246,32 +267,16 @@ impl FrameBuf {
     /// Reads the next frame of at most `max` bytes. `Ok(false)` on a clean end
     /// of stream.
     pub fn read<R: Read>(&mut self, r: &mut R, max: usize) -> Result<bool, ProtoError> {
-        let mut prefix = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match r.read(&mut prefix[got..]) {
-                Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(ProtoError::Truncated),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let len = u32::from_le_bytes(prefix) as usize;
-        check_len(len, max)?;
+        let Some(len) = read_prefix(r, max)? else {
+            return Ok(false);
+        };
         let words = len.div_ceil(8);
         if self.words.len() < words {
             self.words = capnp::Word::allocate_zeroed_vec(words);
         }
         self.len = len;
         let buf = &mut capnp::Word::words_to_bytes_mut(&mut self.words)[..len];
-        r.read_exact(buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                ProtoError::Truncated
-            } else {
-                ProtoError::Io(e)
-            }
-        })?;
+        read_body(r, buf)?;
         Ok(true)
     }
 
@@ -290,12 +295,7 @@ impl FrameBuf {
             &mut slice,
             reader_options_for(self.len),
         )?;
-        if !slice.is_empty() {
-            return Err(ProtoError::Decode(format!(
-                "{} trailing bytes after the message",
-                slice.len()
-            )));
-        }
+        no_trailing_bytes(slice)?;
         Ok(reader)
     }
 }

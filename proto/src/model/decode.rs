@@ -1,0 +1,374 @@
+//! Cap'n Proto -> model: reads each message into its [`Msg`]. Never panics on
+//! bad input: every malformed field is a [`ProtoError`].
+
+use super::classification::ClassificationSpec;
+use super::entry::FileEntry;
+use super::msg::Msg;
+use super::types::{
+    Action, Attrs, BlockDef, ChecksumResult, Done, ExpectedFile, Failure, InconsistentFile,
+    ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult, Role, SyncProgress,
+    SyncRequest,
+};
+use super::wire::{data_list, read_list, text, texts};
+use crate::fleetsync_capnp as schema;
+use crate::fleetsync_capnp::message::Which as W;
+use crate::frame;
+use crate::ProtoError;
+
+impl Attrs {
+    fn read_from(r: schema::attrs::Reader<'_>) -> Self {
+        Attrs {
+            mode: r.get_set_mode().then(|| r.get_mode()),
+            owner: r.get_set_owner().then(|| (r.get_uid(), r.get_gid())),
+            mtime: r
+                .get_set_mtime()
+                .then(|| (r.get_mtime_sec(), r.get_mtime_nsec())),
+        }
+    }
+}
+
+impl Op {
+    fn read_from(o: schema::op::Reader<'_>) -> Result<Self, ProtoError> {
+        use schema::op::Which as O;
+        let kind = match o.which()? {
+            O::Mkdir(a) => OpKind::Mkdir(Attrs::read_from(a?)),
+            O::Delete(d) => OpKind::Delete {
+                recursive: d?.get_recursive(),
+            },
+            O::SetAttrs(a) => OpKind::SetAttrs(Attrs::read_from(a?)),
+            O::Symlink(s) => {
+                let s = s?;
+                OpKind::Symlink {
+                    target: s.get_target()?.to_vec(),
+                    attrs: Attrs::read_from(s.get_attrs()?),
+                }
+            }
+            O::HardLink(e) => OpKind::HardLink {
+                existing: e?.to_vec(),
+            },
+            O::Put(p) => {
+                let p = p?;
+                OpKind::Put {
+                    attrs: Attrs::read_from(p.get_attrs()?),
+                    size: p.get_size(),
+                }
+            }
+        };
+        Ok(Op {
+            path: o.get_path()?.to_vec(),
+            kind,
+        })
+    }
+}
+
+impl ChecksumResult {
+    fn read_from(r: schema::checksum_result::Reader<'_>) -> Result<Self, ProtoError> {
+        use schema::checksum_result::Which as C;
+        Ok(ChecksumResult {
+            path: r.get_path()?.to_vec(),
+            size: r.get_size(),
+            digest: match r.which()? {
+                C::Digest(d) => Ok(d?.to_vec()),
+                C::Error(e) => Err(text(e)?),
+            },
+        })
+    }
+}
+
+impl ItemResult {
+    fn read_from(r: schema::item_result::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(ItemResult {
+            path: r.get_path()?.to_vec(),
+            outcome: Outcome::from_schema(r.get_outcome()?),
+            message: text(r.get_message())?,
+            bytes: r.get_bytes(),
+            digest: r.get_digest()?.to_vec(),
+        })
+    }
+}
+
+impl BlockDef {
+    fn read_from(d: schema::block_def::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(BlockDef {
+            name: text(d.get_name())?,
+            select: text(d.get_select())?,
+            after: texts(d.get_after()?)?,
+        })
+    }
+}
+
+impl PlanItem {
+    fn read_from(it: schema::plan_item::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(PlanItem {
+            remote: it.get_remote(),
+            path: it.get_path()?.to_vec(),
+            action: Action::from_schema(it.get_action()?),
+            size: it.get_size(),
+            detail: text(it.get_detail())?,
+        })
+    }
+}
+
+impl Failure {
+    fn read_from(f: schema::failure::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(Failure {
+            path: f.get_path()?.to_vec(),
+            message: text(f.get_message())?,
+        })
+    }
+}
+
+impl ExpectedFile {
+    fn read_from(f: schema::expected_file::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(ExpectedFile {
+            path: f.get_path()?.to_vec(),
+            digest: f.get_digest()?.to_vec(),
+            size: f.get_size(),
+        })
+    }
+}
+
+impl InconsistentFile {
+    fn read_from(f: schema::inconsistency::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(InconsistentFile {
+            path: f.get_path()?.to_vec(),
+            check: text(f.get_check())?,
+            message: text(f.get_message())?,
+        })
+    }
+}
+
+impl Msg {
+    /// Decodes one frame body (as returned by [`frame::read_frame`] or
+    /// [`frame::FrameDecoder::next_frame`]). Never panics on bad input.
+    pub fn decode(body: &[u8]) -> Result<Msg, ProtoError> {
+        let reader = frame::parse(body)?;
+        Msg::from_reader(reader.get_root()?)
+    }
+
+    /// Converts a parsed message.
+    pub fn from_reader(root: schema::message::Reader<'_>) -> Result<Msg, ProtoError> {
+        Ok(match root.which()? {
+            W::Hello(b) => {
+                let b = b?;
+                Msg::Hello {
+                    protocol: b.get_protocol(),
+                    nonce: b.get_nonce()?.to_vec(),
+                }
+            }
+            W::Auth(b) => {
+                let b = b?;
+                Msg::Auth {
+                    protocol: b.get_protocol(),
+                    role: Role::from_schema(b.get_role()?),
+                    mac: b.get_mac()?.to_vec(),
+                    nonce: b.get_nonce()?.to_vec(),
+                }
+            }
+            W::Welcome(b) => {
+                let b = b?;
+                Msg::Welcome {
+                    mac: b.get_mac()?.to_vec(),
+                    can_chown: b.get_can_chown(),
+                }
+            }
+            W::ListRequest(b) => {
+                let b = b?;
+                Msg::ListRequest {
+                    request_id: b.get_request_id(),
+                    classification: ClassificationSpec::read_optional(
+                        b.has_classification(),
+                        || b.get_classification(),
+                    )?,
+                    batch_size: b.get_batch_size(),
+                }
+            }
+            W::ListBatch(b) => {
+                let b = b?;
+                Msg::ListBatch {
+                    request_id: b.get_request_id(),
+                    entries: read_list(b.get_entries()?, FileEntry::read_from)?,
+                    last: b.get_last(),
+                }
+            }
+            W::ChecksumRequest(b) => {
+                let b = b?;
+                Msg::ChecksumRequest {
+                    request_id: b.get_request_id(),
+                    algorithm: text(b.get_algorithm())?,
+                    paths: data_list(b.get_paths()?)?,
+                    fresh: b.get_fresh(),
+                }
+            }
+            W::ChecksumReply(b) => {
+                let b = b?;
+                Msg::ChecksumReply {
+                    request_id: b.get_request_id(),
+                    results: read_list(b.get_results()?, ChecksumResult::read_from)?,
+                    last: b.get_last(),
+                }
+            }
+            W::SendOrder(b) => {
+                let b = b?;
+                Msg::SendOrder {
+                    request_id: b.get_request_id(),
+                    target: text(b.get_target())?,
+                    algorithm: text(b.get_algorithm())?,
+                    paths: data_list(b.get_paths()?)?,
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    stage: text(b.get_stage())?,
+                }
+            }
+            W::ApplyRequest(b) => {
+                let b = b?;
+                Msg::ApplyRequest {
+                    request_id: b.get_request_id(),
+                    ops: read_list(b.get_ops()?, Op::read_from)?,
+                }
+            }
+            W::BlockBegin(b) => {
+                let b = b?;
+                Msg::BlockBegin {
+                    request_id: b.get_request_id(),
+                    stage: text(b.get_stage())?,
+                    block: text(b.get_block())?,
+                }
+            }
+            W::BlockCommit(b) => {
+                let b = b?;
+                Msg::BlockCommit {
+                    request_id: b.get_request_id(),
+                    stage: text(b.get_stage())?,
+                    ops: read_list(b.get_ops()?, Op::read_from)?,
+                    abort: b.get_abort(),
+                }
+            }
+            W::ItemResults(b) => {
+                let b = b?;
+                Msg::ItemResults {
+                    request_id: b.get_request_id(),
+                    results: read_list(b.get_results()?, ItemResult::read_from)?,
+                }
+            }
+            W::Progress(b) => {
+                let b = b?;
+                Msg::Progress(Progress {
+                    request_id: b.get_request_id(),
+                    items: b.get_items(),
+                    bytes: b.get_bytes(),
+                    total_items: b.get_total_items(),
+                    total_bytes: b.get_total_bytes(),
+                })
+            }
+            W::Done(b) => {
+                let b = b?;
+                Msg::Done(Done {
+                    request_id: b.get_request_id(),
+                    ok: b.get_ok(),
+                    failed: b.get_failed(),
+                    skipped: b.get_skipped(),
+                })
+            }
+            W::FileStart(b) => {
+                let b = b?;
+                Msg::FileStart {
+                    request_id: b.get_request_id(),
+                    entry: FileEntry::read_from(b.get_entry()?)?,
+                    algorithm: text(b.get_algorithm())?,
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    stage: text(b.get_stage())?,
+                }
+            }
+            W::FileChunk(b) => Msg::FileChunk {
+                data: b?.get_data()?.to_vec(),
+            },
+            W::FileEnd(b) => {
+                let b = b?;
+                Msg::FileEnd {
+                    size: b.get_size(),
+                    digest: b.get_digest()?.to_vec(),
+                    aborted: b.get_aborted(),
+                    error: text(b.get_error())?,
+                }
+            }
+            W::StreamEnd(()) => Msg::StreamEnd,
+            W::SyncRequest(b) => {
+                let b = b?;
+                Msg::SyncRequest(SyncRequest {
+                    master: text(b.get_master())?,
+                    remotes: texts(b.get_remotes()?)?,
+                    algorithm: text(b.get_algorithm())?,
+                    delete: b.get_delete(),
+                    dry_run: b.get_dry_run(),
+                    verify: b.get_verify(),
+                    classification: ClassificationSpec::read_optional(
+                        b.has_classification(),
+                        || b.get_classification(),
+                    )?,
+                    lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
+                    max_rounds: b.get_max_rounds(),
+                    lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
+                    blocks: read_list(b.get_blocks()?, BlockDef::read_from)?,
+                })
+            }
+            W::PlanItems(b) => Msg::PlanItems(read_list(b?.get_items()?, PlanItem::read_from)?),
+            W::RemoteResult(b) => {
+                let b = b?;
+                Msg::RemoteResult(RemoteResult {
+                    remote: b.get_remote(),
+                    ok: b.get_ok(),
+                    error: text(b.get_error())?,
+                    transferred: b.get_transferred(),
+                    bytes: b.get_bytes(),
+                    deleted: b.get_deleted(),
+                    changed: b.get_changed(),
+                    failures: read_list(b.get_failures()?, Failure::read_from)?,
+                    rounds: b.get_rounds(),
+                    resynced: b.get_resynced(),
+                    inconsistent: read_list(b.get_inconsistent()?, Failure::read_from)?,
+                })
+            }
+            W::SyncProgress(b) => {
+                let b = b?;
+                Msg::SyncProgress(SyncProgress {
+                    remote: b.get_remote(),
+                    done_files: b.get_done_files(),
+                    total_files: b.get_total_files(),
+                    done_bytes: b.get_done_bytes(),
+                    total_bytes: b.get_total_bytes(),
+                })
+            }
+            W::SyncDone(b) => {
+                let b = b?;
+                Msg::SyncDone {
+                    ok: b.get_ok(),
+                    message: text(b.get_message())?,
+                }
+            }
+            W::ConsistencyRequest(b) => {
+                let b = b?;
+                Msg::ConsistencyRequest {
+                    request_id: b.get_request_id(),
+                    algorithm: text(b.get_algorithm())?,
+                    files: read_list(b.get_files()?, ExpectedFile::read_from)?,
+                }
+            }
+            W::ConsistencyReply(b) => {
+                let b = b?;
+                Msg::ConsistencyReply {
+                    request_id: b.get_request_id(),
+                    inconsistent: read_list(b.get_inconsistent()?, InconsistentFile::read_from)?,
+                    checked: b.get_checked(),
+                    last: b.get_last(),
+                }
+            }
+            W::Error(b) => {
+                let b = b?;
+                Msg::Error {
+                    request_id: b.get_request_id(),
+                    message: text(b.get_message())?,
+                }
+            }
+        })
+    }
+}

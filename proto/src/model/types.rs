@@ -1,0 +1,304 @@
+//! The plain parts of messages: roles, checksum results, attributes and ops,
+//! outcomes and progress, the sync request and its plan and results.
+//! Their wire conversions are in `encode` and `decode`.
+
+use super::classification::ClassificationSpec;
+use crate::fleetsync_capnp as schema;
+
+/// Who is connecting (and, for `Listener`, the listener's answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The comparison server.
+    Server,
+    /// An agent (a master agent connecting to a remote agent).
+    Agent,
+    /// A control client.
+    Control,
+    /// The listener proving it knows the token.
+    Listener,
+}
+
+impl Role {
+    /// The ASCII name that goes into the mac.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+            Role::Control => "control",
+            Role::Listener => "listener",
+        }
+    }
+}
+
+schema_enum_conversions!(Role <-> schema::Role { Server, Agent, Control, Listener });
+
+/// Checksum of one file, or why it could not be computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChecksumResult {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Bytes hashed.
+    pub size: u64,
+    /// Digest bytes, or an error message.
+    pub digest: Result<Vec<u8>, String>,
+}
+
+/// Attributes to apply; `None` fields are left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attrs {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    /// Owner and group (applied only by an agent running as root).
+    pub owner: Option<(u32, u32)>,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: Option<(i64, u32)>,
+}
+
+/// What to do at one path of a remote tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    /// Create a directory (fine if it exists), then apply attributes.
+    Mkdir(Attrs),
+    /// Remove a file or symlink, or a directory (`recursive`: with its contents).
+    Delete {
+        /// Remove a non-empty directory tree.
+        recursive: bool,
+    },
+    /// Apply attributes.
+    SetAttrs(Attrs),
+    /// Create or atomically repoint a symlink.
+    Symlink {
+        /// Link target.
+        target: Vec<u8>,
+        /// Owner and mtime of the link itself.
+        attrs: Attrs,
+    },
+    /// Make the path a hard link to `existing` (relative path), replacing it atomically.
+    HardLink {
+        /// The path to link to.
+        existing: Vec<u8>,
+    },
+    /// `blockCommit` only: put the file staged for the path in place.
+    Put {
+        /// Attributes of the new file.
+        attrs: Attrs,
+        /// The staged file must have exactly this size.
+        size: u64,
+    },
+}
+
+/// One order to a remote agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// What to do.
+    pub kind: OpKind,
+}
+
+/// How one item went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// Failed (see the message).
+    Failed,
+    /// Not done, not an error (see the note).
+    Skipped,
+}
+
+schema_enum_conversions!(Outcome <-> schema::Outcome { Ok, Failed, Skipped });
+
+/// The outcome for one path of a send order or apply request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemResult {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// Error or note (may be empty).
+    pub message: String,
+    /// Bytes transferred.
+    pub bytes: u64,
+    /// Send orders, ok: the digest of the content the remote committed (empty otherwise).
+    pub digest: Vec<u8>,
+}
+
+/// Progress of a long request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Request.
+    pub request_id: u64,
+    /// Items done.
+    pub items: u64,
+    /// Bytes done.
+    pub bytes: u64,
+    /// Items in all.
+    pub total_items: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+}
+
+/// A request is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Done {
+    /// Request.
+    pub request_id: u64,
+    /// Items that succeeded.
+    pub ok: u64,
+    /// Items that failed.
+    pub failed: u64,
+    /// Items skipped.
+    pub skipped: u64,
+}
+
+/// What a control client asks the server to do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncRequest {
+    /// host:port of the master agent.
+    pub master: String,
+    /// host:port of each remote agent.
+    pub remotes: Vec<String>,
+    /// Checksum algorithm.
+    pub algorithm: String,
+    /// Delete extra files on remotes.
+    pub delete: bool,
+    /// Only report what would change.
+    pub dry_run: bool,
+    /// Which files take part.
+    pub classification: ClassificationSpec,
+    /// `fleetsync verify`: a dry run whose checksums bypass the agents' caches.
+    pub verify: bool,
+    /// `--lock`: lock each file while it is synchronized, waiting at most this many
+    /// milliseconds (`--lock-timeout`); `None`: no locking.
+    pub lock_timeout_ms: Option<u32>,
+    /// Consistency rounds per remote after its transfers (0: no check; 1: check once).
+    pub max_rounds: u32,
+    /// Lock the files the consistency loop synchronizes again (as `--lock` does, also
+    /// without it), waiting at most this many milliseconds; `None`: as the rest of the sync.
+    pub lock_resync_ms: Option<u32>,
+    /// `--blocks`: dependency blocks in file order (empty: none).
+    pub blocks: Vec<BlockDef>,
+}
+
+/// One block of a `--blocks` file, as carried in a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockDef {
+    /// Block name.
+    pub name: String,
+    /// A `--select` expression, as text.
+    pub select: String,
+    /// Blocks that must be committed before this one.
+    pub after: Vec<String>,
+}
+
+/// Kind of a planned change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send file content.
+    Transfer,
+    /// Remove.
+    Delete,
+    /// Create a directory.
+    Mkdir,
+    /// Change attributes.
+    SetAttrs,
+    /// Create or repoint a symlink.
+    Symlink,
+    /// Create a hard link.
+    HardLink,
+    /// Not synced (special file, ...).
+    Skip,
+}
+
+schema_enum_conversions!(Action <-> schema::Action {
+    Transfer, Delete, Mkdir, SetAttrs, Symlink, HardLink, Skip,
+});
+
+/// One line of the itemized plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    /// Index into the request's remotes.
+    pub remote: u32,
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// What will change.
+    pub action: Action,
+    /// Bytes to transfer.
+    pub size: u64,
+    /// Why.
+    pub detail: String,
+}
+
+/// A per-item failure in a remote's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The outcome of one remote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RemoteResult {
+    /// Index into the request's remotes.
+    pub remote: u32,
+    /// Everything succeeded.
+    pub ok: bool,
+    /// Why the whole remote failed (empty otherwise).
+    pub error: String,
+    /// Files sent.
+    pub transferred: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Paths deleted.
+    pub deleted: u64,
+    /// Other changes.
+    pub changed: u64,
+    /// Per-item failures.
+    pub failures: Vec<Failure>,
+    /// Consistency checks run (0: none).
+    pub rounds: u32,
+    /// Files synchronized again by the consistency loop.
+    pub resynced: u64,
+    /// Files still inconsistent after the last round (`message` says why).
+    pub inconsistent: Vec<Failure>,
+}
+
+/// A file a remote received, as the master sent it (in a consistency request).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExpectedFile {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Digest in the request's algorithm; empty: whatever the agent recorded.
+    pub digest: Vec<u8>,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A file a remote's consistency check found inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InconsistentFile {
+    /// Relative path.
+    pub path: Vec<u8>,
+    /// Name of the check that found it.
+    pub check: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Progress of one remote, for the control client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncProgress {
+    /// Index into the request's remotes.
+    pub remote: u32,
+    /// Files done.
+    pub done_files: u64,
+    /// Files in all.
+    pub total_files: u64,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+}
