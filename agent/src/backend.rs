@@ -232,12 +232,7 @@ impl PosixBackend {
         };
         sink(entry_of(rel, &st, link_target))?;
         if is_dir {
-            let sub = match rustix::fs::openat(
-                dir,
-                name(n),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
+            let sub = match open_subdir(dir, n) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => return Ok(()),
                 Err(e) => return Err(AgentError::io("open directory", rel, e)),
@@ -426,14 +421,20 @@ pub fn entry_of(rel: &[u8], st: &Stat, link_target: Option<Vec<u8>>) -> FileEntr
     }
 }
 
-/// Removes `n` in `dir` and everything beneath it, never following symlinks.
-fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentError> {
-    let sub = match rustix::fs::openat(
+/// Opens the directory `n` in `dir` for reading its entries; a symlink there is refused
+/// (`ELOOP`), not followed.
+fn open_subdir(dir: BorrowedFd<'_>, n: &[u8]) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
         dir,
         name(n),
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
-    ) {
+    )
+}
+
+/// Removes `n` in `dir` and everything beneath it, never following symlinks.
+fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentError> {
+    let sub = match open_subdir(dir, n) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
@@ -870,37 +871,4 @@ impl Backend for PosixBackend {
 }
 
 #[cfg(test)]
-mod fresh_checksum_tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn fresh_checksum_reads_the_data_even_when_a_digest_is_cached() {
-        let tree = tempfile::tempdir().unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        std::fs::write(tree.path().join("f"), b"abc").unwrap();
-        let b = PosixBackend::new(tree.path())
-            .unwrap()
-            .with_checksum_cache_file(cache.path().join("sums"));
-        let info = fleetsync_engine::Registry::with_builtins()
-            .info("crc32")
-            .unwrap();
-        let real = b.checksum(b"f", &info, true).unwrap().0;
-        // A stale digest for the unchanged key: what a cache-trusting read would return.
-        let md = std::fs::metadata(tree.path().join("f")).unwrap();
-        let key = FileKey {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime: (md.mtime(), md.mtime_nsec() as u32),
-            ctime: (md.ctime(), md.ctime_nsec() as u32),
-        };
-        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-        b.sums
-            .as_ref()
-            .unwrap()
-            .put(&info.name, key, b"bad!", later);
-        assert_eq!(b.checksum(b"f", &info, false).unwrap().0, b"bad!");
-        assert_eq!(b.checksum(b"f", &info, true).unwrap().0, real);
-    }
-}
+mod tests;

@@ -690,10 +690,8 @@ mod tests {
         assert!(none.unwrap().is_empty());
     }
 
-    /// A read-only remote file (mode 0444 like the master's) could not be replaced with
-    /// `--lock` by an agent that is not root: opening it for writing to lock it failed.
-    #[test]
-    fn regression_an_exclusive_lock_on_a_read_only_open_file_waits_for_readers() {
+    /// A directory holding one file `f`, and options that give up after 30 ms.
+    fn one_file_quick_lock() -> (tempfile::TempDir, PathBuf, LockOptions) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "x").unwrap();
@@ -701,6 +699,14 @@ mod tests {
             timeout: Duration::from_millis(30),
             flock: true,
         };
+        (dir, path, quick)
+    }
+
+    /// A read-only remote file (mode 0444 like the master's) could not be replaced with
+    /// `--lock` by an agent that is not root: opening it for writing to lock it failed.
+    #[test]
+    fn regression_an_exclusive_lock_on_a_read_only_open_file_waits_for_readers() {
+        let (_dir, path, quick) = one_file_quick_lock();
         let read_only = || File::open(&path).unwrap();
         let busy = |r: Result<FileLock, LockError>| {
             assert!(matches!(r, Err(LockError::Timeout { .. })), "{r:?}");
@@ -736,13 +742,7 @@ mod tests {
 
     #[test]
     fn two_open_files_in_one_process_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, "x").unwrap();
-        let quick = LockOptions {
-            timeout: Duration::from_millis(30),
-            flock: true,
-        };
+        let (dir, path, quick) = one_file_quick_lock();
         let a = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
         let b = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
         let err = FileLock::open(&path, LockKind::Exclusive, &quick).unwrap_err();
