@@ -57,10 +57,12 @@
 //! file it locked (`fstat` against `stat`: same device and inode) and opens again if not; while
 //! it holds the lock on the current file, a `sync --lock` does not replace it.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -603,6 +605,32 @@ fn fdinfo_lockers(key: &str) -> Vec<(u32, LockFamily, bool)> {
         }
     }
     out
+}
+
+/// Locks `p` beneath `root` for a sync's `--lock`; `Ok(None)` if there is no such file or it is a
+/// symlink (nothing a reader could have locked: readers lock what a link points to). The
+/// error is the [`LockError`] text, which names the holders.
+pub(crate) fn lock_beneath(
+    root: &Path,
+    p: &[u8],
+    kind: LockKind,
+    timeout_ms: u32,
+) -> Result<Option<FileLock>, String> {
+    let rel = RelPath::new(OsStr::from_bytes(p)).map_err(|e| e.to_string())?;
+    let opts = LockOptions {
+        timeout: Duration::from_millis(timeout_ms.into()),
+        ..LockOptions::default()
+    };
+    match FileLock::open_beneath(root, &rel, kind, &opts) {
+        Ok(l) => Ok(Some(l)),
+        Err(LockError::Io { source, .. })
+            if source.kind() == io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -11,77 +11,17 @@
 //! A transaction belongs to the server connection that opened it: when that connection ends,
 //! the transactions it left open are aborted (their staging directories removed).
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use fleetsync_proto::{Attrs, Done, ItemResult, Msg, Op, OpKind, Outcome};
+use fleetsync_proto::{Attrs, Done, Msg, Op, OpKind};
 use tracing::{info, warn};
 
-use crate::backend::{Applied, TempFile};
-use crate::journal::{self, BlockTxn, JournalError, Mtime, RelPath};
-use crate::server::{send, send_flush, Shared, SharedWriter};
-use crate::transfer::failed;
+use crate::journal::{self, BlockTxn, JournalError, Mtime};
+use crate::session::{failed, send, send_flush, succeeded, ResultBatch, Shared, SharedWriter};
+use crate::stages::{rel, Arrival, Staged};
 use crate::AgentError;
-
-/// The open staging transactions of an agent, by their server-chosen name.
-#[derive(Default)]
-pub(crate) struct Stages {
-    open: Mutex<HashMap<String, Arc<Mutex<Staged>>>>,
-    next_owner: AtomicU64,
-}
-
-struct Staged {
-    /// The server connection that opened it.
-    owner: u64,
-    txn: Option<BlockTxn>,
-    files: HashMap<Vec<u8>, Arrival>,
-}
-
-enum Arrival {
-    Receiving,
-    Arrived { size: u64 },
-}
-
-impl Stages {
-    /// A new owner id for a server connection.
-    pub(crate) fn new_owner(&self) -> u64 {
-        self.next_owner.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    fn get(&self, stage: &str) -> Option<Arc<Mutex<Staged>>> {
-        self.open.lock().expect("poisoned").get(stage).cloned()
-    }
-
-    /// Aborts the transactions a closed server connection left open.
-    pub(crate) fn drop_owner(&self, owner: u64) {
-        let gone: Vec<(String, Arc<Mutex<Staged>>)> = {
-            let mut open = self.open.lock().expect("poisoned");
-            let names: Vec<String> = open
-                .iter()
-                .filter(|(_, s)| s.lock().expect("poisoned").owner == owner)
-                .map(|(n, _)| n.clone())
-                .collect();
-            names
-                .into_iter()
-                .filter_map(|n| open.remove(&n).map(|s| (n, s)))
-                .collect()
-        };
-        for (name, staged) in gone {
-            if let Some(txn) = staged.lock().expect("poisoned").txn.take() {
-                info!(stage = %name, block = txn.block_name(), "server connection gone: block transaction aborted");
-                if let Err(e) = txn.abort() {
-                    warn!(stage = %name, "cannot remove the staging directory: {e}");
-                }
-            }
-        }
-    }
-}
 
 /// Checks a server-chosen transaction name: 1–64 of `A-Z a-z 0-9 _ -`.
 fn check_stage(stage: &str) -> Result<(), String> {
@@ -122,17 +62,7 @@ pub(crate) fn begin(
     match r {
         Ok(txn) => {
             info!(stage, block, txn = txn.id(), "block transaction opened");
-            let staged = Staged {
-                owner,
-                txn: Some(txn),
-                files: HashMap::new(),
-            };
-            shared
-                .stages
-                .open
-                .lock()
-                .expect("poisoned")
-                .insert(stage.to_owned(), Arc::new(Mutex::new(staged)));
+            shared.stages.insert(stage, owner, txn);
             done.ok = 1;
         }
         Err(e) => {
@@ -148,118 +78,6 @@ pub(crate) fn begin(
         }
     }
     send_flush(w, &Msg::Done(done))
-}
-
-/// A file being received into a staging transaction (`fileStart.stage`).
-struct StagedFile {
-    file: File,
-    staged: Arc<Mutex<Staged>>,
-    path: Vec<u8>,
-    written: u64,
-    can_chown: bool,
-}
-
-impl Write for StagedFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl TempFile for StagedFile {
-    /// The file arrived complete and verified: it is recorded as such; it is put in place
-    /// (with the attributes of the commit's `put`) only when the whole block commits.
-    fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
-        // The sender's attributes (normally those of the commit's `put`) and the flush, here
-        // on the receiver's commit threads so that the disk writes of many files overlap; the
-        // journal then applies only what differs and its fsync finds little to do.
-        if let (Some((uid, gid)), true) = (attrs.owner, self.can_chown) {
-            rustix::fs::fchown(
-                &self.file,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )
-            .map_err(io_err("chown staged file for", &self.path))?;
-        }
-        if let Some(mode) = attrs.mode {
-            rustix::fs::fchmod(&self.file, rustix::fs::Mode::from_raw_mode(mode & 0o7777))
-                .map_err(io_err("chmod staged file for", &self.path))?;
-        }
-        if let Some((sec, nsec)) = attrs.mtime {
-            let t = rustix::fs::Timestamps {
-                last_access: rustix::fs::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: rustix::fs::UTIME_OMIT,
-                },
-                last_modification: rustix::fs::Timespec {
-                    tv_sec: sec,
-                    tv_nsec: nsec.into(),
-                },
-            };
-            rustix::fs::futimens(&self.file, &t)
-                .map_err(io_err("set mtime of staged file for", &self.path))?;
-        }
-        self.file
-            .sync_all()
-            .map_err(io_err("fsync staged file for", &self.path))?;
-        let mut st = self.staged.lock().expect("poisoned");
-        st.files
-            .insert(self.path.clone(), Arrival::Arrived { size: self.written });
-        Ok(Applied::default())
-    }
-}
-
-fn io_err<'p, E: Into<std::io::Error>>(
-    op: &'static str,
-    path: &'p [u8],
-) -> impl FnOnce(E) -> AgentError + 'p {
-    move |e| AgentError::io(op, path, e)
-}
-
-fn rel(path: &[u8]) -> Result<RelPath, JournalError> {
-    RelPath::new(OsStr::from_bytes(path))
-}
-
-/// Starts receiving `path` into transaction `stage`; the result goes where the receiver's
-/// temporary file would.
-pub(crate) fn stage_file(
-    shared: &Shared,
-    stage: &str,
-    path: &[u8],
-) -> Result<Box<dyn TempFile>, AgentError> {
-    let refuse = |why: String| AgentError::Verify {
-        path: path.to_vec(),
-        why,
-    };
-    let staged = shared
-        .stages
-        .get(stage)
-        .ok_or_else(|| refuse(format!("no open block transaction {stage:?}")))?;
-    let rel = rel(path).map_err(|e| refuse(e.to_string()))?;
-    let file = {
-        let mut st = staged.lock().expect("poisoned");
-        if st.files.contains_key(path) {
-            return Err(refuse("sent twice in one block".into()));
-        }
-        let txn = st
-            .txn
-            .as_mut()
-            .ok_or_else(|| refuse("the block transaction is closed".into()))?;
-        let file = txn.stage_file(&rel).map_err(|e| refuse(e.to_string()))?;
-        st.files.insert(path.to_vec(), Arrival::Receiving);
-        file
-    };
-    Ok(Box::new(StagedFile {
-        file,
-        staged,
-        path: path.to_vec(),
-        written: 0,
-        can_chown: shared.backend.can_chown(),
-    }))
 }
 
 fn journal_attrs(a: &Attrs, can_chown: bool) -> journal::Attrs {
@@ -334,7 +152,7 @@ pub(crate) fn commit(
     ops: &[Op],
     abort: bool,
 ) -> Result<(), AgentError> {
-    let staged = shared.stages.open.lock().expect("poisoned").remove(stage);
+    let staged = shared.stages.remove(stage);
     let mut done = Done {
         request_id,
         ..Done::default()
@@ -380,43 +198,19 @@ pub(crate) fn commit(
     };
     // The write log records the block's files only now that they are in place.
     shared.consist.block_ended(stage, outcome.is_ok());
-    let mut results = Vec::with_capacity(ops.len().min(1024));
+    let mut results = ResultBatch::new(w, request_id);
     for op in ops {
         let item = match &outcome {
             Ok(()) => {
                 done.ok += 1;
-                ItemResult {
-                    path: op.path.clone(),
-                    outcome: Outcome::Ok,
-                    message: String::new(),
-                    bytes: 0,
-                    digest: Vec::new(),
-                }
+                succeeded(&op.path, String::new())
             }
             Err(e) => {
                 done.failed += 1;
                 failed(&op.path, e.clone())
             }
         };
-        results.push(item);
-        if results.len() >= 1024 {
-            send(
-                w,
-                &Msg::ItemResults {
-                    request_id,
-                    results: std::mem::take(&mut results),
-                },
-            )?;
-        }
+        results.push(item)?;
     }
-    if !results.is_empty() {
-        send(
-            w,
-            &Msg::ItemResults {
-                request_id,
-                results,
-            },
-        )?;
-    }
-    send_flush(w, &Msg::Done(done))
+    results.finish(done)
 }
