@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use fleetsync_proto::{Attrs, Done, Msg, Op, OpKind};
 use tracing::{info, warn};
 
-use crate::journal::{self, BlockTxn, JournalError, Mtime};
+use crate::journal::{BlockTxn, JournalAttrs, JournalError, JournalOp, Mtime};
 use crate::session::{failed, send, send_flush, succeeded, ResultBatch, Shared, SharedWriter};
 use crate::stages::{rel, Arrival, Staged};
 use crate::AgentError;
@@ -80,12 +80,12 @@ pub(crate) fn begin(
     send_flush(w, &Msg::Done(done))
 }
 
-fn journal_attrs(a: &Attrs, can_chown: bool) -> journal::Attrs {
+fn journal_attrs(a: &Attrs, can_chown: bool) -> JournalAttrs {
     let (uid, gid) = match (a.owner, can_chown) {
         (Some((u, g)), true) => (Some(u), Some(g)),
         _ => (None, None),
     };
-    journal::Attrs {
+    JournalAttrs {
         mode: a.mode,
         mtime: a.mtime.map(|(secs, nanos)| Mtime { secs, nanos }),
         uid,
@@ -113,26 +113,26 @@ fn add_ops(txn: &mut BlockTxn, st: &Staged, ops: &[Op], can_chown: bool) -> Resu
                     }
                     None => return Err(format!("{shown}: was not sent")),
                 }
-                journal::Op::Put {
+                JournalOp::Put {
                     path,
                     attrs: journal_attrs(attrs, can_chown),
                 }
             }
-            OpKind::Delete { .. } => journal::Op::Delete { path },
-            OpKind::Mkdir(a) => journal::Op::Mkdir {
+            OpKind::Delete { .. } => JournalOp::Delete { path },
+            OpKind::Mkdir(a) => JournalOp::Mkdir {
                 path,
                 attrs: journal_attrs(a, can_chown),
             },
-            OpKind::SetAttrs(a) => journal::Op::SetAttrs {
+            OpKind::SetAttrs(a) => JournalOp::SetAttrs {
                 path,
                 attrs: journal_attrs(a, can_chown),
             },
-            OpKind::Symlink { target, attrs } => journal::Op::Symlink {
+            OpKind::Symlink { target, attrs } => JournalOp::Symlink {
                 path,
                 target: PathBuf::from(OsStr::from_bytes(target)),
                 attrs: journal_attrs(attrs, can_chown),
             },
-            OpKind::HardLink { existing } => journal::Op::HardLink {
+            OpKind::HardLink { existing } => JournalOp::HardLink {
                 path,
                 target: rel(existing).map_err(|e| e.to_string())?,
             },

@@ -2,7 +2,7 @@
 //! any point, the block is either entirely old or entirely new once [`recover`] has run.
 //!
 //! ```no_run
-//! use fleetsync_agent::journal::{recover, Attrs, BlockTxn, Op, RelPath};
+//! use fleetsync_agent::journal::{recover, BlockTxn, JournalAttrs, JournalOp, RelPath};
 //! use std::io::Write;
 //! # fn main() -> Result<(), fleetsync_agent::journal::JournalError> {
 //! let root = std::path::Path::new("/srv/tree");
@@ -10,13 +10,14 @@
 //! let mut txn = BlockTxn::begin(root, "config")?;
 //! let path = RelPath::new("etc/app.conf")?;
 //! txn.stage_file(&path)?.write_all(b"threads = 4\n").expect("write");
-//! txn.add_op(Op::Put { path, attrs: Attrs { mode: Some(0o644), ..Attrs::default() } })?;
-//! txn.add_op(Op::Symlink {
+//! let attrs = JournalAttrs { mode: Some(0o644), ..JournalAttrs::default() };
+//! txn.add_op(JournalOp::Put { path, attrs })?;
+//! txn.add_op(JournalOp::Symlink {
 //!     path: RelPath::new("etc/current")?,
 //!     target: "app.conf".into(),
-//!     attrs: Attrs::default(),
+//!     attrs: JournalAttrs::default(),
 //! })?;
-//! txn.add_op(Op::Delete { path: RelPath::new("etc/old.conf")? })?;
+//! txn.add_op(JournalOp::Delete { path: RelPath::new("etc/old.conf")? })?;
 //! txn.commit()?;
 //! # Ok(()) }
 //! ```
@@ -345,7 +346,7 @@ pub struct Mtime {
 
 /// Attributes to give an object; `None` leaves that attribute as the system makes it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Attrs {
+pub struct JournalAttrs {
     /// Permission bits (`0o7777` mask). Ignored for symlinks.
     pub mode: Option<u32>,
     /// Modification time.
@@ -359,13 +360,13 @@ pub struct Attrs {
 /// One operation of a block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Op {
+pub enum JournalOp {
     /// Put the file staged with [`BlockTxn::stage_file`] at `path`, replacing what is there.
     Put {
         /// Destination.
         path: RelPath,
         /// Attributes of the new file.
-        attrs: Attrs,
+        attrs: JournalAttrs,
     },
     /// Create or repoint a symlink at `path`.
     Symlink {
@@ -374,7 +375,7 @@ pub enum Op {
         /// What it points to (stored verbatim, may dangle).
         target: PathBuf,
         /// Owner and mtime of the link itself (`mode` is ignored).
-        attrs: Attrs,
+        attrs: JournalAttrs,
     },
     /// Make `path` a hard link to `target` (a path of the tree, or one put earlier in the block).
     HardLink {
@@ -393,27 +394,27 @@ pub enum Op {
         /// The object.
         path: RelPath,
         /// The new attributes.
-        attrs: Attrs,
+        attrs: JournalAttrs,
     },
     /// Create a directory (an existing directory just gets the attributes).
     Mkdir {
         /// The directory.
         path: RelPath,
         /// Its attributes; mode defaults to `0o755`.
-        attrs: Attrs,
+        attrs: JournalAttrs,
     },
 }
 
-impl Op {
+impl JournalOp {
     /// The path the operation changes.
     pub fn path(&self) -> &RelPath {
         match self {
-            Op::Put { path, .. }
-            | Op::Symlink { path, .. }
-            | Op::HardLink { path, .. }
-            | Op::Delete { path }
-            | Op::SetAttrs { path, .. }
-            | Op::Mkdir { path, .. } => path,
+            JournalOp::Put { path, .. }
+            | JournalOp::Symlink { path, .. }
+            | JournalOp::HardLink { path, .. }
+            | JournalOp::Delete { path }
+            | JournalOp::SetAttrs { path, .. }
+            | JournalOp::Mkdir { path, .. } => path,
         }
     }
 }
@@ -461,7 +462,7 @@ impl CrashHook {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SlotOp {
     slot: u32,
-    op: Op,
+    op: JournalOp,
 }
 
 /// A block being assembled; see the module docs. Dropping it without [`commit`](Self::commit)
@@ -570,7 +571,7 @@ fn timestamps(m: Mtime) -> Timestamps {
     }
 }
 
-fn uid_gid(a: &Attrs) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+fn uid_gid(a: &JournalAttrs) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
     (
         a.uid.map(rustix::fs::Uid::from_raw),
         a.gid.map(rustix::fs::Gid::from_raw),
@@ -578,7 +579,12 @@ fn uid_gid(a: &Attrs) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
 }
 
 /// Applies attributes through an open fd (owner first: chown may clear set-id bits).
-fn apply_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, mode: Option<u32>, shown: &Path) -> Result<()> {
+fn apply_attrs_fd(
+    fd: BorrowedFd<'_>,
+    a: &JournalAttrs,
+    mode: Option<u32>,
+    shown: &Path,
+) -> Result<()> {
     let (uid, gid) = uid_gid(a);
     if uid.is_some() || gid.is_some() {
         rustix::fs::fchown(fd, uid, gid).map_err(|e| io_err("chown", shown, e))?;
@@ -596,7 +602,7 @@ fn apply_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, mode: Option<u32>, shown: &Path
 /// Applies to a staged file only the attributes it does not have yet: a file whose writer
 /// already gave it its final attributes (and flushed it) then costs no metadata write, and
 /// its fsync at commit finds nothing to do.
-fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, shown: &Path) -> Result<()> {
+fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &JournalAttrs, shown: &Path) -> Result<()> {
     let st = rustix::fs::fstat(fd).map_err(|e| io_err("fstat", shown, e))?;
     let owner_differs =
         a.uid.is_some_and(|u| u != st.st_uid) || a.gid.is_some_and(|g| g != st.st_gid);
@@ -606,7 +612,7 @@ fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, shown: &Path) -> Result
     let mtime_differs = a.mtime.is_some_and(|m| {
         m.secs != st.st_mtime as i64 || i64::from(m.nanos) != st.st_mtime_nsec as i64
     });
-    let changed = Attrs {
+    let changed = JournalAttrs {
         mode: None,
         mtime: a.mtime.filter(|_| mtime_differs),
         uid: a.uid.filter(|_| owner_differs),
@@ -622,7 +628,7 @@ fn apply_changed_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs, shown: &Path) -> Result
 }
 
 /// Applies attributes by name, without following a symlink at `name`.
-fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, shown: &Path) -> Result<()> {
+fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &JournalAttrs, shown: &Path) -> Result<()> {
     let st = lstat_at(dir, name)
         .map_err(|e| io_err("lstat", shown, e))?
         .ok_or_else(|| io_err("set attributes of", shown, Errno::NOENT))?;
@@ -783,7 +789,7 @@ impl BlockTxn {
     }
 
     /// Creates the staging file for the future content of `path` and returns it for writing.
-    /// The data is fsynced at commit; add an [`Op::Put`] for `path` to put it in place.
+    /// The data is fsynced at commit; add a [`JournalOp::Put`] for `path` to put it in place.
     pub fn stage_file(&mut self, path: &RelPath) -> Result<File> {
         if self.staged.contains_key(path) {
             return Err(JournalError::StagedFile {
@@ -804,11 +810,11 @@ impl BlockTxn {
     }
 
     /// Appends an operation. Checks the one-content-operation-per-path rule.
-    pub fn add_op(&mut self, op: Op) -> Result<()> {
+    pub fn add_op(&mut self, op: JournalOp) -> Result<()> {
         let dup = || JournalError::DuplicatePath {
             path: op.path().as_path().to_owned(),
         };
-        let content = !matches!(op, Op::SetAttrs { .. });
+        let content = !matches!(op, JournalOp::SetAttrs { .. });
         // A content op may not follow anything on the same path (replay would apply an
         // earlier op to the later object); SetAttrs may follow anything.
         if content && self.ops.iter().any(|prev| prev.op.path() == op.path()) {
@@ -816,7 +822,8 @@ impl BlockTxn {
         }
         // Nothing may happen beneath a path the block replaces or deletes (the parent would
         // vanish under a replayed operation).
-        let replaces = |o: &Op| !matches!(o, Op::SetAttrs { .. } | Op::Mkdir { .. });
+        let replaces =
+            |o: &JournalOp| !matches!(o, JournalOp::SetAttrs { .. } | JournalOp::Mkdir { .. });
         for prev in &self.ops {
             let (a, b) = (prev.op.path(), op.path());
             if (replaces(&prev.op) && a.is_ancestor_of(b)) || (replaces(&op) && b.is_ancestor_of(a))
@@ -828,7 +835,7 @@ impl BlockTxn {
             }
         }
         let slot = match &op {
-            Op::Put { path, .. } => {
+            JournalOp::Put { path, .. } => {
                 *self
                     .staged
                     .get(path)
@@ -844,7 +851,7 @@ impl BlockTxn {
     }
 
     /// The operations added so far.
-    pub fn ops(&self) -> impl Iterator<Item = &Op> {
+    pub fn ops(&self) -> impl Iterator<Item = &JournalOp> {
         self.ops.iter().map(|s| &s.op)
     }
 
@@ -918,13 +925,13 @@ impl BlockTxn {
                 // Nothing to delete beneath a missing parent or a non-directory (a symlink
                 // among the parents is never followed, so the path names nothing in the tree).
                 Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
-                    if matches!(op, Op::Delete { .. }) => {}
+                    if matches!(op, JournalOp::Delete { .. }) => {}
                 Err(e) => return Err(e),
             }
             let name = slot_name(*slot);
             hook.step();
             match op {
-                Op::Put { attrs, .. } => {
+                JournalOp::Put { attrs, .. } => {
                     used_slots.insert(*slot);
                     let fd = rustix::fs::openat(
                         self.new_fd.as_fd(),
@@ -937,17 +944,17 @@ impl BlockTxn {
                     fsync_fd(fd.as_fd(), p)?;
                     put_slots.insert(path, *slot);
                 }
-                Op::Symlink { target, attrs, .. } => {
+                JournalOp::Symlink { target, attrs, .. } => {
                     rustix::fs::symlinkat(target.as_os_str(), self.new_fd.as_fd(), &*name)
                         .map_err(|e| io_err("create staged symlink for", p, e))?;
-                    let a = Attrs {
+                    let a = JournalAttrs {
                         mode: None,
                         ..*attrs
                     };
                     apply_attrs_at(self.new_fd.as_fd(), OsStr::new(&name), &a, p)?;
                     put_slots.insert(path, *slot);
                 }
-                Op::HardLink { target, .. } => {
+                JournalOp::HardLink { target, .. } => {
                     let missing = || JournalError::MissingLinkTarget {
                         path: p.to_owned(),
                         target: target.as_path().to_owned(),
@@ -981,7 +988,7 @@ impl BlockTxn {
                     }
                     put_slots.insert(path, *slot);
                 }
-                Op::Mkdir { attrs, .. } => {
+                JournalOp::Mkdir { attrs, .. } => {
                     rustix::fs::mkdirat(self.new_fd.as_fd(), &*name, Mode::from_raw_mode(0o700))
                         .map_err(|e| io_err("create staged directory for", p, e))?;
                     let fd = open_dir_at(self.new_fd.as_fd(), OsStr::new(&name))
@@ -989,7 +996,7 @@ impl BlockTxn {
                     apply_attrs_fd(fd.as_fd(), attrs, Some(attrs.mode.unwrap_or(0o755)), p)?;
                     made_dirs.insert(path);
                 }
-                Op::Delete { .. } | Op::SetAttrs { .. } => {}
+                JournalOp::Delete { .. } | JournalOp::SetAttrs { .. } => {}
             }
         }
         if let Some((path, _)) = self.staged.iter().find(|(_, s)| !used_slots.contains(s)) {
@@ -1059,12 +1066,13 @@ fn apply_all(
         // Done already? Decided from the staging directory alone, before resolving the path.
         let done = match op {
             // Still in new/ means not yet renamed into place.
-            Op::Put { .. } | Op::Symlink { .. } | Op::HardLink { .. } | Op::Mkdir { .. } => {
-                !exists_at(new_dir, &slot, Path::new(NEW_DIR))?
-            }
+            JournalOp::Put { .. }
+            | JournalOp::Symlink { .. }
+            | JournalOp::HardLink { .. }
+            | JournalOp::Mkdir { .. } => !exists_at(new_dir, &slot, Path::new(NEW_DIR))?,
             // In backup/ means deleted.
-            Op::Delete { .. } => exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))?,
-            Op::SetAttrs { .. } => false,
+            JournalOp::Delete { .. } => exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))?,
+            JournalOp::SetAttrs { .. } => false,
         };
         if done {
             continue;
@@ -1073,7 +1081,7 @@ fn apply_all(
             Ok(x) => x,
             // Nothing to delete where there is no parent (or it is not a directory).
             Err(JournalError::MissingParent { .. } | JournalError::UnsafePath { .. })
-                if matches!(op, Op::Delete { .. }) =>
+                if matches!(op, JournalOp::Delete { .. }) =>
             {
                 continue
             }
@@ -1081,15 +1089,18 @@ fn apply_all(
         };
         let dir = dir.as_fd();
         match op {
-            Op::Put { .. } | Op::Symlink { .. } | Op::HardLink { .. } | Op::Mkdir { .. } => {
-                let new_is_dir = matches!(op, Op::Mkdir { .. });
+            JournalOp::Put { .. }
+            | JournalOp::Symlink { .. }
+            | JournalOp::HardLink { .. }
+            | JournalOp::Mkdir { .. } => {
+                let new_is_dir = matches!(op, JournalOp::Mkdir { .. });
                 let old = lstat_at(dir, name).map_err(|e| io_err("lstat", p, e))?;
                 let backed_up = exists_at(backup_dir, &slot, Path::new(BACKUP_DIR))?;
                 match old {
                     Some(st) if is_dir(&st) && new_is_dir => {
                         // mkdir on an existing directory: give it the attributes, drop ours.
-                        if let Op::Mkdir { attrs, .. } = op {
-                            let a = Attrs {
+                        if let JournalOp::Mkdir { attrs, .. } = op {
+                            let a = JournalAttrs {
                                 mode: Some(attrs.mode.unwrap_or(0o755)),
                                 ..*attrs
                             };
@@ -1130,7 +1141,7 @@ fn apply_all(
                     let _ = rustix::fs::unlinkat(new_dir, slot_os, AtFlags::empty());
                 }
             }
-            Op::Delete { .. } => {
+            JournalOp::Delete { .. } => {
                 if lstat_at(dir, name)
                     .map_err(|e| io_err("lstat", p, e))?
                     .is_some()
@@ -1140,7 +1151,7 @@ fn apply_all(
                         .map_err(|e| io_err("delete", p, e))?;
                 }
             }
-            Op::SetAttrs { attrs, .. } => {
+            JournalOp::SetAttrs { attrs, .. } => {
                 hook.step();
                 apply_attrs_at(dir, name, attrs, p)?;
             }
@@ -1339,17 +1350,17 @@ fn encode_journal(block: &str, ops: &[SlotOp]) -> String {
     s.push_str("\nblock ");
     escape(&mut s, block.as_bytes());
     s.push('\n');
-    let none = Attrs::default();
+    let none = JournalAttrs::default();
     for SlotOp { slot, op } in ops {
-        let (kind, target, attrs): (&str, Option<&[u8]>, &Attrs) = match op {
-            Op::Put { attrs, .. } => ("put", None, attrs),
-            Op::Symlink { target, attrs, .. } => {
+        let (kind, target, attrs): (&str, Option<&[u8]>, &JournalAttrs) = match op {
+            JournalOp::Put { attrs, .. } => ("put", None, attrs),
+            JournalOp::Symlink { target, attrs, .. } => {
                 ("symlink", Some(target.as_os_str().as_bytes()), attrs)
             }
-            Op::HardLink { target, .. } => ("hardlink", Some(&target.0), &none),
-            Op::Delete { .. } => ("delete", None, &none),
-            Op::SetAttrs { attrs, .. } => ("attrs", None, attrs),
-            Op::Mkdir { attrs, .. } => ("mkdir", None, attrs),
+            JournalOp::HardLink { target, .. } => ("hardlink", Some(&target.0), &none),
+            JournalOp::Delete { .. } => ("delete", None, &none),
+            JournalOp::SetAttrs { attrs, .. } => ("attrs", None, attrs),
+            JournalOp::Mkdir { attrs, .. } => ("mkdir", None, attrs),
         };
         s.push_str(&format!("{kind} {slot} "));
         escape(&mut s, &op.path().0);
@@ -1422,7 +1433,7 @@ fn decode_journal(bytes: &[u8]) -> Result<(String, Vec<SlotOp>), String> {
                 nanos: n.parse().map_err(|_| "bad mtime nanoseconds")?,
             })
         };
-        let attrs = Attrs {
+        let attrs = JournalAttrs {
             mode: num(mode, 8)?,
             mtime,
             uid: num(uid, 10)?,
@@ -1434,19 +1445,19 @@ fn decode_journal(bytes: &[u8]) -> Result<(String, Vec<SlotOp>), String> {
                 .ok_or_else(|| format!("{kind} without target"))
         };
         let op = match kind {
-            "put" => Op::Put { path, attrs },
-            "symlink" => Op::Symlink {
+            "put" => JournalOp::Put { path, attrs },
+            "symlink" => JournalOp::Symlink {
                 path,
                 target: PathBuf::from(OsString::from_vec(need_target()?)),
                 attrs,
             },
-            "hardlink" => Op::HardLink {
+            "hardlink" => JournalOp::HardLink {
                 path,
                 target: rel_from_bytes(need_target()?)?,
             },
-            "delete" => Op::Delete { path },
-            "attrs" => Op::SetAttrs { path, attrs },
-            "mkdir" => Op::Mkdir { path, attrs },
+            "delete" => JournalOp::Delete { path },
+            "attrs" => JournalOp::SetAttrs { path, attrs },
+            "mkdir" => JournalOp::Mkdir { path, attrs },
             other => return Err(format!("unknown operation {other:?}")),
         };
         ops.push(SlotOp { slot, op });
@@ -1486,9 +1497,9 @@ mod tests {
         let ops = vec![
             SlotOp {
                 slot: 1,
-                op: Op::Put {
+                op: JournalOp::Put {
                     path: RelPath::new(&odd).unwrap(),
-                    attrs: Attrs {
+                    attrs: JournalAttrs {
                         mode: Some(0o4755),
                         mtime: Some(Mtime { secs: -5, nanos: 7 }),
                         uid: Some(0),
@@ -1498,22 +1509,22 @@ mod tests {
             },
             SlotOp {
                 slot: 2,
-                op: Op::Symlink {
+                op: JournalOp::Symlink {
                     path: RelPath::new("l").unwrap(),
                     target: PathBuf::from(" ../x y"),
-                    attrs: Attrs::default(),
+                    attrs: JournalAttrs::default(),
                 },
             },
             SlotOp {
                 slot: 3,
-                op: Op::HardLink {
+                op: JournalOp::HardLink {
                     path: RelPath::new("h").unwrap(),
                     target: RelPath::new(&odd).unwrap(),
                 },
             },
             SlotOp {
                 slot: 4,
-                op: Op::Delete {
+                op: JournalOp::Delete {
                     path: RelPath::new("-").unwrap(),
                 },
             },
