@@ -242,6 +242,21 @@ impl PosixBackend {
         Ok(())
     }
 
+    /// Opens the regular file `path` for reading, with its `fstat`; anything else is an
+    /// error.
+    fn open_regular(&self, path: &[u8]) -> Result<(OwnedFd, Stat), AgentError> {
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        Ok((fd, st))
+    }
+
     fn stat_at(
         &self,
         dir: BorrowedFd<'_>,
@@ -634,15 +649,7 @@ impl Backend for PosixBackend {
     }
 
     fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
+        let (fd, st) = self.open_regular(path)?;
         Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
     }
 
@@ -652,15 +659,7 @@ impl Backend for PosixBackend {
         alg: &AlgorithmInfo,
         fresh: bool,
     ) -> Result<(Vec<u8>, u64), AgentError> {
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
+        let (fd, st) = self.open_regular(path)?;
         let key = FileKey {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
