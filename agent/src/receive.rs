@@ -62,18 +62,7 @@ pub(crate) fn receive(
                     "fileChunk outside a file".into(),
                 )));
             };
-            if inc.error.is_none() {
-                if let Some(t) = inc.temp.as_mut() {
-                    if let Err(e) = t.write_all(data) {
-                        inc.error = Some(format!("write: {e}"));
-                        inc.temp = None;
-                    }
-                }
-                if let Some(s) = inc.state.as_mut() {
-                    s.update(data);
-                }
-            }
-            inc.received += data.len() as u64;
+            inc.take_chunk(data);
             continue;
         }
         match Msg::from_reader(root)? {
@@ -90,41 +79,13 @@ pub(crate) fn receive(
                     )));
                 }
                 committer.state.lock().expect("poisoned").done.request_id = request_id;
-                let mut inc = Incoming {
+                cur = Some(Incoming::start(
+                    shared,
                     entry,
-                    temp: None,
-                    state: None,
-                    received: 0,
-                    error: None,
-                    // A staged file replaces nothing until its block commits.
-                    lock_timeout_ms: lock_timeout_ms.filter(|_| stage.is_empty()),
-                    algorithm: algorithm.clone(),
-                    stage: stage.clone(),
-                };
-                let p = inc.entry.path.clone();
-                let prepared = path::check(&p)
-                    .and_then(|()| {
-                        shared
-                            .registry
-                            .info(&algorithm)
-                            .map_err(|e| AgentError::Engine(e.to_string()))
-                    })
-                    .and_then(|info| {
-                        let temp = if stage.is_empty() {
-                            backend.create_temp(&p)?
-                        } else {
-                            shared.stages.stage_file(&stage, &p, backend.can_chown())?
-                        };
-                        Ok((info, temp))
-                    });
-                match prepared {
-                    Ok((info, temp)) => {
-                        inc.state = Some(info.instantiate());
-                        inc.temp = Some(temp);
-                    }
-                    Err(e) => inc.error = Some(e.to_string()),
-                }
-                cur = Some(inc);
+                    algorithm,
+                    lock_timeout_ms,
+                    stage,
+                ));
             }
             Msg::FileEnd {
                 size,
@@ -137,31 +98,11 @@ pub(crate) fn receive(
                         "fileEnd outside a file".into(),
                     )));
                 };
-                let p = inc.entry.path.clone();
-                let lock = inc.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
-                let algorithm = inc.algorithm.clone();
-                let stage = inc.stage.clone();
-                match verify_file(inc, size, &digest, aborted, error) {
-                    Ok((temp, attrs)) => committer.submit(CommitJob {
-                        temp,
-                        attrs,
-                        path: p,
-                        size,
-                        lock,
-                        algorithm,
-                        digest,
-                        stage,
-                    })?,
-                    Err(e) => {
-                        debug!("receive {}: {e}", show(&p));
-                        committer.state.lock().expect("poisoned").done.failed += 1;
-                        send(
-                            w,
-                            &Msg::ItemResults {
-                                request_id: committer.request_id(),
-                                results: vec![failed(&p, e)],
-                            },
-                        )?;
+                match inc.into_job(shared, size, digest, aborted, error) {
+                    Ok(job) => committer.submit(job)?,
+                    Err((p, why)) => {
+                        debug!("receive {}: {why}", show(&p));
+                        committer.report_failure(w, &p, why)?;
                         if reader.buffer().is_empty() {
                             flush(w)?;
                         }
@@ -189,46 +130,139 @@ pub(crate) fn receive(
     }
 }
 
-/// Checks a completely received file; returns it ready to commit.
-fn verify_file(
-    inc: Incoming,
-    size: u64,
-    digest: &[u8],
-    aborted: bool,
-    error: String,
-) -> Result<(Box<dyn TempFile>, Attrs), String> {
-    if let Some(e) = inc.error {
-        return Err(e);
+impl Incoming {
+    /// Prepares to receive `entry`: its temporary file (or staged file, in block transaction
+    /// `stage`) and checksum state. What fails here is kept and reported at the file's end.
+    fn start(
+        shared: &Shared,
+        entry: FileEntry,
+        algorithm: String,
+        lock_timeout_ms: Option<u32>,
+        stage: String,
+    ) -> Incoming {
+        let p = entry.path.clone();
+        let prepared = path::check(&p)
+            .and_then(|()| {
+                shared
+                    .registry
+                    .info(&algorithm)
+                    .map_err(|e| AgentError::Engine(e.to_string()))
+            })
+            .and_then(|info| {
+                let temp = if stage.is_empty() {
+                    shared.backend.create_temp(&p)?
+                } else {
+                    let can_chown = shared.backend.can_chown();
+                    shared.stages.stage_file(&stage, &p, can_chown)?
+                };
+                Ok((info, temp))
+            });
+        let mut inc = Incoming {
+            entry,
+            temp: None,
+            state: None,
+            received: 0,
+            error: None,
+            // A staged file replaces nothing until its block commits.
+            lock_timeout_ms: lock_timeout_ms.filter(|_| stage.is_empty()),
+            algorithm,
+            stage,
+        };
+        match prepared {
+            Ok((info, temp)) => {
+                inc.state = Some(info.instantiate());
+                inc.temp = Some(temp);
+            }
+            Err(e) => inc.error = Some(e.to_string()),
+        }
+        inc
     }
-    if aborted {
-        return Err(if error.is_empty() {
-            "aborted by the sender".into()
-        } else {
-            error
-        });
+
+    /// Takes the next chunk of the file's data.
+    fn take_chunk(&mut self, data: &[u8]) {
+        if self.error.is_none() {
+            if let Some(t) = self.temp.as_mut() {
+                if let Err(e) = t.write_all(data) {
+                    self.error = Some(format!("write: {e}"));
+                    self.temp = None;
+                }
+            }
+            if let Some(s) = self.state.as_mut() {
+                s.update(data);
+            }
+        }
+        self.received += data.len() as u64;
     }
-    if inc.received != size {
-        return Err(format!(
-            "received {} bytes, sender sent {size}",
-            inc.received
-        ));
+
+    /// The file ended (`fileEnd` with `size`, `digest`, `aborted`, `error`): checked, it is
+    /// ready to commit; otherwise its path and why it failed.
+    fn into_job(
+        self,
+        shared: &Shared,
+        size: u64,
+        digest: Vec<u8>,
+        aborted: bool,
+        error: String,
+    ) -> Result<CommitJob, (Vec<u8>, String)> {
+        let path = self.entry.path.clone();
+        let lock = self.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
+        let (algorithm, stage) = (self.algorithm.clone(), self.stage.clone());
+        match self.verify(size, &digest, aborted, error) {
+            Ok((temp, attrs)) => Ok(CommitJob {
+                temp,
+                attrs,
+                path,
+                size,
+                lock,
+                algorithm,
+                digest,
+                stage,
+            }),
+            Err(why) => Err((path, why)),
+        }
     }
-    let got = inc
-        .state
-        .as_ref()
-        .map(|s| s.finish())
-        .ok_or("no checksum state")?;
-    if got.as_bytes() != digest {
-        return Err("checksum mismatch: the file changed or was corrupted in transit".into());
+
+    /// Checks the completely received file; returns it with its attributes.
+    fn verify(
+        self,
+        size: u64,
+        digest: &[u8],
+        aborted: bool,
+        error: String,
+    ) -> Result<(Box<dyn TempFile>, Attrs), String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if aborted {
+            return Err(if error.is_empty() {
+                "aborted by the sender".into()
+            } else {
+                error
+            });
+        }
+        if self.received != size {
+            return Err(format!(
+                "received {} bytes, sender sent {size}",
+                self.received
+            ));
+        }
+        let got = self
+            .state
+            .as_ref()
+            .map(|s| s.finish())
+            .ok_or("no checksum state")?;
+        if got.as_bytes() != digest {
+            return Err("checksum mismatch: the file changed or was corrupted in transit".into());
+        }
+        let e = &self.entry;
+        let attrs = Attrs {
+            mode: Some(e.mode),
+            owner: Some((e.uid, e.gid)),
+            mtime: Some((e.mtime_sec, e.mtime_nsec)),
+        };
+        let temp = self.temp.ok_or("no temporary file")?;
+        Ok((temp, attrs))
     }
-    let e = &inc.entry;
-    let attrs = Attrs {
-        mode: Some(e.mode),
-        owner: Some((e.uid, e.gid)),
-        mtime: Some((e.mtime_sec, e.mtime_nsec)),
-    };
-    let temp = inc.temp.ok_or("no temporary file")?;
-    Ok((temp, attrs))
 }
 
 /// Threads committing verified files (fsync, attributes, rename) so that the
@@ -291,6 +325,18 @@ impl Committer {
 
     fn request_id(&self) -> u64 {
         self.state.lock().expect("poisoned").done.request_id
+    }
+
+    /// Counts and reports (unflushed) a file that failed before its commit.
+    fn report_failure(&self, w: &SharedWriter, path: &[u8], why: String) -> Result<(), AgentError> {
+        self.state.lock().expect("poisoned").done.failed += 1;
+        send(
+            w,
+            &Msg::ItemResults {
+                request_id: self.request_id(),
+                results: vec![failed(path, why)],
+            },
+        )
     }
 
     fn submit(&self, job: CommitJob) -> Result<(), AgentError> {
