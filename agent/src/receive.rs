@@ -379,49 +379,30 @@ fn commit_one(
     w: &SharedWriter,
     consist: &ConsistState,
 ) {
-    let CommitJob {
-        temp,
-        attrs,
-        path,
-        size,
-        lock,
-        algorithm,
-        digest,
-        stage,
-    } = job;
-    let record = |path: &[u8]| {
-        if stage.is_empty() {
-            consist.record(path, &algorithm, &digest);
-        } else {
-            consist.record_staged(&stage, path, &algorithm, &digest);
-        }
-    };
     // With --lock: an exclusive lock on the existing destination (cooperating readers hold
     // shared locks on it) while the new file is renamed over it.
-    let r = match lock.map(|(root, ms)| lock_beneath(&root, &path, LockKind::Exclusive, ms)) {
-        Some(Err(e)) => Err(e),
-        Some(Ok(guard)) => {
-            let r = temp.commit(&attrs).map_err(|e| e.to_string());
-            if r.is_ok() {
-                record(&path);
-            }
-            drop(guard);
-            r
-        }
-        None => {
-            let r = temp.commit(&attrs).map_err(|e| e.to_string());
-            if r.is_ok() {
-                record(&path);
-            }
-            r
-        }
+    let guard = match &job.lock {
+        Some((root, ms)) => lock_beneath(root, &job.path, LockKind::Exclusive, *ms).map(Some),
+        None => Ok(None),
     };
+    let r = guard.and_then(|guard| {
+        let r = job.temp.commit(&job.attrs).map_err(|e| e.to_string());
+        if r.is_ok() {
+            if job.stage.is_empty() {
+                consist.record(&job.path, &job.algorithm, &job.digest);
+            } else {
+                consist.record_staged(&job.stage, &job.path, &job.algorithm, &job.digest);
+            }
+        }
+        drop(guard);
+        r
+    });
     let (result, request_id) = {
         let mut st = state.lock().expect("poisoned");
         let result = match r {
             Ok(applied) => {
                 st.done.ok += 1;
-                st.dirs.insert(path::split(&path).0.to_vec());
+                st.dirs.insert(path::split(&job.path).0.to_vec());
                 let message = if applied.owner_skipped && !st.owner_noted {
                     st.owner_noted = true;
                     OWNER_NOTE.to_owned()
@@ -429,16 +410,16 @@ fn commit_one(
                     String::new()
                 };
                 ItemResult {
-                    path,
+                    path: job.path,
                     outcome: Outcome::Ok,
                     message,
-                    bytes: size,
-                    digest,
+                    bytes: job.size,
+                    digest: job.digest,
                 }
             }
             Err(e) => {
                 st.done.failed += 1;
-                failed(&path, e)
+                failed(&job.path, e)
             }
         };
         (result, st.done.request_id)
