@@ -500,7 +500,7 @@ const PROC_LOCKS_READS: usize = 3;
 /// `/proc/locks` is not one snapshot: the kernel hands it out about a page (~65 locks) per
 /// `read`, and when other locks are taken or released between two reads, a line can be skipped.
 /// On a busy machine the holder's line can so be missing. It is therefore read again (up to
-/// [`PROC_LOCKS_READS`] times) while it shows no conflicting lock on the file, and if it never
+/// `PROC_LOCKS_READS` times) while it shows no conflicting lock on the file, and if it never
 /// does, every `/proc/PID/fdinfo/FD` is searched (each of those is read whole, at once).
 pub fn holders_of(file: &File, kind: LockKind) -> io::Result<Vec<Holder>> {
     let key = proc_locks_key(file)?;

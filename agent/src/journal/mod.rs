@@ -90,14 +90,14 @@ mod apply;
 mod at;
 mod crash_hook;
 mod record;
-mod recover;
+mod recovery;
 #[cfg(test)]
 mod tests;
 mod txn;
 
 pub(crate) use at::{open_parent, open_root};
 pub(crate) use record::{escape, unescape};
-pub use recover::recover;
+pub use recovery::recover;
 pub use txn::BlockTxn;
 
 /// Name of the hidden staging directory directly under the root. Listings must skip it.

@@ -16,7 +16,7 @@ use super::at::{
 };
 use super::crash_hook::CrashHook;
 use super::record::{encode_journal, SlotOp};
-use super::recover::remove_staging_if_empty;
+use super::recovery::remove_staging_if_empty;
 use super::*;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
