@@ -281,14 +281,9 @@ impl PosixBackend {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
             if self.can_chown {
-                rustix::fs::chownat(
-                    dir,
-                    name(n),
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| AgentError::io("chown", rel, e))?;
+                let (uid, gid) = owner_ids(uid, gid);
+                rustix::fs::chownat(dir, name(n), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| AgentError::io("chown", rel, e))?;
             } else {
                 applied.owner_skipped = true;
             }
@@ -338,12 +333,8 @@ impl PosixBackend {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
             if self.can_chown {
-                rustix::fs::fchown(
-                    fd,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(|e| AgentError::io("chown", rel, e))?;
+                let (uid, gid) = owner_ids(uid, gid);
+                rustix::fs::fchown(fd, uid, gid).map_err(|e| AgentError::io("chown", rel, e))?;
             } else {
                 applied.owner_skipped = true;
             }
@@ -434,6 +425,14 @@ pub fn entry_of(rel: &[u8], st: &Stat, link_target: Option<Vec<u8>>) -> FileEntr
         link_target,
         rdev: st.st_rdev as u64,
     }
+}
+
+/// The owner and group to give a file, as `chown` takes them.
+pub(crate) fn owner_ids(uid: u32, gid: u32) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+    (
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+    )
 }
 
 /// Opens the directory `n` in `dir` for reading its entries; a symlink there is refused

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_proto::Attrs;
 use tracing::{info, warn};
 
-use crate::backend::{Applied, TempFile};
+use crate::backend::{owner_ids, Applied, TempFile};
 use crate::journal::{BlockTxn, JournalError, RelPath};
 use crate::AgentError;
 
@@ -159,12 +159,9 @@ impl TempFile for StagedFile {
         // on the receiver's commit threads so that the disk writes of many files overlap; the
         // journal then applies only what differs and its fsync finds little to do.
         if let (Some((uid, gid)), true) = (attrs.owner, self.can_chown) {
-            rustix::fs::fchown(
-                &self.file,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )
-            .map_err(io_err("chown staged file for", &self.path))?;
+            let (uid, gid) = owner_ids(uid, gid);
+            rustix::fs::fchown(&self.file, uid, gid)
+                .map_err(io_err("chown staged file for", &self.path))?;
         }
         if let Some(mode) = attrs.mode {
             rustix::fs::fchmod(&self.file, rustix::fs::Mode::from_raw_mode(mode & 0o7777))
