@@ -232,12 +232,7 @@ impl PosixBackend {
         };
         sink(entry_of(rel, &st, link_target))?;
         if is_dir {
-            let sub = match rustix::fs::openat(
-                dir,
-                name(n),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
+            let sub = match open_subdir(dir, n) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => return Ok(()),
                 Err(e) => return Err(AgentError::io("open directory", rel, e)),
@@ -245,6 +240,21 @@ impl PosixBackend {
             self.walk(sub.as_fd(), rel, decide, sink)?;
         }
         Ok(())
+    }
+
+    /// Opens the regular file `path` for reading, with its `fstat`; anything else is an
+    /// error.
+    fn open_regular(&self, path: &[u8]) -> Result<(OwnedFd, Stat), AgentError> {
+        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Err(AgentError::io(
+                "read",
+                path,
+                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
+            ));
+        }
+        Ok((fd, st))
     }
 
     fn stat_at(
@@ -271,14 +281,9 @@ impl PosixBackend {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
             if self.can_chown {
-                rustix::fs::chownat(
-                    dir,
-                    name(n),
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| AgentError::io("chown", rel, e))?;
+                let (uid, gid) = owner_ids(uid, gid);
+                rustix::fs::chownat(dir, name(n), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| AgentError::io("chown", rel, e))?;
             } else {
                 applied.owner_skipped = true;
             }
@@ -328,12 +333,8 @@ impl PosixBackend {
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
             if self.can_chown {
-                rustix::fs::fchown(
-                    fd,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(|e| AgentError::io("chown", rel, e))?;
+                let (uid, gid) = owner_ids(uid, gid);
+                rustix::fs::fchown(fd, uid, gid).map_err(|e| AgentError::io("chown", rel, e))?;
             } else {
                 applied.owner_skipped = true;
             }
@@ -426,14 +427,28 @@ pub fn entry_of(rel: &[u8], st: &Stat, link_target: Option<Vec<u8>>) -> FileEntr
     }
 }
 
-/// Removes `n` in `dir` and everything beneath it, never following symlinks.
-fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentError> {
-    let sub = match rustix::fs::openat(
+/// The owner and group to give a file, as `chown` takes them.
+pub(crate) fn owner_ids(uid: u32, gid: u32) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+    (
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+    )
+}
+
+/// Opens the directory `n` in `dir` for reading its entries; a symlink there is refused
+/// (`ELOOP`), not followed.
+fn open_subdir(dir: BorrowedFd<'_>, n: &[u8]) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
         dir,
         name(n),
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
-    ) {
+    )
+}
+
+/// Removes `n` in `dir` and everything beneath it, never following symlinks.
+fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentError> {
+    let sub = match open_subdir(dir, n) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
@@ -633,15 +648,7 @@ impl Backend for PosixBackend {
     }
 
     fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
+        let (fd, st) = self.open_regular(path)?;
         Ok((Box::new(File::from(fd)), entry_of(path, &st, None)))
     }
 
@@ -651,15 +658,7 @@ impl Backend for PosixBackend {
         alg: &AlgorithmInfo,
         fresh: bool,
     ) -> Result<(Vec<u8>, u64), AgentError> {
-        let fd = self.root.open_beneath(path, OFlags::RDONLY)?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", path, e))?;
-        if kind_of(&st) != FileKind::File {
-            return Err(AgentError::io(
-                "read",
-                path,
-                std::io::Error::other(format!("not a regular file ({})", kind_of(&st).name())),
-            ));
-        }
+        let (fd, st) = self.open_regular(path)?;
         let key = FileKey {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
@@ -870,37 +869,4 @@ impl Backend for PosixBackend {
 }
 
 #[cfg(test)]
-mod fresh_checksum_tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn fresh_checksum_reads_the_data_even_when_a_digest_is_cached() {
-        let tree = tempfile::tempdir().unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        std::fs::write(tree.path().join("f"), b"abc").unwrap();
-        let b = PosixBackend::new(tree.path())
-            .unwrap()
-            .with_checksum_cache_file(cache.path().join("sums"));
-        let info = fleetsync_engine::Registry::with_builtins()
-            .info("crc32")
-            .unwrap();
-        let real = b.checksum(b"f", &info, true).unwrap().0;
-        // A stale digest for the unchanged key: what a cache-trusting read would return.
-        let md = std::fs::metadata(tree.path().join("f")).unwrap();
-        let key = FileKey {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime: (md.mtime(), md.mtime_nsec() as u32),
-            ctime: (md.ctime(), md.ctime_nsec() as u32),
-        };
-        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-        b.sums
-            .as_ref()
-            .unwrap()
-            .put(&info.name, key, b"bad!", later);
-        assert_eq!(b.checksum(b"f", &info, false).unwrap().0, b"bad!");
-        assert_eq!(b.checksum(b"f", &info, true).unwrap().0, real);
-    }
-}
+mod tests;

@@ -47,7 +47,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -283,24 +283,24 @@ fn mtime_of(md: &std::fs::Metadata) -> Mtime {
     }
 }
 
-/// Computes the checksum of an open file with the engine algorithm `algorithm`, streaming.
+/// Computes the checksum of an open file with the engine algorithm `algorithm`, through the
+/// engine's reader ([`fleetsync_engine::hash_open_file`]: from the file's start, whatever its
+/// offset).
 pub fn checksum_file(file: &mut File, algorithm: &str) -> Result<String, String> {
     // One registry for every file (building it allocates).
     static REGISTRY: std::sync::OnceLock<fleetsync_engine::Registry> = std::sync::OnceLock::new();
-    let mut alg = REGISTRY
+    let info = REGISTRY
         .get_or_init(fleetsync_engine::Registry::with_builtins)
-        .get(algorithm)
+        .info(algorithm)
         .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => alg.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    Ok(alg.finish().to_hex())
+    let hashed = fleetsync_engine::hash_open_file(
+        file,
+        std::slice::from_ref(&info),
+        &fleetsync_engine::HashOptions::default(),
+    )
+    .map_err(|e| format!("read: {e}"))?;
+    let digest = hashed.digests.first().ok_or("no digest")?;
+    Ok(digest.to_hex())
 }
 
 /// Records the state of a file just put in place (by the journal): its size, mtime and inode,

@@ -34,18 +34,25 @@
 //!   [`Agent::with_check`]) and names the files that changed since.
 #![deny(missing_docs)]
 
+mod apply;
 pub mod backend;
-mod blockserve;
-mod checkserve;
+mod blocks;
+mod check;
+mod checksum;
+pub mod consistency;
 mod error;
+pub mod journal;
+mod list;
+mod listen;
+pub mod lock;
 pub mod path;
-mod server;
+mod receive;
+mod records;
+mod send;
+mod session;
+mod stages;
 pub mod sumcache;
-mod transfer;
 
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
-pub use server::{Agent, AgentHandle};
-pub mod consistency;
-pub mod journal;
-pub mod lock;
+pub use listen::{Agent, AgentHandle};

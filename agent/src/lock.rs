@@ -57,10 +57,12 @@
 //! file it locked (`fstat` against `stat`: same device and inode) and opens again if not; while
 //! it holds the lock on the current file, a `sync --lock` does not replace it.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -498,7 +500,7 @@ const PROC_LOCKS_READS: usize = 3;
 /// `/proc/locks` is not one snapshot: the kernel hands it out about a page (~65 locks) per
 /// `read`, and when other locks are taken or released between two reads, a line can be skipped.
 /// On a busy machine the holder's line can so be missing. It is therefore read again (up to
-/// [`PROC_LOCKS_READS`] times) while it shows no conflicting lock on the file, and if it never
+/// `PROC_LOCKS_READS` times) while it shows no conflicting lock on the file, and if it never
 /// does, every `/proc/PID/fdinfo/FD` is searched (each of those is read whole, at once).
 pub fn holders_of(file: &File, kind: LockKind) -> io::Result<Vec<Holder>> {
     let key = proc_locks_key(file)?;
@@ -605,6 +607,32 @@ fn fdinfo_lockers(key: &str) -> Vec<(u32, LockFamily, bool)> {
     out
 }
 
+/// Locks `p` beneath `root` for a sync's `--lock`; `Ok(None)` if there is no such file or it is a
+/// symlink (nothing a reader could have locked: readers lock what a link points to). The
+/// error is the [`LockError`] text, which names the holders.
+pub(crate) fn lock_beneath(
+    root: &Path,
+    p: &[u8],
+    kind: LockKind,
+    timeout_ms: u32,
+) -> Result<Option<FileLock>, String> {
+    let rel = RelPath::new(OsStr::from_bytes(p)).map_err(|e| e.to_string())?;
+    let opts = LockOptions {
+        timeout: Duration::from_millis(timeout_ms.into()),
+        ..LockOptions::default()
+    };
+    match FileLock::open_beneath(root, &rel, kind, &opts) {
+        Ok(l) => Ok(Some(l)),
+        Err(LockError::Io { source, .. })
+            if source.kind() == io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,10 +718,8 @@ mod tests {
         assert!(none.unwrap().is_empty());
     }
 
-    /// A read-only remote file (mode 0444 like the master's) could not be replaced with
-    /// `--lock` by an agent that is not root: opening it for writing to lock it failed.
-    #[test]
-    fn regression_an_exclusive_lock_on_a_read_only_open_file_waits_for_readers() {
+    /// A directory holding one file `f`, and options that give up after 30 ms.
+    fn one_file_quick_lock() -> (tempfile::TempDir, PathBuf, LockOptions) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "x").unwrap();
@@ -701,6 +727,14 @@ mod tests {
             timeout: Duration::from_millis(30),
             flock: true,
         };
+        (dir, path, quick)
+    }
+
+    /// A read-only remote file (mode 0444 like the master's) could not be replaced with
+    /// `--lock` by an agent that is not root: opening it for writing to lock it failed.
+    #[test]
+    fn regression_an_exclusive_lock_on_a_read_only_open_file_waits_for_readers() {
+        let (_dir, path, quick) = one_file_quick_lock();
         let read_only = || File::open(&path).unwrap();
         let busy = |r: Result<FileLock, LockError>| {
             assert!(matches!(r, Err(LockError::Timeout { .. })), "{r:?}");
@@ -736,13 +770,7 @@ mod tests {
 
     #[test]
     fn two_open_files_in_one_process_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, "x").unwrap();
-        let quick = LockOptions {
-            timeout: Duration::from_millis(30),
-            flock: true,
-        };
+        let (dir, path, quick) = one_file_quick_lock();
         let a = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
         let b = FileLock::open(&path, LockKind::Shared, &quick).unwrap();
         let err = FileLock::open(&path, LockKind::Exclusive, &quick).unwrap_err();

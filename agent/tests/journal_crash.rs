@@ -11,7 +11,8 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use fleetsync_agent::journal::{
-    recover, Attrs, BlockTxn, JournalError, Mtime, Op, RelPath, CRASH_AT_ENV, STAGING_DIR,
+    recover, BlockTxn, JournalAttrs, JournalError, JournalOp, Mtime, RelPath, CRASH_AT_ENV,
+    STAGING_DIR,
 };
 
 const CHILD_ROOT_ENV: &str = "FLEETSYNC_TEST_CHILD_ROOT";
@@ -111,13 +112,13 @@ fn rel(p: &str) -> RelPath {
 /// new dangling symlink, a hard link to a file of the block, two deletions and a chmod.
 fn apply_new_block(root: &Path) -> Result<(), JournalError> {
     let mut txn = BlockTxn::begin(root, "crash-test")?;
-    let attrs = Attrs {
+    let attrs = JournalAttrs {
         mode: Some(0o640),
         mtime: Some(Mtime {
             secs: 1_700_000_000,
             nanos: 0,
         }),
-        ..Attrs::default()
+        ..JournalAttrs::default()
     };
     // As root, one file also changes owner (fchown on the staged inode).
     let root_user = fs::metadata(root).map(|m| m.uid() == 0).unwrap_or(false);
@@ -127,7 +128,7 @@ fn apply_new_block(root: &Path) -> Result<(), JournalError> {
         f.write_all(format!("new {i} {}", "x".repeat(i * 100)).as_bytes())
             .unwrap();
         let attrs = if i == 3 && root_user {
-            Attrs {
+            JournalAttrs {
                 uid: Some(1234),
                 gid: Some(4321),
                 mode: Some(0o4750),
@@ -136,50 +137,50 @@ fn apply_new_block(root: &Path) -> Result<(), JournalError> {
         } else {
             attrs
         };
-        txn.add_op(Op::Put { path, attrs })?;
+        txn.add_op(JournalOp::Put { path, attrs })?;
     }
-    txn.add_op(Op::Mkdir {
+    txn.add_op(JournalOp::Mkdir {
         path: rel("newdir"),
-        attrs: Attrs {
+        attrs: JournalAttrs {
             mode: Some(0o750),
-            ..Attrs::default()
+            ..JournalAttrs::default()
         },
     })?;
     let inside = rel("newdir/inside");
     txn.stage_file(&inside)?.write_all(b"inside").unwrap();
-    txn.add_op(Op::Put {
+    txn.add_op(JournalOp::Put {
         path: inside,
         attrs,
     })?;
-    txn.add_op(Op::Symlink {
+    txn.add_op(JournalOp::Symlink {
         path: rel("link"),
         target: "f01".into(),
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })?;
-    txn.add_op(Op::Symlink {
+    txn.add_op(JournalOp::Symlink {
         path: rel("newdir/dangling"),
         target: "../nowhere".into(),
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })?;
-    txn.add_op(Op::HardLink {
+    txn.add_op(JournalOp::HardLink {
         path: rel("hl"),
         target: rel("f02"),
     })?;
-    txn.add_op(Op::Delete {
+    txn.add_op(JournalOp::Delete {
         path: rel("victim"),
     })?;
-    txn.add_op(Op::Delete {
+    txn.add_op(JournalOp::Delete {
         path: rel("olddir"),
     })?;
-    txn.add_op(Op::SetAttrs {
+    txn.add_op(JournalOp::SetAttrs {
         path: rel("exec.sh"),
-        attrs: Attrs {
+        attrs: JournalAttrs {
             mode: Some(0o755),
             mtime: Some(Mtime {
                 secs: 1_650_000_000,
                 nanos: 5,
             }),
-            ..Attrs::default()
+            ..JournalAttrs::default()
         },
     })?;
     txn.commit()
@@ -408,9 +409,9 @@ fn paths_cannot_escape_the_root() {
     let mut txn = BlockTxn::begin(dir.path(), "escape").unwrap();
     let p = rel("sneaky/passwd");
     txn.stage_file(&p).unwrap().write_all(b"evil").unwrap();
-    txn.add_op(Op::Put {
+    txn.add_op(JournalOp::Put {
         path: p,
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
     let err = txn.commit().unwrap_err();
@@ -424,11 +425,11 @@ fn paths_cannot_escape_the_root() {
     assert!(!dir.path().join(STAGING_DIR).exists());
     let mut txn = BlockTxn::begin(dir.path(), "escape").unwrap();
     let err = txn
-        .add_op(Op::Delete {
+        .add_op(JournalOp::Delete {
             path: rel("real/x"),
         })
         .and_then(|()| {
-            txn.add_op(Op::Delete {
+            txn.add_op(JournalOp::Delete {
                 path: rel("real/x"),
             })
         })
@@ -446,9 +447,9 @@ fn a_dropped_transaction_leaves_nothing() {
         let mut txn = BlockTxn::begin(dir.path(), "dropped").unwrap();
         let p = rel("f00");
         txn.stage_file(&p).unwrap().write_all(b"never").unwrap();
-        txn.add_op(Op::Put {
+        txn.add_op(JournalOp::Put {
             path: p,
-            attrs: Attrs::default(),
+            attrs: JournalAttrs::default(),
         })
         .unwrap();
     }
@@ -469,21 +470,21 @@ fn replacing_a_directory_by_a_file_and_a_file_by_a_directory() {
         .unwrap()
         .write_all(b"now a file")
         .unwrap();
-    txn.add_op(Op::Put {
+    txn.add_op(JournalOp::Put {
         path: p,
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
-    txn.add_op(Op::Mkdir {
+    txn.add_op(JournalOp::Mkdir {
         path: rel("was_file"),
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
-    txn.add_op(Op::Mkdir {
+    txn.add_op(JournalOp::Mkdir {
         path: rel("stays_dir"),
-        attrs: Attrs {
+        attrs: JournalAttrs {
             mode: Some(0o700),
-            ..Attrs::default()
+            ..JournalAttrs::default()
         },
     })
     .unwrap();
@@ -504,9 +505,9 @@ fn recover_leaves_a_live_transaction_alone() {
     let mut txn = BlockTxn::begin(dir.path(), "live").unwrap();
     let p = rel("f00");
     txn.stage_file(&p).unwrap().write_all(b"live").unwrap();
-    txn.add_op(Op::Put {
+    txn.add_op(JournalOp::Put {
         path: p,
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
     let report = recover(dir.path()).unwrap();
@@ -520,33 +521,33 @@ fn operations_beneath_a_replaced_or_deleted_path_are_refused() {
     let dir = scratch_dir();
     make_old_tree(dir.path());
     let mut txn = BlockTxn::begin(dir.path(), "conflict").unwrap();
-    txn.add_op(Op::Delete {
+    txn.add_op(JournalOp::Delete {
         path: rel("olddir"),
     })
     .unwrap();
     let err = txn
-        .add_op(Op::SetAttrs {
+        .add_op(JournalOp::SetAttrs {
             path: rel("olddir/sub/inner"),
-            attrs: Attrs::default(),
+            attrs: JournalAttrs::default(),
         })
         .unwrap_err();
     assert!(matches!(err, JournalError::ConflictingOps { .. }), "{err}");
     // The other way round too: a deletion of an ancestor after an operation beneath it.
     let mut txn = BlockTxn::begin(dir.path(), "conflict").unwrap();
-    txn.add_op(Op::Mkdir {
+    txn.add_op(JournalOp::Mkdir {
         path: rel("olddir/new"),
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
     assert!(txn
-        .add_op(Op::Delete {
+        .add_op(JournalOp::Delete {
             path: rel("olddir"),
         })
         .is_err());
     // But a directory that is only (re)created may receive files.
-    txn.add_op(Op::Mkdir {
+    txn.add_op(JournalOp::Mkdir {
         path: rel("olddir/new/deeper"),
-        attrs: Attrs::default(),
+        attrs: JournalAttrs::default(),
     })
     .unwrap();
     txn.commit().unwrap();

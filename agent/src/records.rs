@@ -1,6 +1,6 @@
-//! The agent's side of the consistency loop (see [`crate::consistency`]): it records every
-//! file it commits from a sync stream, and answers the server's `consistencyRequest` with the
-//! files its checks find inconsistent.
+//! What the agent wrote, for the consistency loop (see [`crate::consistency`]): it records
+//! every file it commits from a sync stream, and checks them on a `consistencyRequest`
+//! (answered by [`crate::check`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fleetsync_proto::{ExpectedFile, InconsistentFile, Msg};
+use fleetsync_proto::{ExpectedFile, InconsistentFile};
 use tracing::{debug, warn};
 
 use crate::consistency::{
@@ -17,11 +17,7 @@ use crate::consistency::{
 };
 use crate::error::show;
 use crate::journal::RelPath;
-use crate::server::{send, send_flush, Shared, SharedWriter};
 use crate::{path, AgentError};
-
-/// Inconsistent files per `consistencyReply` frame.
-const PER_REPLY: usize = 4096;
 
 /// Records kept in memory at most (each file's is dropped once found consistent; beyond this,
 /// with the check off, they are forgotten and looked up in the write log instead).
@@ -269,60 +265,6 @@ impl ConsistState {
         out.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.check.cmp(&b.check)));
         out
     }
-}
-
-/// Answers a `consistencyRequest`.
-pub(crate) fn serve(
-    w: &SharedWriter,
-    shared: &Shared,
-    request_id: u64,
-    algorithm: &str,
-    files: &[ExpectedFile],
-) -> Result<(), AgentError> {
-    // Records carry the algorithm's own name (as the master's `fileStart` does).
-    let algorithm = match shared.registry.info(algorithm) {
-        Ok(info) => info.name,
-        Err(e) => {
-            return send_flush(
-                w,
-                &Msg::Error {
-                    request_id,
-                    message: e.to_string(),
-                },
-            )
-        }
-    };
-    let found = shared.consist.check(&algorithm, files);
-    debug!(
-        request_id,
-        files = files.len(),
-        inconsistent = found.len(),
-        "consistency check"
-    );
-    let mut chunks = found.chunks(PER_REPLY).peekable();
-    if chunks.peek().is_none() {
-        return send_flush(
-            w,
-            &Msg::ConsistencyReply {
-                request_id,
-                inconsistent: Vec::new(),
-                checked: files.len() as u64,
-                last: true,
-            },
-        );
-    }
-    let mut first = true;
-    while let Some(chunk) = chunks.next() {
-        let msg = Msg::ConsistencyReply {
-            request_id,
-            inconsistent: chunk.to_vec(),
-            checked: if first { files.len() as u64 } else { 0 },
-            last: chunks.peek().is_none(),
-        };
-        first = false;
-        send(w, &msg)?;
-    }
-    crate::server::flush(w)
 }
 
 #[cfg(test)]
