@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod aligned_alloc;
 mod cmd;
 
 /// Page-aligned big blocks, for the read buffers that are not aligned by the
-/// engine itself: see `aligned_alloc` for why, what it costs, and the figures.
+/// engine itself: see `cmd::sum::aligned_alloc` for why, what it costs, and the
+/// figures. (The file stays there: agent/examples include it by that path.)
 #[global_allocator]
-static GLOBAL: aligned_alloc::PageAlignedBig = aligned_alloc::PageAlignedBig;
+static GLOBAL: cmd::sum::aligned_alloc::PageAlignedBig = cmd::sum::aligned_alloc::PageAlignedBig;
 
 /// Keep large file trees on many machines identical to one master tree.
 #[derive(Parser)]
