@@ -63,23 +63,9 @@ pub(crate) fn with_write_log(
     Ok(agent)
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Runs `fleetsync agent`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    init_logging(args.verbose);
+    super::logging::init_logging(args.verbose);
     let token = args.auth.load()?;
     let meta =
         std::fs::metadata(&args.root).with_context(|| format!("root {}", args.root.display()))?;

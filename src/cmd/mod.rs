@@ -1,12 +1,22 @@
 //! One module per subcommand; each has `Args` (clap) and `run` returning the exit code.
+//! Beside them, what several subcommands share: `target` (how `sync`/`verify` reach the
+//! trees), `selection` (which entries), `embedded` (the in-process fleet), `control` (the
+//! control client), `itemize` (plan items as lines),
+//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token`, `logging`.
 
 pub mod agent;
 pub mod bench;
+pub mod control;
+pub mod embedded;
+pub mod hashargs;
+pub mod itemize;
 pub mod jobs;
 pub mod jsonpath;
+pub mod logging;
 pub mod selection;
 pub mod server;
 pub mod sum;
 pub mod sync;
+pub mod target;
 pub mod token;
 pub mod verify;

@@ -1,43 +1,9 @@
-//! Options `sync` and `verify` share: how the trees are reached (embedded, or
-//! through a server), the checksum that compares files, and which entries
-//! count (rsync rules, then a selection expression).
+//! Which entries `sync` and `verify` cover: rsync rules (`--include`,
+//! `--exclude`, in command-line order), then a selection expression (`--select`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::bail;
 use fleetsync_select::{self as select, Classification, Rule};
-
-/// How the trees are reached, and which checksum compares files.
-#[derive(clap::Args, Clone, Debug)]
-pub struct Target {
-    /// Address of a running `fleetsync server`.
-    #[arg(long, value_name = "ADDR", requires = "master")]
-    pub server: Option<String>,
-    /// The master agent (host:port), with --server.
-    #[arg(long, value_name = "AGENT", requires = "server")]
-    pub master: Option<String>,
-    /// Checksum algorithm (any `fleetsync sum --list` name).
-    #[arg(
-        short = 'a',
-        long = "algorithm",
-        value_name = "ALG",
-        default_value = "crc32"
-    )]
-    pub algorithm: String,
-}
-
-impl Target {
-    /// An error naming the algorithm when the engine does not know it.
-    pub fn check_algorithm(&self) -> anyhow::Result<()> {
-        if fleetsync_engine::Registry::with_builtins()
-            .info(&self.algorithm)
-            .is_err()
-        {
-            bail!("unknown checksum algorithm '{}'", self.algorithm);
-        }
-        Ok(())
-    }
-}
 
 /// Which entries a sync or a verify covers.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -80,22 +46,6 @@ impl Selection {
             .collect();
         all.sort_by_key(|(seq, _)| *seq);
         all.into_iter().map(|(_, r)| r).collect()
-    }
-
-    /// The same options as command-line arguments, --include and --exclude
-    /// in the order they were given.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut globs: Vec<(&Glob, &str)> = self.include.iter().map(|g| (g, "--include")).collect();
-        globs.extend(self.exclude.iter().map(|g| (g, "--exclude")));
-        globs.sort_by_key(|(g, _)| g.seq);
-        let mut args: Vec<String> = globs
-            .into_iter()
-            .map(|(g, flag)| format!("{flag}={}", g.glob))
-            .collect();
-        if let Some(s) = &self.select {
-            args.push(format!("--select={s}"));
-        }
-        args
     }
 }
 
@@ -165,24 +115,6 @@ mod tests {
                 (Exclude, "c".to_owned()),
                 (Include, "d".to_owned()),
             ]
-        );
-        // Passed on as arguments, the order survives a second parse.
-        let mut argv = vec!["x".to_owned()];
-        argv.extend(cli.selection.to_args());
-        assert_eq!(
-            argv[1..],
-            [
-                "--exclude=a",
-                "--include=b",
-                "--exclude=c",
-                "--include=d",
-                "--select=name:*.c"
-            ]
-        );
-        let again = Cli::try_parse_from(argv).unwrap();
-        assert_eq!(
-            again.selection.ordered_rules(),
-            cli.selection.ordered_rules()
         );
     }
 

@@ -4,23 +4,22 @@
 pub(crate) mod aligned_alloc;
 mod check;
 pub(crate) mod format;
-
-pub(crate) use fleetsync_engine as engine;
+mod reporter;
 
 use std::ffi::OsString;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::jsonpath::with_path;
-use anyhow::Context;
-use fleetsync_engine::Registry;
+use fleetsync_engine::{
+    hash_file, hash_reader, hash_tree, AlgorithmInfo, Error, FileHash, HashOptions, Registry,
+};
 use rayon::prelude::*;
 
-use engine::{
-    hash_file, hash_reader, hash_tree, AlgorithmInfo, Error, FileHash, HashOptions, IoMode,
-};
+use super::hashargs::{self, parse_size, Algorithms, ReadArgs};
+use super::jsonpath::with_path;
 use format::{os_message, quote, write_line, DisplayName, LineOptions, LineStyle};
+use reporter::{engine_error_message, Reporter};
 
 const AFTER_HELP: &str = "\
 Output formats (byte-identical to GNU coreutils):
@@ -54,16 +53,13 @@ errors.";
 
 /// Arguments of `fleetsync sum`.
 #[derive(clap::Args)]
-#[command(after_help = AFTER_HELP)]
+#[command(
+    after_help = AFTER_HELP,
+    mut_arg("algorithms", |a| a.help("Checksum algorithm(s), comma-separated (default crc32; see --list)"))
+)]
 pub struct Args {
-    /// Checksum algorithm(s), comma-separated (default crc32; see --list).
-    #[arg(
-        short = 'a',
-        long = "algorithm",
-        value_name = "ALG",
-        value_delimiter = ','
-    )]
-    algorithms: Vec<String>,
+    #[command(flatten)]
+    algorithms: Algorithms,
     /// BSD-style lines: `ALG (NAME) = HEX`.
     #[arg(long)]
     tag: bool,
@@ -76,13 +72,8 @@ pub struct Args {
     /// Hash every regular file under each directory operand, in sorted path order.
     #[arg(short = 'r', long)]
     recursive: bool,
-    /// How files are read.
-    #[arg(long, value_name = "MODE", default_value = "auto",
-          value_parser = ["auto", "uring", "pread", "mmap"])]
-    io: String,
-    /// Worker threads (default: one per core).
-    #[arg(short = 'j', long, value_name = "N")]
-    jobs: Option<usize>,
+    #[command(flatten)]
+    read: ReadArgs,
     /// One JSON object per line per file and algorithm.
     #[arg(long, conflicts_with = "check")]
     json: bool,
@@ -114,67 +105,14 @@ pub struct Args {
     #[arg(long)]
     list: bool,
     /// Tuning: bytes per parallel chunk and per read (engine default if unset).
-    #[arg(long, value_name = "SIZE", hide = true, value_parser = crate::cmd::bench::parse_size)]
+    #[arg(long, value_name = "SIZE", hide = true, value_parser = parse_size)]
     chunk_size: Option<u64>,
     /// Tuning: files above this size are hashed by several threads.
-    #[arg(long, value_name = "SIZE", hide = true, value_parser = crate::cmd::bench::parse_size)]
+    #[arg(long, value_name = "SIZE", hide = true, value_parser = parse_size)]
     parallel_threshold: Option<u64>,
     /// Files to hash (or, with --check, checksum lists). `-` is standard input.
     #[arg(value_name = "FILE")]
     files: Vec<OsString>,
-}
-
-/// Writes results to a buffered stdout and diagnostics to stderr, keeping their order.
-pub(crate) struct Reporter {
-    out: io::BufWriter<io::Stdout>,
-}
-
-impl Reporter {
-    pub(crate) fn new() -> Self {
-        Reporter {
-            out: io::BufWriter::with_capacity(64 << 10, io::stdout()),
-        }
-    }
-
-    /// Appends bytes to standard output.
-    pub(crate) fn out(&mut self, bytes: &[u8]) {
-        if let Err(e) = self.out.write_all(bytes) {
-            broken_pipe_exit(&e);
-        }
-    }
-
-    /// Prints `fleetsync: MSG` on standard error, after what stdout holds so far.
-    pub(crate) fn error(&mut self, msg: &str) {
-        self.flush();
-        eprintln!("fleetsync: {msg}");
-    }
-
-    pub(crate) fn flush(&mut self) {
-        if let Err(e) = self.out.flush() {
-            broken_pipe_exit(&e);
-        }
-    }
-}
-
-impl Drop for Reporter {
-    fn drop(&mut self) {
-        let _ = self.out.flush();
-    }
-}
-
-fn broken_pipe_exit(e: &io::Error) {
-    if e.kind() == io::ErrorKind::BrokenPipe {
-        std::process::exit(141);
-    }
-}
-
-/// An engine error as a diagnostic: the OS reason alone for I/O errors
-/// (the caller names the file), else the engine's own message.
-pub(crate) fn engine_error_message(e: &Error) -> String {
-    match e {
-        Error::Io { source, .. } => os_message(source),
-        other => other.to_string(),
-    }
 }
 
 /// Runs `fleetsync sum`; returns the process exit code.
@@ -183,41 +121,26 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if args.list {
         return Ok(list(&registry));
     }
-    let names = if args.algorithms.is_empty() {
-        vec!["crc32".to_owned()]
+    let mut algs = if args.algorithms.is_empty() {
+        hashargs::resolve(&registry, &["crc32".to_owned()])?
     } else {
-        args.algorithms.clone()
+        args.algorithms.resolve(&registry)?
     };
-    let mut algs = Vec::new();
-    for name in &names {
-        algs.push(registry.info(name.trim())?);
-    }
     if args.check && args.algorithms.is_empty() {
         algs.clear();
     }
-    let mut hash = HashOptions {
-        io: args
-            .io
-            .parse::<IoMode>()
-            .map_err(|e| anyhow::anyhow!("--io: {e}"))?,
-        ..HashOptions::default()
-    };
+    let mut hash = args.read.hash_options()?;
     if let Some(c) = args.chunk_size {
         hash.chunk_size = usize::try_from(c.max(1)).unwrap_or(usize::MAX);
     }
     if let Some(t) = args.parallel_threshold {
         hash.parallel_threshold = t;
     }
-    match args.jobs {
-        Some(n) => {
-            anyhow::ensure!(n > 0, "-j must be at least 1");
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .context("building the thread pool")?;
-            Ok(pool.install(|| run_in_pool(&args, &algs, &hash)))
-        }
-        None => Ok(run_in_pool(&args, &algs, &hash)),
+    if args.read.jobs.is_some() {
+        let pool = args.read.thread_pool()?;
+        Ok(pool.install(|| run_in_pool(&args, &algs, &hash)))
+    } else {
+        Ok(run_in_pool(&args, &algs, &hash))
     }
 }
 

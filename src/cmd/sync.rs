@@ -1,18 +1,18 @@
-//! `fleetsync sync`: the control client, and the embedded default that runs
-//! the agents and the server in this process.
+//! `fleetsync sync`: its options, the request they make, and the report of
+//! the server's reply (lines, or one JSON document) with the exit code.
 
-use std::collections::BTreeMap;
-use std::io::{BufReader, BufWriter, IsTerminal, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::bail;
+use fleetsync_proto::{ClassificationSpec, SyncRequest};
+
+use super::control::{Display, SyncReply};
+use super::embedded::FleetOptions;
+use super::itemize::{action_name, escape_path};
 use super::jsonpath::with_path;
-use super::selection::{Selection, Target};
-use anyhow::{bail, Context};
-use fleetsync_proto::{auth, frame, Action, ClassificationSpec, Msg, PlanItem, RemoteResult, Role};
+use super::selection::Selection;
+use super::target::{Target, Trees};
 
 /// Arguments of `fleetsync sync`.
 #[derive(clap::Args)]
@@ -64,7 +64,7 @@ pub struct Args {
     #[arg(long)]
     delete: bool,
     #[command(flatten)]
-    pub(crate) selection: Selection,
+    selection: Selection,
     /// Dependency blocks (TOML): each block's files are staged on the remote and put in place
     /// together (all old or all new, also across a crash), blocks in their `after` order.
     #[arg(long, value_name = "FILE")]
@@ -113,202 +113,6 @@ pub struct Args {
     verbose: u8,
 }
 
-/// rsync-style escaping of a path for one-line output: `\#ooo` for control
-/// bytes and backslashes, invalid UTF-8 bytes likewise.
-pub fn escape_path(path: &[u8]) -> String {
-    let mut out = String::with_capacity(path.len());
-    for chunk in path.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() || c == '\\' {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("\\#{b:03o}"));
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\#{b:03o}"));
-        }
-    }
-    out
-}
-
-fn action_name(a: Action) -> &'static str {
-    match a {
-        Action::Transfer => "send",
-        Action::Delete => "delete",
-        Action::Mkdir => "mkdir",
-        Action::SetAttrs => "attrs",
-        Action::Symlink => "symlink",
-        Action::HardLink => "hardlink",
-        Action::Skip => "skip",
-    }
-}
-
-fn item_line(item: &PlanItem, remote_label: Option<&str>) -> String {
-    let mut s = String::new();
-    if let Some(l) = remote_label {
-        s.push_str(l);
-        s.push_str(": ");
-    }
-    let path = if item.path.is_empty() {
-        ".".to_owned()
-    } else {
-        escape_path(&item.path)
-    };
-    s.push_str(&format!("{:<8} {path}", action_name(item.action)));
-    let mut detail = item.detail.clone();
-    if item.action == Action::Transfer {
-        detail = format!("{detail}, {} bytes", item.size);
-    }
-    if !detail.is_empty() {
-        s.push_str(&format!(" ({detail})"));
-    }
-    s
-}
-
-pub(crate) struct Outcome {
-    pub(crate) results: BTreeMap<u32, RemoteResult>,
-    pub(crate) items: Vec<PlanItem>,
-    pub(crate) done_ok: bool,
-    pub(crate) done_message: String,
-}
-
-/// Sends the request and reads the server's answers until `syncDone`.
-pub(crate) fn drive(
-    server: &str,
-    token: Option<&[u8]>,
-    req: fleetsync_proto::SyncRequest,
-    args: &Args,
-    labels: &[String],
-) -> anyhow::Result<Outcome> {
-    let stream =
-        TcpStream::connect(server).with_context(|| format!("connecting to the server {server}"))?;
-    let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = BufWriter::new(stream);
-    {
-        let mut both = ReadWrite {
-            r: &mut reader,
-            w: &mut writer,
-        };
-        auth::connect(&mut both, token, Role::Control)
-            .with_context(|| format!("authenticating with the server {server}"))?;
-    }
-    frame::write_frame(&mut writer, &Msg::SyncRequest(req).encode())?;
-    writer.flush()?;
-
-    let multi = labels.len() > 1;
-    let show_items = !args.json && (args.dry_run || args.itemize);
-    let bar = if !args.json && !args.dry_run && std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(pb)
-    } else {
-        None
-    };
-    let mut total_bytes: u64 = 0;
-    let mut done_bytes: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut out = Outcome {
-        results: BTreeMap::new(),
-        items: Vec::new(),
-        done_ok: false,
-        done_message: String::new(),
-    };
-    let stdout = std::io::stdout();
-    loop {
-        let body = frame::read_frame(&mut reader)
-            .context("reading from the server")?
-            .context("the server closed the connection before finishing")?;
-        match Msg::decode(&body)? {
-            Msg::PlanItems(items) => {
-                for it in items {
-                    if it.action == Action::Transfer {
-                        total_bytes += it.size;
-                    }
-                    if show_items {
-                        let label = multi.then(|| labels[it.remote as usize].as_str());
-                        let line = item_line(&it, label);
-                        match &bar {
-                            Some(pb) => pb.println(line),
-                            None => {
-                                let mut o = stdout.lock();
-                                writeln!(o, "{line}")?;
-                            }
-                        }
-                    }
-                    if it.action == Action::Skip && !show_items && !args.json {
-                        let label = labels[it.remote as usize].as_str();
-                        eprintln!(
-                            "fleetsync: note: {label}: {} {}",
-                            if it.path.is_empty() {
-                                String::new()
-                            } else {
-                                escape_path(&it.path) + ":"
-                            },
-                            it.detail
-                        );
-                    }
-                    if args.json {
-                        out.items.push(it);
-                    }
-                }
-                if let Some(pb) = &bar {
-                    pb.set_length(total_bytes);
-                }
-            }
-            Msg::SyncProgress(p) => {
-                done_bytes.insert(p.remote, p.done_bytes);
-                if let Some(pb) = &bar {
-                    pb.set_position(done_bytes.values().sum());
-                    pb.set_message(format!("{}/{} files", p.done_files, p.total_files));
-                }
-            }
-            Msg::RemoteResult(r) => {
-                out.results.insert(r.remote, r);
-            }
-            Msg::SyncDone { ok, message } => {
-                out.done_ok = ok;
-                out.done_message = message;
-                break;
-            }
-            Msg::Error { message, .. } => bail!("server error: {message}"),
-            other => bail!("unexpected {} from the server", other.kind_name()),
-        }
-    }
-    if let Some(pb) = bar {
-        pb.finish_and_clear();
-    }
-    Ok(out)
-}
-
-struct ReadWrite<'a, R, W> {
-    r: &'a mut R,
-    w: &'a mut W,
-}
-
-impl<R: std::io::Read, W> std::io::Read for ReadWrite<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for ReadWrite<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush()
-    }
-}
-
 /// Inconsistent files the server names in a remote's error message.
 const INCONSISTENT_IN_ERROR: usize = 10;
 
@@ -316,7 +120,12 @@ fn json_str(s: &str) -> serde_json::Value {
     serde_json::Value::String(s.to_owned())
 }
 
-fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> anyhow::Result<u8> {
+fn report(
+    out: &SyncReply,
+    args: &Args,
+    labels: &[String],
+    elapsed: Duration,
+) -> anyhow::Result<u8> {
     let any_failed = out.results.values().any(|r| !r.ok);
     let master_unreachable = !out.results.is_empty()
         && out
@@ -439,7 +248,7 @@ fn report(out: &Outcome, args: &Args, labels: &[String], elapsed: Duration) -> a
 
 /// Runs `fleetsync sync`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::server::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose);
     let c = args.selection.classification()?;
     if !args.explain.is_empty() {
         let m = c.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -470,35 +279,39 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         None => Vec::new(),
     };
     let start = Instant::now();
-    match (&args.target.server, &args.target.master) {
-        (Some(server), Some(master)) => {
-            if args.paths.is_empty() {
-                bail!("name at least one remote agent");
-            }
-            let token = args.auth.load()?;
-            let remotes: Vec<String> = args
-                .paths
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let req = fleetsync_proto::SyncRequest {
-                master: master.clone(),
-                remotes: remotes.clone(),
-                algorithm: args.target.algorithm.clone(),
-                delete: args.delete,
-                dry_run: args.dry_run,
-                verify: false,
-                classification: spec,
-                lock_timeout_ms: lock_timeout_ms(&args)?,
-                max_rounds: args.max_rounds,
-                lock_resync_ms: lock_resync_ms(&args)?,
-                blocks,
-            };
-            let out = drive(server, token.as_deref(), req, &args, &remotes)?;
-            report(&out, &args, &remotes, start.elapsed())
+    let display = if args.json {
+        Display::Collect
+    } else {
+        Display::Print {
+            itemize: args.dry_run || args.itemize,
+            progress: !args.dry_run,
         }
-        _ => embedded(&args, spec, blocks, start),
-    }
+    };
+    let trees = Trees {
+        command: "sync",
+        paths: &args.paths,
+        auth: &args.auth,
+        fleet: FleetOptions {
+            fsync: !args.no_fsync,
+            checksum_cache: !args.no_checksum_cache,
+            record_jobs: true,
+        },
+    };
+    let request = || -> anyhow::Result<SyncRequest> {
+        Ok(SyncRequest {
+            delete: args.delete,
+            dry_run: args.dry_run,
+            verify: false,
+            classification: spec,
+            lock_timeout_ms: lock_timeout_ms(&args)?,
+            max_rounds: args.max_rounds,
+            lock_resync_ms: lock_resync_ms(&args)?,
+            blocks,
+            ..SyncRequest::default()
+        })
+    };
+    let (reply, labels) = args.target.send(trees, request, display)?;
+    report(&reply, &args, &labels, start.elapsed())
 }
 
 /// `--lock` / `--lock-timeout` as the request carries them.
@@ -517,107 +330,4 @@ fn lock_resync_ms(args: &Args) -> anyhow::Result<Option<u32>> {
         args.lock_resync
             .then(|| (args.lock_timeout * 1000.0).round() as u32)
     })
-}
-
-/// Starts one in-process agent serving `root` on 127.0.0.1.
-pub(crate) fn start_agent(
-    root: &Path,
-    token: &[u8],
-    fsync: bool,
-    checksum_cache: bool,
-) -> anyhow::Result<fleetsync_agent::AgentHandle> {
-    let meta = std::fs::metadata(root).with_context(|| format!("{}", root.display()))?;
-    if !meta.is_dir() {
-        bail!("{} is not a directory", root.display());
-    }
-    let backend = fleetsync_agent::PosixBackend::new(root)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?
-        .with_fsync(fsync)
-        .with_checksum_cache(checksum_cache);
-    let agent = fleetsync_agent::Agent::new(root, Some(token.to_vec()), Some(Arc::new(backend)))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
-    let agent = super::agent::with_write_log(agent, root, None)?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(agent.serve(listener)?)
-}
-
-fn embedded(
-    args: &Args,
-    spec: ClassificationSpec,
-    blocks: Vec<fleetsync_proto::BlockDef>,
-    start: Instant,
-) -> anyhow::Result<u8> {
-    if args.paths.len() < 2 {
-        bail!("usage: fleetsync sync MASTER_DIR REMOTE_DIR... (or --server ADDR --master AGENT REMOTE...)");
-    }
-    let token: Vec<u8> = auth::nonce()
-        .iter()
-        .flat_map(|b| format!("{b:02x}").into_bytes())
-        .collect();
-    let mut handles = Vec::new();
-    for p in &args.paths {
-        handles.push(start_agent(
-            p,
-            &token,
-            !args.no_fsync,
-            !args.no_checksum_cache,
-        )?);
-    }
-    let config = fleetsync_server::ServerConfig {
-        token: Some(token.clone()),
-        idle_timeout: None,
-        jobs_db: Some(super::jobs::db_path(None)?),
-        job_labels: handles
-            .iter()
-            .zip(&args.paths)
-            .map(|(h, p)| (h.local_addr().to_string(), p.display().to_string()))
-            .collect(),
-    };
-    let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)?;
-    let server_addr = server.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = Arc::clone(&stop);
-    let thread = std::thread::Builder::new()
-        .name("fleetsync-server".into())
-        .spawn(move || server.run_until(&stop2))?;
-    let labels: Vec<String> = args.paths[1..]
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let req = fleetsync_proto::SyncRequest {
-        master: handles[0].local_addr().to_string(),
-        remotes: handles[1..]
-            .iter()
-            .map(|h| h.local_addr().to_string())
-            .collect(),
-        algorithm: args.target.algorithm.clone(),
-        delete: args.delete,
-        dry_run: args.dry_run,
-        verify: false,
-        classification: spec,
-        lock_timeout_ms: lock_timeout_ms(args)?,
-        max_rounds: args.max_rounds,
-        lock_resync_ms: lock_resync_ms(args)?,
-        blocks,
-    };
-    let result = drive(&server_addr.to_string(), Some(&token), req, args, &labels);
-    stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
-    for h in handles {
-        h.stop();
-    }
-    let out = result?;
-    report(&out, args, &labels, start.elapsed())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escape_like_rsync() {
-        assert_eq!(escape_path(b"a b"), "a b");
-        assert_eq!(escape_path(b"a\nb"), "a\\#012b");
-        assert_eq!(escape_path(b"\xffx"), "\\#377x");
-    }
 }

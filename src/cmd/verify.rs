@@ -2,15 +2,15 @@
 //! agents' caches, and reports every drifted path without changing anything.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::{bail, Context};
-use clap::Parser;
-use fleetsync_proto::{auth, Action, PlanItem, SyncRequest};
+use fleetsync_proto::{Action, ClassificationSpec, PlanItem, SyncRequest};
 
-use super::selection::{Selection, Target};
-use super::sync::{escape_path, Outcome};
+use super::control::{Display, SyncReply};
+use super::embedded::FleetOptions;
+use super::itemize::escape_path;
+use super::jsonpath::with_path;
+use super::selection::Selection;
+use super::target::{Target, Trees};
 
 /// Arguments of `fleetsync verify`.
 #[derive(clap::Args)]
@@ -49,101 +49,38 @@ pub struct Args {
     verbose: u8,
 }
 
-/// `sync` options for [`super::sync::drive`]: collect the items, print nothing.
-#[derive(Parser)]
-struct Quiet {
-    #[command(flatten)]
-    args: super::sync::Args,
-}
-
-/// The classification options are passed on (--include and --exclude in their order).
-fn quiet_sync_args(args: &Args) -> anyhow::Result<super::sync::Args> {
-    let mut argv: Vec<String> = ["sync", "--json", "-n"].map(String::from).to_vec();
-    argv.extend(args.selection.to_args());
-    argv.push("-".into());
-    Ok(Quiet::try_parse_from(argv)?.args)
+/// What verify asks the server: a dry run with `--delete` (extra remote entries are drift;
+/// nothing is deleted) whose checksums bypass the agents' caches.
+fn request(classification: ClassificationSpec) -> SyncRequest {
+    SyncRequest {
+        delete: true,
+        dry_run: true,
+        verify: true,
+        classification,
+        ..SyncRequest::default()
+    }
 }
 
 /// Runs `fleetsync verify`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::server::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose);
     args.target.check_algorithm()?;
-    let sync_args = quiet_sync_args(&args)?;
-    let classification =
-        fleetsync_proto::ClassificationSpec::from(&args.selection.classification()?);
-    let request = |master: String, remotes: Vec<String>| SyncRequest {
-        master,
-        remotes,
-        algorithm: args.target.algorithm.clone(),
-        // Extra remote entries are drift; nothing is deleted (dry run).
-        delete: true,
-        dry_run: true,
-        verify: true,
-        classification: classification.clone(),
-        ..SyncRequest::default()
+    let classification = ClassificationSpec::from(&args.selection.classification()?);
+    let trees = Trees {
+        command: "verify",
+        paths: &args.paths,
+        auth: &args.auth,
+        // Every file is read: no checksum cache; nothing is written, so nothing to fsync.
+        fleet: FleetOptions {
+            fsync: false,
+            checksum_cache: false,
+            record_jobs: false,
+        },
     };
-    match (&args.target.server, &args.target.master) {
-        (Some(server), Some(master)) => {
-            let token = args.auth.load()?;
-            let remotes: Vec<String> = args
-                .paths
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let req = request(master.clone(), remotes.clone());
-            let out = super::sync::drive(server, token.as_deref(), req, &sync_args, &remotes)?;
-            Ok(report(&out, &remotes, args.json))
-        }
-        _ => {
-            if args.paths.len() < 2 {
-                bail!("usage: fleetsync verify MASTER_DIR REMOTE_DIR... (or --server ADDR --master AGENT REMOTE...)");
-            }
-            let token: Vec<u8> = auth::nonce()
-                .iter()
-                .flat_map(|b| format!("{b:02x}").into_bytes())
-                .collect();
-            let mut handles = Vec::new();
-            for p in &args.paths {
-                handles.push(super::sync::start_agent(p, &token, false, false)?);
-            }
-            let config = fleetsync_server::ServerConfig {
-                token: Some(token.clone()),
-                ..Default::default()
-            };
-            let mut server = fleetsync_server::Server::bind("127.0.0.1:0".parse()?, config)
-                .context("starting the embedded server")?;
-            let server_addr = server.local_addr()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let stop2 = Arc::clone(&stop);
-            let thread = std::thread::Builder::new()
-                .name("fleetsync-server".into())
-                .spawn(move || server.run_until(&stop2))?;
-            let labels: Vec<String> = args.paths[1..]
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            let req = request(
-                handles[0].local_addr().to_string(),
-                handles[1..]
-                    .iter()
-                    .map(|h| h.local_addr().to_string())
-                    .collect(),
-            );
-            let result = super::sync::drive(
-                &server_addr.to_string(),
-                Some(&token),
-                req,
-                &sync_args,
-                &labels,
-            );
-            stop.store(true, Ordering::Relaxed);
-            let _ = thread.join();
-            for h in handles {
-                h.stop();
-            }
-            Ok(report(&result?, &labels, args.json))
-        }
-    }
+    let (reply, labels) =
+        args.target
+            .send(trees, || Ok(request(classification)), Display::Collect)?;
+    Ok(report(&reply, &labels, args.json))
 }
 
 /// The kind of drift a planned action stands for; `None`: not drift (a skipped special file,
@@ -170,9 +107,8 @@ fn drift_kind(item: &PlanItem) -> Option<&'static str> {
 /// `Why::DirTouched` in the planner's words (server/src/plan.rs).
 const DIR_TOUCHED: &str = "directory contents changed";
 
-/// Prints the drift; returns the exit code.
 /// Prints the drift (lines, or one JSON document) and returns the exit code.
-fn report(out: &Outcome, labels: &[String], json: bool) -> u8 {
+fn report(out: &SyncReply, labels: &[String], json: bool) -> u8 {
     let mut drift = vec![0u64; labels.len()];
     for it in &out.items {
         if drift_kind(it).is_some() {
@@ -233,12 +169,11 @@ fn report(out: &Outcome, labels: &[String], json: bool) -> u8 {
 /// given) `remote`, `verified`, `error`, `drift` (`kind`, `path`, `detail`)
 /// and `notes` (entries skipped, with why).
 fn json_report(
-    out: &Outcome,
+    out: &SyncReply,
     labels: &[String],
     errors: &[Option<String>],
     code: u8,
 ) -> serde_json::Value {
-    use super::jsonpath::with_path;
     // Each remote's items, in one pass over them all.
     let mut by_remote: Vec<Vec<&PlanItem>> = vec![Vec::new(); labels.len()];
     for it in &out.items {
@@ -299,63 +234,33 @@ mod tests {
 
     #[test]
     fn drift_kinds_name_the_reason() {
-        assert_eq!(drift_kind(&item(Action::Transfer, "new")), Some("missing"));
-        assert_eq!(
-            drift_kind(&item(Action::Transfer, "checksum differs")),
-            Some("content")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::Transfer, "size differs")),
-            Some("content")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::Delete, "not on master")),
-            Some("extra")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::SetAttrs, "mode 0644->0755")),
-            Some("attrs")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::Symlink, "target differs -> x")),
-            Some("symlink")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::HardLink, "=> a")),
-            Some("hardlink")
-        );
-        assert_eq!(
-            drift_kind(&item(Action::Skip, "special file skipped")),
-            None
-        );
-        assert_eq!(drift_kind(&item(Action::SetAttrs, DIR_TOUCHED)), None);
-        assert_eq!(drift_kind(&item(Action::SetAttrs, "mtime")), Some("attrs"));
+        let cases = [
+            (Action::Transfer, "new", Some("missing")),
+            (Action::Transfer, "checksum differs", Some("content")),
+            (Action::Transfer, "size differs", Some("content")),
+            (Action::Delete, "not on master", Some("extra")),
+            (Action::SetAttrs, "mode 0644->0755", Some("attrs")),
+            (Action::Symlink, "target differs -> x", Some("symlink")),
+            (Action::HardLink, "=> a", Some("hardlink")),
+            (Action::Skip, "special file skipped", None),
+            (Action::SetAttrs, DIR_TOUCHED, None),
+            (Action::SetAttrs, "mtime", Some("attrs")),
+        ];
+        for (action, detail, kind) in cases {
+            assert_eq!(
+                drift_kind(&item(action, detail)),
+                kind,
+                "{action:?} {detail}"
+            );
+        }
     }
 
     #[test]
-    fn quiet_sync_args_parse() {
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: Args,
-        }
-        let a = Cli::try_parse_from([
-            "verify",
-            "--exclude=*",
-            "--select",
-            "name:a*",
-            "--include",
-            "*.rs",
-            "m",
-            "r",
-        ])
-        .unwrap()
-        .args;
-        let sync = quiet_sync_args(&a).unwrap();
-        // The sync side sees the same rules, in the same order.
-        assert_eq!(
-            sync.selection.classification().unwrap(),
-            a.selection.classification().unwrap()
-        );
+    fn the_request_is_a_cache_free_dry_run_with_delete() {
+        let spec = ClassificationSpec::default();
+        let req = request(spec.clone());
+        assert!(req.delete && req.dry_run && req.verify);
+        assert_eq!(req.classification, spec);
+        assert_eq!(req.lock_timeout_ms, None);
     }
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use fleetsync_engine::AlgorithmInfo;
 
-use super::{Args, Progress, Workload};
+use super::progress::Progress;
+use super::workload::Workload;
+use crate::cmd::hashargs::ReadArgs;
 
 /// Our time and a reference tool's on the same workload.
 pub(crate) struct Comparison {
@@ -156,7 +158,8 @@ fn render(argv: &[OsString]) -> String {
 /// load spike on a shared machine hits both sides alike; the best run of each
 /// side counts.
 pub(crate) fn run(
-    args: &Args,
+    read: &ReadArgs,
+    runs: u32,
     w: &Workload,
     algs: &[AlgorithmInfo],
     progress: &Progress,
@@ -178,9 +181,9 @@ pub(crate) fn run(
             "-a".into(),
             alg.name.clone().into(),
             "--io".into(),
-            args.io.clone().into(),
+            read.io.clone().into(),
         ];
-        if let Some(j) = args.jobs {
+        if let Some(j) = read.jobs {
             ours_argv.extend(["-j".into(), j.to_string().into()]);
         }
         if w.tree {
@@ -200,7 +203,7 @@ pub(crate) fn run(
         let mut ours = none;
         let mut theirs = vec![none; refs.len()];
         let mut rounds = vec![Vec::new(); refs.len()];
-        for run in 0..args.runs {
+        for run in 0..runs {
             // Ours first on even runs, last on odd ones: neither side always
             // follows the other (or the previous algorithm's run).
             let mut this_ours = none;

@@ -3,7 +3,13 @@
 use std::fmt::Write as _;
 
 use super::compare::Comparison;
-use super::{Measurement, Workload};
+use super::workload::Workload;
+
+/// The timing of one algorithm.
+pub(crate) struct Measurement {
+    pub algorithm: String,
+    pub seconds: f64,
+}
 
 /// Everything `fleetsync bench` found.
 pub(crate) struct Report<'a> {
@@ -15,6 +21,12 @@ pub(crate) struct Report<'a> {
     /// reader can tell whether the machine was quiet.
     pub load: Option<(f64, f64)>,
     pub io: &'a str,
+}
+
+/// The width of a text column holding `cells`: the widest, and at least 9
+/// (the width of the headings "algorithm" and "reference").
+fn column_width<'a>(cells: impl Iterator<Item = &'a str>) -> usize {
+    cells.map(str::len).max().unwrap_or(9).max(9)
 }
 
 /// One row: an algorithm's throughput.
@@ -65,13 +77,7 @@ impl Report<'_> {
             let _ = write!(s, "; load average {before:.2} before, {after:.2} after");
         }
         s.push_str("\n\n");
-        let width = self
-            .results
-            .iter()
-            .map(|m| m.algorithm.len())
-            .max()
-            .unwrap_or(9)
-            .max(9);
+        let width = column_width(self.results.iter().map(|m| m.algorithm.as_str()));
         let _ = writeln!(
             s,
             "{:<width$}  {:>8}  {:>12}  {:>10}",
@@ -90,13 +96,7 @@ impl Report<'_> {
                 "\nagainst the reference tools (fleetsync sum vs each tool: a process each, \
                  output to /dev/null, warm cache, runs alternating, best run of each):\n"
             );
-            let rw = self
-                .comparisons
-                .iter()
-                .map(|c| c.reference.len())
-                .max()
-                .unwrap_or(9)
-                .max(9);
+            let rw = column_width(self.comparisons.iter().map(|c| c.reference.as_str()));
             let _ = writeln!(
                 s,
                 "{:<width$}  {:<rw$}  {:>9}  {:>11}  {:>11}  {:>6}  {:>4}  {:>9}  {:>12}",

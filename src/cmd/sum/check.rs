@@ -13,10 +13,10 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::engine::{hash_file, hash_reader, AlgorithmInfo, Error, HashOptions};
 use super::format::{os_message, push_name, quote, LineStyle};
-use super::{engine_error_message, Reporter};
+use super::reporter::{engine_error_message, Reporter};
 use fleetsync_engine::Registry;
+use fleetsync_engine::{hash_file, hash_reader, AlgorithmInfo, Error, HashOptions};
 
 /// Flags of check mode.
 pub struct CheckOptions<'a> {
@@ -241,8 +241,8 @@ impl Resolver<'_> {
     }
 }
 
-/// One line of a list, in order.
-enum Job {
+/// One line of a checksum list, in list order: what to verify, or what to warn about.
+enum CheckEntry {
     /// A file to hash: its name, algorithm and expected checksum.
     Verify(Vec<u8>, Resolved, Expected),
     /// An improperly formatted line (1-based number).
@@ -350,9 +350,9 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
         let mut unreadable = 0usize;
         let mut properly = 0usize;
         let mut verified = 0usize;
-        // Each line becomes a job (a file to verify, or a bad line to warn
+        // Each line becomes an entry (a file to verify, or a bad line to warn
         // about), hashed in parallel batches and reported in list order.
-        let mut jobs: Vec<Job> = Vec::new();
+        let mut entries: Vec<CheckEntry> = Vec::new();
         let body = content.strip_suffix(b"\n").unwrap_or(&content);
         for (i, line) in body.split(|b| *b == b'\n').enumerate() {
             let parsed = parse_line(line, numeric);
@@ -364,37 +364,39 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             match (parsed, resolved) {
                 (Line::Entry { expected, name, .. }, Some(alg)) => {
                     properly += 1;
-                    jobs.push(Job::Verify(name, alg, expected));
+                    entries.push(CheckEntry::Verify(name, alg, expected));
                 }
                 _ => {
                     bad_lines += 1;
-                    jobs.push(Job::Bad(i + 1));
+                    entries.push(CheckEntry::Bad(i + 1));
                 }
             }
         }
         let batch = 4 * rayon::current_num_threads().max(1);
-        for chunk in jobs.chunks(batch) {
-            let run_one = |job: &Job| match job {
-                Job::Verify(n, a, e) => Some(verify(n, a, e, opts.hash, opts.ignore_missing)),
-                Job::Bad(_) => None,
+        for chunk in entries.chunks(batch) {
+            let run_one = |entry: &CheckEntry| match entry {
+                CheckEntry::Verify(n, a, e) => {
+                    Some(verify(n, a, e, opts.hash, opts.ignore_missing))
+                }
+                CheckEntry::Bad(_) => None,
             };
             let reads_stdin = chunk
                 .iter()
-                .any(|j| matches!(j, Job::Verify(n, ..) if n == b"-"));
+                .any(|e| matches!(e, CheckEntry::Verify(n, ..) if n == b"-"));
             let verdicts: Vec<Option<Verdict>> = if reads_stdin {
                 chunk.iter().map(run_one).collect()
             } else {
                 chunk.par_iter().map(run_one).collect()
             };
-            for (job, verdict) in chunk.iter().zip(verdicts) {
-                let (name, verdict) = match (job, verdict) {
-                    (Job::Verify(name, ..), Some(v)) => {
+            for (entry, verdict) in chunk.iter().zip(verdicts) {
+                let (name, verdict) = match (entry, verdict) {
+                    (CheckEntry::Verify(name, ..), Some(v)) => {
                         if matches!(v, Verdict::Ok | Verdict::Failed) {
                             verified += 1;
                         }
                         (name, v)
                     }
-                    (Job::Bad(line_no), _) => {
+                    (CheckEntry::Bad(line_no), _) => {
                         if opts.warn && !opts.status {
                             rep.error(&format!(
                                 "{}: {line_no}: improperly formatted {kind}checksum line",
@@ -403,7 +405,7 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
                         }
                         continue;
                     }
-                    (Job::Verify(..), None) => continue,
+                    (CheckEntry::Verify(..), None) => continue,
                 };
                 let word = match &verdict {
                     Verdict::Missing => continue,
@@ -442,35 +444,35 @@ pub fn run(lists: &[std::ffi::OsString], opts: &CheckOptions<'_>, rep: &mut Repo
             continue;
         }
         if !opts.status {
-            if bad_lines > 0 {
-                rep.error(&format!(
-                    "WARNING: {bad_lines} {} improperly formatted",
-                    if bad_lines == 1 {
-                        "line is"
-                    } else {
-                        "lines are"
-                    }
-                ));
-            }
-            if unreadable > 0 {
-                rep.error(&format!(
-                    "WARNING: {unreadable} listed {} not be read",
-                    if unreadable == 1 {
-                        "file could"
-                    } else {
-                        "files could"
-                    }
-                ));
-            }
-            if mismatched > 0 {
-                rep.error(&format!(
-                    "WARNING: {mismatched} computed {} did NOT match",
-                    if mismatched == 1 {
-                        "checksum"
-                    } else {
-                        "checksums"
-                    }
-                ));
+            // GNU's summary lines, singular or plural.
+            let counts = [
+                (
+                    bad_lines,
+                    "",
+                    "line is",
+                    "lines are",
+                    "improperly formatted",
+                ),
+                (
+                    unreadable,
+                    "listed ",
+                    "file could",
+                    "files could",
+                    "not be read",
+                ),
+                (
+                    mismatched,
+                    "computed ",
+                    "checksum",
+                    "checksums",
+                    "did NOT match",
+                ),
+            ];
+            for (n, before, one, many, after) in counts {
+                if n > 0 {
+                    let noun = if n == 1 { one } else { many };
+                    rep.error(&format!("WARNING: {n} {before}{noun} {after}"));
+                }
             }
         }
         if mismatched > 0 || unreadable > 0 || (opts.strict && bad_lines > 0) {

@@ -1,6 +1,6 @@
 //! Output lines byte-identical to GNU coreutils 9.1 (`sum`, `cksum`, `md5sum`, `sha*sum`).
 
-use super::engine::Digest;
+use fleetsync_engine::Digest;
 
 /// How one algorithm's result is printed.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,18 @@
+//! Logging of the long-running and networked subcommands (`agent`, `server`,
+//! `sync`, `verify`): `tracing` on stderr.
+
+/// Sets up `tracing` on stderr: warnings by default, `-v` info, `-vv` debug;
+/// `RUST_LOG` overrides.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
