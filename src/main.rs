@@ -7,12 +7,6 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 
-/// Page-aligned big blocks, for the read buffers that are not aligned by the
-/// engine itself: see `cmd::sum::aligned_alloc` for why, what it costs, and the
-/// figures. (The file stays there: agent/examples include it by that path.)
-#[global_allocator]
-static GLOBAL: cmd::sum::aligned_alloc::PageAlignedBig = cmd::sum::aligned_alloc::PageAlignedBig;
-
 /// Keep large file trees on many machines identical to one master tree.
 #[derive(Parser)]
 #[command(name = "fleetsync", version, about, long_about = None)]

@@ -1,11 +1,5 @@
 //! Times `PosixBackend::checksum` over every file of a tree on one thread.
 
-/// The binary's allocator (page-aligned read buffers), so figures match `fleetsync`.
-#[path = "../../src/cmd/sum/aligned_alloc.rs"]
-mod aligned_alloc;
-#[global_allocator]
-static GLOBAL: aligned_alloc::PageAlignedBig = aligned_alloc::PageAlignedBig;
-
 use fleetsync_agent::{Backend, PosixBackend};
 use std::time::Instant;
 

@@ -4,12 +4,6 @@
 //!
 //! `cargo run --release -p fleetsync-agent --example transfer_bench -- MASTER REMOTE...`
 
-/// The binary's allocator (page-aligned read buffers), so figures match `fleetsync`.
-#[path = "../../src/cmd/sum/aligned_alloc.rs"]
-mod aligned_alloc;
-#[global_allocator]
-static GLOBAL: aligned_alloc::PageAlignedBig = aligned_alloc::PageAlignedBig;
-
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

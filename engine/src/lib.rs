@@ -62,6 +62,6 @@ mod tree;
 pub use algorithm::{Algorithm, Digest};
 pub use error::Error;
 pub use hash::{hash_file, hash_open_file, hash_reader, FileHash, HashOptions};
-pub use io::{IoMode, IoUsed};
+pub use io::{AlignedBuf, IoMode, IoUsed};
 pub use registry::{AlgorithmInfo, Registry};
 pub use tree::{hash_tree, Skipped, TreeEntry, TreeHash};

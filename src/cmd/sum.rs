@@ -1,7 +1,6 @@
 //! `fleetsync sum`: print or check checksums, a drop-in for `cksum`, `sum`,
 //! `md5sum` and `sha*sum` (byte-identical output, same `--check`).
 
-pub(crate) mod aligned_alloc;
 mod check;
 pub(crate) mod format;
 mod reporter;

@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub(crate) mod buf;
+pub use buf::AlignedBuf;
 pub(crate) mod mmap;
 pub(crate) mod pread;
 #[cfg(all(feature = "uring", target_os = "linux"))]

@@ -58,7 +58,7 @@ fn wait(ring: &IoUring, want: usize) -> io::Result<()> {
 struct LocalRing {
     ring: IoUring,
     /// The buffers' memory; only reached through `ptrs` after registration.
-    _bufs: Vec<Box<[u8]>>,
+    _bufs: Vec<AlignedBuf>,
     ptrs: Vec<*mut u8>,
     fixed: bool,
 }
@@ -76,9 +76,7 @@ struct SlotRead {
 impl LocalRing {
     fn new() -> io::Result<Self> {
         let ring = IoUring::new((2 * DEPTH) as u32)?;
-        let mut bufs: Vec<Box<[u8]>> = (0..DEPTH)
-            .map(|_| vec![0u8; PIECE].into_boxed_slice())
-            .collect();
+        let mut bufs: Vec<AlignedBuf> = (0..DEPTH).map(|_| AlignedBuf::new(PIECE)).collect();
         let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
         let iovecs: Vec<libc::iovec> = ptrs
             .iter()
@@ -88,7 +86,7 @@ impl LocalRing {
             })
             .collect();
         // SAFETY: each iovec covers one live `PIECE`-byte buffer owned by
-        // this `LocalRing`; the boxes are never moved out nor freed while the
+        // this `LocalRing`; their heap memory never moves nor is freed while the
         // ring (which holds the registration) lives, and they drop after it.
         let fixed = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
         Ok(LocalRing {
