@@ -497,7 +497,11 @@ impl Server {
                     )),
                 }
             }
-            ConnPeer::Agent { job, role } => self.on_agent_frame(job, role, token, body),
+            ConnPeer::Agent { job, role } => {
+                let result = self.feed_agent_frame(job, role, token, body);
+                self.settle(job);
+                result
+            }
         }
     }
 
@@ -632,18 +636,6 @@ impl Server {
             }
             AgentRole::MasterLink(_) => {}
         }
-    }
-
-    fn on_agent_frame(
-        &mut self,
-        job: u64,
-        role: AgentRole,
-        token: Token,
-        body: &[u8],
-    ) -> Result<(), String> {
-        let result = self.feed_agent_frame(job, role, token, body);
-        self.settle(job);
-        result
     }
 
     /// Hands an agent's frame to its job (the caller settles the job).

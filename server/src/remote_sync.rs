@@ -212,6 +212,8 @@ impl RemoteSync {
         &self.addr
     }
 
+    /// Where the pair is (the event loop only needs [`RemoteSync::is_done`]).
+    #[cfg(test)]
     pub(crate) fn state(&self) -> PairState {
         self.state
     }
