@@ -740,8 +740,8 @@ impl Server {
             for i in lost {
                 j.sync.fail_pair(i, "connection lost".into());
             }
-            let control_conn = self.conns.get_mut(&control);
-            let mut control_conn = control_conn;
+            // Itemize the plans while the control client keeps up.
+            let mut control_conn = self.conns.get_mut(&control);
             let mut queued = false;
             for pair in &mut j.sync.pairs {
                 match control_conn.as_deref_mut() {
