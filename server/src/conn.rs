@@ -4,8 +4,8 @@
 use std::io::{self, Write};
 use std::time::Instant;
 
-use fleetsync_proto::frame::{FrameDecoder, MAX_HANDSHAKE_FRAME};
-use fleetsync_proto::Msg;
+use fleetsync_proto::frame::{FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use fleetsync_proto::{auth, Msg, Role};
 use mio::net::TcpStream;
 use tracing::warn;
 
@@ -111,6 +111,88 @@ impl Conn {
         self.out.clear();
         self.out_pos = 0;
         Ok(())
+    }
+}
+
+/// What a frame meant for the handshake.
+pub(crate) enum Handshake {
+    /// The handshake was over already: the frame is a message.
+    Over,
+    /// A handshake frame; the answer is queued, more is to come.
+    Going,
+    /// We connected, and the agent welcomed us: the held requests are queued.
+    Done {
+        /// The agent can apply owners (runs as root).
+        can_chown: bool,
+    },
+}
+
+impl Conn {
+    /// Takes a frame through the handshake (`token`: the shared secret, if any). An error
+    /// closes the connection.
+    pub(crate) fn handshake(
+        &mut self,
+        body: &[u8],
+        token: Option<&[u8]>,
+    ) -> Result<Handshake, String> {
+        match std::mem::replace(&mut self.hs, Hs::Ready) {
+            Hs::Ready => Ok(Handshake::Over),
+            Hs::AwaitAuth(n1) => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let Msg::Auth {
+                    role, mac, nonce, ..
+                } = msg
+                else {
+                    return Err(format!("expected auth, got {}", msg.kind_name()));
+                };
+                if role != Role::Control {
+                    return Err(format!(
+                        "{} tried to connect as a control client",
+                        role.name()
+                    ));
+                }
+                let answer = match token {
+                    Some(t) => {
+                        if !auth::verify(t, &n1, role, &mac) || nonce.len() != auth::NONCE_LEN {
+                            return Err("authentication failed".into());
+                        }
+                        auth::mac(t, &nonce, Role::Listener)
+                    }
+                    None => Vec::new(),
+                };
+                self.dec.set_max(MAX_FRAME);
+                self.queue(&Msg::Welcome {
+                    mac: answer,
+                    can_chown: false,
+                });
+                Ok(Handshake::Going)
+            }
+            Hs::AwaitHello => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let Msg::Hello { nonce: n1, .. } = msg else {
+                    return Err(format!("expected hello, got {}", msg.kind_name()));
+                };
+                let n2 = auth::nonce();
+                self.hs = Hs::AwaitWelcome(n2);
+                self.queue(&auth::auth_message(token, &n1, Role::Server, &n2));
+                Ok(Handshake::Going)
+            }
+            Hs::AwaitWelcome(n2) => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let (mac, can_chown) = match msg {
+                    Msg::Welcome { mac, can_chown } => (mac, can_chown),
+                    Msg::Error { message, .. } => return Err(format!("agent: {message}")),
+                    other => return Err(format!("expected welcome, got {}", other.kind_name())),
+                };
+                auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
+                self.dec.set_max(MAX_FRAME);
+                self.outstanding = self.held.len();
+                for m in std::mem::take(&mut self.held) {
+                    self.queue(&m);
+                }
+                Ok(Handshake::Done { can_chown })
+            }
+        }
     }
 }
 

@@ -25,13 +25,13 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetsync_proto::frame::{self, MAX_FRAME};
-use fleetsync_proto::{auth, Msg, Role, SyncRequest};
+use fleetsync_proto::frame;
+use fleetsync_proto::{auth, Msg, SyncRequest};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
-use crate::conn::{set_request_id, AgentRole, Conn, ConnPeer, Hs};
+use crate::conn::{set_request_id, AgentRole, Conn, ConnPeer, Handshake, Hs};
 use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
 use crate::remote_sync::Peer;
 use crate::sync_job::SyncJob;
@@ -416,66 +416,13 @@ impl Server {
 
     fn on_frame(&mut self, token: Token, body: &[u8]) -> Result<(), String> {
         let conn = self.conns.get_mut(&token).ok_or("gone")?;
-        match std::mem::replace(&mut conn.hs, Hs::Ready) {
-            Hs::Ready => {}
-            Hs::AwaitAuth(n1) => {
-                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
-                let Msg::Auth {
-                    role, mac, nonce, ..
-                } = msg
-                else {
-                    return Err(format!("expected auth, got {}", msg.kind_name()));
-                };
-                if role != Role::Control {
-                    return Err(format!(
-                        "{} tried to connect as a control client",
-                        role.name()
-                    ));
-                }
-                let answer = match &self.config.token {
-                    Some(t) => {
-                        if !auth::verify(t, &n1, role, &mac) || nonce.len() != auth::NONCE_LEN {
-                            return Err("authentication failed".into());
-                        }
-                        auth::mac(t, &nonce, Role::Listener)
-                    }
-                    None => Vec::new(),
-                };
-                conn.dec.set_max(MAX_FRAME);
-                self.queue(
-                    token,
-                    &Msg::Welcome {
-                        mac: answer,
-                        can_chown: false,
-                    },
-                );
+        match conn.handshake(body, self.config.token.as_deref())? {
+            Handshake::Over => {}
+            Handshake::Going => {
+                self.dirty.insert(token);
                 return Ok(());
             }
-            Hs::AwaitHello => {
-                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
-                let Msg::Hello { nonce: n1, .. } = msg else {
-                    return Err(format!("expected hello, got {}", msg.kind_name()));
-                };
-                let n2 = auth::nonce();
-                conn.hs = Hs::AwaitWelcome(n2);
-                let m = auth::auth_message(self.config.token.as_deref(), &n1, Role::Server, &n2);
-                self.queue(token, &m);
-                return Ok(());
-            }
-            Hs::AwaitWelcome(n2) => {
-                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
-                let (mac, can_chown) = match msg {
-                    Msg::Welcome { mac, can_chown } => (mac, can_chown),
-                    Msg::Error { message, .. } => return Err(format!("agent: {message}")),
-                    other => return Err(format!("expected welcome, got {}", other.kind_name())),
-                };
-                auth::check_welcome(self.config.token.as_deref(), &n2, &mac)
-                    .map_err(|e| e.to_string())?;
-                conn.dec.set_max(MAX_FRAME);
-                conn.outstanding = conn.held.len();
-                for m in std::mem::take(&mut conn.held) {
-                    conn.queue(&m);
-                }
+            Handshake::Done { can_chown } => {
                 self.dirty.insert(token);
                 if let ConnPeer::Agent { job, role } = conn.peer {
                     self.on_agent_ready(job, role, token, can_chown);
