@@ -43,6 +43,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -156,11 +157,22 @@ pub struct BlockSpec {
 }
 
 /// A parsed and checked blocks file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct BlocksFile {
     blocks: Vec<BlockSpec>,
     order: Vec<usize>,
+    /// Each block's `select`, compiled once when the file is checked (file order).
+    matchers: Arc<[fleetsync_select::Matcher]>,
 }
+
+/// Two blocks files are equal when their blocks are: the matchers are compiled from them.
+impl PartialEq for BlocksFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.blocks == other.blocks && self.order == other.order
+    }
+}
+
+impl Eq for BlocksFile {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +272,7 @@ impl BlocksFile {
         }
         let index = |name: &str| blocks.iter().position(|b| b.name == name);
         let mut deps: Vec<Vec<usize>> = Vec::with_capacity(blocks.len());
+        let mut matchers = Vec::with_capacity(blocks.len());
         for (i, b) in blocks.iter().enumerate() {
             validate_name(&b.name)?;
             if b.select.trim().is_empty() {
@@ -267,11 +280,14 @@ impl BlocksFile {
                     block: b.name.clone(),
                 });
             }
-            if let Err(message) = compile_select(&b.select) {
-                return Err(BlocksError::BadSelect {
-                    block: b.name.clone(),
-                    message,
-                });
+            match compile_select(&b.select) {
+                Ok(m) => matchers.push(m),
+                Err(message) => {
+                    return Err(BlocksError::BadSelect {
+                        block: b.name.clone(),
+                        message,
+                    })
+                }
             }
             if index(&b.name) != Some(i) {
                 return Err(BlocksError::Syntax {
@@ -305,7 +321,11 @@ impl BlocksFile {
             placed[next] = true;
             order.push(next);
         }
-        Ok(Self { blocks, order })
+        Ok(Self {
+            blocks,
+            order,
+            matchers: matchers.into(),
+        })
     }
 
     /// The blocks in file order.
@@ -363,11 +383,8 @@ impl BlocksFile {
 
     /// One compiled matcher per block (file order): `is_included(path, false)` says whether
     /// a file belongs to that block's `select`.
-    pub fn matchers(&self) -> Vec<fleetsync_select::Matcher> {
-        self.blocks
-            .iter()
-            .map(|b| compile_select(&b.select).expect("checked by BlocksFile::new"))
-            .collect()
+    pub fn matchers(&self) -> &[fleetsync_select::Matcher] {
+        &self.matchers
     }
 
     /// The block a file belongs to: the first in file order whose `select` expression the

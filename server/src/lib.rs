@@ -2,13 +2,22 @@
 //! remote's and orders the agents to make the remotes identical.
 //!
 //! - [`list`]: [`list::FileList`], the compact sorted file list;
-//! - [`plan`]: [`plan::PairPlan`], the pure diff planner of one master/remote pair.
+//! - [`plan`]: [`plan::PairPlan`], the pure diff planner of one master/remote pair;
+//! - [`blocks`]: [`blocks::BlocksFile`], the dependency blocks file (`--blocks`);
+//! - [`jobs`]: [`jobs::JobStore`], the job history database;
+//! - the event loop ([`Server`]) runs one `SyncJob` per request, of one `RemoteSync`
+//!   state machine per master/remote pair.
 #![deny(missing_docs)]
 
-pub mod list;
-pub mod plan;
-pub mod server;
-
-pub use server::{Server, ServerConfig};
 pub mod blocks;
+mod checksums;
+mod conn;
+mod event_loop;
 pub mod jobs;
+pub mod list;
+mod ops;
+pub mod plan;
+mod remote_sync;
+mod sync_job;
+
+pub use event_loop::{Server, ServerConfig};

@@ -1,6 +1,6 @@
 //! Dependency blocks (`fleetsync sync --blocks`) in the server's per-remote state machine.
 //!
-//! Once a remote's plan is resolved, [`Server::partition_blocks`] takes out of it the steps
+//! Once a remote's plan is resolved, [`RemoteSync::partition_blocks`] takes out of it the steps
 //! whose path belongs to a block (the first block, in file order, whose `select` matches
 //! it). What is left runs as without blocks (`before`, `sends`), then the blocks run one at a
 //! time in [`BlocksFile::order`](crate::blocks::BlocksFile::order), then the rest (`after`:
@@ -27,15 +27,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use fleetsync_proto::{
-    auth, BlockDef, Failure, ItemResult, Msg, Op, OpKind, Outcome, SyncProgress,
-};
-use fleetsync_select::Matcher;
+use fleetsync_proto::{auth, BlockDef, ItemResult, Msg, Op, OpKind, Outcome};
 use tracing::{debug, info, warn};
 
-use super::{RState, Server, CHUNK, MAX_FAILURES};
+use super::{JobShared, PairState, Peer, RemoteSync, CHUNK};
 use crate::blocks::{BlockSpec, BlocksFile};
 use crate::list::{FileList, Kind};
+use crate::ops::block_ops;
 use crate::plan::{Plan, Step, StepKind, Why};
 
 /// No block: the step runs as without `--blocks`.
@@ -44,16 +42,15 @@ pub(super) const NO_BLOCK: u16 = u16::MAX;
 /// Most blocks in one request (block indexes are `u16`).
 const MAX_BLOCKS: usize = 4096;
 
-/// The blocks of a job, checked and compiled.
-pub(super) struct BlockSet {
+/// The blocks of a job, checked and compiled (once per job, shared by its pairs).
+pub(crate) struct BlockSet {
     file: BlocksFile,
-    matchers: Vec<Matcher>,
 }
 
 impl BlockSet {
     /// Checks the blocks of a sync request (names, `select` expressions, `after` names and
     /// cycles); `Ok(None)` without blocks.
-    pub(super) fn from_request(defs: &[BlockDef]) -> Result<Option<Arc<BlockSet>>, String> {
+    pub(crate) fn from_request(defs: &[BlockDef]) -> Result<Option<Arc<BlockSet>>, String> {
         if defs.is_empty() {
             return Ok(None);
         }
@@ -72,12 +69,12 @@ impl BlockSet {
             })
             .collect();
         let file = BlocksFile::new(specs).map_err(|e| e.to_string())?;
-        let matchers = file.matchers();
-        Ok(Some(Arc::new(BlockSet { file, matchers })))
+        Ok(Some(Arc::new(BlockSet { file })))
     }
 
     fn assign(&self, path: &[u8]) -> u16 {
-        self.matchers
+        self.file
+            .matchers()
             .iter()
             .position(|m| m.is_included(path, false))
             .map_or(NO_BLOCK, |b| b as u16)
@@ -134,11 +131,11 @@ pub(super) struct BlockRun {
 
 impl BlockRun {
     /// The unblocked steps of a phase.
-    pub(super) fn phase_steps(&self, phase: RState) -> &[Step] {
+    pub(super) fn phase_steps(&self, phase: PairState) -> &[Step] {
         match phase {
-            RState::Before => &self.before,
-            RState::Sending => &self.sends,
-            RState::After => &self.after,
+            PairState::Before => &self.before,
+            PairState::Sending => &self.sends,
+            PairState::After => &self.after,
             _ => &[],
         }
     }
@@ -318,51 +315,45 @@ fn tidy_ops(ops: Vec<Op>) -> Vec<Op> {
         .collect()
 }
 
-impl Server {
-    /// Takes the block steps out of remote `i`'s fresh plan (a no-op without `--blocks`).
-    pub(super) fn partition_blocks(&mut self, job: u64, i: usize) {
-        let Some(j) = self.jobs.get_mut(&job) else {
+impl RemoteSync {
+    /// Takes the block steps out of the fresh plan (a no-op without `--blocks`).
+    pub(super) fn partition_blocks(&mut self, shared: &JobShared) {
+        let Some(set) = shared.blocks.clone() else {
             return;
         };
-        let Some(set) = j.blocks.clone() else { return };
-        let r = &mut j.remotes[i];
-        let Some(plan) = r.plan.as_ref() else { return };
-        let run = partition(&set, plan, &j.master, &r.list);
+        let Some(plan) = self.plan.as_ref() else {
+            return;
+        };
+        let run = partition(&set, plan, &shared.master, &self.list);
         for (b, w) in run.work.iter().enumerate() {
             if !w.steps.is_empty() {
-                debug!(job, remote = %r.addr, block = set.name(b as u16), steps = w.steps.len(), "block");
+                debug!(job = shared.id, remote = %self.addr, block = set.name(b as u16), steps = w.steps.len(), "block");
             }
         }
-        r.blocks = Some(run);
+        self.blocks = Some(run);
     }
 
     /// The unblocked sends are done: run the blocks, then the `after` phase.
-    pub(super) fn start_blocks(&mut self, job: u64, i: usize) {
-        let Some(j) = self.jobs.get_mut(&job) else {
-            return;
-        };
-        let r = &mut j.remotes[i];
-        if !r.blocks.as_ref().is_some_and(BlockRun::has_work) {
-            self.start_phase(job, i, RState::After);
+    pub(super) fn start_blocks(&mut self, shared: &mut JobShared) {
+        if !self.blocks.as_ref().is_some_and(BlockRun::has_work) {
+            self.start_phase(PairState::After, shared);
             return;
         }
-        r.state = RState::Blocks;
-        self.next_block(job, i);
+        self.state = PairState::Blocks;
+        self.next_block(shared);
     }
 
     /// Starts the next block in order whose predecessors are committed; fails those whose
     /// predecessors failed; moves to the `after` phase when all are through.
-    fn next_block(&mut self, job: u64, i: usize) {
+    fn next_block(&mut self, shared: &mut JobShared) {
         loop {
-            let Some(j) = self.jobs.get_mut(&job) else {
+            let Some(run) = self.blocks.as_mut() else {
                 return;
             };
-            let r = &mut j.remotes[i];
-            let Some(run) = r.blocks.as_mut() else { return };
             let order = run.set.file.order_indexes();
             if run.next >= order.len() {
                 run.cur = None;
-                self.start_phase(job, i, RState::After);
+                self.start_phase(PairState::After, shared);
                 return;
             }
             let b = order[run.next];
@@ -385,19 +376,15 @@ impl Server {
                     run.set.name(b as u16),
                     run.set.name(d as u16)
                 );
-                warn!(job, remote = %r.addr, "{message}");
-                r.failed_count += 1;
-                if r.result.failures.len() < MAX_FAILURES {
-                    r.result.failures.push(Failure {
-                        path: Vec::new(),
-                        message,
-                    });
-                }
+                warn!(job = shared.id, remote = %self.addr, "{message}");
+                self.record_failure(Vec::new(), message);
                 continue;
             }
             let nonce = auth::nonce();
             let stage = format!(
-                "j{job}-r{i}-b{b}-{}",
+                "j{}-r{}-b{b}-{}",
+                shared.id,
+                self.index,
                 nonce[..6]
                     .iter()
                     .map(|x| format!("{x:02x}"))
@@ -407,16 +394,11 @@ impl Server {
             run.work[b].stage = stage.clone();
             run.work[b].state = BState::Beginning;
             run.cur = Some(b);
-            info!(job, remote = %r.addr, block, "block starts");
-            let Some(t) = r.conn else {
-                self.fail_remote(job, i, "connection lost".into());
-                return;
-            };
-            let rid = self.next_req(job);
-            self.send_request(
-                t,
-                &Msg::BlockBegin {
-                    request_id: rid,
+            info!(job = shared.id, remote = %self.addr, block, "block starts");
+            self.send(
+                Peer::Remote,
+                Msg::BlockBegin {
+                    request_id: 0,
                     stage,
                     block,
                 },
@@ -426,19 +408,18 @@ impl Server {
     }
 
     /// Per-item results while the blocks run (staged files, the begin, the commit).
-    pub(super) fn block_item_results(&mut self, job: u64, i: usize, results: Vec<ItemResult>) {
-        let Some(j) = self.jobs.get_mut(&job) else {
+    pub(super) fn block_item_results(&mut self, results: Vec<ItemResult>) {
+        let Some(run) = self.blocks.as_mut() else {
             return;
         };
-        let r = &mut j.remotes[i];
-        let Some(run) = r.blocks.as_mut() else { return };
         let Some(b) = run.cur else { return };
         let w = &mut run.work[b];
         let staging = w.state == BState::Sending;
+        let mut failed = Vec::new();
         for res in results {
             if staging {
-                r.done_files += 1;
-                r.done_bytes += res.bytes;
+                self.done_files += 1;
+                self.done_bytes += res.bytes;
             }
             match res.outcome {
                 Outcome::Failed => {
@@ -447,16 +428,7 @@ impl Server {
                     } else {
                         w.commit_failed = true;
                     }
-                    r.failed_count += 1;
-                    if r.failed_count <= 10 {
-                        warn!(remote = %r.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
-                    }
-                    if r.result.failures.len() < MAX_FAILURES {
-                        r.result.failures.push(Failure {
-                            path: res.path,
-                            message: res.message,
-                        });
-                    }
+                    failed.push(res);
                 }
                 Outcome::Ok | Outcome::Skipped => {
                     if staging {
@@ -467,26 +439,23 @@ impl Server {
                 }
             }
         }
+        for res in failed {
+            if self.failed_count < 10 {
+                warn!(remote = %self.addr, path = %String::from_utf8_lossy(&res.path), "failed: {}", res.message);
+            }
+            self.record_failure(res.path, res.message);
+        }
         if staging {
-            let p = SyncProgress {
-                remote: i as u32,
-                done_files: r.done_files,
-                total_files: r.plan.as_ref().map_or(0, |p| p.sends().len() as u64),
-                done_bytes: r.done_bytes,
-                total_bytes: r.total_bytes,
-            };
-            let control = j.control;
-            self.queue(control, &Msg::SyncProgress(p));
+            let msg = self.progress(self.done_bytes);
+            self.send(Peer::Control, msg);
         }
     }
 
     /// A request of the current block finished.
-    pub(super) fn block_done(&mut self, job: u64, i: usize) {
-        let Some(j) = self.jobs.get_mut(&job) else {
+    pub(super) fn block_done(&mut self, shared: &mut JobShared) {
+        let Some(run) = self.blocks.as_mut() else {
             return;
         };
-        let r = &mut j.remotes[i];
-        let Some(run) = r.blocks.as_mut() else { return };
         let Some(b) = run.cur else { return };
         let name = run.set.name(b as u16).to_owned();
         let w = &mut run.work[b];
@@ -495,7 +464,7 @@ impl Server {
                 // No transaction was opened: nothing to abort.
                 w.state = BState::Failed;
                 run.cur = None;
-                self.next_block(job, i);
+                self.next_block(shared);
             }
             BState::Beginning | BState::Sending => {
                 w.state = BState::Sending;
@@ -508,50 +477,33 @@ impl Server {
                     let end = (w.send_cur + CHUNK).min(sends.len());
                     let paths: Vec<Vec<u8>> = sends[w.send_cur..end]
                         .iter()
-                        .map(|s| j.master.path(s.index).to_vec())
+                        .map(|s| shared.master.path(s.index).to_vec())
                         .collect();
                     w.send_cur = end;
-                    let mut msg = Msg::SendOrder {
-                        request_id: 0,
-                        target: r.addr.clone(),
-                        algorithm: j.req.algorithm.clone(),
-                        paths,
-                        lock_timeout_ms: j.req.lock_timeout_ms,
-                        stage: w.stage.clone(),
-                    };
-                    let Some(t) = r.link else {
-                        self.fail_remote(job, i, "connection lost".into());
-                        return;
-                    };
-                    let rid = self.next_req(job);
-                    if let Msg::SendOrder { request_id, .. } = &mut msg {
-                        *request_id = rid;
-                    }
-                    self.send_request(t, &msg);
+                    let stage = w.stage.clone();
+                    let msg = self.send_order(paths, stage, shared);
+                    self.send(Peer::Master, msg);
                     return;
                 }
                 // Everything staged (or something failed): commit or abort.
                 w.state = BState::Committing;
                 let abort = w.broken;
                 let stage = w.stage.clone();
-                let steps = w.steps.clone();
-                if abort {
-                    warn!(job, remote = %r.addr, block = %name, "block aborted: a file did not arrive");
-                }
                 let ops = if abort {
+                    warn!(job = shared.id, remote = %self.addr, block = %name, "block aborted: a file did not arrive");
                     Vec::new()
                 } else {
-                    tidy_ops(self.block_ops(job, i, &steps))
+                    tidy_ops(block_ops(
+                        &w.steps,
+                        &shared.master,
+                        &self.list,
+                        self.can_chown,
+                    ))
                 };
-                let Some(t) = self.jobs[&job].remotes[i].conn else {
-                    self.fail_remote(job, i, "connection lost".into());
-                    return;
-                };
-                let rid = self.next_req(job);
-                self.send_request(
-                    t,
-                    &Msg::BlockCommit {
-                        request_id: rid,
+                self.send(
+                    Peer::Remote,
+                    Msg::BlockCommit {
+                        request_id: 0,
                         stage,
                         ops,
                         abort,
@@ -563,57 +515,28 @@ impl Server {
                 // The commit's results arrive before its `done`.
                 if w.broken || w.commit_failed {
                     w.state = BState::Failed;
-                    r.failed_count += u64::from(w.broken);
-                    if w.broken && r.result.failures.len() < MAX_FAILURES {
-                        r.result.failures.push(Failure {
-                            path: Vec::new(),
-                            message: format!(
+                    if w.broken {
+                        self.record_failure(
+                            Vec::new(),
+                            format!(
                                 "block {name} not applied: not every file arrived (the \
                                  remote keeps the block's old version)"
                             ),
-                        });
+                        );
                     }
                 } else {
                     w.state = BState::Committed;
-                    r.result.transferred += w.staged;
-                    r.result.bytes += w.staged_bytes;
+                    self.result.transferred += w.staged;
+                    self.result.bytes += w.staged_bytes;
                     for res in std::mem::take(&mut w.staged_results) {
-                        r.rounds.note_received(&j.master, j.width, &res);
+                        self.rounds.note_received(shared, &res);
                     }
-                    info!(job, remote = %r.addr, block = %name, "block committed");
+                    info!(job = shared.id, remote = %self.addr, block = %name, "block committed");
                 }
-                self.next_block(job, i);
+                self.next_block(shared);
             }
             BState::Pending | BState::Committed | BState::Failed => {}
         }
-    }
-
-    /// The block's op list, in plan order: puts for the sent files, then what
-    /// [`Server::ops_for`] makes of the other steps.
-    fn block_ops(&self, job: u64, i: usize, steps: &[Step]) -> Vec<Op> {
-        let j = &self.jobs[&job];
-        let r = &j.remotes[i];
-        let master = &j.master;
-        let mut ops = Vec::with_capacity(steps.len());
-        for s in steps {
-            if s.kind == StepKind::Send {
-                let meta = master.meta(s.index);
-                ops.push(Op {
-                    path: master.path(s.index).to_vec(),
-                    kind: OpKind::Put {
-                        attrs: fleetsync_proto::Attrs {
-                            mode: Some(meta.mode),
-                            owner: r.can_chown.then_some((meta.uid, meta.gid)),
-                            mtime: Some((meta.mtime_sec, meta.mtime_nsec)),
-                        },
-                        size: meta.size,
-                    },
-                });
-            } else {
-                ops.extend(self.ops_for(job, i, std::slice::from_ref(s)));
-            }
-        }
-        ops
     }
 }
 

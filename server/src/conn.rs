@@ -1,0 +1,211 @@
+//! One TCP connection of the event loop: its frame decoder, its output buffer and where
+//! its handshake is.
+
+use std::io::{self, Write};
+use std::time::Instant;
+
+use fleetsync_proto::frame::{FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use fleetsync_proto::{auth, Msg, Role};
+use mio::net::TcpStream;
+use tracing::warn;
+
+/// Who is at the other end.
+#[derive(Debug)]
+pub(crate) enum ConnPeer {
+    /// A control client, with the job it asked for.
+    Control { job: Option<u64> },
+    /// An agent working for a job.
+    Agent { job: u64, role: AgentRole },
+}
+
+/// What an agent connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AgentRole {
+    /// The master agent's connection used for its file list.
+    MasterList,
+    /// A connection to the master agent dedicated to one remote (checksums, sends).
+    MasterLink(usize),
+    /// A remote agent.
+    Remote(usize),
+}
+
+/// Where the handshake is.
+#[derive(Debug)]
+pub(crate) enum Hs {
+    /// We listen: sent hello with this nonce, waiting for auth.
+    AwaitAuth([u8; 32]),
+    /// We connect: waiting for hello.
+    AwaitHello,
+    /// We connect: sent auth with this nonce, waiting for welcome.
+    AwaitWelcome([u8; 32]),
+    Ready,
+}
+
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) dec: FrameDecoder,
+    pub(crate) out: Vec<u8>,
+    pub(crate) out_pos: usize,
+    pub(crate) hs: Hs,
+    pub(crate) peer: ConnPeer,
+    pub(crate) want_write: bool,
+    /// Requests sent and not yet finished (agent connections).
+    pub(crate) outstanding: usize,
+    pub(crate) last_activity: Instant,
+    /// Requests queued before the handshake finished.
+    pub(crate) held: Vec<Msg>,
+}
+
+impl Conn {
+    /// A fresh connection, before its handshake.
+    pub(crate) fn new(stream: TcpStream, hs: Hs, peer: ConnPeer, outstanding: usize) -> Conn {
+        Conn {
+            stream,
+            dec: FrameDecoder::with_max(MAX_HANDSHAKE_FRAME),
+            out: Vec::new(),
+            out_pos: 0,
+            want_write: matches!(hs, Hs::AwaitHello),
+            hs,
+            peer,
+            outstanding,
+            last_activity: Instant::now(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Output not written yet, in bytes.
+    pub(crate) fn backlog(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Encodes a message at the end of the output.
+    pub(crate) fn queue(&mut self, msg: &Msg) {
+        match msg.to_frame() {
+            Ok(bytes) => {
+                if self.out_pos == self.out.len() {
+                    self.out.clear();
+                    self.out_pos = 0;
+                } else if self.out_pos >= self.out.len() / 2 {
+                    // Reclaim what was written (a busy connection may never drain).
+                    self.out.drain(..self.out_pos);
+                    self.out_pos = 0;
+                }
+                self.out.extend_from_slice(&bytes);
+            }
+            Err(e) => warn!("cannot encode {}: {e}", msg.kind_name()),
+        }
+    }
+
+    /// Writes what the socket takes now.
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Ok(())
+    }
+}
+
+/// What a frame meant for the handshake.
+pub(crate) enum Handshake {
+    /// The handshake was over already: the frame is a message.
+    Over,
+    /// A handshake frame; the answer is queued, more is to come.
+    Going,
+    /// We connected, and the agent welcomed us: the held requests are queued.
+    Done {
+        /// The agent can apply owners (runs as root).
+        can_chown: bool,
+    },
+}
+
+impl Conn {
+    /// Takes a frame through the handshake (`token`: the shared secret, if any). An error
+    /// closes the connection.
+    pub(crate) fn handshake(
+        &mut self,
+        body: &[u8],
+        token: Option<&[u8]>,
+    ) -> Result<Handshake, String> {
+        match std::mem::replace(&mut self.hs, Hs::Ready) {
+            Hs::Ready => Ok(Handshake::Over),
+            Hs::AwaitAuth(n1) => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let Msg::Auth {
+                    role, mac, nonce, ..
+                } = msg
+                else {
+                    return Err(format!("expected auth, got {}", msg.kind_name()));
+                };
+                if role != Role::Control {
+                    return Err(format!(
+                        "{} tried to connect as a control client",
+                        role.name()
+                    ));
+                }
+                let answer = match token {
+                    Some(t) => {
+                        if !auth::verify(t, &n1, role, &mac) || nonce.len() != auth::NONCE_LEN {
+                            return Err("authentication failed".into());
+                        }
+                        auth::mac(t, &nonce, Role::Listener)
+                    }
+                    None => Vec::new(),
+                };
+                self.dec.set_max(MAX_FRAME);
+                self.queue(&Msg::Welcome {
+                    mac: answer,
+                    can_chown: false,
+                });
+                Ok(Handshake::Going)
+            }
+            Hs::AwaitHello => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let Msg::Hello { nonce: n1, .. } = msg else {
+                    return Err(format!("expected hello, got {}", msg.kind_name()));
+                };
+                let n2 = auth::nonce();
+                self.hs = Hs::AwaitWelcome(n2);
+                self.queue(&auth::auth_message(token, &n1, Role::Server, &n2));
+                Ok(Handshake::Going)
+            }
+            Hs::AwaitWelcome(n2) => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                let (mac, can_chown) = match msg {
+                    Msg::Welcome { mac, can_chown } => (mac, can_chown),
+                    Msg::Error { message, .. } => return Err(format!("agent: {message}")),
+                    other => return Err(format!("expected welcome, got {}", other.kind_name())),
+                };
+                auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
+                self.dec.set_max(MAX_FRAME);
+                self.outstanding = self.held.len();
+                for m in std::mem::take(&mut self.held) {
+                    self.queue(&m);
+                }
+                Ok(Handshake::Done { can_chown })
+            }
+        }
+    }
+}
+
+/// Gives a request the id the connection's job numbers it with.
+pub(crate) fn set_request_id(msg: &mut Msg, id: u64) {
+    match msg {
+        Msg::ListRequest { request_id, .. }
+        | Msg::ChecksumRequest { request_id, .. }
+        | Msg::SendOrder { request_id, .. }
+        | Msg::ApplyRequest { request_id, .. }
+        | Msg::ConsistencyRequest { request_id, .. }
+        | Msg::BlockBegin { request_id, .. }
+        | Msg::BlockCommit { request_id, .. } => *request_id = id,
+        _ => {}
+    }
+}

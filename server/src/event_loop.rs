@@ -1,0 +1,805 @@
+//! The comparison server's event loop: one `mio` poll, no hidden threads.
+//!
+//! [`Server`] owns every connection in a `HashMap<Token, Conn>`. A connection
+//! reads until `WouldBlock`, decodes whole frames with a
+//! [`FrameDecoder`](fleetsync_proto::frame::FrameDecoder) and queues its replies;
+//! writes are flushed at the end of each loop turn and writable interest is
+//! registered only while output is pending. A peer that sends a malformed,
+//! truncated or oversize frame is closed and logged; the loop never panics on
+//! peer input.
+//!
+//! Control clients connect to the server's listener and send one
+//! `syncRequest`. For each request the server connects to the master agent
+//! (once for the file list, and once more per remote so that the transfers
+//! to different remotes run concurrently) and to every remote agent. The sync
+//! itself is a [`SyncJob`] of one [`RemoteSync`](crate::remote_sync::RemoteSync)
+//! per remote; the loop hands them the agents' replies and writes out what they
+//! queue.
+//!
+//! A remote that fails (connection refused, reset, protocol error) is
+//! reported in its `remoteResult`; the others go on.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetsync_proto::frame;
+use fleetsync_proto::{auth, Msg, SyncRequest};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use tracing::{debug, info, warn};
+
+use crate::conn::{set_request_id, AgentRole, Conn, ConnPeer, Handshake, Hs};
+use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
+use crate::remote_sync::Peer;
+use crate::sync_job::SyncJob;
+
+const LISTENER: Token = Token(0);
+/// Itemized plan output waiting for the control client beyond which the
+/// server stops producing more.
+const EMIT_HIGH: usize = 4 << 20;
+
+/// Configuration of a [`Server`].
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    /// Shared token; `None` runs without authentication (tests, loopback).
+    pub token: Option<Vec<u8>>,
+    /// Fail an agent connection that has a request outstanding and stays
+    /// silent this long (`None`: wait forever).
+    pub idle_timeout: Option<Duration>,
+    /// Job history database (see [`crate::jobs`]); `None` records nothing.
+    pub jobs_db: Option<std::path::PathBuf>,
+    /// Names to record in the job history instead of agent addresses (the embedded
+    /// `fleetsync sync` maps its in-process agents to their directories).
+    pub job_labels: HashMap<String, String>,
+}
+
+/// The connections of one pair.
+#[derive(Default)]
+struct PairConns {
+    /// The remote agent.
+    remote: Option<Token>,
+    /// The pair's own connection to the master agent.
+    master: Option<Token>,
+    /// The pair's result is recorded and its connections closed.
+    closed: bool,
+}
+
+/// A job in the table: its sync and its connections.
+struct Job {
+    control: Token,
+    master_conn: Option<Token>,
+    conns: Vec<PairConns>,
+    next_req: u64,
+    /// This job in the history database.
+    record: Option<JobId>,
+    sync: SyncJob,
+}
+
+/// The comparison server.
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    conns: HashMap<Token, Conn>,
+    jobs: HashMap<u64, Job>,
+    next_token: usize,
+    next_job: u64,
+    config: ServerConfig,
+    dirty: HashSet<Token>,
+    to_close: Vec<(Token, String)>,
+    /// Job history (quick SQLite writes at job start/end, never per file).
+    history: Option<JobStore>,
+}
+
+impl Server {
+    /// Binds the control listener.
+    pub fn bind(addr: SocketAddr, config: ServerConfig) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let history = match &config.jobs_db {
+            Some(path) => Some(JobStore::open(path).map_err(io::Error::other)?),
+            None => None,
+        };
+        Ok(Server {
+            poll,
+            listener,
+            conns: HashMap::new(),
+            jobs: HashMap::new(),
+            next_token: 1,
+            next_job: 1,
+            config,
+            dirty: HashSet::new(),
+            to_close: Vec::new(),
+            history,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Runs the event loop forever.
+    pub fn run(&mut self) -> io::Result<()> {
+        self.run_until(&AtomicBool::new(false))
+    }
+
+    /// Runs the event loop until `stop` is set (checked at least every 200 ms).
+    pub fn run_until(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !stop.load(Ordering::Relaxed) {
+            match self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(200)))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                let token = ev.token();
+                if token == LISTENER {
+                    self.accept_all();
+                    continue;
+                }
+                if ev.is_writable() {
+                    self.dirty.insert(token);
+                }
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    self.read_conn(token);
+                }
+            }
+            self.check_timeouts();
+            let ids: Vec<u64> = self.jobs.keys().copied().collect();
+            for id in ids {
+                self.settle(id);
+            }
+            self.flush_and_close();
+        }
+        Ok(())
+    }
+
+    fn new_token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, addr)) => {
+                    let token = self.new_token();
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut stream, token, Interest::READABLE)
+                    {
+                        warn!(%addr, "cannot register connection: {e}");
+                        continue;
+                    }
+                    debug!(%addr, ?token, "control connection");
+                    let _ = stream.set_nodelay(true);
+                    let n1 = auth::nonce();
+                    let peer = ConnPeer::Control { job: None };
+                    let mut conn = Conn::new(stream, Hs::AwaitAuth(n1), peer, 0);
+                    conn.queue(&Msg::Hello {
+                        protocol: auth::PROTOCOL_VERSION,
+                        nonce: n1.to_vec(),
+                    });
+                    self.conns.insert(token, conn);
+                    self.dirty.insert(token);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn connect_agent(&mut self, addr: &str, job: u64, role: AgentRole) -> Result<Token, String> {
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot reach the agent {addr}: cannot resolve: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot reach the agent {addr}: cannot resolve"))?;
+        let mut stream =
+            TcpStream::connect(sa).map_err(|e| format!("cannot reach the agent {addr}: {e}"))?;
+        let token = self.new_token();
+        self.poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(|e| format!("cannot register {addr}: {e}"))?;
+        let peer = ConnPeer::Agent { job, role };
+        self.conns
+            .insert(token, Conn::new(stream, Hs::AwaitHello, peer, 1));
+        Ok(token)
+    }
+
+    /// Reads until `WouldBlock` (mio is edge-triggered), handling the whole
+    /// frames after every MiB read so that a fast peer cannot make us buffer
+    /// more than that.
+    fn read_conn(&mut self, token: Token) {
+        const BUDGET: usize = 1 << 20;
+        loop {
+            let mut frames = Vec::new();
+            let mut close: Option<String> = None;
+            let mut drained = false;
+            {
+                let Some(conn) = self.conns.get_mut(&token) else {
+                    return;
+                };
+                let mut read = 0;
+                while read < BUDGET {
+                    match conn.dec.read_from(&mut conn.stream) {
+                        Ok(0) => {
+                            close = Some("connection closed by peer".into());
+                            break;
+                        }
+                        Ok(n) => {
+                            read += n;
+                            conn.last_activity = Instant::now();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            close = Some(format!("read error: {e}"));
+                            break;
+                        }
+                    }
+                }
+                loop {
+                    match conn.dec.next_frame() {
+                        Ok(Some(body)) => frames.push(body),
+                        Ok(None) => break,
+                        Err(e) => {
+                            close = Some(format!("bad frame: {e}"));
+                            break;
+                        }
+                    }
+                }
+                if close.is_some() && conn.dec.buffered() > 0 && frames.is_empty() {
+                    close = Some(format!(
+                        "connection closed in the middle of a frame ({} bytes buffered)",
+                        conn.dec.buffered()
+                    ));
+                }
+            }
+            for body in frames {
+                if let Err(e) = self.on_frame(token, &body) {
+                    close = Some(e);
+                    break;
+                }
+                if !self.conns.contains_key(&token) {
+                    return;
+                }
+            }
+            if let Some(why) = close {
+                self.close(token, why);
+                return;
+            }
+            if drained {
+                return;
+            }
+        }
+    }
+
+    fn queue(&mut self, token: Token, msg: &Msg) {
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.queue(msg);
+            self.dirty.insert(token);
+        }
+    }
+
+    fn flush_and_close(&mut self) {
+        // Closing may queue messages (results to the control client); loop.
+        loop {
+            let dirty: Vec<Token> = self.dirty.drain().collect();
+            for token in dirty {
+                let mut err = None;
+                if let Some(conn) = self.conns.get_mut(&token) {
+                    if let Err(e) = conn.flush() {
+                        err = Some(format!("write error: {e}"));
+                    } else {
+                        let pending = conn.out_pos < conn.out.len();
+                        if pending != conn.want_write {
+                            conn.want_write = pending;
+                            let interest = if pending {
+                                Interest::READABLE | Interest::WRITABLE
+                            } else {
+                                Interest::READABLE
+                            };
+                            let _ =
+                                self.poll
+                                    .registry()
+                                    .reregister(&mut conn.stream, token, interest);
+                        }
+                    }
+                }
+                if let Some(e) = err {
+                    self.to_close.push((token, e));
+                }
+            }
+            if self.to_close.is_empty() {
+                break;
+            }
+            let closing: Vec<(Token, String)> = self.to_close.drain(..).collect();
+            for (t, why) in closing {
+                self.close(t, why);
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let Some(limit) = self.config.idle_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        let stale: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.peer, ConnPeer::Agent { .. })
+                    && c.outstanding > 0
+                    && now.duration_since(c.last_activity) > limit
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in stale {
+            self.close(t, format!("no answer for {} s", limit.as_secs()));
+        }
+    }
+
+    /// Closes a connection and tells its job.
+    fn close(&mut self, token: Token, why: String) {
+        let Some(mut conn) = self.conns.remove(&token) else {
+            return;
+        };
+        let _ = conn.flush();
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.dirty.remove(&token);
+        // Failing before the handshake completed: the agent could not be reached.
+        let why = if matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
+            && matches!(conn.peer, ConnPeer::Agent { .. })
+        {
+            format!("cannot reach the agent: {why}")
+        } else {
+            why
+        };
+        match conn.peer {
+            ConnPeer::Control { job } => {
+                if why != "connection closed by peer" {
+                    warn!(?token, "control connection closed: {why}");
+                } else {
+                    debug!(?token, "control connection closed");
+                }
+                if let Some(job) = job {
+                    self.abort_job(job);
+                }
+            }
+            ConnPeer::Agent { job, role } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    debug!(?token, ?role, "agent connection closed: {why}");
+                    return;
+                };
+                let expected = match role {
+                    AgentRole::MasterList => j.sync.shared.master_listed,
+                    AgentRole::MasterLink(i) | AgentRole::Remote(i) => j.sync.pairs[i].is_done(),
+                };
+                if expected {
+                    debug!(?token, ?role, "agent connection closed: {why}");
+                    return;
+                }
+                warn!(?token, ?role, "agent connection failed: {why}");
+                match role {
+                    AgentRole::MasterList => {
+                        for i in 0..j.sync.pairs.len() {
+                            j.sync.fail_pair(i, format!("master agent: {why}"));
+                        }
+                    }
+                    AgentRole::MasterLink(i) => j.sync.fail_pair(i, format!("master agent: {why}")),
+                    AgentRole::Remote(i) => j.sync.fail_pair(i, why),
+                }
+                self.settle(job);
+            }
+        }
+    }
+
+    fn on_frame(&mut self, token: Token, body: &[u8]) -> Result<(), String> {
+        let conn = self.conns.get_mut(&token).ok_or("gone")?;
+        match conn.handshake(body, self.config.token.as_deref())? {
+            Handshake::Over => {}
+            Handshake::Going => {
+                self.dirty.insert(token);
+                return Ok(());
+            }
+            Handshake::Done { can_chown } => {
+                self.dirty.insert(token);
+                if let ConnPeer::Agent { job, role } = conn.peer {
+                    self.on_agent_ready(job, role, token, can_chown);
+                }
+                return Ok(());
+            }
+        }
+        match conn.peer {
+            ConnPeer::Control { job } => {
+                let msg = Msg::decode(body).map_err(|e| e.to_string())?;
+                match (msg, job) {
+                    (Msg::SyncRequest(req), None) => {
+                        self.start_job(token, req);
+                        Ok(())
+                    }
+                    (other, _) => Err(format!(
+                        "unexpected {} from the control client",
+                        other.kind_name()
+                    )),
+                }
+            }
+            ConnPeer::Agent { job, role } => {
+                let result = self.feed_agent_frame(job, role, token, body);
+                self.settle(job);
+                result
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ jobs
+
+    fn start_job(&mut self, control: Token, req: SyncRequest) {
+        let id = self.next_job;
+        self.next_job += 1;
+        info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
+        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
+            *job = Some(id);
+        }
+        let check = SyncJob::check(&req);
+        let labels = &self.config.job_labels;
+        let record = self.history.as_mut().and_then(|h| {
+            let label = |a: &str| labels.get(a).cloned().unwrap_or_else(|| a.to_owned());
+            let remotes: Vec<String> = req.remotes.iter().map(|a| label(a)).collect();
+            let remotes: Vec<&str> = remotes.iter().map(String::as_str).collect();
+            let class = describe_classification(&req);
+            h.start_job(&label(&req.master), &remotes, &class, &req.algorithm)
+                .map_err(|e| warn!(job = id, "job history: {e}"))
+                .ok()
+        });
+        let blocks = match check {
+            Ok(blocks) => blocks,
+            Err(e) => {
+                self.record_finish(record, JobStatus::Failed, Some(&e));
+                self.queue(
+                    control,
+                    &Msg::SyncDone {
+                        ok: false,
+                        message: e,
+                    },
+                );
+                return;
+            }
+        };
+        let master_addr = req.master.clone();
+        let remotes = req.remotes.clone();
+        let sync = SyncJob::new(id, req, blocks);
+        self.jobs.insert(
+            id,
+            Job {
+                control,
+                master_conn: None,
+                conns: remotes.iter().map(|_| PairConns::default()).collect(),
+                next_req: 1,
+                record,
+                sync,
+            },
+        );
+        match self.connect_agent(&master_addr, id, AgentRole::MasterList) {
+            Ok(t) => self.job(id).master_conn = Some(t),
+            Err(e) => {
+                let sync = &mut self.job(id).sync;
+                for i in 0..remotes.len() {
+                    sync.fail_pair(i, format!("master agent: {e}"));
+                }
+                self.settle(id);
+                return;
+            }
+        }
+        for (i, addr) in remotes.iter().enumerate() {
+            match self.connect_agent(addr, id, AgentRole::Remote(i)) {
+                Ok(t) => self.job(id).conns[i].remote = Some(t),
+                Err(e) => {
+                    self.job(id).sync.fail_pair(i, e);
+                    continue;
+                }
+            }
+            match self.connect_agent(&master_addr, id, AgentRole::MasterLink(i)) {
+                Ok(t) => self.job(id).conns[i].master = Some(t),
+                Err(e) => self.job(id).sync.fail_pair(i, format!("master agent: {e}")),
+            }
+        }
+        self.settle(id);
+    }
+
+    /// A job known to be in the table.
+    fn job(&mut self, id: u64) -> &mut Job {
+        self.jobs.get_mut(&id).expect("job in the table")
+    }
+
+    fn abort_job(&mut self, id: u64) {
+        if let Some(job) = self.jobs.remove(&id) {
+            info!(job = id, "control client gone: abandoning the sync");
+            self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
+            let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
+            for c in &job.conns {
+                tokens.extend(c.remote);
+                tokens.extend(c.master);
+            }
+            for t in tokens {
+                if let Some(mut c) = self.conns.remove(&t) {
+                    let _ = self.poll.registry().deregister(&mut c.stream);
+                }
+            }
+        }
+    }
+
+    /// Sends a request on an agent connection (held until its handshake is done).
+    fn send_request(&mut self, job: u64, token: Token, mut msg: Msg) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        set_request_id(&mut msg, j.next_req);
+        j.next_req += 1;
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.outstanding += 1;
+            c.last_activity = Instant::now();
+            if !matches!(c.hs, Hs::Ready) {
+                c.held.push(msg);
+                return;
+            }
+        }
+        self.queue(token, &msg);
+    }
+
+    fn on_agent_ready(&mut self, job: u64, role: AgentRole, token: Token, can_chown: bool) {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        debug!(job, ?role, "agent authenticated");
+        match role {
+            AgentRole::MasterList => {
+                let msg = j.sync.master_list_request();
+                self.send_request(job, token, msg);
+            }
+            AgentRole::Remote(i) => {
+                j.sync.pairs[i].on_remote_ready(can_chown, &j.sync.shared);
+                self.settle(job);
+            }
+            AgentRole::MasterLink(_) => {}
+        }
+    }
+
+    /// Hands an agent's frame to its job (the caller settles the job).
+    fn feed_agent_frame(
+        &mut self,
+        job: u64,
+        role: AgentRole,
+        token: Token,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return Err("job gone".into());
+        };
+        let sync = &mut j.sync;
+        let reader = frame::parse(body).map_err(|e| e.to_string())?;
+        // File lists are the big messages: read them without copying.
+        if let Some((_, last, entries)) =
+            fleetsync_proto::list_batch_entries(&reader).map_err(|e| e.to_string())?
+        {
+            for e in entries {
+                let e = e.map_err(|e| e.to_string())?;
+                match role {
+                    AgentRole::MasterList => sync.push_master_entry(&e)?,
+                    AgentRole::Remote(i) => sync.pairs[i].push_listed(&e)?,
+                    AgentRole::MasterLink(_) => return Err("unexpected listBatch".into()),
+                }
+            }
+            if last {
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.outstanding = c.outstanding.saturating_sub(1);
+                }
+                match role {
+                    AgentRole::MasterList => {
+                        sync.on_master_listed()?;
+                        j.master_conn = None;
+                        self.to_close.push((token, "master list complete".into()));
+                    }
+                    AgentRole::Remote(i) => sync.pairs[i].on_listed(&mut sync.shared)?,
+                    AgentRole::MasterLink(_) => {}
+                }
+            }
+            return Ok(());
+        }
+        let root = reader
+            .get_root::<fleetsync_proto::fleetsync_capnp::message::Reader>()
+            .map_err(|e| e.to_string())?;
+        let msg = Msg::from_reader(root).map_err(|e| e.to_string())?;
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.last_activity = Instant::now();
+            let finished = match &msg {
+                Msg::ChecksumReply { last, .. } | Msg::ConsistencyReply { last, .. } => *last,
+                Msg::Done(_) => true,
+                _ => false,
+            };
+            if finished {
+                c.outstanding = c.outstanding.saturating_sub(1);
+            }
+        }
+        let (i, from) = match role {
+            AgentRole::MasterLink(i) => (i, Peer::Master),
+            AgentRole::Remote(i) => (i, Peer::Remote),
+            AgentRole::MasterList => {
+                return match msg {
+                    Msg::ChecksumReply { .. } | Msg::Progress(_) | Msg::Done(_) => Ok(()),
+                    Msg::ItemResults { .. } => Err("unexpected itemResults".into()),
+                    Msg::Error { message, .. } => Err(format!("agent error: {message}")),
+                    other => Err(format!("unexpected {} from an agent", other.kind_name())),
+                };
+            }
+        };
+        sync.on_reply(i, from, msg)
+    }
+
+    /// Writes out what the job's pairs queued, itemizes their plans as far as the control
+    /// client keeps up, records the pairs that are through and ends the job when all are.
+    fn settle(&mut self, id: u64) {
+        loop {
+            let Some(j) = self.jobs.get_mut(&id) else {
+                return;
+            };
+            let mut sends = Vec::new();
+            for (i, pair) in j.sync.pairs.iter_mut().enumerate() {
+                sends.extend(pair.drain_outbox().into_iter().map(|(to, m)| (i, to, m)));
+            }
+            let control = j.control;
+            let mut lost = Vec::new();
+            for (i, to, msg) in sends {
+                let token = match to {
+                    Peer::Control => {
+                        self.queue(control, &msg);
+                        continue;
+                    }
+                    Peer::Master => self.jobs[&id].conns[i].master,
+                    Peer::Remote => self.jobs[&id].conns[i].remote,
+                };
+                match token {
+                    Some(t) => self.send_request(id, t, msg),
+                    None => lost.push(i),
+                }
+            }
+            let j = self.jobs.get_mut(&id).expect("settled job");
+            for i in lost {
+                j.sync.fail_pair(i, "connection lost".into());
+            }
+            // Itemize the plans while the control client keeps up.
+            let mut control_conn = self.conns.get_mut(&control);
+            let mut queued = false;
+            for pair in &mut j.sync.pairs {
+                match control_conn.as_deref_mut() {
+                    Some(c) => {
+                        while pair.has_plan_items() && c.backlog() < EMIT_HIGH {
+                            if let Some(msg) = pair.next_plan_items(&j.sync.shared) {
+                                c.queue(&msg);
+                                queued = true;
+                            }
+                        }
+                    }
+                    None => pair.drop_plan_items(),
+                }
+                pair.finish_if_deferred(&j.sync.shared);
+            }
+            if queued {
+                self.dirty.insert(control);
+            }
+            let j = &self.jobs[&id];
+            if !j.sync.pairs.iter().any(|p| p.has_outbox()) {
+                break;
+            }
+        }
+        self.record_finished_pairs(id);
+    }
+
+    /// Records the pairs that just finished, closes their connections, and ends the job
+    /// when every pair is through.
+    fn record_finished_pairs(&mut self, id: u64) {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        for (pair, conns) in j.sync.pairs.iter().zip(&mut j.conns) {
+            if !pair.is_done() || conns.closed {
+                continue;
+            }
+            conns.closed = true;
+            let result = pair.result();
+            if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
+                let counts = RemoteCounts {
+                    sent: result.transferred,
+                    deleted: result.deleted,
+                    fixed: result.changed,
+                    bytes: result.bytes,
+                    rounds: result.rounds,
+                };
+                let error = if !result.error.is_empty() {
+                    Some(result.error.clone())
+                } else if !result.ok {
+                    Some(format!("{} item(s) failed", pair.failed_count()))
+                } else {
+                    None
+                };
+                let addr = pair.addr();
+                let name = self
+                    .config
+                    .job_labels
+                    .get(addr)
+                    .map_or(addr, String::as_str);
+                if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
+                    warn!(job = id, "job history: {e}");
+                }
+            }
+            for t in conns.remote.take().into_iter().chain(conns.master.take()) {
+                self.to_close.push((t, "remote finished".into()));
+            }
+        }
+        if !j.sync.all_done() {
+            return;
+        }
+        let j = self.jobs.remove(&id).expect("checked above");
+        let pairs = &j.sync.pairs;
+        let ok = pairs.iter().all(|p| p.result().ok);
+        let failed = pairs.iter().filter(|p| !p.result().ok).count();
+        let message = if ok {
+            format!("{} remote(s) in sync", pairs.len())
+        } else {
+            format!("{failed} of {} remote(s) failed", pairs.len())
+        };
+        let status = if ok {
+            JobStatus::Succeeded
+        } else {
+            JobStatus::Failed
+        };
+        self.record_finish(j.record, status, (!ok).then_some(message.as_str()));
+        self.queue(j.control, &Msg::SyncDone { ok, message });
+        if let Some(t) = j.master_conn {
+            self.to_close.push((t, "job finished".into()));
+        }
+        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&j.control).map(|c| &mut c.peer)
+        {
+            *job = None;
+        }
+    }
+
+    /// Records the end of a job in the history (errors are logged only).
+    fn record_finish(&mut self, record: Option<JobId>, status: JobStatus, error: Option<&str>) {
+        if let (Some(h), Some(record)) = (self.history.as_mut(), record) {
+            if let Err(e) = h.finish_job(record, status, error) {
+                warn!(job = %record, "job history: {e}");
+            }
+        }
+    }
+}
+
+/// The classification of a request as the user would write it (for the job history).
+fn describe_classification(req: &SyncRequest) -> String {
+    let c = fleetsync_select::Classification::from(&req.classification);
+    let mut parts: Vec<String> = c.rules.iter().map(ToString::to_string).collect();
+    if let Some(e) = &c.select {
+        parts.push(format!("--select {e}"));
+    }
+    parts.join(" ")
+}

@@ -1,0 +1,831 @@
+//! The sync of one master/remote pair, as a state machine without sockets.
+//!
+//! `connect → list → checksums → before (deletes, mkdirs) → sends → blocks (see
+//! [`block_run`]) → after (links, attributes) → consistency rounds (see [`consistency`]) →
+//! done | failed`.
+//!
+//! A [`RemoteSync`] is fed the agents' replies and queues what it wants sent in its outbox,
+//! as `(Peer, Msg)`: the event loop takes them out ([`RemoteSync::drain_outbox`]), gives the
+//! requests their ids and writes them to the pair's connections. What the pairs of one job
+//! share (the master list, the master checksums) is a [`JobShared`].
+
+use std::sync::Arc;
+
+use fleetsync_proto::{
+    Action, ChecksumResult, EntryRef, Failure, FileKind, ItemResult, Msg, Outcome, PlanItem,
+    RemoteResult, SyncProgress, SyncRequest,
+};
+use tracing::{debug, info, warn};
+
+use crate::checksums::{DigestWidth, SumState, SumTable};
+use crate::list::{FileList, Kind, Meta};
+use crate::ops::apply_ops;
+use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
+
+mod block_run;
+mod consistency;
+#[cfg(test)]
+mod tests;
+
+use block_run::BlockRun;
+pub(crate) use block_run::BlockSet;
+use consistency::Rounds;
+
+/// Paths per checksum request / send order / apply request (frames ≤ 16 MiB).
+const CHUNK: usize = 20_000;
+/// Plan items per `planItems` frame.
+const ITEMS_PER_FRAME: usize = 2_000;
+/// Per-item failures kept per remote (the rest are only counted).
+const MAX_FAILURES: usize = 1_000;
+/// Requests in flight per connection and purpose: the rest is built only
+/// when an answer comes, so memory does not grow with the tree.
+const WINDOW: usize = 2;
+
+/// Where a message of a pair goes, or where a reply came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// The control client of the job.
+    Control,
+    /// The pair's own connection to the master agent (checksums, sends).
+    Master,
+    /// The remote agent.
+    Remote,
+}
+
+/// Where a pair is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PairState {
+    Connecting,
+    Listing,
+    Listed,
+    Checksums,
+    Before,
+    Sending,
+    /// The dependency blocks, one at a time ([`block_run`]).
+    Blocks,
+    After,
+    /// Consistency loop (see [`consistency`]): waiting for the remote's check.
+    Checking,
+    /// Consistency loop: synchronizing the inconsistent files again.
+    Resyncing,
+    Done,
+}
+
+/// What the pairs of one job share.
+pub(crate) struct JobShared {
+    /// The job's number (logs, stage names).
+    pub(crate) id: u64,
+    pub(crate) req: SyncRequest,
+    /// The master's file list (empty until `master_listed`).
+    pub(crate) master: Arc<FileList>,
+    pub(crate) master_listed: bool,
+    /// Master checksums, per master index (shared: one checksum serves every remote).
+    pub(crate) master_sums: SumTable,
+    pub(crate) width: DigestWidth,
+    /// `--blocks`: the checked blocks of the request.
+    pub(crate) blocks: Option<Arc<BlockSet>>,
+}
+
+impl JobShared {
+    /// A job whose master is not listed yet.
+    pub(crate) fn new(id: u64, req: SyncRequest, blocks: Option<Arc<BlockSet>>) -> Self {
+        JobShared {
+            id,
+            req,
+            master: Arc::new(FileList::new()),
+            master_listed: false,
+            master_sums: SumTable::default(),
+            width: DigestWidth::default(),
+            blocks,
+        }
+    }
+
+    /// The master's list is complete.
+    pub(crate) fn set_master(&mut self, list: FileList) {
+        self.master_sums = SumTable::new(list.len());
+        self.master = Arc::new(list);
+        self.master_listed = true;
+    }
+}
+
+/// Adds one entry of a `listBatch` to a list being built.
+pub(crate) fn push_entry(list: &mut FileList, e: &EntryRef<'_>) -> Result<(), String> {
+    let kind = match e.kind {
+        FileKind::File => Kind::File,
+        FileKind::Dir => Kind::Dir,
+        FileKind::Symlink => Kind::Symlink,
+        _ => Kind::Special,
+    };
+    let meta = Meta {
+        kind: Some(kind),
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        size: e.size,
+        mtime_sec: e.mtime_sec,
+        mtime_nsec: e.mtime_nsec,
+        dev: e.dev,
+        inode: e.inode,
+        nlink: e.nlink,
+    };
+    list.push(e.path, &meta, e.link_target.unwrap_or(b""))
+        .map_err(|err| err.to_string())
+}
+
+/// Checksum requests of a pair: next candidate and requests in flight, on each side.
+#[derive(Default)]
+struct SumRequests {
+    remote_next: usize,
+    remote_out: usize,
+    master_next: usize,
+    master_out: usize,
+}
+
+/// The sync of one master/remote pair.
+pub(crate) struct RemoteSync {
+    /// The remote's position in the request.
+    index: usize,
+    addr: String,
+    can_chown: bool,
+    list: FileList,
+    state: PairState,
+    pair: Option<PairPlan>,
+    /// Remote checksum of each candidate of `pair`.
+    sums: SumTable,
+    requests: SumRequests,
+    /// Next step of the current phase to send, and requests in flight.
+    pcur: usize,
+    pending: usize,
+    plan: Option<Plan>,
+    result: RemoteResult,
+    failed_count: u64,
+    done_bytes: u64,
+    done_files: u64,
+    total_bytes: u64,
+    /// Bytes of the send orders finished before the current one (progress
+    /// within the current order is added to it).
+    progress_base: u64,
+    /// Next plan step to itemize to the control client.
+    emit_cur: usize,
+    /// The remote is finished but its plan is still being itemized.
+    finish_deferred: bool,
+    /// The consistency loop after the transfers.
+    rounds: Rounds,
+    /// `--blocks`: the plan split into unblocked phases and blocks.
+    blocks: Option<BlockRun>,
+    outbox: Vec<(Peer, Msg)>,
+}
+
+impl RemoteSync {
+    /// The pair of remote number `index`, at `addr`, before its agent answered.
+    pub(crate) fn new(index: usize, addr: String) -> Self {
+        RemoteSync {
+            index,
+            addr,
+            can_chown: false,
+            list: FileList::new(),
+            state: PairState::Connecting,
+            pair: None,
+            sums: SumTable::default(),
+            requests: SumRequests::default(),
+            pcur: 0,
+            pending: 0,
+            plan: None,
+            result: RemoteResult {
+                remote: index as u32,
+                ..RemoteResult::default()
+            },
+            failed_count: 0,
+            done_bytes: 0,
+            done_files: 0,
+            total_bytes: 0,
+            progress_base: 0,
+            emit_cur: 0,
+            finish_deferred: false,
+            rounds: Rounds::default(),
+            blocks: None,
+            outbox: Vec::new(),
+        }
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Where the pair is (the event loop only needs [`RemoteSync::is_done`]).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> PairState {
+        self.state
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == PairState::Done
+    }
+
+    /// The outcome (final once [`RemoteSync::is_done`]).
+    pub(crate) fn result(&self) -> &RemoteResult {
+        &self.result
+    }
+
+    /// Items that failed (more than `result().failures` holds).
+    pub(crate) fn failed_count(&self) -> u64 {
+        self.failed_count
+    }
+
+    /// The messages queued since the last call, in order. Requests carry `request_id` 0:
+    /// the sender numbers them.
+    pub(crate) fn drain_outbox(&mut self) -> Vec<(Peer, Msg)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Whether messages wait in the outbox.
+    pub(crate) fn has_outbox(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    fn send(&mut self, to: Peer, msg: Msg) {
+        self.outbox.push((to, msg));
+    }
+
+    /// Counts a failed item, keeping its message while there are few.
+    fn record_failure(&mut self, path: Vec<u8>, message: String) {
+        self.failed_count += 1;
+        if self.result.failures.len() < MAX_FAILURES {
+            self.result.failures.push(Failure { path, message });
+        }
+    }
+
+    fn progress(&self, done_bytes: u64) -> Msg {
+        Msg::SyncProgress(SyncProgress {
+            remote: self.index as u32,
+            done_files: self.done_files,
+            total_files: self.plan.as_ref().map_or(0, |p| p.sends().len() as u64),
+            done_bytes,
+            total_bytes: self.total_bytes,
+        })
+    }
+
+    // ------------------------------------------------------------ listing
+
+    /// The remote agent authenticated: ask for its list.
+    pub(crate) fn on_remote_ready(&mut self, can_chown: bool, shared: &JobShared) {
+        self.can_chown = can_chown;
+        self.state = PairState::Listing;
+        self.send(
+            Peer::Remote,
+            Msg::ListRequest {
+                request_id: 0,
+                classification: shared.req.classification.clone(),
+                batch_size: 0,
+            },
+        );
+    }
+
+    /// One entry of the remote's list.
+    pub(crate) fn push_listed(&mut self, e: &EntryRef<'_>) -> Result<(), String> {
+        push_entry(&mut self.list, e)
+    }
+
+    /// The remote's list is complete.
+    pub(crate) fn on_listed(&mut self, shared: &mut JobShared) -> Result<(), String> {
+        self.list.finish().map_err(|e| e.to_string())?;
+        self.state = PairState::Listed;
+        info!(job = shared.id, remote = %self.addr, entries = self.list.len(), "remote listed");
+        self.try_plan(shared);
+        Ok(())
+    }
+
+    /// Plans the pair once both lists are in, and asks for the checksums it needs.
+    pub(crate) fn try_plan(&mut self, shared: &mut JobShared) {
+        if !shared.master_listed || self.state != PairState::Listed {
+            return;
+        }
+        let opts = PlanOptions {
+            delete: shared.req.delete,
+            owner: self.can_chown,
+        };
+        let pair = PairPlan::new(&shared.master, &self.list, opts);
+        self.sums = SumTable::new(pair.checksum_candidates().len());
+        self.pair = Some(pair);
+        self.state = PairState::Checksums;
+        self.pump_sums(shared);
+        self.check_sums_ready(shared);
+    }
+
+    // ---------------------------------------------------------- checksums
+
+    /// Sends the next checksum requests (both sides), keeping at most [`WINDOW`] in flight
+    /// on each connection.
+    fn pump_sums(&mut self, shared: &mut JobShared) {
+        loop {
+            if self.state != PairState::Checksums {
+                return;
+            }
+            let Some(pair) = &self.pair else { return };
+            let cands = pair.checksum_candidates();
+            let q = &mut self.requests;
+            let mut msgs: Vec<(Peer, Vec<Vec<u8>>)> = Vec::new();
+            if q.remote_out < WINDOW && q.remote_next < cands.len() {
+                let end = (q.remote_next + CHUNK).min(cands.len());
+                let paths = cands[q.remote_next..end]
+                    .iter()
+                    .map(|&(_, ri)| self.list.path(ri).to_vec())
+                    .collect();
+                q.remote_next = end;
+                q.remote_out += 1;
+                msgs.push((Peer::Remote, paths));
+            }
+            if q.master_out < WINDOW && q.master_next < cands.len() {
+                // Only what no other remote has asked the master for.
+                let mut paths = Vec::new();
+                while q.master_next < cands.len() && paths.len() < CHUNK {
+                    let m = cands[q.master_next].0 as usize;
+                    if shared.master_sums.state(m) == SumState::None {
+                        shared.master_sums.set_state(m, SumState::Pending);
+                        paths.push(shared.master.path(m as u32).to_vec());
+                    }
+                    q.master_next += 1;
+                }
+                if !paths.is_empty() {
+                    q.master_out += 1;
+                    msgs.push((Peer::Master, paths));
+                }
+            }
+            if msgs.is_empty() {
+                return;
+            }
+            for (to, paths) in msgs {
+                let msg = Msg::ChecksumRequest {
+                    request_id: 0,
+                    algorithm: shared.req.algorithm.clone(),
+                    paths,
+                    fresh: shared.req.verify,
+                };
+                self.send(to, msg);
+            }
+        }
+    }
+
+    /// Checksums of the master (for every pair: the caller then checks every pair with
+    /// [`RemoteSync::check_sums_ready`]) or of the remote.
+    fn on_checksums(
+        &mut self,
+        from: Peer,
+        results: Vec<ChecksumResult>,
+        last: bool,
+        shared: &mut JobShared,
+    ) -> Result<(), String> {
+        if from == Peer::Master {
+            if last {
+                self.requests.master_out = self.requests.master_out.saturating_sub(1);
+            }
+            for res in results {
+                let Some(m) = shared.master.find(&res.path) else {
+                    continue;
+                };
+                match res.digest {
+                    Ok(d) => {
+                        let width = shared.width.check(&d)?;
+                        shared.master_sums.store(m as usize, width, &d);
+                    }
+                    Err(e) => {
+                        debug!(
+                            "master checksum of {:?} failed: {e}",
+                            String::from_utf8_lossy(&res.path)
+                        );
+                        shared.master_sums.set_state(m as usize, SumState::Failed);
+                    }
+                }
+            }
+            self.pump_sums(shared);
+            return Ok(());
+        }
+        let Some(pair) = &self.pair else {
+            return Ok(());
+        };
+        let cands = pair.checksum_candidates();
+        for res in results {
+            let Some(ri) = self.list.find(&res.path) else {
+                continue;
+            };
+            let Ok(k) = cands.binary_search_by_key(&ri, |c| c.1) else {
+                continue;
+            };
+            match res.digest {
+                Ok(d) => {
+                    let width = shared.width.check(&d)?;
+                    self.sums.store(k, width, &d);
+                }
+                Err(_) => self.sums.set_state(k, SumState::Failed),
+            }
+        }
+        if last {
+            self.requests.remote_out = self.requests.remote_out.saturating_sub(1);
+        }
+        self.pump_sums(shared);
+        self.check_sums_ready(shared);
+        Ok(())
+    }
+
+    /// Resolves the plan once every checksum it needs is in.
+    pub(crate) fn check_sums_ready(&mut self, shared: &mut JobShared) {
+        if self.state != PairState::Checksums || self.requests.remote_out > 0 {
+            return;
+        }
+        let Some(pair) = &self.pair else { return };
+        let cands = pair.checksum_candidates();
+        let q = &self.requests;
+        if q.remote_next < cands.len() || q.master_next < cands.len() {
+            return;
+        }
+        let msums = &shared.master_sums;
+        if cands
+            .iter()
+            .any(|&(m, _)| msums.state(m as usize) < SumState::Done)
+        {
+            return;
+        }
+        let width = shared.width.get().unwrap_or(0);
+        let same: Vec<bool> = cands
+            .iter()
+            .enumerate()
+            .map(|(k, &(m, _))| {
+                let m = m as usize;
+                self.sums.state(k) == SumState::Done
+                    && msums.state(m) == SumState::Done
+                    && msums.digest(m, width) == self.sums.digest(k, width)
+            })
+            .collect();
+        let pair = self.pair.take().expect("checked above");
+        self.sums = SumTable::default();
+        let plan = pair.resolve(&shared.master, &self.list, &same);
+        self.total_bytes = plan.send_bytes(&shared.master);
+        self.plan = Some(plan);
+        self.partition_blocks(shared);
+        self.emit_plan(&shared.master);
+        if shared.req.dry_run || shared.req.verify {
+            let sends = self.plan.as_ref().map_or(0, |p| p.sends().len());
+            self.result.transferred = sends as u64;
+            self.result.bytes = self.total_bytes;
+            self.finish(shared);
+            return;
+        }
+        self.start_phase(PairState::Before, shared);
+    }
+
+    /// Whether this pair waits for master checksums on its own master connection.
+    fn awaits_master_sums(&self) -> bool {
+        self.state == PairState::Checksums && self.requests.master_out > 0
+    }
+
+    /// Master checksums another pair had asked for are lost: ask again for what is missing.
+    pub(crate) fn restart_master_sums(&mut self, shared: &mut JobShared) {
+        if self.state == PairState::Checksums {
+            self.requests.master_next = 0;
+            self.pump_sums(shared);
+        }
+    }
+
+    // ------------------------------------------------------ plan itemizing
+
+    /// Starts itemizing the plan to the control client: the notes now, the steps by
+    /// [`RemoteSync::next_plan_items`] as the client reads them.
+    fn emit_plan(&mut self, master: &FileList) {
+        let Some(plan) = self.plan.as_ref() else {
+            return;
+        };
+        let remote = self.index as u32;
+        let mut items = Vec::new();
+        if !self.can_chown {
+            items.push(PlanItem {
+                remote,
+                path: Vec::new(),
+                action: Action::Skip,
+                size: 0,
+                detail: "owner/group not applied: the remote agent does not run as root".into(),
+            });
+        }
+        for &m in &plan.skipped {
+            items.push(PlanItem {
+                remote,
+                path: master.path(m).to_vec(),
+                action: Action::Skip,
+                size: 0,
+                detail: "special file (fifo, socket or device) skipped".into(),
+            });
+        }
+        let deleted = plan
+            .before()
+            .iter()
+            .filter(|s| matches!(s.kind, StepKind::Delete | StepKind::DeleteTree))
+            .count() as u64;
+        self.result.deleted = deleted;
+        self.result.changed = (plan.steps().len() - plan.sends().len()) as u64 - deleted;
+        self.emit_cur = 0;
+        for chunk in items.chunks(ITEMS_PER_FRAME) {
+            self.send(Peer::Control, Msg::PlanItems(chunk.to_vec()));
+        }
+    }
+
+    /// Whether plan steps are still to be itemized.
+    pub(crate) fn has_plan_items(&self) -> bool {
+        self.state != PairState::Done
+            && self
+                .plan
+                .as_ref()
+                .is_some_and(|p| self.emit_cur < p.steps().len())
+    }
+
+    /// The next frame of itemized plan steps (the caller asks while the control client
+    /// keeps up, so that a million-step plan is never all in memory as messages).
+    pub(crate) fn next_plan_items(&mut self, shared: &JobShared) -> Option<Msg> {
+        let plan = self.plan.as_ref()?;
+        let steps = plan.steps();
+        if self.emit_cur >= steps.len() {
+            return None;
+        }
+        let (master, remote) = (&shared.master, &self.list);
+        let end = (self.emit_cur + ITEMS_PER_FRAME).min(steps.len());
+        let items = steps[self.emit_cur..end]
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let (path, action, size) = match s.kind {
+                    StepKind::Delete | StepKind::DeleteTree => {
+                        (remote.path(s.index), Action::Delete, 0)
+                    }
+                    StepKind::Send => {
+                        (master.path(s.index), Action::Transfer, master.size(s.index))
+                    }
+                    StepKind::Mkdir => (master.path(s.index), Action::Mkdir, 0),
+                    StepKind::Symlink => (master.path(s.index), Action::Symlink, 0),
+                    StepKind::HardLink => (master.path(s.index), Action::HardLink, 0),
+                    StepKind::Skip => (master.path(s.index), Action::Skip, 0),
+                    StepKind::SetAttrs => (master.path(s.index), Action::SetAttrs, 0),
+                };
+                let mut detail = describe(s, master, remote, self.can_chown);
+                let block = self.blocks.as_ref();
+                if let Some(b) = block.and_then(|b| b.block_of_step(self.emit_cur + k)) {
+                    detail = format!("block {b}: {detail}");
+                }
+                PlanItem {
+                    remote: self.index as u32,
+                    path: path.to_vec(),
+                    action,
+                    size,
+                    detail,
+                }
+            })
+            .collect();
+        self.emit_cur = end;
+        Some(Msg::PlanItems(items))
+    }
+
+    /// No client to tell: nothing more to itemize.
+    pub(crate) fn drop_plan_items(&mut self) {
+        if let Some(plan) = &self.plan {
+            self.emit_cur = plan.steps().len();
+        }
+    }
+
+    /// Finishes the pair if it was only waiting for its plan to be itemized.
+    pub(crate) fn finish_if_deferred(&mut self, shared: &JobShared) {
+        if self.finish_deferred && !self.has_plan_items() {
+            self.finish(shared);
+        }
+    }
+
+    // ------------------------------------------------------------- phases
+
+    fn start_phase(&mut self, phase: PairState, shared: &mut JobShared) {
+        self.state = phase;
+        self.pcur = 0;
+        self.pending = 0;
+        debug!(job = shared.id, remote = self.index, ?phase, "phase");
+        self.pump_phase(shared);
+    }
+
+    /// The steps of the current phase outside every block.
+    fn phase_steps(&self) -> &[Step] {
+        let Some(plan) = self.plan.as_ref() else {
+            return &[];
+        };
+        match (self.state, self.blocks.as_ref()) {
+            (PairState::Before | PairState::Sending | PairState::After, Some(b)) => {
+                b.phase_steps(self.state)
+            }
+            (PairState::Before, None) => plan.before(),
+            (PairState::Sending, None) => plan.sends(),
+            (PairState::After, None) => plan.after(),
+            _ => &[],
+        }
+    }
+
+    /// Sends the next requests of the current phase ([`WINDOW`] in flight); moves to the
+    /// next phase when all are answered.
+    fn pump_phase(&mut self, shared: &mut JobShared) {
+        loop {
+            if self.plan.is_none()
+                || !matches!(
+                    self.state,
+                    PairState::Before | PairState::Sending | PairState::After
+                )
+            {
+                return;
+            }
+            let steps = self.phase_steps();
+            if self.pcur >= steps.len() {
+                if self.pending == 0 {
+                    self.advance(shared);
+                }
+                return;
+            }
+            if self.pending >= WINDOW {
+                return;
+            }
+            let end = (self.pcur + CHUNK).min(steps.len());
+            let chunk = &steps[self.pcur..end];
+            let (to, msg) = if self.state == PairState::Sending {
+                let paths = chunk
+                    .iter()
+                    .map(|s| shared.master.path(s.index).to_vec())
+                    .collect();
+                (Peer::Master, self.send_order(paths, String::new(), shared))
+            } else {
+                let ops = apply_ops(chunk, &shared.master, &self.list, self.can_chown);
+                (Peer::Remote, Msg::ApplyRequest { request_id: 0, ops })
+            };
+            self.pcur = end;
+            self.pending += 1;
+            self.send(to, msg);
+        }
+    }
+
+    /// A send order of files to this remote (`stage`: into a block's staging area).
+    fn send_order(&self, paths: Vec<Vec<u8>>, stage: String, shared: &JobShared) -> Msg {
+        Msg::SendOrder {
+            request_id: 0,
+            target: self.addr.clone(),
+            algorithm: shared.req.algorithm.clone(),
+            paths,
+            lock_timeout_ms: shared.req.lock_timeout_ms,
+            stage,
+        }
+    }
+
+    fn advance(&mut self, shared: &mut JobShared) {
+        match self.state {
+            PairState::Before => self.start_phase(PairState::Sending, shared),
+            PairState::Sending => self.start_blocks(shared),
+            PairState::After => self.start_rounds(shared),
+            _ => {}
+        }
+    }
+
+    // ------------------------------------------------------------ replies
+
+    /// Handles an agent's reply (not a `listBatch`) from this pair's master connection or
+    /// remote agent. An error is the connection's: the caller closes it, which fails the pair.
+    pub(crate) fn on_reply(
+        &mut self,
+        from: Peer,
+        msg: Msg,
+        shared: &mut JobShared,
+    ) -> Result<(), String> {
+        if self.rounds.active() {
+            return self.on_round_reply(from, msg, shared);
+        }
+        match msg {
+            Msg::ChecksumReply { results, last, .. } => {
+                self.on_checksums(from, results, last, shared)
+            }
+            Msg::ItemResults { results, .. } => {
+                self.on_item_results(from, results, shared);
+                Ok(())
+            }
+            Msg::Progress(p) => {
+                if from == Peer::Master {
+                    self.on_send_progress(p.bytes);
+                }
+                Ok(())
+            }
+            Msg::Done(_) => {
+                self.on_done(shared);
+                Ok(())
+            }
+            Msg::Error { message, .. } => Err(format!("agent error: {message}")),
+            other => Err(format!("unexpected {} from an agent", other.kind_name())),
+        }
+    }
+
+    fn on_item_results(&mut self, from: Peer, results: Vec<ItemResult>, shared: &mut JobShared) {
+        if self.state == PairState::Blocks {
+            self.block_item_results(results);
+            return;
+        }
+        let sending = from == Peer::Master && self.state == PairState::Sending;
+        for res in results {
+            match res.outcome {
+                Outcome::Failed => {
+                    let path = String::from_utf8_lossy(&res.path).into_owned();
+                    if self.failed_count < 10 {
+                        warn!(remote = %self.addr, %path, "failed: {}", res.message);
+                    } else {
+                        debug!(remote = %self.addr, %path, "failed: {}", res.message);
+                    }
+                    self.record_failure(res.path.clone(), res.message.clone());
+                }
+                Outcome::Ok | Outcome::Skipped => {
+                    if sending {
+                        self.result.transferred += 1;
+                        self.result.bytes += res.bytes;
+                        self.rounds.note_received(shared, &res);
+                    }
+                }
+            }
+            if sending {
+                self.done_files += 1;
+                self.done_bytes += res.bytes;
+            }
+        }
+        if sending {
+            let msg = self.progress(self.done_bytes);
+            self.send(Peer::Control, msg);
+        }
+    }
+
+    fn on_done(&mut self, shared: &mut JobShared) {
+        if self.state == PairState::Blocks {
+            self.block_done(shared);
+            return;
+        }
+        if !matches!(
+            self.state,
+            PairState::Before | PairState::Sending | PairState::After
+        ) {
+            return;
+        }
+        self.pending = self.pending.saturating_sub(1);
+        if self.state == PairState::Sending {
+            self.progress_base = self.done_bytes;
+        }
+        self.pump_phase(shared);
+    }
+
+    /// The master's progress within a send order (also within a big file).
+    fn on_send_progress(&mut self, order_bytes: u64) {
+        if self.state != PairState::Sending {
+            return;
+        }
+        let msg = self.progress((self.progress_base + order_bytes).max(self.done_bytes));
+        self.send(Peer::Control, msg);
+    }
+
+    // ------------------------------------------------------------ the end
+
+    /// The pair fails (connection lost, agent error, protocol error). Returns whether
+    /// master checksums it had asked for are lost with it (the caller has the other pairs
+    /// ask again: [`RemoteSync::restart_master_sums`]).
+    pub(crate) fn fail(&mut self, why: String, shared: &JobShared) -> bool {
+        if self.state == PairState::Done {
+            return false;
+        }
+        warn!(job = shared.id, remote = %self.addr, "remote failed: {why}");
+        self.result.error = why;
+        let lost_master_sums = self.awaits_master_sums();
+        self.finish(shared);
+        lost_master_sums
+    }
+
+    /// The pair is through: its result goes to the control client (after the whole plan).
+    fn finish(&mut self, shared: &JobShared) {
+        if self.state == PairState::Done {
+            return;
+        }
+        if self.result.error.is_empty() && self.has_plan_items() {
+            // The client has not been told the whole plan yet: the result
+            // must come after it (see finish_if_deferred).
+            self.finish_deferred = true;
+            return;
+        }
+        self.state = PairState::Done;
+        self.result.ok = self.result.error.is_empty() && self.failed_count == 0;
+        let kept = self.result.failures.len();
+        if self.failed_count as usize > kept {
+            let more = self.failed_count as usize - kept;
+            self.result.failures.push(Failure {
+                path: Vec::new(),
+                message: format!("... and {more} more failures"),
+            });
+        }
+        info!(job = shared.id, remote = %self.addr, ok = self.result.ok, transferred = self.result.transferred, "remote finished");
+        // Free the big structures now: the other remotes may run for long.
+        self.list = FileList::new();
+        self.plan = None;
+        self.pair = None;
+        self.sums = SumTable::default();
+        self.blocks = None;
+        let result = self.result.clone();
+        self.send(Peer::Control, Msg::RemoteResult(result));
+    }
+}
