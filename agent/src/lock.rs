@@ -160,7 +160,7 @@ pub enum LockError {
         path: PathBuf,
         /// The lock wanted.
         kind: LockKind,
-        /// How long we tried.
+        /// How long we tried: the timeout asked for.
         waited: Duration,
         /// Who holds conflicting locks, as far as the OS says (may be empty).
         holders: Vec<Holder>,
@@ -375,7 +375,9 @@ impl FileLock {
                 return Err(LockError::Timeout {
                     path: path.to_owned(),
                     kind,
-                    waited: now - start,
+                    // The limit, not the measured wait: it overshoots by a scheduling
+                    // tick, and a user reads "within 200ms" against the 0.2 s they set.
+                    waited: opts.timeout,
                     holders,
                 });
             }
