@@ -36,6 +36,7 @@
 
 mod apply;
 pub mod backend;
+mod bases;
 mod blocks;
 mod check;
 mod checksum;
@@ -45,6 +46,7 @@ pub mod journal;
 mod list;
 mod listen;
 pub mod lock;
+mod outgoing;
 pub mod path;
 mod receive;
 mod records;
@@ -56,3 +58,10 @@ pub mod sumcache;
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
 pub use listen::{Agent, AgentHandle};
+
+/// How file data travels between agents: the values of `--compress` and of the bandwidth
+/// limits, as the command line and configuration give them.
+pub mod transfer {
+    pub use crate::codec::Compression;
+    pub use crate::ratelimit::parse_rate;
+}

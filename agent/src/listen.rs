@@ -14,6 +14,8 @@ use fleetsync_proto::{auth, frame, Msg, Role};
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
+use crate::ratelimit::RateLimiter;
+use crate::versions::VersionStore;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
 use crate::session::{flush, send, send_flush, Shared, SharedWriter};
@@ -51,9 +53,21 @@ impl Agent {
                 root: root.clone(),
                 consist: Arc::new(ConsistState::new(&root)),
                 stages: Default::default(),
+                versions: None,
+                deltas: Default::default(),
+                master_limit: Arc::new(RateLimiter::new(0)),
             }),
             root,
         })
+    }
+
+    /// Keeps the versions of the files this agent sends in `store`, so that a later send to
+    /// a remote still on one of them is a zstd patch against it (`--keep-versions`).
+    pub fn with_versions(mut self, store: Arc<VersionStore>) -> Agent {
+        Arc::get_mut(&mut self.shared)
+            .expect("not serving yet")
+            .versions = Some(store);
+        self
     }
 
     fn consist_mut(&mut self) -> &mut ConsistState {
@@ -298,6 +312,9 @@ fn serve_loop(
                 paths,
                 lock_timeout_ms,
                 stage,
+                transfer,
+                bases,
+                sizes,
             } => {
                 let order = SendOrder {
                     request_id,
@@ -306,6 +323,9 @@ fn serve_loop(
                     paths,
                     lock_timeout_ms,
                     stage,
+                    transfer,
+                    bases,
+                    sizes,
                 };
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());

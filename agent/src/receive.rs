@@ -1,9 +1,14 @@
-//! The receiving side of an agent-to-agent file stream (on the remote): each file is written
-//! to a temporary file (or a block's staging directory), verified (size and checksum), then
+//! The receiving side of an agent-to-agent file stream (on the remote): each file is
+//! reconstructed (whole chunks, compressed or not; a zstd patch or an rsync delta against a
+//! basis file; the rest of a partial file; a copy of a basis) into a temporary file (or a
+//! block's staging directory), verified (size and checksum against the master's), then
 //! committed (fsync, attributes, rename) on a pool of threads and recorded in the write log.
+//! A stream cut mid-file keeps what arrived as the path's partial file, for the next sync to
+//! continue. A file whose data does not verify is reported with coding [`RETRY`]: the master
+//! sends it again whole.
 
-use std::collections::BTreeSet;
-use std::io::{BufReader, Write};
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -11,24 +16,73 @@ use std::thread;
 use fleetsync_engine::Algorithm;
 use fleetsync_proto::fleetsync_capnp::message::Which as W;
 use fleetsync_proto::{
-    fleetsync_capnp, frame, Attrs, Done, FileEntry, ItemResult, Msg, Outcome, ProtoError,
+    fleetsync_capnp, frame, Attrs, Coding, Done, FileEntry, ItemResult, Msg, Outcome, ProtoError,
 };
 use tracing::{debug, warn};
 
 use crate::backend::TempFile;
+use crate::codec::{ChunkDecoder, DeltaApplier, PatchDecoder};
 use crate::error::show;
 use crate::lock::{lock_beneath, LockKind};
 use crate::records::ConsistState;
+use crate::send::RETRY;
 use crate::session::{failed, flush, send, send_flush, Shared, SharedWriter, OWNER_NOTE};
-use crate::{path, AgentError};
+use crate::{bases, path, AgentError};
+
+/// A cut stream keeps a file's bytes as its partial file from this many on.
+const KEEP_PARTIAL_FROM: u64 = 1 << 20;
+
+/// Where a file's reconstructed bytes go: the temp file and the checksum state.
+struct Sink {
+    temp: Option<Box<dyn TempFile>>,
+    state: Option<Box<dyn Algorithm>>,
+    received: u64,
+    /// Why the file failed, and whether sending it again whole may help.
+    error: Option<(String, bool)>,
+}
+
+impl Sink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if let Some(t) = self.temp.as_mut() {
+            t.write_all(data)?;
+        }
+        if let Some(s) = self.state.as_mut() {
+            s.update(data);
+        }
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    fn fail(&mut self, why: String, retry: bool) {
+        if self.error.is_none() {
+            self.error = Some((why, retry));
+            self.temp = None;
+        }
+    }
+}
+
+/// How chunks become the file's bytes.
+enum Decoder {
+    /// The chunks are the bytes (whole, append).
+    Plain,
+    /// One zstd frame against the basis.
+    Patch(PatchDecoder),
+    /// rsync instructions against the basis.
+    Delta(DeltaApplier),
+    /// No chunks (copy of the basis, or the file failed at its start).
+    None,
+}
 
 /// The file being received.
 struct Incoming {
     entry: FileEntry,
-    temp: Option<Box<dyn TempFile>>,
-    state: Option<Box<dyn Algorithm>>,
-    received: u64,
-    error: Option<String>,
+    sink: Sink,
+    decoder: Decoder,
+    coding: Coding,
+    /// Some chunk was zstd-compressed.
+    zstd: bool,
+    /// Bytes of chunk data received.
+    wire: u64,
     /// `--lock`: exclusive-lock the destination while replacing it.
     lock_timeout_ms: Option<u32>,
     /// Algorithm of the digest (for the write log).
@@ -41,12 +95,34 @@ struct Incoming {
 pub(crate) fn receive(
     reader: &mut BufReader<TcpStream>,
     w: &SharedWriter,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
-    let backend = &shared.backend;
     let mut cur: Option<Incoming> = None;
     let mut committer = Committer::new(w.clone(), COMMIT_THREADS, shared.consist.clone());
+    let r = receive_files(reader, w, shared, &mut cur, &mut committer);
+    if r.is_err() {
+        // Cut off: what arrived of the file in flight is kept as its partial file (or
+        // dropped, its temp file removed).
+        if let Some(inc) = cur.take() {
+            inc.keep_partial();
+        }
+    }
+    r
+}
+
+fn receive_files(
+    reader: &mut BufReader<TcpStream>,
+    w: &SharedWriter,
+    shared: &Arc<Shared>,
+    cur: &mut Option<Incoming>,
+    committer: &mut Committer,
+) -> Result<(), AgentError> {
+    let backend = &shared.backend;
     let mut fb = frame::FrameBuf::new();
+    let mut chunks = ChunkDecoder::new();
+    // Paths the basis query found a partial file for: removed when sent otherwise.
+    let partials: Arc<Mutex<HashSet<Vec<u8>>>> = Default::default();
+    let mut answering: Option<thread::JoinHandle<()>> = None;
     loop {
         if !fb.read(reader, frame::MAX_FRAME)? {
             // Cut off: whatever was in flight is dropped (its temp file removed).
@@ -56,35 +132,66 @@ pub(crate) fn receive(
         let root: fleetsync_capnp::message::Reader<'_> =
             msg.get_root().map_err(ProtoError::from)?;
         if let W::FileChunk(c) = root.which().map_err(ProtoError::from)? {
-            let data = c.and_then(|c| c.get_data()).map_err(ProtoError::from)?;
+            let c = c.map_err(ProtoError::from)?;
+            let data = c.get_data().map_err(ProtoError::from)?;
             let Some(inc) = cur.as_mut() else {
                 return Err(AgentError::Proto(ProtoError::Decode(
                     "fileChunk outside a file".into(),
                 )));
             };
-            inc.take_chunk(data);
+            inc.take_chunk(data, c.get_zstd(), &mut chunks);
             continue;
         }
         match Msg::from_reader(root)? {
+            Msg::BasisQuery {
+                request_id,
+                algorithm,
+                items,
+            } => {
+                if answering.is_some() {
+                    return Err(AgentError::Proto(ProtoError::Decode(
+                        "a second basisQuery on one stream".into(),
+                    )));
+                }
+                let (w, shared, partials) = (w.clone(), shared.clone(), partials.clone());
+                answering = Some(
+                    thread::Builder::new()
+                        .name("agent-bases".into())
+                        .spawn(move || {
+                            bases::answer(&w, &shared, request_id, &algorithm, &items, &partials)
+                        })
+                        .map_err(|e| AgentError::Proto(e.into()))?,
+                );
+            }
             Msg::FileStart {
                 request_id,
                 entry,
                 algorithm,
                 lock_timeout_ms,
                 stage,
+                coding,
+                basis,
+                basis_size,
             } => {
                 if cur.is_some() {
                     return Err(AgentError::Proto(ProtoError::Decode(
                         "fileStart inside a file".into(),
                     )));
                 }
+                if coding != Coding::Append
+                    && partials.lock().expect("poisoned").remove(&entry.path)
+                {
+                    // The master sent it otherwise: its partial file is of no more use.
+                    let _ = backend.remove_partial(&entry.path);
+                }
                 committer.state.lock().expect("poisoned").done.request_id = request_id;
-                cur = Some(Incoming::start(
+                *cur = Some(Incoming::start(
                     shared,
                     entry,
                     algorithm,
                     lock_timeout_ms,
                     stage,
+                    (coding, basis, basis_size),
                 ));
             }
             Msg::FileEnd {
@@ -100,9 +207,9 @@ pub(crate) fn receive(
                 };
                 match inc.into_job(shared, size, digest, aborted, error) {
                     Ok(job) => committer.submit(job)?,
-                    Err((p, why)) => {
+                    Err((p, why, retry)) => {
                         debug!("receive {}: {why}", show(&p));
-                        committer.report_failure(w, &p, why)?;
+                        committer.report_failure(w, &p, why, retry)?;
                         if reader.buffer().is_empty() {
                             flush(w)?;
                         }
@@ -110,6 +217,9 @@ pub(crate) fn receive(
                 }
             }
             Msg::StreamEnd => {
+                if let Some(t) = answering.take() {
+                    let _ = t.join();
+                }
                 let (done, dirs) = committer.finish();
                 for d in &dirs {
                     if let Err(e) = backend.sync_dir(d) {
@@ -131,82 +241,206 @@ pub(crate) fn receive(
 }
 
 impl Incoming {
-    /// Prepares to receive `entry`: its temporary file (or staged file, in block transaction
-    /// `stage`) and checksum state. What fails here is kept and reported at the file's end.
+    /// Prepares to receive `entry`, coded as `coding` (against `basis`; `basis_size`: the
+    /// partial file's bytes to keep): its temporary file (or staged file, in block
+    /// transaction `stage`), decoder and checksum state. What fails here is kept and
+    /// reported at the file's end.
     fn start(
         shared: &Shared,
         entry: FileEntry,
         algorithm: String,
         lock_timeout_ms: Option<u32>,
         stage: String,
+        (coding, basis, basis_size): (Coding, Vec<u8>, u64),
     ) -> Incoming {
         let p = entry.path.clone();
-        let prepared = path::check(&p)
-            .and_then(|()| {
-                shared
-                    .registry
-                    .info(&algorithm)
-                    .map_err(|e| AgentError::Engine(e.to_string()))
-            })
-            .and_then(|info| {
-                let temp = if stage.is_empty() {
-                    shared.backend.create_temp(&p)?
-                } else {
-                    let can_chown = shared.backend.can_chown();
-                    shared.stages.stage_file(&stage, &p, can_chown)?
-                };
-                Ok((info, temp))
-            });
         let mut inc = Incoming {
             entry,
-            temp: None,
-            state: None,
-            received: 0,
-            error: None,
+            sink: Sink {
+                temp: None,
+                state: None,
+                received: 0,
+                error: None,
+            },
+            decoder: Decoder::None,
+            coding,
+            zstd: false,
+            wire: 0,
             // A staged file replaces nothing until its block commits.
             lock_timeout_ms: lock_timeout_ms.filter(|_| stage.is_empty()),
             algorithm,
             stage,
         };
-        match prepared {
-            Ok((info, temp)) => {
-                inc.state = Some(info.instantiate());
-                inc.temp = Some(temp);
+        let info = match path::check(&p).and_then(|()| {
+            shared
+                .registry
+                .info(&inc.algorithm)
+                .map_err(|e| AgentError::Engine(e.to_string()))
+        }) {
+            Ok(i) => i,
+            Err(e) => {
+                inc.sink.fail(e.to_string(), false);
+                return inc;
             }
-            Err(e) => inc.error = Some(e.to_string()),
+        };
+        let mut state = info.instantiate();
+        if coding == Coding::Append {
+            // The partial file's first `basis_size` bytes stay: hashed here, then appended to.
+            match resume(shared, &p, basis_size, &mut *state) {
+                Ok(temp) => {
+                    inc.sink.temp = Some(temp);
+                    inc.sink.received = basis_size;
+                    inc.sink.state = Some(state);
+                    inc.decoder = Decoder::Plain;
+                }
+                Err(why) => inc.sink.fail(why, true),
+            }
+            return inc;
+        }
+        let temp = if inc.stage.is_empty() {
+            shared.backend.create_temp(&p)
+        } else {
+            let can_chown = shared.backend.can_chown();
+            shared.stages.stage_file(&inc.stage, &p, can_chown)
+        };
+        match temp {
+            Ok(t) => {
+                inc.sink.temp = Some(t);
+                inc.sink.state = Some(state);
+            }
+            Err(e) => {
+                inc.sink.fail(e.to_string(), false);
+                return inc;
+            }
+        }
+        let open_basis = || {
+            path::check(&basis)
+                .and_then(|()| shared.backend.open_basis(&basis))
+                .map_err(|e| format!("basis {}: {e}", show(&basis)))
+        };
+        match coding {
+            Coding::Whole | Coding::Append => inc.decoder = Decoder::Plain,
+            Coding::Patch => match open_basis().and_then(|f| {
+                PatchDecoder::new(f).map_err(|e| format!("basis {}: {e}", show(&basis)))
+            }) {
+                Ok(d) => inc.decoder = Decoder::Patch(d),
+                Err(why) => inc.sink.fail(why, true),
+            },
+            Coding::Delta => match open_basis() {
+                Ok(f) => inc.decoder = Decoder::Delta(DeltaApplier::new(f)),
+                Err(why) => inc.sink.fail(why, true),
+            },
+            Coding::CopyBasis => match open_basis() {
+                Ok(mut f) => {
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        match f.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if let Err(e) = inc.sink.write(&buf[..n]) {
+                                    inc.sink.fail(format!("write: {e}"), false);
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                inc.sink.fail(format!("basis {}: {e}", show(&basis)), true);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(why) => inc.sink.fail(why, true),
+            },
         }
         inc
     }
 
-    /// Takes the next chunk of the file's data.
-    fn take_chunk(&mut self, data: &[u8]) {
-        if self.error.is_none() {
-            if let Some(t) = self.temp.as_mut() {
-                if let Err(e) = t.write_all(data) {
-                    self.error = Some(format!("write: {e}"));
-                    self.temp = None;
-                }
+    /// Takes the next chunk of the file's data (`zstd`: one compressed frame of it).
+    fn take_chunk(&mut self, data: &[u8], zstd: bool, chunks: &mut ChunkDecoder) {
+        self.wire += data.len() as u64;
+        if self.sink.error.is_some() {
+            return;
+        }
+        let raw = if zstd {
+            self.zstd = true;
+            match chunks.decode(data, frame::MAX_CHUNK) {
+                Ok(r) => r,
+                Err(e) => return self.sink.fail(format!("corrupted chunk: {e}"), true),
             }
-            if let Some(s) = self.state.as_mut() {
-                s.update(data);
+        } else {
+            data
+        };
+        let sink = &mut self.sink;
+        let r = match &mut self.decoder {
+            Decoder::Plain => sink.write(raw).map_err(|e| (format!("write: {e}"), false)),
+            Decoder::Patch(d) => d
+                .feed(raw, &mut |out| sink.write(out))
+                .map_err(|e| (format!("patch: {e}"), true)),
+            Decoder::Delta(d) => d
+                .feed(raw, &mut |out| sink.write(out))
+                .map_err(|e| (format!("delta: {e}"), true)),
+            Decoder::None => Err(("data for a file that takes none".to_owned(), true)),
+        };
+        if let Err((why, retry)) = r {
+            self.sink.fail(why, retry);
+        }
+    }
+
+    /// A cut stream: keeps what arrived of a whole (or resumed) file as its partial file,
+    /// when worth it.
+    fn keep_partial(self) {
+        let worth = matches!(self.coding, Coding::Whole | Coding::Append)
+            && self.stage.is_empty()
+            && self.sink.error.is_none()
+            && self.sink.received >= KEEP_PARTIAL_FROM;
+        if let (true, Some(t)) = (worth, self.sink.temp) {
+            match t.keep_as_partial() {
+                Ok(()) => debug!(
+                    "kept {} bytes of {} for the next sync",
+                    self.sink.received,
+                    show(&self.entry.path)
+                ),
+                Err(e) => debug!("partial file of {}: {e}", show(&self.entry.path)),
             }
         }
-        self.received += data.len() as u64;
+    }
+
+    /// How the file travelled, for its result.
+    fn coding_name(&self) -> &'static str {
+        match self.coding {
+            Coding::Whole if self.zstd => "zstd",
+            Coding::Whole => "whole",
+            Coding::Patch => "patch",
+            Coding::Delta => "delta",
+            Coding::Append => "resume",
+            Coding::CopyBasis => "copy",
+        }
     }
 
     /// The file ended (`fileEnd` with `size`, `digest`, `aborted`, `error`): checked, it is
-    /// ready to commit; otherwise its path and why it failed.
+    /// ready to commit; otherwise its path, why it failed and whether to send it again.
     fn into_job(
-        self,
+        mut self,
         shared: &Shared,
         size: u64,
         digest: Vec<u8>,
         aborted: bool,
         error: String,
-    ) -> Result<CommitJob, (Vec<u8>, String)> {
+    ) -> Result<CommitJob, (Vec<u8>, String, bool)> {
         let path = self.entry.path.clone();
         let lock = self.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
         let (algorithm, stage) = (self.algorithm.clone(), self.stage.clone());
+        let coding = self.coding_name();
+        let wire = self.wire;
+        let finished = match std::mem::replace(&mut self.decoder, Decoder::None) {
+            Decoder::Patch(d) => d.finish().map_err(|e| format!("patch: {e}")),
+            Decoder::Delta(d) => d.finish().map_err(|e| format!("delta: {e}")),
+            Decoder::Plain | Decoder::None => Ok(()),
+        };
+        if let Err(why) = finished {
+            self.sink.fail(why, true);
+        }
         match self.verify(size, &digest, aborted, error) {
             Ok((temp, attrs)) => Ok(CommitJob {
                 temp,
@@ -217,8 +451,10 @@ impl Incoming {
                 algorithm,
                 digest,
                 stage,
+                wire,
+                coding,
             }),
-            Err(why) => Err((path, why)),
+            Err((why, retry)) => Err((path, why, retry)),
         }
     }
 
@@ -229,30 +465,38 @@ impl Incoming {
         digest: &[u8],
         aborted: bool,
         error: String,
-    ) -> Result<(Box<dyn TempFile>, Attrs), String> {
-        if let Some(e) = self.error {
+    ) -> Result<(Box<dyn TempFile>, Attrs), (String, bool)> {
+        if let Some(e) = self.sink.error {
             return Err(e);
         }
         if aborted {
-            return Err(if error.is_empty() {
-                "aborted by the sender".into()
-            } else {
-                error
-            });
+            return Err((
+                if error.is_empty() {
+                    "aborted by the sender".into()
+                } else {
+                    error
+                },
+                false,
+            ));
         }
-        if self.received != size {
-            return Err(format!(
-                "received {} bytes, sender sent {size}",
-                self.received
+        let retry = self.coding != Coding::Whole || self.zstd;
+        if self.sink.received != size {
+            return Err((
+                format!("received {} bytes, sender sent {size}", self.sink.received),
+                retry,
             ));
         }
         let got = self
+            .sink
             .state
             .as_ref()
             .map(|s| s.finish())
-            .ok_or("no checksum state")?;
+            .ok_or(("no checksum state".to_owned(), false))?;
         if got.as_bytes() != digest {
-            return Err("checksum mismatch: the file changed or was corrupted in transit".into());
+            return Err((
+                "checksum mismatch: the file changed or was corrupted in transit".into(),
+                true,
+            ));
         }
         let e = &self.entry;
         let attrs = Attrs {
@@ -260,9 +504,51 @@ impl Incoming {
             owner: Some((e.uid, e.gid)),
             mtime: Some((e.mtime_sec, e.mtime_nsec)),
         };
-        let temp = self.temp.ok_or("no temporary file")?;
+        let temp = self
+            .sink
+            .temp
+            .ok_or(("no temporary file".to_owned(), false))?;
         Ok((temp, attrs))
     }
+}
+
+/// Turns `p`'s partial file into the temp file being written, after hashing its first
+/// `keep` bytes into `state` (it must hold exactly that many).
+fn resume(
+    shared: &Shared,
+    p: &[u8],
+    keep: u64,
+    state: &mut dyn Algorithm,
+) -> Result<Box<dyn TempFile>, String> {
+    let (mut f, size) = shared
+        .backend
+        .open_partial(p)
+        .map_err(|e| format!("partial file: {e}"))?
+        .ok_or("the partial file is gone")?;
+    if size != keep {
+        return Err(format!("the partial file has {size} bytes, not {keep}"));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = keep;
+    while left > 0 {
+        let n = f
+            .read(&mut buf[..left.min(1 << 20) as usize])
+            .map_err(|e| format!("partial file: {e}"))?;
+        if n == 0 {
+            return Err("the partial file shrank".into());
+        }
+        state.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let (temp, at) = shared
+        .backend
+        .create_temp_from_partial(p)
+        .map_err(|e| format!("partial file: {e}"))?
+        .ok_or("the partial file is gone")?;
+    if at != keep {
+        return Err(format!("the partial file has {at} bytes, not {keep}"));
+    }
+    Ok(temp)
 }
 
 /// Threads committing verified files (fsync, attributes, rename) so that the
@@ -282,6 +568,9 @@ struct CommitJob {
     /// Block transaction of a staged file (empty: none): its record waits for the block's
     /// commit, when the file is actually in place.
     stage: String,
+    /// Bytes of its data on the wire, and how it travelled.
+    wire: u64,
+    coding: &'static str,
 }
 
 #[derive(Default)]
@@ -328,13 +617,25 @@ impl Committer {
     }
 
     /// Counts and reports (unflushed) a file that failed before its commit.
-    fn report_failure(&self, w: &SharedWriter, path: &[u8], why: String) -> Result<(), AgentError> {
-        self.state.lock().expect("poisoned").done.failed += 1;
+    /// With `retry`, the master sends the file again whole and its result then counts.
+    fn report_failure(
+        &self,
+        w: &SharedWriter,
+        path: &[u8],
+        why: String,
+        retry: bool,
+    ) -> Result<(), AgentError> {
+        let mut r = failed(path, why);
+        if retry {
+            r.coding = RETRY.to_owned();
+        } else {
+            self.state.lock().expect("poisoned").done.failed += 1;
+        }
         send(
             w,
             &Msg::ItemResults {
                 request_id: self.request_id(),
-                results: vec![failed(path, why)],
+                results: vec![r],
             },
         )
     }
@@ -415,6 +716,8 @@ fn commit_one(
                     message,
                     bytes: job.size,
                     digest: job.digest,
+                    wire_bytes: job.wire,
+                    coding: job.coding.to_owned(),
                 }
             }
             Err(e) => {

@@ -1,24 +1,38 @@
 //! The sending side of an agent-to-agent file stream (on the master, on a server's
-//! `sendOrder`): connects to the remote agent, streams the files, relays the remote's per-file
-//! results to the server, then reports `done`.
+//! `sendOrder`): connects to the remote agent, asks which bases it holds for the files worth
+//! a delta (`basisQuery`), streams the files (each along the route [`outgoing::choose`]
+//! picks), relays the remote's per-file results to the server, sends again whole any file
+//! whose coded data did not verify on the remote, then reports `done`.
 
-use std::collections::HashSet;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::collections::{HashSet, VecDeque};
+use std::io::{BufReader, Read};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::str::FromStr;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use fleetsync_engine::{Algorithm, AlgorithmInfo, AlignedBuf};
+use fleetsync_engine::{AlgorithmInfo, AlignedBuf};
 use fleetsync_proto::{
-    auth, encode_file_chunk, frame, Done, FileEntry, ItemResult, Msg, Outcome, Progress,
-    ProtoError, Role,
+    auth, frame, BasisFound, BasisItem, Coding, Done, FileEntry, ItemResult, Msg, Outcome,
+    Progress, ProtoError, Role, TransferOptions, Version,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::codec::{ChunkCoder, Compression};
 use crate::lock::{lock_beneath, FileLock, LockKind};
+use crate::outgoing::{self, Route, SendError, Start, Wire, DELTA_MAX, DELTA_MIN};
+use crate::ratelimit::RateLimiter;
 use crate::session::{failed, flush, send, send_flush, ResultBatch, Shared, SharedWriter};
 use crate::{path, AgentError};
+
+/// The coding a remote puts on a failed result when the file's data did not verify (a
+/// corrupted or stale delta, a corrupted chunk): sending it again whole may succeed.
+pub(crate) const RETRY: &str = "retry";
+
+/// How long the master waits for the remote's last results before ending the stream.
+const RESULT_WAIT: Duration = Duration::from_secs(600);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,6 +52,12 @@ pub(crate) struct SendOrder {
     pub(crate) lock_timeout_ms: Option<u32>,
     /// Block transaction the files are staged in on the remote (empty: none).
     pub(crate) stage: String,
+    /// Compression, bandwidth limits, deltas.
+    pub(crate) transfer: TransferOptions,
+    /// Parallel to `paths` (or empty): the remote file to delta against.
+    pub(crate) bases: Vec<Vec<u8>>,
+    /// Parallel to `paths` (or empty): sizes in the master's list.
+    pub(crate) sizes: Vec<u64>,
 }
 
 impl SendOrder {
@@ -48,6 +68,13 @@ impl SendOrder {
             Ok(i) => i,
             Err(e) => return self.fail_all(server, e.to_string()),
         };
+        let compression = match self.transfer.compress.as_str() {
+            "" => Compression::Auto,
+            c => match Compression::from_str(c) {
+                Ok(c) => c,
+                Err(e) => return self.fail_all(server, format!("--compress: {e}")),
+            },
+        };
         let remote = match connect(&self.target, shared.token.as_deref()) {
             Ok(s) => s,
             Err(e) => {
@@ -55,12 +82,22 @@ impl SendOrder {
                 return self.fail_all(server, why);
             }
         };
-        let relay = Relay::start(&remote, server)?;
+        let (bases_tx, bases_rx) = channel();
+        let relay = Relay::start(&remote, server, bases_tx)?;
+        let mut limits = vec![shared.master_limit.clone()];
+        if self.transfer.master_bwlimit > 0 {
+            shared.master_limit.set_rate(self.transfer.master_bwlimit);
+        }
+        if self.transfer.bwlimit > 0 {
+            limits.push(Arc::new(RateLimiter::new(self.transfer.bwlimit)));
+        }
         let mut stream = FileStream {
-            out: BufWriter::with_capacity(1 << 20, try_clone(&remote)?),
+            wire: Wire::new(try_clone(&remote)?, limits, ChunkCoder::new(compression)),
             info,
             buf: AlignedBuf::new(frame::MAX_CHUNK),
             order: self,
+            bases: bases_rx,
+            relay: relay.state.clone(),
         };
         let mut local = LocalFailures::default();
         let mut stream_error = self.stream_all(server, shared, &mut stream, &mut local)?;
@@ -70,10 +107,66 @@ impl SendOrder {
         if stream_error.is_some() {
             let _ = remote.shutdown(Shutdown::Both);
         }
+        let wire_bytes = stream.wire.data_bytes;
         drop(stream);
         let relayed = relay.join();
         let _ = remote.shutdown(Shutdown::Both);
+        debug!(
+            "send order {} to {}: {wire_bytes} bytes of file data on the wire",
+            self.request_id, self.target
+        );
         self.report(server, local, relayed, stream_error)
+    }
+
+    /// The files worth asking the remote about (deltas, partial files), by index: those of
+    /// at least [`DELTA_MIN`] bytes, unless deltas are off.
+    fn queried(&self) -> Vec<usize> {
+        if self.transfer.no_delta || self.sizes.len() != self.paths.len() {
+            return Vec::new();
+        }
+        (0..self.paths.len())
+            .filter(|&i| self.sizes[i] >= DELTA_MIN)
+            .collect()
+    }
+
+    /// The remote file to delta path `i` against (empty: none).
+    fn basis(&self, i: usize) -> &[u8] {
+        self.bases.get(i).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The `basisQuery` for the files `queried`.
+    fn basis_query(&self, shared: &Shared, queried: &[usize]) -> Msg {
+        let known = |p: &[u8]| -> Vec<Version> {
+            match &shared.versions {
+                Some(v) => v
+                    .known(p, &self.algorithm)
+                    .into_iter()
+                    .map(|(digest, size)| Version { size, digest })
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        let items = queried
+            .iter()
+            .map(|&i| {
+                let (p, basis) = (&self.paths[i], self.basis(i));
+                let mut k = known(p);
+                if !basis.is_empty() && basis != p.as_slice() {
+                    k.extend(known(basis));
+                }
+                BasisItem {
+                    path: p.clone(),
+                    basis: basis.to_vec(),
+                    known: k,
+                    signature: self.sizes[i] <= DELTA_MAX,
+                }
+            })
+            .collect();
+        Msg::BasisQuery {
+            request_id: self.request_id,
+            algorithm: self.algorithm.clone(),
+            items,
+        }
     }
 
     /// Answers every path failed with `why` (nothing could be sent).
@@ -107,7 +200,42 @@ impl SendOrder {
             bytes: 0,
             last: Instant::now(),
         };
-        for p in &self.paths {
+        // Files worth a delta are asked about first; while the remote looks at its copies,
+        // the others go whole; then those, each with the remote's answer.
+        let queried = self.queried();
+        if !queried.is_empty() {
+            let q = self.basis_query(shared, &queried);
+            if let Err(e) = stream.wire.frame(&q.encode()) {
+                return Ok(Some(e));
+            }
+            if let Err(e) = stream.wire.flush() {
+                return Ok(Some(e));
+            }
+        }
+        let mut is_queried = vec![false; self.paths.len()];
+        for &i in &queried {
+            is_queried[i] = true;
+        }
+        let order = (0..self.paths.len())
+            .filter(|&i| !is_queried[i])
+            .map(|i| (i, None))
+            .chain(
+                queried
+                    .iter()
+                    .enumerate()
+                    .map(|(q, &i)| (i, Some(q as u32))),
+            );
+        let mut answers = Answers::new(&stream.bases);
+        for (i, q) in order {
+            let p = &self.paths[i];
+            let found = q.and_then(|q| answers.get(q)).map(|mut f| {
+                if !self.stage.is_empty() {
+                    // A staged file starts afresh in its block's staging directory.
+                    f.partial_size = 0;
+                    f.partial_digest.clear();
+                }
+                f
+            });
             let mut source = match self.open_source(shared, p) {
                 Ok(x) => x,
                 Err(why) => {
@@ -123,16 +251,45 @@ impl SendOrder {
                 }
                 Ok(())
             };
-            match stream.send_file(&mut *source.reader, &source.entry, &mut in_file) {
+            let route = {
+                let mut bytes = None;
+                let route = outgoing::choose(
+                    shared,
+                    &stream.info,
+                    &source.entry,
+                    self.basis(i),
+                    found.as_ref(),
+                    &mut *source.reader,
+                    &mut bytes,
+                );
+                (route, bytes)
+            };
+            match stream.send_file(shared, &mut source, route, &mut in_file) {
                 Ok(n) => progress.bytes += n,
-                Err(StreamError::Server(e)) => return Err(e),
-                Err(StreamError::Net(e)) => return Ok(Some(e)),
+                Err(SendError::Server(e)) => return Err(e),
+                Err(SendError::Net(e)) => return Ok(Some(e)),
             }
             drop(source);
             progress.items += 1;
             if progress.due() {
                 local.send_pending(server, self.request_id)?;
                 progress.send(0)?;
+            }
+        }
+        // Files whose coded data did not verify on the remote go again, whole.
+        for p in stream.retries(progress.items) {
+            let mut source = match self.open_source(shared, &p) {
+                Ok(x) => x,
+                Err(why) => {
+                    local.fail(&p, why);
+                    continue;
+                }
+            };
+            let mut in_file = |_| Ok(());
+            match stream.send_file(shared, &mut source, (Route::Whole, None), &mut in_file) {
+                Ok(_) => {}
+                Err(SendError::Server(e)) => return Err(e),
+                Err(SendError::Net(e)) => return Ok(Some(e)),
             }
         }
         Ok(None)
@@ -272,96 +429,137 @@ impl ProgressReport<'_> {
     }
 }
 
-enum StreamError {
-    /// The connection to the remote agent failed.
-    Net(String),
-    /// The connection to the server failed.
-    Server(AgentError),
+/// The remote's answers to the basis query, taken in query order.
+struct Answers<'r> {
+    rx: &'r Receiver<BasisFound>,
+    /// Answers received ahead of the file that needs them.
+    ahead: VecDeque<BasisFound>,
+    closed: bool,
+}
+
+impl<'r> Answers<'r> {
+    fn new(rx: &'r Receiver<BasisFound>) -> Self {
+        Answers {
+            rx,
+            ahead: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    /// The answer for query item `q` (waiting for it); `None` if the remote gave none.
+    fn get(&mut self, q: u32) -> Option<BasisFound> {
+        loop {
+            while let Some(f) = self.ahead.front() {
+                if f.index < q {
+                    self.ahead.pop_front();
+                } else if f.index == q {
+                    return self.ahead.pop_front();
+                } else {
+                    return None;
+                }
+            }
+            if self.closed {
+                return None;
+            }
+            match self.rx.recv() {
+                Ok(f) => self.ahead.push_back(f),
+                Err(_) => self.closed = true,
+            }
+        }
+    }
 }
 
 /// The file stream to the remote agent.
 struct FileStream<'o> {
-    out: BufWriter<TcpStream>,
+    wire: Wire,
     info: AlgorithmInfo,
     /// One chunk's worth, reused for every file; page-aligned, since the
     /// kernel copies page-cache data into an unaligned buffer several times
     /// slower (see the engine's `AlignedBuf`).
     buf: AlignedBuf,
     order: &'o SendOrder,
+    /// The remote's answers to the basis query.
+    bases: Receiver<BasisFound>,
+    relay: Arc<RelayShared>,
 }
 
 impl FileStream<'_> {
-    /// Sends one file; a read error mid-file becomes an aborted `fileEnd` (the remote
-    /// discards it). `progress` is told the bytes sent of it after each chunk. Returns the
-    /// bytes sent.
+    /// Sends one file along `route` (with the bytes `choose` read, if it did); keeps a
+    /// copy in the version store. Returns the file bytes covered.
     fn send_file(
         &mut self,
-        reader: &mut dyn Read,
-        entry: &FileEntry,
+        shared: &Shared,
+        source: &mut Source,
+        (route, bytes): (Route, Option<Vec<u8>>),
         progress: &mut dyn FnMut(u64) -> Result<(), AgentError>,
-    ) -> Result<u64, StreamError> {
-        let net = |e: ProtoError| StreamError::Net(e.to_string());
-        let start = Msg::FileStart {
-            request_id: self.order.request_id,
-            entry: entry.clone(),
-            algorithm: self.info.name.clone(),
-            lock_timeout_ms: self.order.lock_timeout_ms,
-            stage: self.order.stage.clone(),
+    ) -> Result<u64, SendError> {
+        let order = self.order;
+        let start = Start {
+            request_id: order.request_id,
+            entry: &source.entry,
+            algorithm: &self.info.name,
+            lock_timeout_ms: order.lock_timeout_ms,
+            stage: &order.stage,
         };
-        frame::write_frame(&mut self.out, &start.encode()).map_err(net)?;
-        let mut state: Box<dyn Algorithm> = self.info.instantiate();
-        let mut sent = 0u64;
-        let read_error = loop {
-            let (filled, read_error) = fill(reader, &mut self.buf);
-            if filled > 0 {
-                let chunk = &self.buf[..filled];
-                state.update(chunk);
-                frame::write_frame(&mut self.out, &encode_file_chunk(chunk)).map_err(net)?;
-                sent += filled as u64;
-                progress(sent).map_err(StreamError::Server)?;
+        let sent = outgoing::send_file(
+            &mut self.wire,
+            &shared.deltas,
+            &self.info,
+            &mut self.buf,
+            &start,
+            route,
+            &mut *source.reader,
+            bytes,
+            progress,
+        )?;
+        self.relay.sent();
+        if let Some(store) = &shared.versions {
+            let e = &source.entry;
+            if !sent.digest.is_empty() && e.size >= DELTA_MIN && sent.coding != Coding::CopyBasis {
+                keep_version(shared, store, e, &self.info.name, &sent.digest);
             }
-            if filled < self.buf.len() || read_error.is_some() {
-                break read_error;
-            }
-        };
-        let end = match read_error {
-            None => Msg::FileEnd {
-                size: sent,
-                digest: state.finish().as_bytes().to_vec(),
-                aborted: false,
-                error: String::new(),
-            },
-            Some(e) => Msg::FileEnd {
-                size: sent,
-                digest: Vec::new(),
-                aborted: true,
-                error: format!("read failed on the master: {e}"),
-            },
-        };
-        frame::write_frame(&mut self.out, &end.encode()).map_err(net)?;
-        Ok(sent)
+        }
+        Ok(sent.bytes)
+    }
+
+    /// Waits until the remote answered for all `sent` files (or the connection ended);
+    /// returns the files to send again whole.
+    fn retries(&mut self, _sent: u64) -> Vec<Vec<u8>> {
+        if let Err(e) = self.wire.flush() {
+            debug!("flush before waiting for results: {e}");
+            return Vec::new();
+        }
+        self.relay.wait_all(RESULT_WAIT)
     }
 
     /// Ends the stream (`streamEnd`) and flushes it.
     fn end(&mut self) -> Result<(), String> {
-        frame::write_frame(&mut self.out, &Msg::StreamEnd.encode()).map_err(|e| e.to_string())?;
-        self.out.flush().map_err(|e| e.to_string())
+        self.wire.frame(&Msg::StreamEnd.encode())?;
+        self.wire.flush()
     }
 }
 
-/// Fills `buf` from `reader` as far as it goes (fewer, bigger frames): the bytes read, and the
-/// read error that stopped it, if one did.
-fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> (usize, Option<String>) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return (filled, Some(e.to_string())),
+/// Keeps the content just sent of `e` in the version store, if the file is still the one
+/// sent (same size and mtime).
+fn keep_version(
+    shared: &Shared,
+    store: &crate::versions::VersionStore,
+    e: &FileEntry,
+    algorithm: &str,
+    digest: &[u8],
+) {
+    let Ok(f) = shared.backend.open_basis(&e.path) else {
+        return;
+    };
+    let same = f.metadata().is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.len() == e.size && m.mtime() == e.mtime_sec && m.mtime_nsec() as u32 == e.mtime_nsec
+    });
+    if same {
+        if let Err(err) = store.add(&e.path, algorithm, digest, e.size, &f) {
+            debug!("version store: {err}");
         }
     }
-    (filled, None)
 }
 
 fn try_clone(s: &TcpStream) -> Result<TcpStream, AgentError> {
@@ -377,23 +575,69 @@ struct RelayState {
     skipped: u64,
     bytes: u64,
     done: bool,
+    /// Files the master has sent, and results the remote gave for them.
+    sent: u64,
+    answered: u64,
+    /// Files to send again whole, and those already sent again.
+    retry: Vec<Vec<u8>>,
+    retried: HashSet<Vec<u8>>,
+    /// The relay stopped reading (the remote closed or failed).
+    closed: bool,
+}
+
+/// The relay's state, shared with the sender.
+#[derive(Default)]
+struct RelayShared {
+    st: Mutex<RelayState>,
+    cv: Condvar,
+}
+
+impl RelayShared {
+    /// One more file sent.
+    fn sent(&self) {
+        self.st.lock().expect("poisoned").sent += 1;
+    }
+
+    /// Waits (at most `limit`) until every file sent has its result; returns the files to
+    /// send again whole.
+    fn wait_all(&self, limit: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + limit;
+        let mut st = self.st.lock().expect("poisoned");
+        while st.answered < st.sent && !st.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self.cv.wait_timeout(st, left).expect("poisoned").0;
+        }
+        std::mem::take(&mut st.retry)
+    }
 }
 
 /// The thread relaying the remote agent's results to the server.
 struct Relay {
-    state: Arc<Mutex<RelayState>>,
+    state: Arc<RelayShared>,
     thread: JoinHandle<Result<(), String>>,
 }
 
 impl Relay {
-    fn start(remote: &TcpStream, server: &SharedWriter) -> Result<Relay, AgentError> {
+    fn start(
+        remote: &TcpStream,
+        server: &SharedWriter,
+        bases: Sender<BasisFound>,
+    ) -> Result<Relay, AgentError> {
         let read_half = try_clone(remote)?;
-        let state = Arc::new(Mutex::new(RelayState::default()));
+        let state = Arc::new(RelayShared::default());
         let thread = {
             let (state, server) = (state.clone(), server.clone());
             thread::Builder::new()
                 .name("agent-relay".into())
-                .spawn(move || relay_results(read_half, &server, &state))
+                .spawn(move || {
+                    let r = relay_results(read_half, &server, &state, &bases);
+                    state.st.lock().expect("poisoned").closed = true;
+                    state.cv.notify_all();
+                    r
+                })
                 .map_err(|e| AgentError::Proto(e.into()))?
         };
         Ok(Relay { state, thread })
@@ -406,7 +650,7 @@ impl Relay {
             .thread
             .join()
             .unwrap_or_else(|_| Err("relay thread panicked".into()));
-        let state = std::mem::take(&mut *self.state.lock().expect("poisoned"));
+        let state = std::mem::take(&mut *self.state.st.lock().expect("poisoned"));
         (state, r)
     }
 }
@@ -437,7 +681,8 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
 fn relay_results(
     remote: TcpStream,
     server: &SharedWriter,
-    state: &Mutex<RelayState>,
+    state: &RelayShared,
+    bases: &Sender<BasisFound>,
 ) -> Result<(), String> {
     let mut r = BufReader::with_capacity(256 * 1024, remote);
     loop {
@@ -449,10 +694,27 @@ fn relay_results(
         match Msg::decode(&body).map_err(|e| e.to_string())? {
             Msg::ItemResults {
                 request_id,
-                results,
+                mut results,
             } => {
                 {
-                    let mut st = state.lock().expect("poisoned");
+                    let mut st = state.st.lock().expect("poisoned");
+                    let st = &mut *st;
+                    st.answered += results.len() as u64;
+                    results.retain(|r| {
+                        let again = r.outcome == Outcome::Failed
+                            && r.coding == RETRY
+                            && !st.retried.contains(&r.path);
+                        if again {
+                            debug!(
+                                "{}: {}; sending it again whole",
+                                crate::error::show(&r.path),
+                                r.message
+                            );
+                            st.retried.insert(r.path.clone());
+                            st.retry.push(r.path.clone());
+                        }
+                        !again
+                    });
                     for r in &results {
                         match r.outcome {
                             Outcome::Ok => st.ok += 1,
@@ -462,21 +724,30 @@ fn relay_results(
                         st.bytes += r.bytes;
                         st.reported.insert(r.path.clone());
                     }
+                    state.cv.notify_all();
                 }
-                send(
-                    server,
-                    &Msg::ItemResults {
-                        request_id,
-                        results,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
+                if !results.is_empty() {
+                    send(
+                        server,
+                        &Msg::ItemResults {
+                            request_id,
+                            results,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
                 if r.buffer().is_empty() {
                     flush(server).map_err(|e| e.to_string())?;
                 }
             }
+            Msg::BasisReply { items, .. } => {
+                for f in items {
+                    // The sender may have stopped (the stream broke): nothing to do then.
+                    let _ = bases.send(f);
+                }
+            }
             Msg::Done(_) => {
-                state.lock().expect("poisoned").done = true;
+                state.st.lock().expect("poisoned").done = true;
                 return Ok(());
             }
             Msg::Error { message, .. } => return Err(format!("remote agent: {message}")),

@@ -11,8 +11,11 @@ use fleetsync_engine::Registry;
 use fleetsync_proto::{frame, Done, ItemResult, Msg, Outcome};
 
 use crate::backend::Backend;
+use crate::outgoing::DeltaCache;
+use crate::ratelimit::RateLimiter;
 use crate::records::ConsistState;
 use crate::stages::Stages;
+use crate::versions::VersionStore;
 use crate::AgentError;
 
 /// The writing half of a connection, shared by the threads answering on it.
@@ -29,6 +32,12 @@ pub(crate) struct Shared {
     pub(crate) consist: Arc<ConsistState>,
     /// Open block staging transactions (`--blocks`).
     pub(crate) stages: Stages,
+    /// Versions of files this agent sent, kept to patch against (`--keep-versions`).
+    pub(crate) versions: Option<Arc<VersionStore>>,
+    /// Deltas made for one remote, kept for the others on the same old version.
+    pub(crate) deltas: DeltaCache,
+    /// `--master-bwlimit`: the limit of all streams this agent sends together.
+    pub(crate) master_limit: Arc<RateLimiter>,
 }
 
 /// Item results per `itemResults` frame.
@@ -83,6 +92,8 @@ pub(crate) fn failed(path: &[u8], message: String) -> ItemResult {
         message,
         bytes: 0,
         digest: Vec::new(),
+        wire_bytes: 0,
+        coding: String::new(),
     }
 }
 
@@ -94,6 +105,8 @@ pub(crate) fn succeeded(path: &[u8], message: String) -> ItemResult {
         message,
         bytes: 0,
         digest: Vec::new(),
+        wire_bytes: 0,
+        coding: String::new(),
     }
 }
 

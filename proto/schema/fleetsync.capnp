@@ -47,6 +47,10 @@ struct Message {
     blockBegin @24 :BlockBegin;   # open a staging transaction; answered by `done`
     blockCommit @25 :BlockCommit; # commit (or abort) it; answered by `itemResults`* + `done`
 
+    # --- agent -> agent stream: delta bases (master asks, remote answers, in query order) ---
+    basisQuery @26 :BasisQuery;
+    basisReply @27 :BasisReply;
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -188,6 +192,18 @@ struct SendOrder {
   lock @4 :Bool;          # shared-lock each master file while it is sent (--lock)
   lockTimeoutMs @5 :UInt32;
   stage @6 :Text;         # non-empty: stage the files in this block transaction of the remote
+  transfer @7 :TransferOptions;
+  bases @8 :List(Data);   # parallel to paths (or empty): the remote file to delta against
+                          # (often the same path); empty = none known
+  sizes @9 :List(UInt64); # parallel to paths (or empty): size of each file in the master's list
+}
+
+# How file data travels (sync --compress, --bwlimit, --master-bwlimit, --no-delta).
+struct TransferOptions {
+  compress @0 :Text;      # "auto" (default when empty), "off", "zstd", "zstd:LEVEL"
+  bwlimit @1 :UInt64;     # bytes/s per remote stream; 0 = unlimited
+  masterBwlimit @2 :UInt64; # bytes/s for all streams of the master agent together; 0 = unlimited
+  noDelta @3 :Bool;       # send whole files (compressed), never deltas
 }
 
 # Attributes to apply; each `set*` flag says whether the field is meaningful.
@@ -249,6 +265,9 @@ struct ItemResult {
   bytes @3 :UInt64;       # bytes transferred (send orders)
   digest @4 :Data;        # send orders, ok: digest (the order's algorithm) of the content
                           # the remote committed; empty otherwise
+  wireBytes @5 :UInt64;   # send orders: bytes of file data on the wire (after compression/delta)
+  coding @6 :Text;        # send orders: how it travelled ("whole", "zstd", "patch", "delta",
+                          # "resume", "copy")
 }
 
 struct ItemResults {
@@ -285,10 +304,52 @@ struct FileStart {
   lock @3 :Bool;           # exclusive-lock the existing destination while replacing it
   lockTimeoutMs @4 :UInt32;
   stage @5 :Text;          # non-empty: stage into this block transaction, do not put in place
+  coding @6 :Coding;
+  basis @7 :Data;          # patch, delta, copyBasis: the remote file the data is relative to
+  basisSize @8 :UInt64;    # append: bytes of the partial file to keep before the chunks
+}
+
+enum Coding {
+  whole @0;      # chunks are the file's bytes
+  patch @1;      # chunks are one zstd frame with `basis` as reference prefix (--patch-from)
+  delta @2;      # chunks are copy/literal instructions against `basis` (rsync)
+  append @3;     # chunks continue the partial file left by an interrupted transfer
+  copyBasis @4;  # no chunks: the content is `basis`'s
 }
 
 struct FileChunk {
   data @0 :Data;
+  zstd @1 :Bool;           # `data` is one zstd frame of the chunk
+}
+
+# Master -> remote agent, first on a stream: for these files, what basis does the remote hold?
+struct BasisQuery {
+  requestId @0 :UInt64;
+  algorithm @1 :Text;
+  items @2 :List(BasisItem);
+}
+struct BasisItem {
+  path @0 :Data;           # the file to be written (its partial file is looked for)
+  basis @1 :Data;          # the remote file to use as basis; empty: none
+  known @2 :List(Version); # versions the master holds: no signature needed for those
+  signature @3 :Bool;      # compute a block signature of the basis unless it is a known version
+}
+struct Version {
+  size @0 :UInt64;
+  digest @1 :Data;
+}
+# Remote -> master: answers to a basisQuery, in query order (several replies).
+struct BasisReply {
+  requestId @0 :UInt64;
+  items @1 :List(BasisFound);
+}
+struct BasisFound {
+  index @0 :UInt32;        # into the query's items
+  basisSize @1 :UInt64;
+  basisDigest @2 :Data;    # empty: no usable basis
+  signature @3 :Data;      # rsync block signature of the basis (empty unless asked and unknown)
+  partialSize @4 :UInt64;  # a partial file of an interrupted transfer: its size
+  partialDigest @5 :Data;  # and digest (empty: none)
 }
 
 struct FileEnd {
@@ -337,6 +398,7 @@ struct SyncRequest {
   lockResync @10 :Bool;        # lock the files the consistency loop synchronizes again
                                # (waiting lockTimeoutMs; also without `lock`)
   blocks @11 :List(BlockDef);  # --blocks: dependency blocks, in file order (empty: none)
+  transfer @12 :TransferOptions;
 }
 
 # One block of a `--blocks` file: its files are staged on each remote and put in
@@ -387,6 +449,7 @@ struct RemoteResult {
   rounds @8 :UInt32;           # consistency checks run (0: none)
   resynced @9 :UInt64;         # files synchronized again by the consistency loop
   inconsistent @10 :List(Failure); # files still inconsistent after the last round, with why
+  wireBytes @11 :UInt64;       # bytes of file data on the wire (after compression and deltas)
 }
 
 struct SyncProgress {

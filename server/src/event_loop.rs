@@ -733,6 +733,7 @@ impl Server {
                     deleted: result.deleted,
                     fixed: result.changed,
                     bytes: result.bytes,
+                    wire_bytes: result.wire_bytes,
                     rounds: result.rounds,
                 };
                 let error = if !result.error.is_empty() {

@@ -69,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
         recorded_ms INTEGER,
         PRIMARY KEY (job_id, remote)
     );",
+    // 2: bytes of file data on the wire (after compression and deltas).
+    "ALTER TABLE job_remotes ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Errors of the job store, naming the database and what was being done.
@@ -215,6 +217,9 @@ pub struct RemoteCounts {
     pub fixed: u64,
     /// Bytes transferred.
     pub bytes: u64,
+    /// Bytes of file data on the wire (after compression and deltas).
+    #[serde(default)]
+    pub wire_bytes: u64,
     /// Consistency rounds run.
     pub rounds: u32,
 }
@@ -225,6 +230,7 @@ impl RemoteCounts {
         self.deleted += o.deleted;
         self.fixed += o.fixed;
         self.bytes += o.bytes;
+        self.wire_bytes += o.wire_bytes;
         self.rounds = self.rounds.max(o.rounds);
     }
 }
@@ -447,7 +453,7 @@ impl JobStore {
             .conn
             .execute(
                 "UPDATE job_remotes SET sent = ?3, deleted = ?4, fixed = ?5, bytes = ?6,
-                        rounds = ?7, error = ?8, recorded_ms = ?9
+                        rounds = ?7, error = ?8, recorded_ms = ?9, wire_bytes = ?10
                  WHERE job_id = ?1 AND remote = ?2",
                 params![
                     job.0,
@@ -458,7 +464,8 @@ impl JobStore {
                     counts.bytes as i64,
                     counts.rounds,
                     error,
-                    now_ms()
+                    now_ms(),
+                    counts.wire_bytes as i64
                 ],
             )
             .map_err(sql("record remote result"))?;
@@ -554,7 +561,8 @@ impl JobStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT job_id, remote, sent, deleted, fixed, bytes, rounds, error, recorded_ms
+                "SELECT job_id, remote, sent, deleted, fixed, bytes, rounds, error, recorded_ms,
+                        wire_bytes
                  FROM job_remotes WHERE job_id >= ?1 ORDER BY job_id, position",
             )
             .map_err(sql("list job remotes"))?;
@@ -569,6 +577,7 @@ impl JobStore {
                             deleted: r.get::<_, i64>(3)? as u64,
                             fixed: r.get::<_, i64>(4)? as u64,
                             bytes: r.get::<_, i64>(5)? as u64,
+                            wire_bytes: r.get::<_, i64>(9)? as u64,
                             rounds: r.get(6)?,
                         },
                         error: r.get(7)?,

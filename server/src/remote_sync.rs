@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::checksums::{DigestWidth, SumState, SumTable};
 use crate::list::{FileList, Kind, Meta};
 use crate::ops::apply_ops;
-use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
+use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind, Why};
 
 mod block_run;
 mod consistency;
@@ -646,11 +646,8 @@ impl RemoteSync {
             let end = (self.pcur + CHUNK).min(steps.len());
             let chunk = &steps[self.pcur..end];
             let (to, msg) = if self.state == PairState::Sending {
-                let paths = chunk
-                    .iter()
-                    .map(|s| shared.master.path(s.index).to_vec())
-                    .collect();
-                (Peer::Master, self.send_order(paths, String::new(), shared))
+                let items = self.send_items(chunk.iter(), shared);
+                (Peer::Master, self.send_order(items, String::new(), shared))
             } else {
                 let ops = apply_ops(chunk, &shared.master, &self.list, self.can_chown);
                 (Peer::Remote, Msg::ApplyRequest { request_id: 0, ops })
@@ -661,15 +658,28 @@ impl RemoteSync {
         }
     }
 
+    /// The paths, delta bases (remote paths; empty: none) and sizes of the files of send
+    /// `steps`, for a send order.
+    pub(crate) fn send_items<'s>(
+        &self,
+        steps: impl Iterator<Item = &'s Step>,
+        shared: &JobShared,
+    ) -> SendItems {
+        send_items(&self.list, steps, shared)
+    }
+
     /// A send order of files to this remote (`stage`: into a block's staging area).
-    fn send_order(&self, paths: Vec<Vec<u8>>, stage: String, shared: &JobShared) -> Msg {
+    pub(crate) fn send_order(&self, items: SendItems, stage: String, shared: &JobShared) -> Msg {
         Msg::SendOrder {
             request_id: 0,
             target: self.addr.clone(),
             algorithm: shared.req.algorithm.clone(),
-            paths,
+            paths: items.paths,
             lock_timeout_ms: shared.req.lock_timeout_ms,
             stage,
+            transfer: shared.req.transfer.clone(),
+            bases: items.bases,
+            sizes: items.sizes,
         }
     }
 
@@ -739,6 +749,7 @@ impl RemoteSync {
                     if sending {
                         self.result.transferred += 1;
                         self.result.bytes += res.bytes;
+                        self.result.wire_bytes += res.wire_bytes;
                         self.rounds.note_received(shared, &res);
                     }
                 }
@@ -828,4 +839,36 @@ impl RemoteSync {
         let result = self.result.clone();
         self.send(Peer::Control, Msg::RemoteResult(result));
     }
+}
+
+/// The paths, delta bases (paths in the `remote` list; empty: none) and sizes of the files
+/// of send `steps`, for a send order.
+pub(crate) fn send_items<'s>(
+    remote: &FileList,
+    steps: impl Iterator<Item = &'s Step>,
+    shared: &JobShared,
+) -> SendItems {
+    let mut items = SendItems::default();
+    for s in steps {
+        let path = shared.master.path(s.index);
+        let basis = if s.other != u32::MAX && (s.other as usize) < remote.len() {
+            remote.path(s.other)
+        } else if s.why != Why::New {
+            path
+        } else {
+            b""
+        };
+        items.paths.push(path.to_vec());
+        items.bases.push(basis.to_vec());
+        items.sizes.push(shared.master.size(s.index));
+    }
+    items
+}
+
+/// The files of a send order: paths, delta bases on the remote (empty: none), sizes.
+#[derive(Default)]
+pub(crate) struct SendItems {
+    pub(crate) paths: Vec<Vec<u8>>,
+    pub(crate) bases: Vec<Vec<u8>>,
+    pub(crate) sizes: Vec<u64>,
 }

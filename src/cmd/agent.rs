@@ -37,6 +37,15 @@ pub struct Args {
     /// [default: ~/.cache/fleetsync/writes-HASH, one per tree].
     #[arg(long, value_name = "FILE")]
     write_log: Option<PathBuf>,
+    /// Keep up to SIZE (e.g. 2GiB) of the versions of files this agent sends, by content
+    /// hash and outside the tree, so that the next release goes to remotes still on one of
+    /// them as a zstd patch against it (0: keep none).
+    #[arg(long, value_name = "SIZE", default_value = "0")]
+    keep_versions: bytesize::ByteSize,
+    /// Where --keep-versions keeps them; must be outside the tree
+    /// [default: ~/.cache/fleetsync/versions-HASH, one per tree].
+    #[arg(long, value_name = "DIR")]
+    versions_dir: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -78,7 +87,32 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_checksum_cache(!args.no_checksum_cache);
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let agent = with_write_log(agent, &args.root, args.write_log.as_deref())?;
+    let mut agent = with_write_log(agent, &args.root, args.write_log.as_deref())?;
+    if args.keep_versions.as_u64() > 0 {
+        let dir = match &args.versions_dir {
+            Some(d) => d.clone(),
+            None => fleetsync_agent::sumcache::default_file(&args.root)
+                .and_then(|f| {
+                    let name = f.file_name()?.to_string_lossy().replace("sums-", "versions-");
+                    Some(f.with_file_name(name))
+                })
+                .context("--keep-versions: no cache directory ($HOME unset); give --versions-dir")?,
+        };
+        let inside = std::fs::canonicalize(&args.root).ok().is_some_and(|root| {
+            std::fs::create_dir_all(&dir).is_ok()
+                && std::fs::canonicalize(&dir).is_ok_and(|d| d.starts_with(&root))
+        });
+        if inside {
+            bail!(
+                "--versions-dir {} is inside the tree {}",
+                dir.display(),
+                args.root.display()
+            );
+        }
+        let store = fleetsync_agent::VersionStore::open(&dir, args.keep_versions.as_u64())
+            .with_context(|| format!("--versions-dir {}", dir.display()))?;
+        agent = agent.with_versions(std::sync::Arc::new(store));
+    }
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let handle = agent.serve(listener).context("starting the agent")?;

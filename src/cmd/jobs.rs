@@ -167,12 +167,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 match r.recorded_ms {
                     Some(ms) => writeln!(
                         out,
-                        "    {}: sent {}, deleted {}, fixed {}, bytes {}, rounds {}",
+                        "    {}: sent {}, deleted {}, fixed {}, bytes {} ({} on the wire), rounds {}",
                         utc(ms),
                         c.sent,
                         c.deleted,
                         c.fixed,
                         c.bytes,
+                        c.wire_bytes,
                         c.rounds
                     )?,
                     None => writeln!(out, "    no result recorded")?,

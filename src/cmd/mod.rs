@@ -19,4 +19,5 @@ pub mod sum;
 pub mod sync;
 pub mod target;
 pub mod token;
+pub mod transfer;
 pub mod verify;

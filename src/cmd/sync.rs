@@ -84,6 +84,8 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     auth: super::token::TokenArgs,
+    #[command(flatten)]
+    transfer: super::transfer::TransferArgs,
     /// Lock each file while it is synchronized: a shared lock on the master copy while it is
     /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
     #[arg(long)]
@@ -165,6 +167,7 @@ fn report(
                     "error": if r.error.is_empty() { serde_json::Value::Null } else { json_str(&r.error) },
                     "transferred": r.transferred,
                     "bytes": r.bytes,
+                    "wire_bytes": r.wire_bytes,
                     "deleted": r.deleted,
                     "changed": r.changed,
                     "failures": r.failures.iter().map(|f| with_path(serde_json::json!({
@@ -233,8 +236,13 @@ fn report(
             } else {
                 format!(", {} consistency round(s)", r.rounds)
             };
+            let wire = if args.dry_run {
+                String::new()
+            } else {
+                format!(", {} on the wire", r.wire_bytes)
+            };
             eprintln!(
-                "{label}: {verb} {} files ({} bytes), {} deleted, {} other changes{rounds}{}",
+                "{label}: {verb} {} files ({} bytes{wire}), {} deleted, {} other changes{rounds}{}",
                 r.transferred,
                 r.bytes,
                 r.deleted,
@@ -307,6 +315,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             max_rounds: args.max_rounds,
             lock_resync_ms: lock_resync_ms(&args)?,
             blocks,
+            transfer: args.transfer.options()?,
             ..SyncRequest::default()
         })
     };

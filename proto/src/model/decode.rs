@@ -5,9 +5,9 @@ use super::classification::ClassificationSpec;
 use super::entry::FileEntry;
 use super::msg::Msg;
 use super::types::{
-    Action, Attrs, BlockDef, ChecksumResult, Done, ExpectedFile, Failure, InconsistentFile,
-    ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult, Role, SyncProgress,
-    SyncRequest,
+    Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
+    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
+    Role, SyncProgress, SyncRequest, TransferOptions, Version,
 };
 use super::wire::{data_list, read_list, text, texts};
 use crate::fleetsync_capnp as schema;
@@ -83,6 +83,52 @@ impl ItemResult {
             message: text(r.get_message())?,
             bytes: r.get_bytes(),
             digest: r.get_digest()?.to_vec(),
+            wire_bytes: r.get_wire_bytes(),
+            coding: text(r.get_coding())?,
+        })
+    }
+}
+
+impl TransferOptions {
+    fn read_from(r: schema::transfer_options::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(TransferOptions {
+            compress: text(r.get_compress())?,
+            bwlimit: r.get_bwlimit(),
+            master_bwlimit: r.get_master_bwlimit(),
+            no_delta: r.get_no_delta(),
+        })
+    }
+}
+
+impl Version {
+    fn read_from(r: schema::version::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(Version {
+            size: r.get_size(),
+            digest: r.get_digest()?.to_vec(),
+        })
+    }
+}
+
+impl BasisItem {
+    fn read_from(r: schema::basis_item::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(BasisItem {
+            path: r.get_path()?.to_vec(),
+            basis: r.get_basis()?.to_vec(),
+            known: read_list(r.get_known()?, Version::read_from)?,
+            signature: r.get_signature(),
+        })
+    }
+}
+
+impl BasisFound {
+    fn read_from(r: schema::basis_found::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(BasisFound {
+            index: r.get_index(),
+            basis_size: r.get_basis_size(),
+            basis_digest: r.get_basis_digest()?.to_vec(),
+            signature: r.get_signature()?.to_vec(),
+            partial_size: r.get_partial_size(),
+            partial_digest: r.get_partial_digest()?.to_vec(),
         })
     }
 }
@@ -217,6 +263,9 @@ impl Msg {
                     paths: data_list(b.get_paths()?)?,
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                     stage: text(b.get_stage())?,
+                    transfer: TransferOptions::read_from(b.get_transfer()?)?,
+                    bases: data_list(b.get_bases()?)?,
+                    sizes: b.get_sizes()?.iter().collect(),
                 }
             }
             W::ApplyRequest(b) => {
@@ -277,11 +326,33 @@ impl Msg {
                     algorithm: text(b.get_algorithm())?,
                     lock_timeout_ms: b.get_lock().then(|| b.get_lock_timeout_ms()),
                     stage: text(b.get_stage())?,
+                    coding: Coding::from_schema(b.get_coding()?),
+                    basis: b.get_basis()?.to_vec(),
+                    basis_size: b.get_basis_size(),
                 }
             }
-            W::FileChunk(b) => Msg::FileChunk {
-                data: b?.get_data()?.to_vec(),
-            },
+            W::FileChunk(b) => {
+                let b = b?;
+                Msg::FileChunk {
+                    data: b.get_data()?.to_vec(),
+                    zstd: b.get_zstd(),
+                }
+            }
+            W::BasisQuery(b) => {
+                let b = b?;
+                Msg::BasisQuery {
+                    request_id: b.get_request_id(),
+                    algorithm: text(b.get_algorithm())?,
+                    items: read_list(b.get_items()?, BasisItem::read_from)?,
+                }
+            }
+            W::BasisReply(b) => {
+                let b = b?;
+                Msg::BasisReply {
+                    request_id: b.get_request_id(),
+                    items: read_list(b.get_items()?, BasisFound::read_from)?,
+                }
+            }
             W::FileEnd(b) => {
                 let b = b?;
                 Msg::FileEnd {
@@ -309,6 +380,7 @@ impl Msg {
                     max_rounds: b.get_max_rounds(),
                     lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
                     blocks: read_list(b.get_blocks()?, BlockDef::read_from)?,
+                    transfer: TransferOptions::read_from(b.get_transfer()?)?,
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(read_list(b?.get_items()?, PlanItem::read_from)?),
@@ -326,6 +398,7 @@ impl Msg {
                     rounds: b.get_rounds(),
                     resynced: b.get_resynced(),
                     inconsistent: read_list(b.get_inconsistent()?, Failure::read_from)?,
+                    wire_bytes: b.get_wire_bytes(),
                 })
             }
             W::SyncProgress(b) => {

@@ -3,8 +3,8 @@
 use super::entry::FileEntry;
 use super::msg::Msg;
 use super::types::{
-    Attrs, BlockDef, ChecksumResult, ExpectedFile, Failure, InconsistentFile, ItemResult, Op,
-    OpKind, PlanItem,
+    Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, ExpectedFile, Failure,
+    InconsistentFile, ItemResult, Op, OpKind, PlanItem, TransferOptions, Version,
 };
 use super::wire::{write_data, write_list, write_texts};
 use crate::fleetsync_capnp as schema;
@@ -70,6 +70,48 @@ impl ItemResult {
         b.set_message(self.message.as_str());
         b.set_bytes(self.bytes);
         b.set_digest(&self.digest);
+        b.set_wire_bytes(self.wire_bytes);
+        b.set_coding(self.coding.as_str());
+    }
+}
+
+impl TransferOptions {
+    fn write_to(&self, mut b: schema::transfer_options::Builder<'_>) {
+        b.set_compress(self.compress.as_str());
+        b.set_bwlimit(self.bwlimit);
+        b.set_master_bwlimit(self.master_bwlimit);
+        b.set_no_delta(self.no_delta);
+    }
+}
+
+impl Version {
+    fn write_to(&self, mut b: schema::version::Builder<'_>) {
+        b.set_size(self.size);
+        b.set_digest(&self.digest);
+    }
+}
+
+impl BasisItem {
+    fn write_to(&self, mut b: schema::basis_item::Builder<'_>) {
+        b.set_path(&self.path);
+        b.set_basis(&self.basis);
+        b.set_signature(self.signature);
+        write_list(
+            b.init_known(self.known.len() as u32),
+            &self.known,
+            Version::write_to,
+        );
+    }
+}
+
+impl BasisFound {
+    fn write_to(&self, mut b: schema::basis_found::Builder<'_>) {
+        b.set_index(self.index);
+        b.set_basis_size(self.basis_size);
+        b.set_basis_digest(&self.basis_digest);
+        b.set_signature(&self.signature);
+        b.set_partial_size(self.partial_size);
+        b.set_partial_digest(&self.partial_digest);
     }
 }
 
@@ -190,8 +232,19 @@ impl Msg {
                 paths,
                 lock_timeout_ms,
                 stage,
+                transfer,
+                bases,
+                sizes,
             } => {
                 let mut b = root.init_send_order();
+                transfer.write_to(b.reborrow().init_transfer());
+                write_data(b.reborrow().init_bases(bases.len() as u32), bases);
+                {
+                    let mut l = b.reborrow().init_sizes(sizes.len() as u32);
+                    for (i, s) in sizes.iter().enumerate() {
+                        l.set(i as u32, *s);
+                    }
+                }
                 b.set_stage(stage.as_str());
                 b.set_request_id(*request_id);
                 b.set_lock(lock_timeout_ms.is_some());
@@ -257,8 +310,14 @@ impl Msg {
                 algorithm,
                 lock_timeout_ms,
                 stage,
+                coding,
+                basis,
+                basis_size,
             } => {
                 let mut b = root.init_file_start();
+                b.set_coding(coding.to_schema());
+                b.set_basis(basis);
+                b.set_basis_size(*basis_size);
                 b.set_stage(stage.as_str());
                 b.set_request_id(*request_id);
                 b.set_lock(lock_timeout_ms.is_some());
@@ -266,7 +325,30 @@ impl Msg {
                 b.set_algorithm(algorithm.as_str());
                 entry.write_to(b.init_entry());
             }
-            Msg::FileChunk { data } => root.init_file_chunk().set_data(data),
+            Msg::FileChunk { data, zstd } => {
+                let mut b = root.init_file_chunk();
+                b.set_data(data);
+                b.set_zstd(*zstd);
+            }
+            Msg::BasisQuery {
+                request_id,
+                algorithm,
+                items,
+            } => {
+                let mut b = root.init_basis_query();
+                b.set_request_id(*request_id);
+                b.set_algorithm(algorithm.as_str());
+                write_list(b.init_items(items.len() as u32), items, BasisItem::write_to);
+            }
+            Msg::BasisReply { request_id, items } => {
+                let mut b = root.init_basis_reply();
+                b.set_request_id(*request_id);
+                write_list(
+                    b.init_items(items.len() as u32),
+                    items,
+                    BasisFound::write_to,
+                );
+            }
             Msg::FileEnd {
                 size,
                 digest,
@@ -301,6 +383,7 @@ impl Msg {
                 );
                 let l = b.reborrow().init_blocks(r.blocks.len() as u32);
                 write_list(l, &r.blocks, BlockDef::write_to);
+                r.transfer.write_to(b.reborrow().init_transfer());
                 r.classification.write_to(b.init_classification());
             }
             Msg::PlanItems(items) => {
@@ -318,6 +401,7 @@ impl Msg {
                 b.set_changed(r.changed);
                 b.set_rounds(r.rounds);
                 b.set_resynced(r.resynced);
+                b.set_wire_bytes(r.wire_bytes);
                 let l = b.reborrow().init_failures(r.failures.len() as u32);
                 write_list(l, &r.failures, Failure::write_to);
                 let l = b.init_inconsistent(r.inconsistent.len() as u32);

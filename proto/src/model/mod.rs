@@ -46,7 +46,7 @@ pub use classification::{ClassificationSpec, FilterRule, Selector};
 pub use entry::{list_batch_entries, EntryRef, FileEntry, FileKind};
 pub use msg::{encode_file_chunk, Msg};
 pub use types::{
-    Action, Attrs, BlockDef, ChecksumResult, Done, ExpectedFile, Failure, InconsistentFile,
-    ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult, Role, SyncProgress,
-    SyncRequest,
+    Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
+    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
+    Role, SyncProgress, SyncRequest, TransferOptions, Version,
 };

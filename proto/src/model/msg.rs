@@ -6,8 +6,9 @@ use capnp::message::{Builder, HeapAllocator};
 use super::classification::ClassificationSpec;
 use super::entry::FileEntry;
 use super::types::{
-    ChecksumResult, Done, ExpectedFile, InconsistentFile, ItemResult, Op, PlanItem, Progress,
-    RemoteResult, Role, SyncProgress, SyncRequest,
+    BasisFound, BasisItem, ChecksumResult, Coding, Done, ExpectedFile, InconsistentFile,
+    ItemResult, Op, PlanItem, Progress, RemoteResult, Role, SyncProgress, SyncRequest,
+    TransferOptions,
 };
 use crate::fleetsync_capnp as schema;
 use crate::frame;
@@ -95,6 +96,12 @@ pub enum Msg {
         lock_timeout_ms: Option<u32>,
         /// Non-empty: stage the files in this block transaction of the remote.
         stage: String,
+        /// How the data travels.
+        transfer: TransferOptions,
+        /// Parallel to `paths` (or empty): the remote file to delta against; empty: none.
+        bases: Vec<Vec<u8>>,
+        /// Parallel to `paths` (or empty): each file's size in the master's list.
+        sizes: Vec<u64>,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -127,11 +134,35 @@ pub enum Msg {
         lock_timeout_ms: Option<u32>,
         /// Non-empty: stage into this block transaction instead of putting in place.
         stage: String,
+        /// How the chunks code the content.
+        coding: Coding,
+        /// Patch, delta, copy: the remote file the data is relative to.
+        basis: Vec<u8>,
+        /// Append: bytes of the partial file to keep before the chunks.
+        basis_size: u64,
     },
-    /// Master -> remote agent: file bytes (at most 1 MiB).
+    /// Master -> remote agent: file bytes (at most 1 MiB before compression).
     FileChunk {
         /// The bytes.
         data: Vec<u8>,
+        /// `data` is one zstd frame.
+        zstd: bool,
+    },
+    /// Master -> remote agent, first on a stream: which bases does the remote hold?
+    BasisQuery {
+        /// The send order's request id.
+        request_id: u64,
+        /// Algorithm of the digests.
+        algorithm: String,
+        /// The files.
+        items: Vec<BasisItem>,
+    },
+    /// Remote -> master agent: answers to a basis query, in query order.
+    BasisReply {
+        /// The send order's request id.
+        request_id: u64,
+        /// Answers.
+        items: Vec<BasisFound>,
     },
     /// Master -> remote agent: the file is complete (or aborted).
     FileEnd {
@@ -211,11 +242,11 @@ pub enum Msg {
 }
 
 /// Encodes a `fileChunk` message straight from a slice (no intermediate `Msg`).
-pub fn encode_file_chunk(data: &[u8]) -> Builder<HeapAllocator> {
+pub fn encode_file_chunk(data: &[u8], zstd: bool) -> Builder<HeapAllocator> {
     let mut b = frame::builder_with_capacity(data.len());
-    b.init_root::<schema::message::Builder>()
-        .init_file_chunk()
-        .set_data(data);
+    let mut c = b.init_root::<schema::message::Builder>().init_file_chunk();
+    c.set_data(data);
+    c.set_zstd(zstd);
     b
 }
 
@@ -239,6 +270,8 @@ impl Msg {
             Msg::BlockBegin { .. } => "blockBegin",
             Msg::BlockCommit { .. } => "blockCommit",
             Msg::FileChunk { .. } => "fileChunk",
+            Msg::BasisQuery { .. } => "basisQuery",
+            Msg::BasisReply { .. } => "basisReply",
             Msg::FileEnd { .. } => "fileEnd",
             Msg::StreamEnd => "streamEnd",
             Msg::SyncRequest(_) => "syncRequest",
@@ -256,7 +289,7 @@ impl Msg {
     /// [`frame::encode_frame`]).
     pub fn encode(&self) -> Builder<HeapAllocator> {
         let mut msg = match self {
-            Msg::FileChunk { data } => frame::builder_with_capacity(data.len()),
+            Msg::FileChunk { data, .. } => frame::builder_with_capacity(data.len()),
             _ => Builder::new_default(),
         };
         let root = msg.init_root::<schema::message::Builder>();

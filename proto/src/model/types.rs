@@ -122,6 +122,11 @@ pub struct ItemResult {
     pub bytes: u64,
     /// Send orders, ok: the digest of the content the remote committed (empty otherwise).
     pub digest: Vec<u8>,
+    /// Send orders: bytes of file data on the wire (after compression and deltas).
+    pub wire_bytes: u64,
+    /// Send orders: how the data travelled (`whole`, `zstd`, `patch`, `delta`, `resume`,
+    /// `copy`); empty otherwise.
+    pub coding: String,
 }
 
 /// Progress of a long request.
@@ -179,6 +184,99 @@ pub struct SyncRequest {
     pub lock_resync_ms: Option<u32>,
     /// `--blocks`: dependency blocks in file order (empty: none).
     pub blocks: Vec<BlockDef>,
+    /// How file data travels.
+    pub transfer: TransferOptions,
+}
+
+/// How file data travels between agents (`--compress`, `--bwlimit`, `--master-bwlimit`,
+/// `--no-delta`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TransferOptions {
+    /// `auto` (also when empty), `off`, `zstd` or `zstd:LEVEL`.
+    pub compress: String,
+    /// Bytes per second per remote stream; 0: unlimited.
+    pub bwlimit: u64,
+    /// Bytes per second for all streams of the master agent together; 0: unlimited.
+    pub master_bwlimit: u64,
+    /// Send whole files (compressed), never deltas.
+    pub no_delta: bool,
+}
+
+/// How a file's data is coded on an agent-to-agent stream (`fileStart.coding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Coding {
+    /// The chunks are the file's bytes.
+    #[default]
+    Whole,
+    /// The chunks are one zstd frame with the basis as reference prefix.
+    Patch,
+    /// The chunks are rsync copy/literal instructions against the basis.
+    Delta,
+    /// The chunks continue the partial file of an interrupted transfer.
+    Append,
+    /// No chunks: the content is the basis's.
+    CopyBasis,
+}
+
+impl Coding {
+    pub(crate) fn to_schema(self) -> schema::Coding {
+        match self {
+            Coding::Whole => schema::Coding::Whole,
+            Coding::Patch => schema::Coding::Patch,
+            Coding::Delta => schema::Coding::Delta,
+            Coding::Append => schema::Coding::Append,
+            Coding::CopyBasis => schema::Coding::CopyBasis,
+        }
+    }
+
+    pub(crate) fn from_schema(c: schema::Coding) -> Self {
+        match c {
+            schema::Coding::Whole => Coding::Whole,
+            schema::Coding::Patch => Coding::Patch,
+            schema::Coding::Delta => Coding::Delta,
+            schema::Coding::Append => Coding::Append,
+            schema::Coding::CopyBasis => Coding::CopyBasis,
+        }
+    }
+}
+
+/// A content version: size and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Version {
+    /// Bytes.
+    pub size: u64,
+    /// Digest (the query's algorithm).
+    pub digest: Vec<u8>,
+}
+
+/// One file of a [`Msg::BasisQuery`](crate::Msg::BasisQuery).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BasisItem {
+    /// The file to be written (its partial file is looked for).
+    pub path: Vec<u8>,
+    /// The remote file to use as basis; empty: none.
+    pub basis: Vec<u8>,
+    /// Versions the master holds: no signature is needed when the basis is one of them.
+    pub known: Vec<Version>,
+    /// Compute a block signature of the basis unless it is a known version.
+    pub signature: bool,
+}
+
+/// The remote's answer for one [`BasisItem`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BasisFound {
+    /// Index into the query's items.
+    pub index: u32,
+    /// Size of the basis.
+    pub basis_size: u64,
+    /// Digest of the basis; empty: no usable basis.
+    pub basis_digest: Vec<u8>,
+    /// rsync block signature of the basis (empty unless asked and not a known version).
+    pub signature: Vec<u8>,
+    /// Size of the partial file of an interrupted transfer.
+    pub partial_size: u64,
+    /// Its digest; empty: no partial file.
+    pub partial_digest: Vec<u8>,
 }
 
 /// One block of a `--blocks` file, as carried in a [`SyncRequest`].
@@ -264,6 +362,8 @@ pub struct RemoteResult {
     pub resynced: u64,
     /// Files still inconsistent after the last round (`message` says why).
     pub inconsistent: Vec<Failure>,
+    /// Bytes of file data on the wire (after compression and deltas).
+    pub wire_bytes: u64,
 }
 
 /// A file a remote received, as the master sent it (in a consistency request).

@@ -475,13 +475,14 @@ impl RemoteSync {
                     .collect();
                 if !w.broken && w.send_cur < sends.len() {
                     let end = (w.send_cur + CHUNK).min(sends.len());
-                    let paths: Vec<Vec<u8>> = sends[w.send_cur..end]
-                        .iter()
-                        .map(|s| shared.master.path(s.index).to_vec())
-                        .collect();
+                    let items = super::send_items(
+                        &self.list,
+                        sends[w.send_cur..end].iter().copied(),
+                        shared,
+                    );
                     w.send_cur = end;
                     let stage = w.stage.clone();
-                    let msg = self.send_order(paths, stage, shared);
+                    let msg = self.send_order(items, stage, shared);
                     self.send(Peer::Master, msg);
                     return;
                 }

@@ -21,7 +21,7 @@ use fleetsync_proto::{
 };
 use tracing::{debug, info, warn};
 
-use super::{JobShared, PairState, Peer, RemoteSync, CHUNK, MAX_FAILURES, WINDOW};
+use super::{JobShared, PairState, Peer, RemoteSync, SendItems, CHUNK, MAX_FAILURES, WINDOW};
 use crate::list::{FileList, Kind};
 use crate::ops::master_attrs;
 
@@ -411,7 +411,16 @@ impl RemoteSync {
         let lock_timeout_ms = shared.req.lock_resync_ms.or(shared.req.lock_timeout_ms);
         let mut msgs: Vec<(Peer, Msg)> = Vec::new();
         for chunk in send.chunks(CHUNK) {
-            let mut order = self.send_order(chunk.to_vec(), String::new(), shared);
+            // The remote holds the files (changed): each is its own delta basis.
+            let items = SendItems {
+                paths: chunk.to_vec(),
+                bases: chunk.to_vec(),
+                sizes: chunk
+                    .iter()
+                    .map(|p| shared.master.find(p).map_or(0, |m| shared.master.size(m)))
+                    .collect(),
+            };
+            let mut order = self.send_order(items, String::new(), shared);
             if let Msg::SendOrder {
                 lock_timeout_ms: lock,
                 ..
