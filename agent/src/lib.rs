@@ -55,7 +55,9 @@ mod send;
 mod session;
 mod stages;
 pub mod sumcache;
+pub mod versions;
 
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
 pub use listen::{Agent, AgentHandle};
+pub use versions::VersionStore;
