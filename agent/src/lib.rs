@@ -24,7 +24,10 @@
 //! - **Old or new, never torn**: received files go to `.fleetsync.tmp.*`
 //!   beside their destination, are verified (size and checksum), fsynced and
 //!   renamed; symlinks and hard links are made under a temp name and renamed
-//!   over. Leftovers of a killed agent are removed by the next listing.
+//!   over. Leftovers of a killed agent are removed by the next listing. A
+//!   transfer cut mid-file can keep what arrived as a hidden partial
+//!   (`.fleetsync.partial.<name>`, see [`backend::PARTIAL_PREFIX`]) that the next
+//!   sync resumes; partials are never listed and are removed once stale.
 //! - **Checksums where the data lives**, through `fleetsync_engine`, with a
 //!   ctime-keyed cache ([`sumcache`]) so an unchanged tree is not read again.
 //! - **Self-checks after a sync**: every received file is recorded (size, mtime,
