@@ -21,6 +21,40 @@ use crate::AgentError;
 /// Prefix of the temporary files the agent writes before renaming.
 pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
 
+/// Prefix of a partial file: what a transfer cut mid-file had written, kept
+/// beside its destination as `.fleetsync.partial.<name>` (for a name too long
+/// for that, `.fleetsync.partial.#<hash of the name>`), so that the next sync
+/// can resume it or use it as a delta basis. Never listed; see
+/// [`TempFile::keep_as_partial`].
+pub const PARTIAL_PREFIX: &[u8] = b".fleetsync.partial.";
+
+/// A partial file older than this (by its mtime, the time it was last written)
+/// is removed by the next listing of its directory.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The longest file name (`NAME_MAX` on Linux).
+const NAME_MAX: usize = 255;
+
+/// The partial file's name for destination name `n` (deterministic: the same
+/// across restarts and agent versions).
+pub fn partial_name(n: &[u8]) -> Vec<u8> {
+    let mut p = PARTIAL_PREFIX.to_vec();
+    if p.len() + n.len() <= NAME_MAX {
+        p.extend_from_slice(n);
+    } else {
+        let info = fleetsync_engine::Registry::with_builtins()
+            .info("sha256")
+            .expect("sha256 is built in");
+        let mut h = info.instantiate();
+        h.update(n);
+        p.push(b'#');
+        for b in &h.finish().as_bytes()[..16] {
+            p.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+    }
+    p
+}
+
 /// Decides, for a relative path and whether it is a directory, if it is listed.
 pub type Decider<'a> = &'a (dyn Fn(&[u8], bool) -> Decision + Sync);
 
@@ -51,8 +85,52 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Vec<u8>, u64), AgentError>;
 
     /// Starts writing new content for `path` into a temporary file beside it.
-    /// Dropping the result without [`TempFile::commit`] removes the temporary file.
+    /// Dropping the result without [`TempFile::commit`] removes the temporary file;
+    /// [`TempFile::keep_as_partial`] keeps it as the partial of `path` instead.
     fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError>;
+
+    /// Resumes the partial of `path` (see [`PARTIAL_PREFIX`]): it becomes the
+    /// temporary file being written, positioned at its end, so that the rest is
+    /// appended and [`TempFile::commit`] renames the whole over `path`. Returns
+    /// the temp with the bytes it already holds, or `None` when `path` has no
+    /// partial (a partial that is not a regular file is removed and counts as
+    /// none). Until the commit nothing shows under `path`; dropped, the temp is
+    /// removed (a partial that proved bad is gone); cut again, it can be kept as
+    /// the partial once more. To read the prefix (to hash it, say), open it with
+    /// [`Backend::open_partial`] first: the temp is the same file. Default: `None`.
+    fn create_temp_from_partial(&self, _path: &[u8]) -> Result<Option<Resumed>, AgentError> {
+        Ok(None)
+    }
+
+    /// The partial of `path`, opened read-only, with its size; `None` if there
+    /// is none (or it is not a regular file). Paths are checked as for
+    /// [`Backend::open_read`]. Default: `None`.
+    fn open_partial(&self, _path: &[u8]) -> Result<Option<(File, u64)>, AgentError> {
+        Ok(None)
+    }
+
+    /// Removes the partial of `path`, if any (fine if absent, or if its
+    /// directory is). The sync calls this once `path` is synced by other means
+    /// than a commit of a temp of `path` (which removes it itself), so that no
+    /// stale partial is left; [`Backend::delete`] removes it too, and the
+    /// listing removes partials older than [`PARTIAL_MAX_AGE`]. Default: nothing.
+    fn remove_partial(&self, _path: &[u8]) -> Result<(), AgentError> {
+        Ok(())
+    }
+
+    /// Opens the existing regular file `path` read-only, beneath the root with
+    /// the same checks as [`Backend::open_read`], to use as a delta basis
+    /// (positioned reads, `mmap`). Default: unsupported.
+    fn open_basis(&self, path: &[u8]) -> Result<File, AgentError> {
+        Err(AgentError::io(
+            "open basis",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this backend gives no delta basis",
+            ),
+        ))
+    }
 
     /// Creates a directory (fine if it exists; a non-directory in the way is
     /// replaced) and applies `attrs` except the mtime.
@@ -87,6 +165,10 @@ pub trait Backend: Send + Sync {
     fn persist(&self) {}
 }
 
+/// A partial being resumed ([`Backend::create_temp_from_partial`]): the temp,
+/// positioned at its end, and the bytes it already holds.
+pub type Resumed = (Box<dyn TempFile>, u64);
+
 /// What an attribute change did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -97,8 +179,19 @@ pub struct Applied {
 /// New content being written; see [`Backend::create_temp`].
 pub trait TempFile: Write + Send {
     /// Makes the content durable, applies `attrs` and renames it over the
-    /// destination.
+    /// destination (removing the destination's partial, if any).
     fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError>;
+
+    /// The stream was cut mid-file: keeps what was written as the partial of the
+    /// destination (made durable, renamed to its [`partial_name`], replacing an
+    /// older partial) instead of removing it, so that the next sync can resume
+    /// from it ([`Backend::create_temp_from_partial`]) or use it as a delta basis
+    /// ([`Backend::open_partial`]). The destination itself is untouched. Returns
+    /// whether a partial was kept (nothing is kept for an empty temp). Default:
+    /// the temp is removed, nothing kept.
+    fn keep_as_partial(self: Box<Self>) -> Result<bool, AgentError> {
+        Ok(false)
+    }
 }
 
 /// Files on a POSIX file system, beneath one root directory.
@@ -108,6 +201,7 @@ pub struct PosixBackend {
     fsync: bool,
     live_temps: Arc<Mutex<HashSet<Vec<u8>>>>,
     sums: Option<SumCache>,
+    partial_max_age: std::time::Duration,
 }
 
 impl PosixBackend {
@@ -122,7 +216,15 @@ impl PosixBackend {
                 Some(f) => SumCache::open(f),
                 None => SumCache::in_memory(),
             }),
+            partial_max_age: PARTIAL_MAX_AGE,
         })
+    }
+
+    /// How old a partial file may grow before a listing removes it (default
+    /// [`PARTIAL_MAX_AGE`]).
+    pub fn with_partial_max_age(mut self, age: std::time::Duration) -> Self {
+        self.partial_max_age = age;
+        self
     }
 
     /// Whether checksums are cached (default: yes, in `~/.cache/fleetsync`;
@@ -209,6 +311,18 @@ impl PosixBackend {
             }
             return Ok(());
         }
+        if n.starts_with(PARTIAL_PREFIX) {
+            // Kept for the next sync of its path; removed once stale (or if it is
+            // not a regular file: not one of ours).
+            let stale = match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => kind_of(&st) != FileKind::File || self.is_stale(&st),
+                Err(_) => false,
+            };
+            if stale {
+                let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+            }
+            return Ok(());
+        }
         let st = match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(()), // vanished meanwhile
@@ -240,6 +354,49 @@ impl PosixBackend {
             self.walk(sub.as_fd(), rel, decide, sink)?;
         }
         Ok(())
+    }
+
+    /// Whether a partial with this `stat` is older than the limit.
+    fn is_stale(&self, st: &Stat) -> bool {
+        let mtime = std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::new(
+                (st.st_mtime as i64).max(0) as u64,
+                st.st_mtime_nsec as u32,
+            ))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        mtime.elapsed().is_ok_and(|age| age > self.partial_max_age)
+    }
+
+    /// Opens the regular file `n` in `dir` (a partial) for `flags`, never following a
+    /// symlink nor opening a device or FIFO: `None` if absent or not a regular file.
+    fn open_partial_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        n: &[u8],
+        rel: &[u8],
+        flags: OFlags,
+    ) -> Result<Option<(File, u64)>, AgentError> {
+        match self.stat_at(dir, n, rel)? {
+            None => return Ok(None),
+            Some(st) if kind_of(&st) != FileKind::File => return Ok(None),
+            Some(_) => {}
+        }
+        let fd = match rustix::fs::openat(
+            dir,
+            name(n),
+            flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            // Gone, or swapped for a symlink or a FIFO since the stat.
+            Err(Errno::NOENT) | Err(Errno::LOOP) | Err(Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(AgentError::io("open", rel, e)),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| AgentError::io("stat", rel, e))?;
+        if kind_of(&st) != FileKind::File {
+            return Ok(None);
+        }
+        Ok(Some((File::from(fd), st.st_size as u64)))
     }
 
     /// Opens the regular file `path` for reading, with its `fstat`; anything else is an
@@ -497,6 +654,21 @@ fn remove_tree(dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) -> Result<(), AgentErr
     }
 }
 
+/// The parent directory of `path` (checked and resolved as [`Root::parent`] does) with the
+/// final name; `None` if a directory on the way does not exist.
+fn parent_if_exists<'p>(
+    root: &Root,
+    path: &'p [u8],
+) -> Result<Option<(OwnedFd, &'p [u8])>, AgentError> {
+    match root.parent(path) {
+        Ok(x) => Ok(Some(x)),
+        Err(AgentError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Marks a temporary name as in use while it exists, so that a listing
 /// running meanwhile does not take it for a leftover and remove it.
 struct LiveTemp<'a> {
@@ -588,7 +760,39 @@ impl TempFile for PosixTemp {
         }
         self.live.lock().expect("poisoned").remove(&self.tmp_rel);
         self.tmp.clear();
+        // Whatever partial the destination had is stale now.
+        let _ = rustix::fs::unlinkat(
+            &self.parent,
+            name(&partial_name(&self.dest)),
+            AtFlags::empty(),
+        );
         Ok(applied)
+    }
+
+    fn keep_as_partial(mut self: Box<Self>) -> Result<bool, AgentError> {
+        let file = self.file.take().expect("open until commit");
+        let len = file
+            .metadata()
+            .map_err(|e| AgentError::io("stat", &self.tmp_rel, e))?
+            .len();
+        if len == 0 {
+            return Ok(false); // Drop removes the temp file
+        }
+        if self.fsync {
+            file.sync_data()
+                .map_err(|e| AgentError::io("fsync", &self.tmp_rel, e))?;
+        }
+        drop(file);
+        let part = partial_name(&self.dest);
+        rustix::fs::renameat(&self.parent, name(&self.tmp), &self.parent, name(&part))
+            .map_err(|e| AgentError::io("rename", &self.dest_rel, e))?;
+        self.live.lock().expect("poisoned").remove(&self.tmp_rel);
+        self.tmp.clear();
+        if self.fsync {
+            rustix::fs::fsync(&self.parent)
+                .map_err(|e| AgentError::io("fsync", &self.dest_rel, e))?;
+        }
+        Ok(true)
     }
 }
 
@@ -727,6 +931,94 @@ impl Backend for PosixBackend {
         }))
     }
 
+    fn create_temp_from_partial(&self, path: &[u8]) -> Result<Option<Resumed>, AgentError> {
+        let Some((parent, n)) = parent_if_exists(&self.root, path)? else {
+            return Ok(None);
+        };
+        let part = partial_name(n);
+        match self.stat_at(parent.as_fd(), &part, path)? {
+            None => return Ok(None),
+            Some(st) if kind_of(&st) != FileKind::File => {
+                let _ = rustix::fs::unlinkat(&parent, name(&part), AtFlags::empty());
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
+        let (parent_rel, _) = path::split(path);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        // Live before it has the temp name, so that a listing leaves it alone.
+        self.live_temps
+            .lock()
+            .expect("poisoned")
+            .insert(tmp_rel.clone());
+        let mut temp = PosixTemp {
+            file: None,
+            parent,
+            tmp,
+            tmp_rel,
+            dest: n.to_vec(),
+            dest_rel: path.to_vec(),
+            fsync: self.fsync,
+            can_chown: self.can_chown,
+            live: self.live_temps.clone(),
+        };
+        match rustix::fs::renameat(&temp.parent, name(&part), &temp.parent, name(&temp.tmp)) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => {
+                temp.tmp.clear(); // nothing to remove
+                self.live_temps
+                    .lock()
+                    .expect("poisoned")
+                    .remove(&temp.tmp_rel);
+                return Ok(None);
+            }
+            Err(e) => {
+                temp.tmp.clear();
+                self.live_temps
+                    .lock()
+                    .expect("poisoned")
+                    .remove(&temp.tmp_rel);
+                return Err(AgentError::io("rename", path, e));
+            }
+        }
+        // Dropping `temp` from here on removes the file under its temp name.
+        let opened = self.open_partial_at(
+            temp.parent.as_fd(),
+            &temp.tmp.clone(),
+            &temp.tmp_rel.clone(),
+            OFlags::WRONLY,
+        )?;
+        let Some((mut file, len)) = opened else {
+            return Ok(None); // swapped for something else meanwhile: dropped
+        };
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| AgentError::io("seek", path, e))?;
+        temp.file = Some(file);
+        Ok(Some((Box::new(temp), len)))
+    }
+
+    fn open_partial(&self, path: &[u8]) -> Result<Option<(File, u64)>, AgentError> {
+        let Some((parent, n)) = parent_if_exists(&self.root, path)? else {
+            return Ok(None);
+        };
+        self.open_partial_at(parent.as_fd(), &partial_name(n), path, OFlags::RDONLY)
+    }
+
+    fn remove_partial(&self, path: &[u8]) -> Result<(), AgentError> {
+        let Some((parent, n)) = parent_if_exists(&self.root, path)? else {
+            return Ok(());
+        };
+        match rustix::fs::unlinkat(&parent, name(&partial_name(n)), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(AgentError::io("unlink", path, e)),
+        }
+    }
+
+    fn open_basis(&self, path: &[u8]) -> Result<File, AgentError> {
+        Ok(File::from(self.open_regular(path)?.0))
+    }
+
     fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {
         let attrs = Attrs {
             mtime: None,
@@ -756,6 +1048,8 @@ impl Backend for PosixBackend {
 
     fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError> {
         let (parent, n) = self.root.parent(path)?;
+        // A partial of a deleted path is stale.
+        let _ = rustix::fs::unlinkat(&parent, name(&partial_name(n)), AtFlags::empty());
         let Some(st) = self.stat_at(parent.as_fd(), n, path)? else {
             return Ok(());
         };

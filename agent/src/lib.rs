@@ -24,7 +24,10 @@
 //! - **Old or new, never torn**: received files go to `.fleetsync.tmp.*`
 //!   beside their destination, are verified (size and checksum), fsynced and
 //!   renamed; symlinks and hard links are made under a temp name and renamed
-//!   over. Leftovers of a killed agent are removed by the next listing.
+//!   over. Leftovers of a killed agent are removed by the next listing. A
+//!   transfer cut mid-file can keep what arrived as a hidden partial
+//!   (`.fleetsync.partial.<name>`, see [`backend::PARTIAL_PREFIX`]) that the next
+//!   sync resumes; partials are never listed and are removed once stale.
 //! - **Checksums where the data lives**, through `fleetsync_engine`, with a
 //!   ctime-keyed cache ([`sumcache`]) so an unchanged tree is not read again.
 //! - **Self-checks after a sync**: every received file is recorded (size, mtime,
@@ -48,12 +51,14 @@ mod listen;
 pub mod lock;
 mod outgoing;
 pub mod path;
+mod ratelimit;
 mod receive;
 mod records;
 mod send;
 mod session;
 mod stages;
 pub mod sumcache;
+pub mod versions;
 
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
@@ -65,3 +70,4 @@ pub mod transfer {
     pub use crate::codec::Compression;
     pub use crate::ratelimit::parse_rate;
 }
+pub use versions::VersionStore;

@@ -32,3 +32,258 @@ fn fresh_checksum_reads_the_data_even_when_a_digest_is_cached() {
     assert_eq!(b.checksum(b"f", &info, false).unwrap().0, b"bad!");
     assert_eq!(b.checksum(b"f", &info, true).unwrap().0, real);
 }
+
+fn backend(root: &Path) -> PosixBackend {
+    PosixBackend::new(root).unwrap().with_checksum_cache(false)
+}
+
+/// Every path the listing gives.
+fn listed(b: &PosixBackend) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    b.list(&|_, _| Decision::Include, &mut |e| {
+        v.push(e.path);
+        Ok(())
+    })
+    .unwrap();
+    v
+}
+
+/// Names in `dir` (of the real file system) starting with `prefix`.
+fn names_with(dir: &Path, prefix: &[u8]) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.as_bytes().starts_with(prefix))
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+fn read_file(mut f: File) -> Vec<u8> {
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).unwrap();
+    v
+}
+
+fn attrs() -> Attrs {
+    Attrs {
+        mode: Some(0o644),
+        owner: None,
+        mtime: Some((1_600_000_000, 0)),
+    }
+}
+
+#[test]
+fn a_cut_temp_kept_as_partial_gives_its_prefix_back() {
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tree.path().join("d")).unwrap();
+    let b = backend(tree.path());
+    let all = data(300_000);
+    let mut t = b.create_temp(b"d/f").unwrap();
+    t.write_all(&all[..200_000]).unwrap();
+    assert!(t.keep_as_partial().unwrap());
+    let d = tree.path().join("d");
+    assert!(!d.join("f").exists(), "nothing under the real name");
+    assert!(names_with(&d, TEMP_PREFIX).is_empty());
+    assert_eq!(names_with(&d, PARTIAL_PREFIX), [".fleetsync.partial.f"]);
+    let (f, len) = b.open_partial(b"d/f").unwrap().unwrap();
+    assert_eq!(len, 200_000);
+    assert_eq!(read_file(f), &all[..200_000]);
+    // Cut again before anything was written: nothing kept, the old partial stays.
+    let t = b.create_temp(b"d/f").unwrap();
+    assert!(!t.keep_as_partial().unwrap());
+    assert!(names_with(&d, TEMP_PREFIX).is_empty());
+    assert_eq!(b.open_partial(b"d/f").unwrap().unwrap().1, 200_000);
+    b.remove_partial(b"d/f").unwrap();
+    assert!(b.open_partial(b"d/f").unwrap().is_none());
+    b.remove_partial(b"d/f").unwrap(); // absent: fine
+    assert!(b.open_partial(b"nodir/f").unwrap().is_none());
+    b.remove_partial(b"nodir/f").unwrap();
+    assert!(b.create_temp_from_partial(b"d/f").unwrap().is_none());
+}
+
+#[test]
+fn a_temp_from_a_partial_appends_the_rest_and_commits_atomically() {
+    let tree = tempfile::tempdir().unwrap();
+    let b = backend(tree.path());
+    std::fs::write(tree.path().join("f"), b"old version").unwrap();
+    let all = data(1 << 20);
+    let mut t = b.create_temp(b"f").unwrap();
+    t.write_all(&all[..900_000]).unwrap();
+    assert!(t.keep_as_partial().unwrap());
+
+    let (mut t, len) = b.create_temp_from_partial(b"f").unwrap().unwrap();
+    assert_eq!(len, 900_000);
+    t.write_all(&all[900_000..]).unwrap();
+    // In flight: the old version under the real name; the temp neither listed
+    // nor removed by a listing meanwhile; no partial any more.
+    assert_eq!(listed(&b), [&b""[..], b"f"]);
+    assert_eq!(
+        std::fs::read(tree.path().join("f")).unwrap(),
+        b"old version"
+    );
+    assert_eq!(names_with(tree.path(), TEMP_PREFIX).len(), 1);
+    assert!(names_with(tree.path(), PARTIAL_PREFIX).is_empty());
+    t.commit(&attrs()).unwrap();
+    assert_eq!(std::fs::read(tree.path().join("f")).unwrap(), all);
+    let md = std::fs::metadata(tree.path().join("f")).unwrap();
+    assert_eq!((md.mtime(), md.mode() & 0o7777), (1_600_000_000, 0o644));
+    assert!(names_with(tree.path(), TEMP_PREFIX).is_empty());
+    assert!(names_with(tree.path(), PARTIAL_PREFIX).is_empty());
+
+    // A resumed temp dropped (e.g. its checksum failed) takes the partial with it.
+    let mut t = b.create_temp(b"f").unwrap();
+    t.write_all(b"bad prefix").unwrap();
+    t.keep_as_partial().unwrap();
+    let (t, _) = b.create_temp_from_partial(b"f").unwrap().unwrap();
+    drop(t);
+    assert!(names_with(tree.path(), b".fleetsync.").is_empty());
+    assert_eq!(std::fs::read(tree.path().join("f")).unwrap(), all);
+
+    // Cut again while resumed: the partial is kept with all it holds by then.
+    let mut t = b.create_temp(b"f").unwrap();
+    t.write_all(b"abc").unwrap();
+    t.keep_as_partial().unwrap();
+    let (mut t, _) = b.create_temp_from_partial(b"f").unwrap().unwrap();
+    t.write_all(b"def").unwrap();
+    assert!(t.keep_as_partial().unwrap());
+    assert_eq!(
+        read_file(b.open_partial(b"f").unwrap().unwrap().0),
+        b"abcdef"
+    );
+}
+
+#[test]
+fn a_commit_or_a_delete_removes_the_stale_partial() {
+    let tree = tempfile::tempdir().unwrap();
+    let b = backend(tree.path());
+    for p in [&b"a"[..], b"b"] {
+        let mut t = b.create_temp(p).unwrap();
+        t.write_all(b"prefix").unwrap();
+        t.keep_as_partial().unwrap();
+    }
+    let mut t = b.create_temp(b"a").unwrap();
+    t.write_all(b"whole new content").unwrap();
+    t.commit(&attrs()).unwrap();
+    assert!(b.open_partial(b"a").unwrap().is_none());
+    b.delete(b"b", false).unwrap();
+    assert!(b.open_partial(b"b").unwrap().is_none());
+    assert!(names_with(tree.path(), b".fleetsync.").is_empty());
+}
+
+#[test]
+fn the_listing_hides_partials_and_removes_stale_ones() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/x"), b"x").unwrap();
+    std::fs::write(root.join("d/.fleetsync.partial.x"), b"fresh").unwrap();
+    std::fs::write(root.join("d/.fleetsync.partial.y"), b"old").unwrap();
+    std::fs::write(root.join("d/.fleetsync.tmp.0123"), b"leftover").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("d/.fleetsync.partial.z")).unwrap();
+    let eight_days = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86400);
+    File::options()
+        .write(true)
+        .open(root.join("d/.fleetsync.partial.y"))
+        .unwrap()
+        .set_modified(eight_days)
+        .unwrap();
+    let b = backend(root);
+    assert_eq!(listed(&b), [&b""[..], b"d", b"d/x"]);
+    let d = root.join("d");
+    assert_eq!(names_with(&d, b".fleetsync."), [".fleetsync.partial.x"]);
+    // With a shorter limit the fresh one goes too.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let b = backend(root).with_partial_max_age(std::time::Duration::from_millis(10));
+    assert_eq!(listed(&b), [&b""[..], b"d", b"d/x"]);
+    assert!(names_with(&d, b".fleetsync.").is_empty());
+}
+
+#[test]
+fn a_long_name_gets_a_hashed_partial_name() {
+    let tree = tempfile::tempdir().unwrap();
+    let b = backend(tree.path());
+    let long = vec![b'n'; 250];
+    let part = partial_name(&long);
+    assert!(
+        part.len() <= 255 && part.starts_with(PARTIAL_PREFIX),
+        "{}",
+        part.len()
+    );
+    assert_eq!(part, partial_name(&long), "deterministic");
+    assert_ne!(part, partial_name(&[b'n'; 251]));
+    assert_eq!(partial_name(b"short"), b".fleetsync.partial.short");
+    let mut t = b.create_temp(&long).unwrap();
+    t.write_all(b"some").unwrap();
+    assert!(t.keep_as_partial().unwrap());
+    assert_eq!(b.open_partial(&long).unwrap().unwrap().1, 4);
+    assert!(listed(&b).len() == 1, "only the root");
+    let (mut t, 4) = b.create_temp_from_partial(&long).unwrap().unwrap() else {
+        panic!("wrong length");
+    };
+    t.write_all(b"more").unwrap();
+    t.commit(&attrs()).unwrap();
+    assert_eq!(
+        std::fs::read(tree.path().join(std::str::from_utf8(&long).unwrap())).unwrap(),
+        b"somemore"
+    );
+}
+
+#[test]
+fn partials_and_bases_are_refused_outside_the_root() {
+    let tree = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    std::fs::create_dir(root.join("real")).unwrap();
+    std::fs::write(root.join("real/f"), b"basis").unwrap();
+    std::fs::write(root.join("real/.fleetsync.partial.f"), b"part").unwrap();
+    std::os::unix::fs::symlink(root.join("real"), root.join("link")).unwrap();
+    std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+    std::fs::write(outside.path().join(".fleetsync.partial.secret"), b"secret").unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
+    // The partial itself a symlink to a file outside.
+    std::os::unix::fs::symlink(
+        outside.path().join("secret"),
+        root.join("real/.fleetsync.partial.g"),
+    )
+    .unwrap();
+    let b = backend(root);
+    let refused = |r: Result<(), AgentError>, what: &str| match r {
+        Err(AgentError::UnsafePath { .. }) => {}
+        other => panic!("{what}: {other:?}"),
+    };
+    for p in [
+        &b"../x"[..],
+        b"real/../f",
+        b"/etc/passwd",
+        b"link/f",
+        b"out/secret",
+    ] {
+        let what = String::from_utf8_lossy(p).into_owned();
+        refused(b.open_partial(p).map(|_| ()), &what);
+        refused(b.create_temp_from_partial(p).map(|_| ()), &what);
+        refused(b.remove_partial(p), &what);
+        refused(b.open_basis(p).map(|_| ()), &what);
+    }
+    assert!(outside.path().join(".fleetsync.partial.secret").exists());
+    assert!(root.join("real/.fleetsync.partial.f").exists());
+    // A symlinked partial is not followed: no partial (and removed), target untouched.
+    assert!(b.open_partial(b"real/g").unwrap().is_none());
+    assert!(b.create_temp_from_partial(b"real/g").unwrap().is_none());
+    assert!(!root.join("real/.fleetsync.partial.g").exists());
+    assert_eq!(
+        std::fs::read(outside.path().join("secret")).unwrap(),
+        b"secret"
+    );
+    // A basis must be a regular file, not a symlink to one.
+    std::os::unix::fs::symlink("f", root.join("real/sl")).unwrap();
+    assert!(b.open_basis(b"real/sl").is_err());
+    assert!(b.open_basis(b"real").is_err(), "a directory is no basis");
+    assert_eq!(read_file(b.open_basis(b"real/f").unwrap()), b"basis");
+}
