@@ -1,0 +1,10 @@
+//! The coding layer of the agent-to-agent file stream (issue 11): pure transformations of
+//! bytes, no sockets and no files of the tree. The stream code decides what to use per file.
+//!
+//! - [`chunk`]: each `fileChunk` as one independent zstd frame, with incompressible data sent
+//!   as is and, in `auto` mode, a level adapted to where the time goes (link or CPU).
+
+pub(crate) mod chunk;
+
+#[cfg(test)]
+mod tests;
