@@ -3,8 +3,11 @@
 //!
 //! - [`chunk`]: each `fileChunk` as one independent zstd frame, with incompressible data sent
 //!   as is and, in `auto` mode, a level adapted to where the time goes (link or CPU).
+//! - [`patch`]: the sender holds the old and the new version: one zstd frame with the old
+//!   version as reference prefix and long-distance matching (as `zstd --patch-from`).
 
 pub(crate) mod chunk;
+pub(crate) mod patch;
 
 #[cfg(test)]
 mod tests;
