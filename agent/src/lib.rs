@@ -43,6 +43,9 @@ mod bases;
 mod blocks;
 mod check;
 mod checksum;
+// The stream code wires it in next (issue 11); until then only its tests use it.
+#[allow(dead_code)]
+mod codec;
 pub mod consistency;
 mod error;
 pub mod journal;

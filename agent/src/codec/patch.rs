@@ -1,0 +1,243 @@
+//! Patch deltas, for a sender that holds both versions of a file: the new version as one zstd
+//! frame compressed with the old version (the *basis*) as reference prefix and long-distance
+//! matching on, with a window that covers basis and new file — what `zstd --patch-from=OLD
+//! NEW --long` does, and readable by `zstd -d --patch-from=OLD --long=N`.
+//!
+//! The frame carries its content size and a checksum, so a corrupted or truncated patch is an
+//! error at the latest when the frame ends (and the file's digest is checked after that).
+//!
+//! Memory: the encoder holds both versions (the caller's slices) plus zstd's tables; the
+//! decoder maps the basis and keeps a window of up to the new file's size (zstd keeps the
+//! output it may still copy from). Both are bounded by [`PATCH_MAX`]: above it the caller
+//! sends the file another way.
+
+use std::fs::File;
+use std::io;
+
+use memmap2::Mmap;
+use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
+
+/// Largest basis + new file a patch is made for (1 GiB): its window log (30) is what a
+/// decoder accepts, and it bounds the decoder's memory.
+pub(crate) const PATCH_MAX: u64 = 1 << 30;
+/// zstd's smallest window log.
+const MIN_WINDOW_LOG: u32 = 10;
+/// The largest window log a [`PatchDecoder`] accepts, that of [`PATCH_MAX`].
+const MAX_WINDOW_LOG: u32 = 30;
+/// Output buffer of the decoder: decoded data is handed out in pieces of at most this size.
+const OUT_PIECE: usize = 1 << 20;
+
+/// Window log covering `total` bytes (basis + new), or `None` above [`PATCH_MAX`].
+fn window_log(total: u64) -> Option<u32> {
+    if total > PATCH_MAX {
+        return None;
+    }
+    let log = u64::BITS - total.saturating_sub(1).leading_zeros();
+    Some(log.clamp(MIN_WINDOW_LOG, MAX_WINDOW_LOG))
+}
+
+/// Whether a patch is made for a basis of `basis_len` and a new file of `new_len` bytes
+/// (together at most [`PATCH_MAX`]); the caller checks before reading both into memory.
+pub(crate) fn patch_fits(basis_len: u64, new_len: u64) -> bool {
+    basis_len
+        .checked_add(new_len)
+        .is_some_and(|total| total <= PATCH_MAX)
+}
+
+fn zstd_error(what: &str, code: zstd_safe::ErrorCode) -> io::Error {
+    io::Error::other(format!("{what}: {}", zstd_safe::get_error_name(code)))
+}
+
+/// The patch that turns `basis` into `new`, at zstd `level` (3 is zstd's default; the patch
+/// size depends far more on the long-distance matches than on the level). Whole patch in
+/// memory (patches are small and cached for several remotes). Basis and new together above
+/// [`PATCH_MAX`] are refused (`InvalidInput`).
+pub(crate) fn patch_encode(basis: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    let too_big = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "no patch for a basis of {} and a file of {} bytes: together over the {} \
+                 bytes a patch covers",
+                basis.len(),
+                new.len(),
+                PATCH_MAX
+            ),
+        )
+    };
+    if !patch_fits(basis.len() as u64, new.len() as u64) {
+        return Err(too_big());
+    }
+    let log = window_log(basis.len() as u64 + new.len() as u64).ok_or_else(too_big)?;
+    let mut cctx = CCtx::try_create().ok_or_else(|| io::Error::other("zstd: out of memory"))?;
+    for p in [
+        CParameter::CompressionLevel(level),
+        CParameter::WindowLog(log),
+        CParameter::EnableLongDistanceMatching(true),
+        CParameter::ChecksumFlag(true),
+        CParameter::ContentSizeFlag(true),
+    ] {
+        cctx.set_parameter(p)
+            .map_err(|c| zstd_error("zstd parameter", c))?;
+    }
+    cctx.ref_prefix(basis)
+        .map_err(|c| zstd_error("zstd basis", c))?;
+    let mut out = Vec::with_capacity(zstd_safe::compress_bound(new.len()));
+    cctx.compress2(&mut out, new)
+        .map_err(|c| zstd_error("zstd patch", c))?;
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// The old version a patch applies to: mapped from its file, or in memory.
+enum Basis {
+    Mapped(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl Basis {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Bytes(b) => b,
+        }
+    }
+}
+
+/// Where a [`PatchDecoder`] is.
+enum State {
+    /// Within the frame.
+    Running,
+    /// The frame ended, checksum verified.
+    Done,
+    /// Failed; every later call answers this.
+    Failed(String),
+}
+
+/// Streaming applier of a patch from [`patch_encode`] (or `zstd --patch-from`): takes the
+/// patch in pieces of any size and hands the new file out as it is decoded.
+pub(crate) struct PatchDecoder {
+    // `dctx` refers to `basis`'s bytes (under a 'static lifetime, see `with_basis`); fields
+    // drop in declaration order, so it goes before them.
+    dctx: DCtx<'static>,
+    out: Vec<u8>,
+    state: State,
+    basis: Basis,
+}
+
+impl PatchDecoder {
+    /// A decoder for patches against the contents of `basis` (mapped into memory, not
+    /// read). The file must not be truncated while the decoder lives (reading a mapped page
+    /// past the end of a file raises `SIGBUS`); changes of its bytes give a wrong file,
+    /// caught by the frame's checksum.
+    pub(crate) fn new(basis: File) -> io::Result<Self> {
+        let len = basis.metadata()?.len();
+        if len == 0 {
+            return Self::with_basis(Basis::Bytes(Vec::new()));
+        }
+        if len > PATCH_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("basis of {len} bytes: over the {PATCH_MAX} bytes a patch covers"),
+            ));
+        }
+        // SAFETY: the mapping is only read, through `Basis::as_slice`, while the decoder
+        // lives. Another process writing to the file changes what is read (a wrong output
+        // that the frame checksum and the file digest reject); truncating it is the
+        // documented hazard of `new` (SIGBUS), as for every reader of a mapped file.
+        let map = unsafe { Mmap::map(&basis)? };
+        Self::with_basis(Basis::Mapped(map))
+    }
+
+    /// A decoder for patches against `basis` held in memory.
+    pub(crate) fn from_bytes(basis: Vec<u8>) -> io::Result<Self> {
+        Self::with_basis(Basis::Bytes(basis))
+    }
+
+    fn with_basis(basis: Basis) -> io::Result<Self> {
+        let bytes = basis.as_slice();
+        // SAFETY: the slice points into the mapping or the vector's heap buffer, neither of
+        // which moves when `basis` is moved into `Self`, nor changes or is freed before
+        // `dctx` is dropped: `basis` is never modified or replaced, and `dctx` is declared
+        // (so dropped) before it. The 'static lifetime never leaves this type.
+        let prefix: &'static [u8] =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
+        let mut dctx = DCtx::try_create().ok_or_else(|| io::Error::other("zstd: out of memory"))?;
+        dctx.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))
+            .map_err(|c| zstd_error("zstd parameter", c))?;
+        dctx.ref_prefix(prefix)
+            .map_err(|c| zstd_error("zstd basis", c))?;
+        Ok(Self {
+            dctx,
+            out: vec![0; OUT_PIECE],
+            state: State::Running,
+            basis,
+        })
+    }
+
+    /// Takes the next piece of the patch (any split); hands what it decodes to `out`, in
+    /// pieces of at most 1 MiB. An error (corrupt patch, data after its end, `out` failing)
+    /// names what went wrong and ends the decoding.
+    pub(crate) fn feed(
+        &mut self,
+        data: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), String> {
+        match &self.state {
+            State::Running => {}
+            State::Failed(e) => return Err(e.clone()),
+            State::Done if data.is_empty() => return Ok(()),
+            State::Done => {
+                return self.fail(format!("{} bytes after the end of the patch", data.len()))
+            }
+        }
+        let mut input = InBuffer::around(data);
+        loop {
+            let mut output = OutBuffer::around(&mut self.out[..]);
+            let res = self.dctx.decompress_stream(&mut output, &mut input);
+            let n = output.pos();
+            let hint = match res {
+                Ok(h) => h,
+                Err(c) => {
+                    return self.fail(format!("corrupt patch: {}", zstd_safe::get_error_name(c)))
+                }
+            };
+            if n > 0 {
+                if let Err(e) = out(&self.out[..n]) {
+                    return self.fail(format!("writing the patched file: {e}"));
+                }
+            }
+            if hint == 0 {
+                self.state = State::Done;
+                let rest = data.len() - input.pos();
+                if rest > 0 {
+                    return self.fail(format!("{rest} bytes after the end of the patch"));
+                }
+                return Ok(());
+            }
+            if input.pos() == data.len() && n < self.out.len() {
+                // All taken, nothing held back: more patch needed.
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail(&mut self, why: String) -> Result<(), String> {
+        self.state = State::Failed(why.clone());
+        Err(why)
+    }
+
+    /// The patch ended: an error if its frame was not complete (truncated) or had failed.
+    pub(crate) fn finish(self) -> Result<(), String> {
+        match self.state {
+            State::Done => Ok(()),
+            State::Failed(e) => Err(e),
+            State::Running => Err("patch truncated: it ended within its zstd frame".to_owned()),
+        }
+    }
+
+    /// Size of the basis the decoder applies patches to.
+    pub(crate) fn basis_len(&self) -> usize {
+        self.basis.as_slice().len()
+    }
+}
