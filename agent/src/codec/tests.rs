@@ -513,3 +513,292 @@ fn patch_is_refused_above_its_limit() {
     let e = patch_encode(&half, &half, 3).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
 }
+
+// ---- delta (rsync-style, librsync format) ----
+
+/// The signature of `old` as a remote makes it, from a file.
+fn signature_of(dir: &tempfile::TempDir, old: &[u8]) -> (std::path::PathBuf, Vec<u8>) {
+    let p = temp_file(dir, "basis", old);
+    let mut f = std::fs::File::open(&p).unwrap();
+    let sig = super::delta::signature(&mut f, old.len() as u64).unwrap();
+    (p, sig)
+}
+
+/// The delta from `sig` to `new`, checking that it comes in pieces of at most 1 MiB.
+fn delta_of(sig: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut delta = Vec::new();
+    let n = super::delta::delta_encode(sig, new, &mut |d| {
+        assert!(!d.is_empty() && d.len() <= 1 << 20, "piece of {}", d.len());
+        delta.extend_from_slice(d);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, delta.len() as u64);
+    delta
+}
+
+/// Applies `delta` to the basis at `basis`, fed in pieces of `split` bytes.
+fn apply_delta(basis: &std::path::Path, delta: &[u8], split: usize) -> Result<Vec<u8>, String> {
+    let mut a = super::delta::DeltaApplier::new(std::fs::File::open(basis).unwrap());
+    let mut back = Vec::new();
+    for piece in delta.chunks(split) {
+        a.feed(piece, &mut |d| {
+            assert!(d.len() <= 1 << 20);
+            back.extend_from_slice(d);
+            Ok(())
+        })?;
+    }
+    a.finish()?;
+    Ok(back)
+}
+
+/// Round trip of `old` → `new` through signature, delta and our applier in several splits,
+/// checked against `fast_rsync::apply` on the same delta; the delta's size.
+fn delta_round_trip(old: &[u8], new: &[u8]) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let (basis, sig) = signature_of(&dir, old);
+    let delta = delta_of(&sig, new);
+    let mut reference = Vec::new();
+    fast_rsync::apply(old, &delta, &mut reference).unwrap();
+    assert!(
+        reference == new,
+        "fast_rsync::apply does not give the new file"
+    );
+    for split in [1, 4096, 1 << 20] {
+        if split == 1 && delta.len() > 4 << 20 {
+            continue;
+        }
+        let back = apply_delta(&basis, &delta, split).unwrap();
+        assert!(back == new, "our applier, split {split}");
+    }
+    delta.len()
+}
+
+#[test]
+fn delta_round_trips_edits() {
+    let (old, new) = old_and_new();
+    let n = delta_round_trip(&old, &new);
+    eprintln!("delta: {n} bytes for a file of {}", new.len());
+    // The edits touch about 20 blocks (of 3.2 kB here) and add 55 kB.
+    assert!(n < 200_000, "delta of {n} bytes");
+    // Insertions, deletions and an appended tail, one at a time.
+    let base = text(2 << 20, 40);
+    let mut inserted = base.clone();
+    inserted.splice(1_000_000..1_000_000, Rng(41).bytes(10_000));
+    let mut deleted = base.clone();
+    deleted.drain(500_000..600_000);
+    let mut appended = base.clone();
+    appended.extend(text(300_000, 42));
+    for (what, new) in [
+        ("insert", inserted),
+        ("delete", deleted),
+        ("append", appended),
+    ] {
+        let n = delta_round_trip(&base, &new);
+        eprintln!("{what}: delta {n} bytes");
+        assert!(n < 320_000, "{what}: delta of {n} bytes");
+    }
+}
+
+#[test]
+fn delta_of_identical_files_is_tiny_and_from_empty_is_the_file() {
+    let data = text(5 << 20 | 123, 43);
+    let n = delta_round_trip(&data, &data);
+    // One merged copy, and the tail shorter than a block (2.3 kB here) as a literal.
+    assert!(n < 3000, "delta of {n} bytes");
+    let m = delta_round_trip(&[], &data);
+    assert!(m >= data.len() && m < data.len() + 100, "{m}");
+    assert!(delta_round_trip(&data, &[]) < 10);
+    assert!(delta_round_trip(&[], &[]) < 10);
+    assert!(delta_round_trip(b"short", b"other") < 20);
+}
+
+#[test]
+fn delta_resumes_a_file_cut_at_90_percent() {
+    let mut full = text(16 << 20, 44);
+    full.extend(Rng(45).bytes(4 << 20));
+    let cut = full.len() * 9 / 10;
+    let n = delta_round_trip(&full[..cut], &full);
+    let tenth = full.len() - cut;
+    eprintln!(
+        "resume: delta {n} bytes for the last {tenth} of {}",
+        full.len()
+    );
+    // The missing tenth, plus the basis's last (partial) block and the commands.
+    assert!(n >= tenth && n < tenth + 16_000, "delta of {n} bytes");
+}
+
+#[test]
+fn delta_signature_matches_fast_rsync_on_the_whole_buffer() {
+    // Read in pieces, the signature is the one of the whole buffer.
+    for size in [0usize, 1, 511, 512, 100_000, (9 << 20) + 17] {
+        let data = text(size, 46);
+        let sig = super::delta::signature(&mut &data[..], size as u64).unwrap();
+        let block = u32::from_be_bytes(sig[4..8].try_into().unwrap());
+        let whole = fast_rsync::Signature::calculate(
+            &data,
+            fast_rsync::SignatureOptions {
+                block_size: block,
+                crypto_hash_size: 8,
+            },
+        );
+        assert!(sig == whole.serialized(), "size {size}");
+        assert!((512..=128 << 10).contains(&block), "{block}");
+    }
+    // Block about the square root of the size: 2 GiB → 46 kB blocks, 0.5 MB signature.
+    let sig_len = |size: u64| {
+        let block = (size as f64).sqrt() as u64;
+        12 + size.div_ceil(block) * 12
+    };
+    assert!(sig_len(2 << 30) < 600_000);
+    // A basis shorter than announced is an error.
+    assert!(super::delta::signature(&mut &b"abc"[..], 4).is_err());
+}
+
+#[test]
+fn delta_malformed_signature_is_an_error_naming_it() {
+    let good = super::delta::signature(&mut &text(10_000, 47)[..], 10_000).unwrap();
+    let mut wrong_magic = good.clone();
+    wrong_magic[3] ^= 1;
+    let mut zero_block = good.clone();
+    zero_block[4..8].copy_from_slice(&0u32.to_be_bytes());
+    let mut huge_hash = good.clone();
+    huge_hash[8..12].copy_from_slice(&17u32.to_be_bytes());
+    for bad in [
+        &good[..5],
+        &good[..good.len() - 1],
+        &wrong_magic,
+        &zero_block,
+        &huge_hash,
+        &[][..],
+    ] {
+        let e = super::delta::delta_encode(bad, b"data", &mut |_| Ok(())).unwrap_err();
+        assert!(e.contains("malformed delta signature"), "{e}");
+    }
+    let e = super::delta::delta_encode(&good, b"data", &mut |_| {
+        Err(std::io::Error::other("link down"))
+    })
+    .unwrap_err();
+    assert!(e.contains("link down"), "{e}");
+}
+
+#[test]
+fn delta_malformed_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = text(100_000, 48);
+    let (basis, sig) = signature_of(&dir, &old);
+    let mut new = old.clone();
+    new.splice(50_000..50_000, *b"inserted");
+    let good = delta_of(&sig, &new);
+    let magic = &good[..4];
+    let with = |body: &[u8]| [magic, body].concat();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("wrong magic", [b"rs\x01\x36", &good[4..]].concat()),
+        ("unknown command", with(&[0x55, 0])),
+        // Copy (1-byte offset, 4-byte length) reaching past the end of the basis.
+        ("copy beyond", with(&[0x47, 10, 0, 1, 0x86, 0xa0, 0])),
+        ("copy of nothing", with(&[0x45, 0, 0, 0])),
+        ("truncated literal", with(&[0x05, b'a', b'b'])),
+        ("truncated params", with(&[0x46, 0])),
+        ("no end", with(&[0x02, b'o', b'k'])),
+        ("trailing", [&good[..], b"x"].concat()),
+        ("truncated", good[..good.len() - 1].to_vec()),
+        ("empty", Vec::new()),
+    ];
+    for (what, delta) in cases {
+        for split in [1, 1 << 20] {
+            let e = apply_delta(&basis, &delta, split).unwrap_err();
+            assert!(!e.is_empty(), "{what}");
+        }
+        // fast_rsync agrees that these are invalid.
+        let mut sink = Vec::new();
+        assert!(
+            fast_rsync::apply(&old, &delta, &mut sink).is_err(),
+            "{what}"
+        );
+    }
+    // The largest copy that fits is fine: the whole basis (8-byte offset and length).
+    let mut whole = with(&[0x54]);
+    whole.extend(0u64.to_be_bytes());
+    whole.extend((old.len() as u64).to_be_bytes());
+    whole.push(0);
+    assert!(apply_delta(&basis, &whole, 3).unwrap() == old);
+}
+
+/// librsync's own tool applies our delta, and our applier applies its delta made from our
+/// signature. Needs `rdiff` (Debian package rdiff).
+#[test]
+#[ignore = "needs rdiff (apt-get install rdiff)"]
+fn rdiff_applies_our_delta_and_we_apply_its() {
+    let (old, new) = old_and_new();
+    let dir = tempfile::tempdir().unwrap();
+    let (basis, sig) = signature_of(&dir, &old);
+    let delta = delta_of(&sig, &new);
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    std::fs::write(path("delta"), &delta).unwrap();
+    std::fs::write(path("sig"), &sig).unwrap();
+    std::fs::write(path("new"), &new).unwrap();
+    let run = |args: &[&str]| {
+        let s = Command::new("rdiff").args(args).status().expect("rdiff");
+        assert!(s.success(), "rdiff {args:?}");
+    };
+    run(&[
+        "patch",
+        basis.to_str().unwrap(),
+        &path("delta"),
+        &path("out"),
+    ]);
+    assert!(std::fs::read(path("out")).unwrap() == new, "rdiff patch");
+    run(&["delta", &path("sig"), &path("new"), &path("theirs")]);
+    let theirs = std::fs::read(path("theirs")).unwrap();
+    eprintln!(
+        "delta: ours {} bytes, rdiff's {} bytes",
+        delta.len(),
+        theirs.len()
+    );
+    assert!(
+        apply_delta(&basis, &theirs, 4096).unwrap() == new,
+        "our applier"
+    );
+}
+
+/// Not a test of behaviour: prints signature, diff and apply speeds on 64 MiB
+/// (`--release -- --ignored --nocapture`: `fast_rsync::diff` is generic, so it is compiled
+/// with this crate's optimisation level, none in a debug build).
+#[test]
+#[ignore]
+fn measure_delta_speed() {
+    let mut old = text(48 << 20, 50);
+    old.extend(Rng(51).bytes(16 << 20));
+    let mut edited = old.clone();
+    for i in 0..64 {
+        edited.splice(i << 20..(i << 20) + 100, Rng(52 + i as u64).bytes(150));
+    }
+    let unrelated = Rng(60).bytes(64 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let (basis, sig) = signature_of(&dir, &old);
+    let mb = |n: usize, t: Instant| n as f64 / t.elapsed().as_secs_f64() / 1e6;
+    eprintln!(
+        "signature: {:.0} MB/s, {} bytes",
+        mb(old.len(), t),
+        sig.len()
+    );
+    for (what, new) in [
+        ("identical", &old),
+        ("edited", &edited),
+        ("unrelated", &unrelated),
+    ] {
+        let t = Instant::now();
+        let delta = delta_of(&sig, new);
+        let diff = mb(new.len(), t);
+        let t = Instant::now();
+        let back = apply_delta(&basis, &delta, 1 << 20).unwrap();
+        let apply = mb(new.len(), t);
+        assert!(back == *new);
+        eprintln!(
+            "{what}: diff {diff:.0} MB/s, delta {} bytes, apply {apply:.0} MB/s",
+            delta.len()
+        );
+    }
+}
