@@ -137,12 +137,16 @@ fn regression_sigkill_mid_transfer_keeps_the_old_file_and_the_next_run_cleans_up
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
             stage: String::new(),
+            coding: Default::default(),
+            basis: Vec::new(),
+            basis_size: 0,
         },
     );
     send(
         &mut w,
         &Msg::FileChunk {
             data: vec![b'n'; 1 << 20],
+            zstd: false,
         },
     );
     // Wait until the temp file holds data, then kill the agent mid-file.

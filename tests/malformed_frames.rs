@@ -148,7 +148,10 @@ fn malformed_frames_close_one_connection_and_agent_and_server_keep_serving() {
     );
 
     // Well-formed messages the peer has no business sending.
-    let chunk = Msg::FileChunk { data: vec![1; 10] };
+    let chunk = Msg::FileChunk {
+        data: vec![1; 10],
+        zstd: false,
+    };
     let mut s = TcpStream::connect(&remote_addr).unwrap();
     auth::connect(&mut s, Some(TOKEN), Role::Agent).unwrap();
     send(&mut s, &chunk);

@@ -143,6 +143,8 @@ fn serve_agent(stream: TcpStream, empty: bool) {
                         message: String::new(),
                         bytes: 0,
                         digest: Vec::new(),
+                        wire_bytes: 0,
+                        coding: String::new(),
                     })
                     .collect();
                 send(

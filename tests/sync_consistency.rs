@@ -265,7 +265,7 @@ fn a_normal_sync_is_checked_once_and_matches_rsync() {
     assert_eq!(out.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("sent 1 files (4 bytes), 0 deleted, ")
+        stderr.contains("sent 1 files (4 bytes, 4 on the wire), 0 deleted, ")
             && stderr.contains(" other changes, 1 consistency round(s)"),
         "{stderr}"
     );

@@ -156,6 +156,9 @@ fn main() {
             paths: files.clone(),
             lock_timeout_ms: None,
             stage: String::new(),
+            transfer: Default::default(),
+            bases: Vec::new(),
+            sizes: Vec::new(),
         });
     }
     let mut left = remotes.len();

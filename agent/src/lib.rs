@@ -70,7 +70,7 @@ pub use listen::{Agent, AgentHandle};
 /// How file data travels between agents: the values of `--compress` and of the bandwidth
 /// limits, as the command line and configuration give them.
 pub mod transfer {
-    pub use crate::codec::Compression;
+    pub use crate::codec::chunk::Compression;
     pub use crate::ratelimit::parse_rate;
 }
 pub use versions::VersionStore;

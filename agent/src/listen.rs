@@ -15,10 +15,10 @@ use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
 use crate::ratelimit::RateLimiter;
-use crate::versions::VersionStore;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
 use crate::session::{flush, send, send_flush, Shared, SharedWriter};
+use crate::versions::VersionStore;
 use crate::{apply, blocks, check, checksum, list, receive, AgentError, PosixBackend};
 
 /// How long a peer may take to authenticate.

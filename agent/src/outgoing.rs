@@ -25,7 +25,8 @@ use capnp::message::{Builder, HeapAllocator};
 use fleetsync_engine::{Algorithm, AlgorithmInfo, AlignedBuf};
 use fleetsync_proto::{encode_file_chunk, frame, BasisFound, Coding, FileEntry, Msg};
 
-use crate::codec::{delta, patch, ChunkCoder};
+use crate::codec::chunk::ChunkCoder;
+use crate::codec::{delta, patch};
 use crate::ratelimit::RateLimiter;
 use crate::session::Shared;
 

@@ -86,6 +86,7 @@ impl RateLimiter {
     }
 
     /// The rate in bytes per second (0: unlimited).
+    #[cfg(test)]
     pub(crate) fn rate(&self) -> u64 {
         self.state.lock().expect("poisoned").rate
     }
@@ -129,7 +130,7 @@ impl RateLimiter {
 ///
 /// A lowercase `b` alone (`10mb`, `10Mbps`) is refused as ambiguous: write
 /// `mbit` for bits or `MB` for bytes.
-pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
+pub fn parse_rate(s: &str) -> Result<u64, String> {
     let bad = |why: &str| format!("bad rate {s:?}: {why}");
     let t = s.trim();
     let t = t.strip_suffix("/s").unwrap_or(t).trim_end();

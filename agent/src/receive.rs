@@ -21,7 +21,9 @@ use fleetsync_proto::{
 use tracing::{debug, warn};
 
 use crate::backend::TempFile;
-use crate::codec::{ChunkDecoder, DeltaApplier, PatchDecoder};
+use crate::codec::chunk::ChunkDecoder;
+use crate::codec::delta::DeltaApplier;
+use crate::codec::patch::PatchDecoder;
 use crate::error::show;
 use crate::lock::{lock_beneath, LockKind};
 use crate::records::ConsistState;
@@ -396,11 +398,12 @@ impl Incoming {
             && self.sink.received >= KEEP_PARTIAL_FROM;
         if let (true, Some(t)) = (worth, self.sink.temp) {
             match t.keep_as_partial() {
-                Ok(()) => debug!(
+                Ok(true) => debug!(
                     "kept {} bytes of {} for the next sync",
                     self.sink.received,
                     show(&self.entry.path)
                 ),
+                Ok(false) => {}
                 Err(e) => debug!("partial file of {}: {e}", show(&self.entry.path)),
             }
         }
@@ -617,7 +620,7 @@ impl Committer {
     }
 
     /// Counts and reports (unflushed) a file that failed before its commit.
-    /// With `retry`, the master sends the file again whole and its result then counts.
+    /// With `retry`, the master may send the file again whole.
     fn report_failure(
         &self,
         w: &SharedWriter,
@@ -628,9 +631,8 @@ impl Committer {
         let mut r = failed(path, why);
         if retry {
             r.coding = RETRY.to_owned();
-        } else {
-            self.state.lock().expect("poisoned").done.failed += 1;
         }
+        self.state.lock().expect("poisoned").done.failed += 1;
         send(
             w,
             &Msg::ItemResults {

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use fleetsync_engine::{AlgorithmInfo, AlignedBuf};
 use fleetsync_proto::{
     auth, frame, BasisFound, BasisItem, Coding, Done, FileEntry, ItemResult, Msg, Outcome,
-    Progress, ProtoError, Role, TransferOptions, Version,
+    Progress, Role, TransferOptions, Version,
 };
 use tracing::{debug, warn};
 
-use crate::codec::{ChunkCoder, Compression};
+use crate::codec::chunk::{ChunkCoder, Compression};
 use crate::lock::{lock_beneath, FileLock, LockKind};
 use crate::outgoing::{self, Route, SendError, Start, Wire, DELTA_MAX, DELTA_MIN};
 use crate::ratelimit::RateLimiter;
@@ -82,6 +82,11 @@ impl SendOrder {
                 return self.fail_all(server, why);
             }
         };
+        // Over loopback the bytes never meet a link: compressing only costs CPU.
+        let compression = match (compression, remote.peer_addr()) {
+            (Compression::Auto, Ok(a)) if a.ip().is_loopback() => Compression::Off,
+            (c, _) => c,
+        };
         let (bases_tx, bases_rx) = channel();
         let relay = Relay::start(&remote, server, bases_tx)?;
         let mut limits = vec![shared.master_limit.clone()];
@@ -96,11 +101,11 @@ impl SendOrder {
             info,
             buf: AlignedBuf::new(frame::MAX_CHUNK),
             order: self,
-            bases: bases_rx,
             relay: relay.state.clone(),
         };
         let mut local = LocalFailures::default();
-        let mut stream_error = self.stream_all(server, shared, &mut stream, &mut local)?;
+        let mut stream_error =
+            self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;
         if stream_error.is_none() {
             stream_error = stream.end().err();
         }
@@ -190,6 +195,7 @@ impl SendOrder {
         server: &SharedWriter,
         shared: &Shared,
         stream: &mut FileStream<'_>,
+        bases: &Receiver<BasisFound>,
         local: &mut LocalFailures,
     ) -> Result<Option<String>, AgentError> {
         let mut progress = ProgressReport {
@@ -225,7 +231,7 @@ impl SendOrder {
                     .enumerate()
                     .map(|(q, &i)| (i, Some(q as u32))),
             );
-        let mut answers = Answers::new(&stream.bases);
+        let mut answers = Answers::new(bases);
         for (i, q) in order {
             let p = &self.paths[i];
             let found = q.and_then(|q| answers.get(q)).map(|mut f| {
@@ -478,8 +484,6 @@ struct FileStream<'o> {
     /// slower (see the engine's `AlignedBuf`).
     buf: AlignedBuf,
     order: &'o SendOrder,
-    /// The remote's answers to the basis query.
-    bases: Receiver<BasisFound>,
     relay: Arc<RelayShared>,
 }
 

@@ -151,9 +151,13 @@ fn received_file_under_a_symlinked_directory_is_refused() {
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
             stage: String::new(),
+            coding: Default::default(),
+            basis: Vec::new(),
+            basis_size: 0,
         });
         c.send(&Msg::FileChunk {
             data: data.to_vec(),
+            zstd: false,
         });
         c.send(&Msg::FileEnd {
             size: 4,

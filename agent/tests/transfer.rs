@@ -108,9 +108,13 @@ fn atomic_write_leaves_old_content_when_the_stream_is_cut_mid_file() {
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
             stage: String::new(),
+            coding: Default::default(),
+            basis: Vec::new(),
+            basis_size: 0,
         });
         c.send(&Msg::FileChunk {
             data: vec![b'x'; 1_000_000],
+            zstd: false,
         });
         // Connection dropped here, mid-file.
     }
@@ -137,9 +141,13 @@ fn checksum_or_size_mismatch_never_replaces_the_old_file() {
             algorithm: "crc32".into(),
             lock_timeout_ms: None,
             stage: String::new(),
+            coding: Default::default(),
+            basis: Vec::new(),
+            basis_size: 0,
         });
         c.send(&Msg::FileChunk {
             data: b"new".to_vec(),
+            zstd: false,
         });
         c.send(&Msg::FileEnd {
             size,
@@ -326,6 +334,9 @@ fn two_send_orders_on_one_connection_run_at_once() {
             paths: paths.clone(),
             lock_timeout_ms: None,
             stage: String::new(),
+            transfer: Default::default(),
+            bases: Vec::new(),
+            sizes: Vec::new(),
         });
     }
     let mut done = std::collections::HashMap::new();

@@ -380,6 +380,7 @@ fn big_honest_messages_still_decode() {
     assert_eq!(n, 60_000);
     let chunk = Msg::FileChunk {
         data: vec![7; fleetsync_proto::frame::MAX_CHUNK],
+        zstd: false,
     };
     let f = chunk.to_frame().unwrap();
     assert_eq!(Msg::decode(&f[4..]).unwrap(), chunk);

@@ -105,9 +105,44 @@ fn all_messages() -> Vec<Msg> {
             request_id: 3,
             target: "127.0.0.1:1".into(),
             algorithm: "crc32".into(),
-            paths: vec![b"p".to_vec()],
+            paths: vec![b"p".to_vec(), b"q".to_vec()],
             lock_timeout_ms: Some(1_500),
             stage: "s-1".into(),
+            transfer: TransferOptions {
+                compress: "zstd:5".into(),
+                bwlimit: 1_250_000,
+                master_bwlimit: 12_500_000,
+                no_delta: true,
+            },
+            bases: vec![b"p".to_vec(), Vec::new()],
+            sizes: vec![1 << 40, 0],
+        },
+        Msg::BasisQuery {
+            request_id: 3,
+            algorithm: "xxh3".into(),
+            items: vec![
+                BasisItem {
+                    path: b"lib/a-2.so".to_vec(),
+                    basis: b"lib/a-1.so".to_vec(),
+                    known: vec![Version {
+                        size: 9,
+                        digest: vec![1, 2],
+                    }],
+                    signature: true,
+                },
+                BasisItem::default(),
+            ],
+        },
+        Msg::BasisReply {
+            request_id: 3,
+            items: vec![BasisFound {
+                index: 1,
+                basis_size: 99,
+                basis_digest: vec![3],
+                signature: vec![4; 100],
+                partial_size: 5,
+                partial_digest: vec![6],
+            }],
         },
         Msg::BlockBegin {
             request_id: 9,
@@ -174,6 +209,8 @@ fn all_messages() -> Vec<Msg> {
                 message: "not root".into(),
                 bytes: 9,
                 digest: vec![0xde, 0xad],
+                wire_bytes: 4,
+                coding: "patch".into(),
             }],
         },
         Msg::Progress(Progress {
@@ -195,9 +232,13 @@ fn all_messages() -> Vec<Msg> {
             algorithm: "crc32".into(),
             lock_timeout_ms: Some(0),
             stage: String::new(),
+            coding: Coding::Patch,
+            basis: b"old".to_vec(),
+            basis_size: 77,
         },
         Msg::FileChunk {
             data: vec![7; frame::MAX_CHUNK],
+            zstd: true,
         },
         Msg::FileEnd {
             size: 10,
@@ -222,6 +263,12 @@ fn all_messages() -> Vec<Msg> {
                 select: "path:etc/**".into(),
                 after: vec!["bin".into(), "lib".into()],
             }],
+            transfer: TransferOptions {
+                compress: "off".into(),
+                bwlimit: 1,
+                master_bwlimit: 2,
+                no_delta: false,
+            },
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,
@@ -248,6 +295,7 @@ fn all_messages() -> Vec<Msg> {
                 path: b"etc/app.conf".to_vec(),
                 message: "modified [recorded-state]".into(),
             }],
+            wire_bytes: 6,
         }),
         Msg::ConsistencyRequest {
             request_id: 9,
@@ -343,11 +391,16 @@ fn list_batch_entries_borrow_without_copies() {
 #[test]
 fn encode_file_chunk_matches_msg() {
     let data = vec![5u8; 1000];
-    let f = frame::encode_frame(&encode_file_chunk(&data)).unwrap();
-    assert_eq!(
-        Msg::decode(&f[4..]).unwrap(),
-        Msg::FileChunk { data: data.clone() }
-    );
+    for zstd in [false, true] {
+        let f = frame::encode_frame(&encode_file_chunk(&data, zstd)).unwrap();
+        assert_eq!(
+            Msg::decode(&f[4..]).unwrap(),
+            Msg::FileChunk {
+                data: data.clone(),
+                zstd
+            }
+        );
+    }
 }
 
 #[test]

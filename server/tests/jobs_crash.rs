@@ -107,6 +107,7 @@ fn jobs_are_listed_newest_first_with_totals_and_serialize_to_json() {
         deleted: 1,
         fixed: 4,
         bytes: 1000,
+        wire_bytes: 300,
         rounds: 2,
     };
     store.record_remote(a, "r1", &counts, None).unwrap();

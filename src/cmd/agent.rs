@@ -93,10 +93,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             Some(d) => d.clone(),
             None => fleetsync_agent::sumcache::default_file(&args.root)
                 .and_then(|f| {
-                    let name = f.file_name()?.to_string_lossy().replace("sums-", "versions-");
+                    let name = f
+                        .file_name()?
+                        .to_string_lossy()
+                        .replace("sums-", "versions-");
                     Some(f.with_file_name(name))
                 })
-                .context("--keep-versions: no cache directory ($HOME unset); give --versions-dir")?,
+                .context(
+                    "--keep-versions: no cache directory ($HOME unset); give --versions-dir",
+                )?,
         };
         let inside = std::fs::canonicalize(&args.root).ok().is_some_and(|root| {
             std::fs::create_dir_all(&dir).is_ok()

@@ -33,7 +33,9 @@ impl TransferArgs {
             match v {
                 None => Ok(0),
                 Some(v) => match parse_rate(v) {
-                    Ok(0) => anyhow::bail!("{flag}: '{v}' is zero; leave the flag out for no limit"),
+                    Ok(0) => {
+                        anyhow::bail!("{flag}: '{v}' is zero; leave the flag out for no limit")
+                    }
                     Ok(r) => Ok(r),
                     Err(e) => anyhow::bail!("{flag}: {e}"),
                 },

@@ -29,7 +29,7 @@ const MAX_LEVEL: i32 = 19;
 
 /// How a stream compresses its chunks (`--compress auto|off|zstd[:LEVEL]`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum Compression {
+pub enum Compression {
     /// Never compress.
     Off,
     /// Compress when the link is the bottleneck, at a level adapted to it.

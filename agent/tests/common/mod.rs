@@ -123,6 +123,9 @@ impl Client {
             paths: paths.iter().map(|p| p.to_vec()).collect(),
             lock_timeout_ms: None,
             stage: String::new(),
+            transfer: Default::default(),
+            bases: Vec::new(),
+            sizes: Vec::new(),
         })
     }
 }

@@ -90,6 +90,8 @@ fn item(path: &str, outcome: Outcome, digest: &[u8]) -> Msg {
             },
             bytes: 3,
             digest: digest.to_vec(),
+            wire_bytes: 2,
+            coding: "zstd".into(),
         }],
     }
 }
