@@ -262,6 +262,8 @@ pub struct PairPlan {
     /// Remote regular files that may serve as a basis for a new file: the
     /// remote-only ones and those a master symlink replaces (usually few).
     basis_pool: Vec<u32>,
+    /// The remote files of `basis_pool` that a master symlink replaces (sorted).
+    replaced_by_symlink: Vec<u32>,
 }
 
 /// Groups linked entries of a list by `(dev, inode)`: `(key, index)` sorted.
@@ -345,6 +347,7 @@ impl PairPlan {
             leader_of: Vec::new(),
             skipped: Vec::new(),
             basis_pool: Vec::new(),
+            replaced_by_symlink: Vec::new(),
         };
         // Master hard-link groups: leader = first member in path order.
         let groups = link_groups(master);
@@ -461,6 +464,7 @@ impl PairPlan {
                 if rk == Kind::File && mk == Kind::Symlink {
                     // Replaced in *after*: still there during the sends.
                     self.basis_pool.push(r);
+                    self.replaced_by_symlink.push(r);
                 }
                 // A directory cannot be renamed over (nor replace a file):
                 // remove first. Never the remote root.
@@ -551,21 +555,25 @@ impl PairPlan {
         // Remote-only bases are deleted (`--delete`); so are their parents that
         // the master lacks (a file replaced by a symlink is no remote-only one).
         let mut deferred = Vec::new();
+        let mut last_parent: &[u8] = b"";
         for b in chosen {
-            let mut path = remote.path(b);
-            if master.find(path).is_some() {
+            if self.replaced_by_symlink.binary_search(&b).is_ok() {
                 continue;
             }
             deferred.push(b);
-            while let Some(p) = parent(path).filter(|p| !p.is_empty()) {
-                if master.find(p).is_some() {
-                    break;
-                }
-                match remote.find(p) {
+            // Bases come in path order: siblings share the walk up.
+            let first = parent(remote.path(b)).unwrap_or(b"");
+            if first == last_parent {
+                continue;
+            }
+            last_parent = first;
+            let mut dir = first;
+            while !dir.is_empty() && master.find(dir).is_none() {
+                match remote.find(dir) {
                     Some(d) => deferred.push(d),
                     None => break,
                 }
-                path = p;
+                dir = parent(dir).unwrap_or(b"");
             }
         }
         deferred.sort_unstable();

@@ -759,7 +759,9 @@ fn release_update_plan_finds_every_predecessor() {
 #[ignore = "timing figure, run in release"]
 fn million_path_plan_with_bases_timing() {
     for every in [20, 1] {
-        let (took, new, based) = release_update(1_000_000, every);
-        println!("1,000,000 paths, {new} new, {based} with a basis: plan in {took:?}");
+        let runs: Vec<_> = (0..3).map(|_| release_update(1_000_000, every)).collect();
+        let (new, based) = (runs[0].1, runs[0].2);
+        let best = runs.iter().map(|r| r.0).min().unwrap();
+        println!("1,000,000 paths, {new} new, {based} with a basis: plan in {best:?} (best of 3)");
     }
 }
