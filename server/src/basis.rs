@@ -293,11 +293,47 @@ pub struct BasisIndex {
     /// By size; members in path order.
     by_size: Groups,
     n: usize,
-    // Scratch space and the normalized parent directory of the last lookup.
-    dir: Vec<u8>,
-    dir_norm: Vec<u8>,
-    key: Vec<u8>,
+    keys: KeyMaker,
     check: Vec<u8>,
+}
+
+/// Normalized paths of paths that come in path order: the normalized form of
+/// the last parent directory is kept (siblings share it).
+#[derive(Debug, Default)]
+struct KeyMaker {
+    dir: Vec<u8>,
+    /// The normalized `dir`, with a trailing `/` unless it is the root.
+    dir_norm: Vec<u8>,
+    /// The normalized path last made.
+    key: Vec<u8>,
+}
+
+impl KeyMaker {
+    /// Normalizes `path` into `self.key`; returns the shape of its name.
+    fn make(&mut self, path: &[u8]) -> NameShape {
+        let (dir, name) = split_parent(path);
+        if dir != self.dir.as_slice() {
+            self.dir.clear();
+            self.dir.extend_from_slice(dir);
+            self.dir_norm.clear();
+            if !dir.is_empty() {
+                normalize_path(dir, &mut self.dir_norm);
+                self.dir_norm.push(b'/');
+            }
+        }
+        self.key.clear();
+        self.key.extend_from_slice(&self.dir_norm);
+        normalize_name(name, &mut self.key)
+    }
+
+    /// The normalized name of the path last made.
+    fn name_key(&self) -> &[u8] {
+        &self.key[self.dir_norm.len()..]
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.dir.capacity() + self.dir_norm.capacity() + self.key.capacity()
+    }
 }
 
 /// The first member of `g` (sorted by size) of exactly `size`.
@@ -334,21 +370,17 @@ impl BasisIndex {
     /// Indexes the `candidates` (remote indexes of regular files) of `remote`.
     /// Empty files are left out: they are no basis.
     pub fn new(remote: &FileList, candidates: impl IntoIterator<Item = u32>) -> Self {
-        let mut key = Vec::new();
+        let mut keys = KeyMaker::default();
         let (mut by_path, mut by_name) = (Vec::new(), Vec::new());
         for r in candidates {
             let size = remote.size(r);
             if size == 0 {
                 continue;
             }
-            let path = remote.path(r);
-            key.clear();
-            let shape = normalize_path(path, &mut key);
-            by_path.push((hash(&key), size, r));
+            let shape = keys.make(remote.path(r));
+            by_path.push((hash(&keys.key), size, r));
             if shape.distinctive() {
-                key.clear();
-                normalize_name(split_parent(path).1, &mut key);
-                by_name.push((hash(&key), size, r));
+                by_name.push((hash(keys.name_key()), size, r));
             }
         }
         let by_size: Vec<(u64, u64, u32)> =
@@ -377,9 +409,7 @@ impl BasisIndex {
         self.by_path.heap_bytes()
             + self.by_name.heap_bytes()
             + self.by_size.heap_bytes()
-            + self.dir.capacity()
-            + self.dir_norm.capacity()
-            + self.key.capacity()
+            + self.keys.heap_bytes()
             + self.check.capacity()
     }
 
@@ -390,39 +420,26 @@ impl BasisIndex {
         if size == 0 || self.is_empty() {
             return None;
         }
-        let (dir, name) = split_parent(path);
-        if dir != self.dir.as_slice() {
-            self.dir.clear();
-            self.dir.extend_from_slice(dir);
-            self.dir_norm.clear();
-            if !dir.is_empty() {
-                normalize_path(dir, &mut self.dir_norm);
-                self.dir_norm.push(b'/');
-            }
-        }
-        self.key.clear();
-        self.key.extend_from_slice(&self.dir_norm);
-        let shape = normalize_name(name, &mut self.key);
-        let by_path = self.by_path.get(hash(&self.key));
+        let shape = self.keys.make(path);
+        let (key, name_key) = (&self.keys.key[..], self.keys.name_key());
+        let by_path = self.by_path.get(hash(key));
         let by_name = if shape.distinctive() {
-            self.by_name.get(hash(&self.key[self.dir_norm.len()..]))
+            self.by_name.get(hash(name_key))
         } else {
             &[]
         };
-        let (key, name_key) = (&self.key[..], &self.key[self.dir_norm.len()..]);
         let check = &mut self.check;
         // Whether candidate `r` really has the key looked up (not only its
         // hash): a collision would cost a useless basis, never a wrong file,
         // but it is cheap to rule out.
         let mut verified = |r: Option<u32>, name_only: bool| {
             r.filter(|&r| {
-                let p = remote.path(r);
                 check.clear();
                 if name_only {
-                    normalize_name(split_parent(p).1, check);
+                    normalize_name(split_parent(remote.path(r)).1, check);
                     check.as_slice() == name_key
                 } else {
-                    normalize_path(p, check);
+                    normalize_path(remote.path(r), check);
                     check.as_slice() == key
                 }
             })

@@ -765,3 +765,28 @@ fn million_path_plan_with_bases_timing() {
         println!("1,000,000 paths, {new} new, {based} with a basis: plan in {best:?} (best of 3)");
     }
 }
+
+#[test]
+fn subtree_is_the_range_beneath_a_directory_only() {
+    let r = list(&[
+        d(""),
+        d("a"),
+        d("a-b"),
+        f("a-b/x", 1),
+        d("a/b"),
+        f("a/b/c", 1),
+        f("a/z", 1),
+        f("a0", 1),
+        d("b"),
+    ]);
+    let names = |range: std::ops::Range<u32>| -> Vec<String> {
+        range
+            .map(|i| String::from_utf8_lossy(r.path(i)).into_owned())
+            .collect()
+    };
+    let a = r.find(b"a").unwrap();
+    assert_eq!(names(subtree(&r, a)), vec!["a/b", "a/b/c", "a/z"]);
+    assert_eq!(names(subtree(&r, r.find(b"a/b").unwrap())), vec!["a/b/c"]);
+    assert_eq!(names(subtree(&r, r.find(b"a-b").unwrap())), vec!["a-b/x"]);
+    assert!(subtree(&r, r.find(b"b").unwrap()).is_empty());
+}
