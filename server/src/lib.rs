@@ -3,12 +3,14 @@
 //!
 //! - [`list`]: [`list::FileList`], the compact sorted file list;
 //! - [`plan`]: [`plan::PairPlan`], the pure diff planner of one master/remote pair;
+//! - [`basis`]: [`basis::BasisIndex`], the choice of a delta basis for a new file;
 //! - [`blocks`]: [`blocks::BlocksFile`], the dependency blocks file (`--blocks`);
 //! - [`jobs`]: [`jobs::JobStore`], the job history database;
 //! - the event loop ([`Server`]) runs one `SyncJob` per request, of one `RemoteSync`
 //!   state machine per master/remote pair.
 #![deny(missing_docs)]
 
+pub mod basis;
 pub mod blocks;
 mod checksums;
 mod conn;

@@ -32,15 +32,38 @@
 //! - **before** the transfer (one apply request to the remote): deletions,
 //!   deepest first (remote-only entries with `--delete`; entries whose type
 //!   changes from or to a directory), then new directories, shallowest first;
-//! - **sends** (one send order to the master agent): new and changed files;
-//! - **after** (one apply request): symlinks, hard links (their group leader
-//!   has arrived by then), attribute fixes, and last the attributes of every
-//!   directory that is new, differs, or had an entry created or removed in it,
-//!   deepest first (creating an entry changes the directory's mtime).
+//! - **sends** (one send order to the master agent): new and changed files,
+//!   each with its delta basis on the remote ([`Step::basis`]);
+//! - **after** (one apply request): first the deferred deletions (remote-only
+//!   files chosen as a basis, and their remote-only parent directories,
+//!   deepest first: the remote reads them while it receives), then symlinks,
+//!   hard links (their group leader has arrived by then), attribute fixes,
+//!   and last the attributes of every directory that is new, differs, or had
+//!   an entry created or removed in it, deepest first (creating an entry
+//!   changes the directory's mtime).
+//!
+//! # Delta bases
+//! Every send names, in [`Step::other`], the remote file the remote can use
+//! as the basis of a delta ([`Step::basis`]):
+//! - a changed file (size or checksum differs, or a hard link to break): the
+//!   same path on the remote;
+//! - a new file (or one replacing a symlink or directory): the file
+//!   [`crate::basis`] picks among the *candidates*, the remote's regular
+//!   files that the master does not have (deleted by this sync with
+//!   `--delete`, kept without) and the remote files that a master symlink
+//!   replaces (in *after*). Files beneath a remote directory deleted as a
+//!   tree (a directory whose type changes) are no candidates: it goes before
+//!   the transfer. A candidate chosen as a basis and deleted by the plan is
+//!   deleted in *after* instead of *before*, with its remote-only parent
+//!   directories. One candidate may be the basis of several sends.
 
+use crate::basis::BasisIndex;
 use crate::list::{FileList, Kind, Meta};
 
 const NONE: u32 = u32::MAX;
+
+/// "No index" in [`Step::other`] (`u32::MAX`).
+pub const NO_INDEX: u32 = NONE;
 
 /// Options of a plan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -146,8 +169,18 @@ pub struct Step {
     /// Master index (remote index for deletions).
     pub index: u32,
     /// Hard links: the leader's master index; attribute fixes: the remote
-    /// index (or `u32::MAX` for a new directory).
+    /// index (or [`NO_INDEX`] for a new directory); sends: the remote index
+    /// of the delta basis (or [`NO_INDEX`]: none), see [`Step::basis`].
     pub other: u32,
+}
+
+impl Step {
+    /// For a send, the remote index of the file the remote should use as the
+    /// delta basis (`remote.path(basis)` is its path): the same path for a
+    /// changed file, a chosen remote file for a new one (see the module docs).
+    pub fn basis(&self) -> Option<u32> {
+        (self.kind == StepKind::Send && self.other != NONE).then_some(self.other)
+    }
 }
 
 /// The final plan of one pair, in execution order.
@@ -166,12 +199,13 @@ impl Plan {
         &self.steps[..self.n_before]
     }
 
-    /// Files the master must send.
+    /// Files the master must send, each with its basis ([`Step::basis`]).
     pub fn sends(&self) -> &[Step] {
         &self.steps[self.n_before..self.n_before + self.n_sends]
     }
 
-    /// Symlinks, hard links and attribute fixes, to apply after sending.
+    /// Deferred deletions (of bases), symlinks, hard links and attribute
+    /// fixes, to apply after sending.
     pub fn after(&self) -> &[Step] {
         &self.steps[self.n_before + self.n_sends..]
     }
@@ -225,6 +259,11 @@ pub struct PairPlan {
     /// `(member, leader)` for every master hard-link group member, sorted.
     leader_of: Vec<(u32, u32)>,
     skipped: Vec<u32>,
+    /// Remote regular files that may serve as a basis for a new file: the
+    /// remote-only ones and those a master symlink replaces (usually few).
+    basis_pool: Vec<u32>,
+    /// The remote files of `basis_pool` that a master symlink replaces (sorted).
+    replaced_by_symlink: Vec<u32>,
 }
 
 /// Groups linked entries of a list by `(dev, inode)`: `(key, index)` sorted.
@@ -241,6 +280,46 @@ fn attrs_differ(a: &Meta, b: &Meta, owner: bool, mode: bool) -> bool {
         || (owner && (a.uid != b.uid || a.gid != b.gid))
         || a.mtime_sec != b.mtime_sec
         || a.mtime_nsec != b.mtime_nsec
+}
+
+/// The remote indexes strictly beneath directory `d` (one range: the list is
+/// sorted, and every path with the prefix `d/` sorts together).
+fn subtree(remote: &FileList, d: u32) -> std::ops::Range<u32> {
+    let dir = remote.path(d);
+    let below = |i: u32| {
+        let p = remote.path(i);
+        // Whether `p` sorts before every path beginning with `dir/`.
+        match p.get(..dir.len()) {
+            Some(head) if head == dir => p.get(dir.len()).is_none_or(|&c| c < b'/'),
+            _ => p < dir,
+        }
+    };
+    let inside = |i: u32| {
+        let p = remote.path(i);
+        p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
+    };
+    let (mut lo, mut hi) = (d + 1, remote.len() as u32);
+    // First index not `below`.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if below(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let start = lo;
+    let mut hi = remote.len() as u32;
+    // First index after `start` not `inside`.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if inside(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    start..lo
 }
 
 fn parent(path: &[u8]) -> Option<&[u8]> {
@@ -267,6 +346,8 @@ impl PairPlan {
             candidates: Vec::new(),
             leader_of: Vec::new(),
             skipped: Vec::new(),
+            basis_pool: Vec::new(),
+            replaced_by_symlink: Vec::new(),
         };
         // Master hard-link groups: leader = first member in path order.
         let groups = link_groups(master);
@@ -303,6 +384,9 @@ impl PairPlan {
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
+                    if remote.kind(j) == Kind::File {
+                        p.basis_pool.push(j);
+                    }
                     if opts.delete && !remote.path(j).is_empty() {
                         // Not recursive: children are listed and go first;
                         // excluded entries inside stay protected, as in rsync.
@@ -377,6 +461,11 @@ impl PairPlan {
             let rk = remote.kind(r);
             if rk != mk {
                 why_new = Why::KindChanged;
+                if rk == Kind::File && mk == Kind::Symlink {
+                    // Replaced in *after*: still there during the sends.
+                    self.basis_pool.push(r);
+                    self.replaced_by_symlink.push(r);
+                }
                 // A directory cannot be renamed over (nor replace a file):
                 // remove first. Never the remote root.
                 if (mk == Kind::Dir || rk == Kind::Dir) && !master.path(m).is_empty() {
@@ -421,6 +510,77 @@ impl PairPlan {
         }
     }
 
+    /// Chooses the basis of every new file in `sends` (sorted by master
+    /// index); returns the remote indexes, sorted, whose deletion must wait
+    /// until after the sends: the chosen bases that the plan deletes, and
+    /// their remote-only parent directories.
+    fn choose_bases(&self, master: &FileList, remote: &FileList, sends: &mut [Step]) -> Vec<u32> {
+        let is_new = |s: &Step| matches!(s.why, Why::New | Why::KindChanged) && s.other == NONE;
+        if self.basis_pool.is_empty() || !sends.iter().any(is_new) {
+            return Vec::new();
+        }
+        // Remote directories deleted as a tree (before the sends): nothing
+        // beneath them can be a basis. Their subtrees are index ranges.
+        let mut gone: Vec<std::ops::Range<u32>> = self
+            .deletes
+            .iter()
+            .filter(|d| d.1)
+            .map(|d| subtree(remote, d.0))
+            .collect();
+        gone.sort_unstable_by_key(|g| g.start);
+        // Nested trees: keep the outer ranges only, so that they are disjoint.
+        gone.dedup_by(|inner, outer| inner.end <= outer.end);
+        let under_gone = |r: u32| {
+            let k = gone.partition_point(|g| g.start <= r);
+            k > 0 && gone[k - 1].contains(&r)
+        };
+        let pool = self.basis_pool.iter().copied().filter(|&r| !under_gone(r));
+        let mut index = BasisIndex::new(remote, pool);
+        if index.is_empty() {
+            return Vec::new();
+        }
+        let mut chosen: Vec<u32> = Vec::new();
+        for s in sends.iter_mut().filter(|s| is_new(s)) {
+            if let Some(b) = index.choose(remote, master.path(s.index), master.size(s.index)) {
+                s.other = b;
+                chosen.push(b);
+            }
+        }
+        drop(index);
+        if !self.opts.delete {
+            return Vec::new();
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        // Remote-only bases are deleted (`--delete`); so are their parents that
+        // the master lacks (a file replaced by a symlink is no remote-only one).
+        let mut deferred = Vec::new();
+        let mut last_parent: &[u8] = b"";
+        for b in chosen {
+            if self.replaced_by_symlink.binary_search(&b).is_ok() {
+                continue;
+            }
+            deferred.push(b);
+            // Bases come in path order: siblings share the walk up.
+            let first = parent(remote.path(b)).unwrap_or(b"");
+            if first == last_parent {
+                continue;
+            }
+            last_parent = first;
+            let mut dir = first;
+            while !dir.is_empty() && master.find(dir).is_none() {
+                match remote.find(dir) {
+                    Some(d) => deferred.push(d),
+                    None => break,
+                }
+                dir = parent(dir).unwrap_or(b"");
+            }
+        }
+        deferred.sort_unstable();
+        deferred.dedup();
+        deferred
+    }
+
     /// `(master index, remote index)` of the regular files whose checksums
     /// are needed on both sides (equal size).
     pub fn checksum_candidates(&self) -> &[(u32, u32)] {
@@ -442,11 +602,12 @@ impl PairPlan {
         let mut sent_leaders: Vec<u32> = Vec::new();
         for f in &self.files {
             if let FileState::Send(why) = f.state {
+                // A changed file's basis is its old version; new ones get theirs below.
                 sends.push(Step {
                     kind: StepKind::Send,
                     why,
                     index: f.m,
-                    other: NONE,
+                    other: f.r,
                 });
             }
         }
@@ -456,7 +617,7 @@ impl PairPlan {
                     kind: StepKind::Send,
                     why: Why::ChecksumDiffers,
                     index: m,
-                    other: NONE,
+                    other: r,
                 });
             } else if attrs_differ(&master.meta(m), &remote.meta(r), owner, true) {
                 attr_fixes.push(Step {
@@ -469,6 +630,7 @@ impl PairPlan {
         }
         sends.sort_unstable_by_key(|s| s.index);
         attr_fixes.sort_unstable_by_key(|s| s.index);
+        let deferred = self.choose_bases(master, remote, &mut sends);
         for s in &sends {
             if self.leader(s.index) == Some(s.index) {
                 sent_leaders.push(s.index);
@@ -496,11 +658,12 @@ impl PairPlan {
             }
         }
         let mut before: Vec<Step> = Vec::new();
+        let mut late_deletes: Vec<Step> = Vec::new();
         let mut deletes = self.deletes;
         deletes.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         deletes.dedup_by_key(|d| d.0);
         for (r, recursive, why) in deletes {
-            before.push(Step {
+            let step = Step {
                 kind: if recursive {
                     StepKind::DeleteTree
                 } else {
@@ -509,7 +672,12 @@ impl PairPlan {
                 why,
                 index: r,
                 other: NONE,
-            });
+            };
+            if deferred.binary_search(&r).is_ok() {
+                late_deletes.push(step);
+            } else {
+                before.push(step);
+            }
         }
         for &m in &self.mkdirs {
             before.push(Step {
@@ -519,16 +687,13 @@ impl PairPlan {
                 other: NONE,
             });
         }
-        let mut links: Vec<Step> = self
-            .symlinks
-            .iter()
-            .map(|&(m, why)| Step {
-                kind: StepKind::Symlink,
-                why,
-                index: m,
-                other: NONE,
-            })
-            .collect();
+        let mut links = late_deletes;
+        links.extend(self.symlinks.iter().map(|&(m, why)| Step {
+            kind: StepKind::Symlink,
+            why,
+            index: m,
+            other: NONE,
+        }));
         links.append(&mut after);
         let mut after = links;
         after.extend(self.link_attrs.iter().map(|&(m, r)| Step {
