@@ -514,8 +514,9 @@ impl RemoteSync {
                 detail: "special file (fifo, socket or device) skipped".into(),
             });
         }
+        // Deletions of delta bases come after the sends: count them all.
         let deleted = plan
-            .before()
+            .steps()
             .iter()
             .filter(|s| matches!(s.kind, StepKind::Delete | StepKind::DeleteTree))
             .count() as u64;
