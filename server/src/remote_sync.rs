@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::checksums::{DigestWidth, SumState, SumTable};
 use crate::list::{FileList, Kind, Meta};
 use crate::ops::apply_ops;
-use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind, Why};
+use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
 
 mod block_run;
 mod consistency;
@@ -852,12 +852,10 @@ pub(crate) fn send_items<'s>(
     let mut items = SendItems::default();
     for s in steps {
         let path = shared.master.path(s.index);
-        let basis = if s.other != u32::MAX && (s.other as usize) < remote.len() {
-            remote.path(s.other)
-        } else if s.why != Why::New {
-            path
-        } else {
-            b""
+        // The plan's basis: the old version, or a similar file the remote holds.
+        let basis = match s.basis() {
+            Some(b) if (b as usize) < remote.len() => remote.path(b),
+            _ => b"",
         };
         items.paths.push(path.to_vec());
         items.bases.push(basis.to_vec());
