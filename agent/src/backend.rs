@@ -18,12 +18,17 @@ use crate::path::{self, name, Root};
 use crate::sumcache::{FileKey, SumCache};
 use crate::AgentError;
 
-/// Prefix of the temporary files the agent writes before renaming.
+/// Prefix of the temporary files the agent writes before renaming. A file's
+/// temp is `.fleetsync.tmp.<16 random hex digits>.<destination name>` (a name
+/// too long for that as `#<hash of the name>`, as in [`partial_name`]), so that
+/// one left by a killed agent can still be told to be the in-flight content of
+/// that destination; see [`LEFTOVER_PARTIAL_MIN`].
 pub const TEMP_PREFIX: &[u8] = b".fleetsync.tmp.";
 
 /// Prefix of a partial file: what a transfer cut mid-file had written, kept
-/// beside its destination as `.fleetsync.partial.<name>` (for a name too long
-/// for that, `.fleetsync.partial.#<hash of the name>`), so that the next sync
+/// beside its destination as `.fleetsync.partial.<name>` (for a name of more
+/// than 223 bytes, `.fleetsync.partial.#<hash of the name>`, as in its temp
+/// file's name, see [`TEMP_PREFIX`]), so that the next sync
 /// can resume it or use it as a delta basis. Never listed; see
 /// [`TempFile::keep_as_partial`].
 pub const PARTIAL_PREFIX: &[u8] = b".fleetsync.partial.";
@@ -35,24 +40,60 @@ pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(
 /// The longest file name (`NAME_MAX` on Linux).
 const NAME_MAX: usize = 255;
 
+/// Hex digits of the random part of a temp file's name.
+const TEMP_RANDOM_HEX: usize = 16;
+
+/// The longest destination name carried as is in its temp and partial file
+/// names (longer ones are carried as `#<hash>`): what fits after
+/// `.fleetsync.tmp.<random>.` within [`NAME_MAX`].
+const KEY_MAX: usize = NAME_MAX - TEMP_PREFIX.len() - TEMP_RANDOM_HEX - 1;
+
+/// A temp file left by an agent killed mid-file with at least this many bytes
+/// becomes its destination's partial file at the next listing (smaller ones
+/// are removed): the same threshold a cut stream keeps a partial from.
+pub const LEFTOVER_PARTIAL_MIN: u64 = 1 << 20;
+
+/// How destination name `n` is carried in its temp and partial file names:
+/// as is when it fits ([`KEY_MAX`]), else `#` and 32 hex digits of its SHA-256
+/// (deterministic: the same across restarts and agent versions).
+fn name_key(n: &[u8]) -> Vec<u8> {
+    if n.len() <= KEY_MAX {
+        return n.to_vec();
+    }
+    let info = fleetsync_engine::Registry::with_builtins()
+        .info("sha256")
+        .expect("sha256 is built in");
+    let mut h = info.instantiate();
+    h.update(n);
+    let mut k = vec![b'#'];
+    for b in &h.finish().as_bytes()[..16] {
+        k.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    k
+}
+
 /// The partial file's name for destination name `n` (deterministic: the same
 /// across restarts and agent versions).
 pub fn partial_name(n: &[u8]) -> Vec<u8> {
     let mut p = PARTIAL_PREFIX.to_vec();
-    if p.len() + n.len() <= NAME_MAX {
-        p.extend_from_slice(n);
-    } else {
-        let info = fleetsync_engine::Registry::with_builtins()
-            .info("sha256")
-            .expect("sha256 is built in");
-        let mut h = info.instantiate();
-        h.update(n);
-        p.push(b'#');
-        for b in &h.finish().as_bytes()[..16] {
-            p.extend_from_slice(format!("{b:02x}").as_bytes());
-        }
-    }
+    p.extend_from_slice(&name_key(n));
     p
+}
+
+/// The destination key ([`name_key`]) a file temp's name carries:
+/// `.fleetsync.tmp.<16 hex digits>.<key>`. `None` for any other name (the
+/// temps of symlinks and hard links, which carry none, and those of older
+/// agents).
+fn temp_key(n: &[u8]) -> Option<&[u8]> {
+    let rest = n.strip_prefix(TEMP_PREFIX)?;
+    if rest.len() <= TEMP_RANDOM_HEX + 1 || rest[TEMP_RANDOM_HEX] != b'.' {
+        return None;
+    }
+    let (random, key) = rest.split_at(TEMP_RANDOM_HEX);
+    random
+        .iter()
+        .all(u8::is_ascii_hexdigit)
+        .then_some(&key[1..])
 }
 
 /// Decides, for a relative path and whether it is a directory, if it is listed.
@@ -66,6 +107,9 @@ pub trait Backend: Send + Sync {
     /// Walks the tree: the root first (path `b""`), a directory before its
     /// contents, symlinks never followed, pruned where `decide` says
     /// [`Decision::ExcludePrune`]. Each included entry goes to `sink`.
+    /// Temp and partial files are never listed; on the way, the POSIX backend
+    /// keeps a temp left by a killed agent as its destination's partial file
+    /// (see [`LEFTOVER_PARTIAL_MIN`]) and removes stale ones.
     fn list(
         &self,
         decide: Decider<'_>,
@@ -300,14 +344,15 @@ impl PosixBackend {
             return Ok(());
         }
         if n.starts_with(TEMP_PREFIX) {
-            // Ours: in flight (skip) or left by a killed agent (remove).
+            // Ours: in flight (skip) or left by a killed agent (kept as the
+            // destination's partial, or removed).
             let live = self
                 .live_temps
                 .lock()
                 .expect("poisoned")
                 .contains(rel.as_slice());
             if !live {
-                let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+                self.leftover_temp(dir, n, rel);
             }
             return Ok(());
         }
@@ -354,6 +399,54 @@ impl PosixBackend {
             self.walk(sub.as_fd(), rel, decide, sink)?;
         }
         Ok(())
+    }
+
+    /// A temp file `n` no transfer of this agent owns: left by an agent killed
+    /// mid-file. A regular file of [`LEFTOVER_PARTIAL_MIN`] bytes or more, with a
+    /// destination key in its name ([`temp_key`]), becomes that destination's
+    /// partial file unless the destination has a newer partial; anything else
+    /// is removed. Its bytes are a prefix of what the master was sending (the
+    /// stream is written in order) or, after a crash of the machine, possibly
+    /// not even that: the master hashes its own prefix and appends only when
+    /// the partial's digest matches, so a bad one costs a check, not a bad file.
+    fn leftover_temp(&self, dir: BorrowedFd<'_>, n: &[u8], rel: &[u8]) {
+        let remove = || {
+            let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+        };
+        let Some(key) = temp_key(n) else {
+            return remove();
+        };
+        let st = match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(_) => return remove(),
+        };
+        // One link only: a hard link's temp (it carries no key anyway) or a file
+        // linked elsewhere must never be appended to.
+        let worth = kind_of(&st) == FileKind::File
+            && st.st_nlink == 1
+            && st.st_size as u64 >= LEFTOVER_PARTIAL_MIN
+            && !self.is_stale(&st);
+        if !worth {
+            return remove();
+        }
+        let mut part = PARTIAL_PREFIX.to_vec();
+        part.extend_from_slice(key);
+        if let Ok(old) = rustix::fs::statat(dir, name(&part), AtFlags::SYMLINK_NOFOLLOW) {
+            let newer = kind_of(&old) == FileKind::File
+                && (old.st_mtime as i64, old.st_mtime_nsec as i64)
+                    > (st.st_mtime as i64, st.st_mtime_nsec as i64);
+            if newer {
+                return remove();
+            }
+        }
+        match rustix::fs::renameat(dir, name(n), dir, name(&part)) {
+            Ok(()) => tracing::debug!(
+                "{}: kept the {} bytes a killed transfer left as the partial file",
+                crate::error::show(rel),
+                st.st_size,
+            ),
+            Err(_) => remove(),
+        }
     }
 
     /// Whether a partial with this `stat` is older than the limit.
@@ -507,12 +600,18 @@ impl PosixBackend {
         Ok(applied)
     }
 
-    fn temp_name(&self, parent: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let mut r = [0u8; 8];
+    /// A fresh temp name in directory `parent` (name, relative path): for a
+    /// file's content, carrying its destination `dest` ([`TEMP_PREFIX`]).
+    fn temp_name(&self, parent: &[u8], dest: Option<&[u8]>) -> (Vec<u8>, Vec<u8>) {
+        let mut r = [0u8; TEMP_RANDOM_HEX / 2];
         getrandom::getrandom(&mut r).expect("OS random number generator failed");
         let mut n = TEMP_PREFIX.to_vec();
         for b in r {
             n.extend_from_slice(format!("{b:02x}").as_bytes());
+        }
+        if let Some(d) = dest {
+            n.push(b'.');
+            n.extend_from_slice(&name_key(d));
         }
         let mut rel = parent.to_vec();
         if !rel.is_empty() {
@@ -906,18 +1005,22 @@ impl Backend for PosixBackend {
     fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError> {
         let (parent, n) = self.root.parent(path)?;
         let (parent_rel, _) = path::split(path);
-        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel, Some(n));
+        // Live before it exists, so that a listing meanwhile leaves it alone.
+        self.live_temps
+            .lock()
+            .expect("poisoned")
+            .insert(tmp_rel.clone());
         let fd = rustix::fs::openat(
             &parent,
             name(&tmp),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
-        .map_err(|e| AgentError::io("create", &tmp_rel, e))?;
-        self.live_temps
-            .lock()
-            .expect("poisoned")
-            .insert(tmp_rel.clone());
+        .map_err(|e| {
+            self.live_temps.lock().expect("poisoned").remove(&tmp_rel);
+            AgentError::io("create", &tmp_rel, e)
+        })?;
         Ok(Box::new(PosixTemp {
             file: Some(File::from(fd)),
             parent,
@@ -945,7 +1048,7 @@ impl Backend for PosixBackend {
             Some(_) => {}
         }
         let (parent_rel, _) = path::split(path);
-        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel, Some(n));
         // Live before it has the temp name, so that a listing leaves it alone.
         self.live_temps
             .lock()
@@ -1089,7 +1192,7 @@ impl Backend for PosixBackend {
         }
         let (parent, n) = self.root.parent(path)?;
         let (parent_rel, _) = path::split(path);
-        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel, None);
         let _live = LiveTemp::new(&self.live_temps, &tmp_rel);
         rustix::fs::symlinkat(name(target), &parent, name(&tmp))
             .map_err(|e| AgentError::io("symlink", &tmp_rel, e))?;
@@ -1130,7 +1233,7 @@ impl Backend for PosixBackend {
             }
         }
         let (parent_rel, _) = path::split(path);
-        let (tmp, tmp_rel) = self.temp_name(parent_rel);
+        let (tmp, tmp_rel) = self.temp_name(parent_rel, None);
         let _live = LiveTemp::new(&self.live_temps, &tmp_rel);
         rustix::fs::linkat(&eparent, name(en), &parent, name(&tmp), AtFlags::empty())
             .map_err(|e| AgentError::io("link", &tmp_rel, e))?;

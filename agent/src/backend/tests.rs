@@ -287,3 +287,196 @@ fn partials_and_bases_are_refused_outside_the_root() {
     assert!(b.open_basis(b"real").is_err(), "a directory is no basis");
     assert_eq!(read_file(b.open_basis(b"real/f").unwrap()), b"basis");
 }
+
+/// What a SIGKILL leaves of a file in flight: its temp, written, never
+/// committed nor dropped (the agent that owned it is gone).
+fn killed_mid_file(root: &Path, path: &[u8], content: &[u8]) -> Vec<u8> {
+    let b = backend(root);
+    let mut t = b.create_temp(path).unwrap();
+    t.write_all(content).unwrap();
+    std::mem::forget(t);
+    let (parent, _) = path::split(path);
+    let dir = root.join(std::str::from_utf8(parent).unwrap());
+    let mut temps = names_with(&dir, TEMP_PREFIX);
+    assert_eq!(temps.len(), 1, "{temps:?}");
+    temps.pop().unwrap().into_bytes()
+}
+
+#[test]
+fn a_file_temp_names_its_destination_and_a_link_temp_does_not() {
+    let tree = tempfile::tempdir().unwrap();
+    let b = backend(tree.path());
+    let (n, rel) = b.temp_name(b"d", Some(b"f.txt"));
+    assert_eq!(n.len(), TEMP_PREFIX.len() + 16 + 1 + 5);
+    assert!(n.ends_with(b".f.txt") && rel.starts_with(b"d/.fleetsync.tmp."));
+    assert_eq!(temp_key(&n), Some(&b"f.txt"[..]));
+    let (n, _) = b.temp_name(b"", None);
+    assert_eq!(temp_key(&n), None, "no destination");
+    for n in [
+        &b".fleetsync.tmp.0123456789abcdef"[..], // an older agent's
+        b".fleetsync.tmp.0123456789abcdef.",
+        b".fleetsync.tmp.0123456789abcdeg.f",
+        b".fleetsync.tmp.0123456789abcdef_f",
+        b".fleetsync.partial.f",
+    ] {
+        assert_eq!(temp_key(n), None, "{}", String::from_utf8_lossy(n));
+    }
+    // The longest names: temp and partial names stay within NAME_MAX, and
+    // carry the same key.
+    for len in [KEY_MAX, KEY_MAX + 1, 255] {
+        let d = vec![b'n'; len];
+        let (n, _) = b.temp_name(b"", Some(&d));
+        assert!(n.len() <= 255, "{len}: {}", n.len());
+        let key = temp_key(&n).unwrap();
+        assert_eq!(key.len(), if len == KEY_MAX { len } else { 33 });
+        assert_eq!([PARTIAL_PREFIX, key].concat(), partial_name(&d));
+    }
+}
+
+#[test]
+fn a_leftover_temp_of_a_killed_agent_becomes_the_partial_at_the_next_listing() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/f"), b"old version").unwrap();
+    let all = data(3 << 20);
+    let cut = (3 << 20) / 2 + 12_345;
+    killed_mid_file(root, b"d/f", &all[..cut]);
+    // The restarted agent: nothing partial under the real name, nor listed.
+    let b = backend(root);
+    let before = b.open_partial(b"d/f").unwrap();
+    assert!(before.is_none(), "a partial only from the listing on");
+    assert_eq!(listed(&b), [&b""[..], b"d", b"d/f"]);
+    let d = root.join("d");
+    assert_eq!(std::fs::read(d.join("f")).unwrap(), b"old version");
+    assert!(names_with(&d, TEMP_PREFIX).is_empty());
+    assert_eq!(names_with(&d, PARTIAL_PREFIX), [".fleetsync.partial.f"]);
+    let (f, len) = b.open_partial(b"d/f").unwrap().unwrap();
+    assert_eq!(len, cut as u64);
+    assert_eq!(read_file(f), &all[..cut]);
+    // Resumed: the rest appended, the whole committed.
+    let (mut t, at) = b.create_temp_from_partial(b"d/f").unwrap().unwrap();
+    assert_eq!(at, cut as u64);
+    t.write_all(&all[cut..]).unwrap();
+    t.commit(&attrs()).unwrap();
+    assert_eq!(std::fs::read(d.join("f")).unwrap(), all);
+    assert!(names_with(&d, b".fleetsync.").is_empty());
+}
+
+#[test]
+fn a_killed_resume_leaves_all_it_had_as_the_partial() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let all = data(3 << 20);
+    let b = backend(root);
+    let mut t = b.create_temp(b"f").unwrap();
+    t.write_all(&all[..1 << 20]).unwrap();
+    assert!(t.keep_as_partial().unwrap());
+    let (mut t, _) = b.create_temp_from_partial(b"f").unwrap().unwrap();
+    t.write_all(&all[1 << 20..2 << 20]).unwrap();
+    std::mem::forget(t); // killed while resuming
+    let b = backend(root);
+    assert_eq!(listed(&b), [&b""[..]]);
+    let (f, len) = b.open_partial(b"f").unwrap().unwrap();
+    assert_eq!(len, 2 << 20);
+    assert_eq!(read_file(f), &all[..2 << 20]);
+}
+
+#[test]
+fn a_small_leftover_temp_is_removed_and_a_live_one_left_alone() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let small = data(LEFTOVER_PARTIAL_MIN as usize - 1);
+    killed_mid_file(root, b"small", &small);
+    let b = backend(root);
+    // In flight in this agent, a big one stays a temp through a listing.
+    let mut live = b.create_temp(b"live").unwrap();
+    live.write_all(&data(2 << 20)).unwrap();
+    assert_eq!(listed(&b), [&b""[..]]);
+    let temps = names_with(root, TEMP_PREFIX);
+    assert_eq!(temps.len(), 1, "{temps:?}");
+    assert!(temps[0].ends_with(".live"), "{temps:?}");
+    assert!(names_with(root, PARTIAL_PREFIX).is_empty());
+    assert!(b.open_partial(b"small").unwrap().is_none());
+    live.commit(&attrs()).unwrap();
+    assert!(names_with(root, b".fleetsync.").is_empty());
+}
+
+#[test]
+fn a_leftover_temp_replaces_an_older_partial_but_not_a_newer_one() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let set_mtime = |p: &Path, ago: u64| {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(ago);
+        File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    let leftover = data(1 << 20);
+    // Older partial (an hour): the leftover, written since, replaces it.
+    std::fs::write(root.join(".fleetsync.partial.a"), b"older partial").unwrap();
+    set_mtime(&root.join(".fleetsync.partial.a"), 3600);
+    killed_mid_file(root, b"a", &leftover);
+    listed(&backend(root));
+    assert_eq!(
+        std::fs::read(root.join(".fleetsync.partial.a")).unwrap(),
+        leftover
+    );
+    // Newer partial: the leftover (an hour old) goes, the partial stays.
+    let t = killed_mid_file(root, b"b", &leftover);
+    set_mtime(&root.join(std::str::from_utf8(&t).unwrap()), 3600);
+    std::fs::write(root.join(".fleetsync.partial.b"), b"newer partial").unwrap();
+    listed(&backend(root));
+    assert_eq!(
+        std::fs::read(root.join(".fleetsync.partial.b")).unwrap(),
+        b"newer partial"
+    );
+    assert!(names_with(root, TEMP_PREFIX).is_empty());
+    // Older than the partial age limit: removed.
+    let t = killed_mid_file(root, b"c", &leftover);
+    set_mtime(&root.join(std::str::from_utf8(&t).unwrap()), 8 * 86400);
+    listed(&backend(root));
+    assert!(names_with(root, TEMP_PREFIX).is_empty());
+    assert!(!root.join(".fleetsync.partial.c").exists());
+}
+
+#[test]
+fn a_leftover_that_is_a_link_never_becomes_a_partial() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let big = data(2 << 20);
+    std::fs::write(root.join("other"), &big).unwrap();
+    // Named as a file temp of `x`, but a second link of `other` (appending to
+    // it would change `other`), and a symlink named as one of `y`.
+    std::fs::hard_link(
+        root.join("other"),
+        root.join(".fleetsync.tmp.0123456789abcdef.x"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("other", root.join(".fleetsync.tmp.0123456789abcdef.y")).unwrap();
+    let b = backend(root);
+    assert_eq!(listed(&b), [&b""[..], b"other"]);
+    assert!(names_with(root, b".fleetsync.").is_empty());
+    assert_eq!(std::fs::read(root.join("other")).unwrap(), big);
+    assert_eq!(std::fs::metadata(root.join("other")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn a_leftover_temp_of_a_long_name_finds_its_hashed_partial() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let all = data(1 << 20);
+    for len in [KEY_MAX, KEY_MAX + 1, 255] {
+        let long = vec![b'l'; len];
+        killed_mid_file(root, &long, &all);
+        let b = backend(root);
+        assert_eq!(listed(&b), [&b""[..]]);
+        let (f, n) = b.open_partial(&long).unwrap().unwrap();
+        assert_eq!((n, read_file(f)), (1 << 20, all.clone()), "{len}");
+        b.remove_partial(&long).unwrap();
+        assert!(names_with(root, b".fleetsync.").is_empty());
+    }
+}
