@@ -877,3 +877,44 @@ fn measure_delta_speed() {
         );
     }
 }
+
+#[test]
+fn decoders_never_panic_on_garbage() {
+    // Random input, and valid input with random bytes changed: errors or data, no panic.
+    let dir = tempfile::tempdir().unwrap();
+    let old = text(200_000, 80);
+    let mut new = old.clone();
+    new.splice(100_000..100_100, Rng(81).bytes(300));
+    let (basis, sig) = signature_of(&dir, &old);
+    let delta = delta_of(&sig, &new);
+    let patch = super::patch::patch_encode(&old, &new, 3).unwrap();
+    let frame = ChunkCoder::new(Compression::Level(3))
+        .encode(&new)
+        .unwrap()
+        .to_vec();
+    let mut rng = Rng(82);
+    for round in 0..300 {
+        let mangle = |good: &[u8], rng: &mut Rng| {
+            if round % 3 == 0 {
+                let mut v = b"rs\x02\x36".to_vec();
+                let n = 1 + (rng.next() % 64) as usize;
+                v.extend(rng.bytes(n));
+                v
+            } else {
+                let mut v = good.to_vec();
+                for _ in 0..1 + rng.next() % 4 {
+                    let at = (rng.next() % v.len() as u64) as usize;
+                    v[at] = rng.next() as u8;
+                }
+                v
+            }
+        };
+        let d = mangle(&delta, &mut rng);
+        let _ = apply_delta(&basis, &d, 1 + (rng.next() % 5000) as usize);
+        let p = mangle(&patch, &mut rng);
+        let dec = super::patch::PatchDecoder::from_bytes(old.clone()).unwrap();
+        let _ = apply_patch(dec, &p, 1 + (rng.next() % 5000) as usize);
+        let f = mangle(&frame, &mut rng);
+        let _ = ChunkDecoder::new().decode(&f, 1 << 20);
+    }
+}
