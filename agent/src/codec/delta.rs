@@ -111,12 +111,13 @@ fn parse_signature(signature: &[u8]) -> Result<(usize, usize), String> {
 /// librsync's weak checksum (rsync's rolling sum with `CHAR_OFFSET` 31) of `block`, as
 /// `fast_rsync` stores it in a signature: `s1 | s2 << 16`.
 pub(super) fn weak_sum(block: &[u8]) -> u32 {
-    let (mut s1, mut s2) = (0u16, 0u16);
-    for &b in block {
-        s1 = s1.wrapping_add(u16::from(b));
-        s2 = s2.wrapping_add(s1);
-    }
     let len = block.len() as u32;
+    let (mut s1, mut s2) = (0u16, 0u16);
+    // s2 is the sum of the running s1, written as a weighted sum so that it vectorises.
+    for (i, &b) in block.iter().enumerate() {
+        s1 = s1.wrapping_add(u16::from(b));
+        s2 = s2.wrapping_add(u16::from(b).wrapping_mul((len as u16).wrapping_sub(i as u16)));
+    }
     s1 = s1.wrapping_add((len as u16).wrapping_mul(31));
     s2 = s2.wrapping_add(((len.wrapping_mul(len.wrapping_add(1)) / 2) as u16).wrapping_mul(31));
     u32::from(s1) | u32::from(s2) << 16
@@ -142,7 +143,7 @@ const MAX_CANDIDATES: usize = 16;
 /// The blocks of a signature, for looking windows of the new file up.
 ///
 /// Written here rather than using `fast_rsync::diff`: that looks every position up in two
-/// hash maps, 61-103 MB/s on 64 MiB that match nothing, against 160-250 MB/s with the bit
+/// hash maps, 61-149 MB/s on 64 MiB that match nothing, against 160-276 MB/s with the bit
 /// filter in front of a sorted table here (release build, this 2-core machine under a load
 /// of 4; `measure_delta_speed`); on matching data both run at 500-800 MB/s, and both make
 /// the same deltas. Signatures are `fast_rsync`'s.
