@@ -7,15 +7,16 @@
 # (manylinux2014 x86_64, CPython 3.11), unpacked side by side as a site-packages tree would
 # hold them: numpy 1.26.3 -> 1.26.4, scipy 1.13.0 -> 1.13.1 (its 35 MB OpenBLAS is renamed
 # libopenblasp-r0-24bff013.3.26.dev.so -> libopenblasp-r0-01191904.3.27.so), pandas 2.1.3 ->
-# 2.1.4: about 227 MB and 3,700 files, of which about 200 files / 92 MB differ. --small takes
-# scipy alone (118 MB, 1,329 files, 82 / 58 MB differ). FLEET_PACKAGES="name:old:new ..."
+# 2.1.4: 226 MB and 3,714 files, of which 184 files / 92 MB differ. --small takes scipy
+# alone (120 MB, 1,329 files, 75 files / 58 MB differ). FLEET_PACKAGES="name:old:new ..."
 # picks other packages. Wheels and unpacked trees are cached in
 # ${FLEET_CACHE:-~/.cache/fleetsync-bench} (never in the repository).
 #
 # Lab (../shared/fleetlab/fleetlab, or $FLEETLAB): hosts master, srv, r1..rN, every link capped
 # at RATE (default 100mbit). The master runs a fleetsync agent (with --keep-versions 2GiB
 # when the binary has it), srv the fleetsync server (the control client runs there too), each
-# remote a fleetsync agent and an rsync daemon. Every tool has its own tree on each remote.
+# remote a fleetsync agent and an rsync daemon. Every tool has its own tree on each remote, so
+# each tool starts phase 2 from its own phase-1 result (checked equal to the old release).
 #
 # Phase 1 rolls the old release out to empty remotes; then the master's tree is upgraded in
 # place as an installer does (every file of the new release written over, files the new
@@ -40,7 +41,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --remotes) REMOTES=$2; shift 2;;
@@ -295,7 +296,7 @@ for t in "${TOOL_LIST[@]}"; do measure "$t" 2; done
 echo
 echo "workload: $PACKAGES"
 echo "  old release $O_FILES files, $(mb "$O_BYTES") MB; new release $W_FILES files, $(mb "$W_BYTES") MB; $D_FILES files, $(mb "$D_BYTES") MB new or changed"
-echo "lab: master, srv, $REMOTES remotes, every link $RATE; fleetsync $("$BIN" --version 2>/dev/null || echo "$BIN")${FLEETSYNC_FLAGS:+, sync flags: $FLEETSYNC_FLAGS}; agent flags: ${AGENT_FLAGS:-none}${MASTER_FLAGS[*]:+; master: ${MASTER_FLAGS[*]}}"
+echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --version 2>/dev/null || echo "version unknown"))${FLEETSYNC_FLAGS:+, sync flags: $FLEETSYNC_FLAGS}; agent flags: ${AGENT_FLAGS:-none}${MASTER_FLAGS[*]:+; master: ${MASTER_FLAGS[*]}}"
 for phase in 1 2; do
   echo
   [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
