@@ -25,9 +25,11 @@
 #   rsync       rsync -a --delete MASTER/ rsync://Ri/...      (one per remote, in parallel)
 #   rsync-acz   rsync -acz --zc=zstd --delete MASTER/ rsync://Ri/...
 # and prints wall time, bytes that left the master (its link's tx counter), bytes into each
-# remote (rx, mean and max), the ratios fleetsync / rsync-acz, and the differences the referee
-# (rsync -aHc -n -i --delete MASTER/ REMOTE/) finds afterwards (must be 0; the exit status is 1
-# otherwise).
+# remote (rx, mean and max), CPU seconds on the master and on the busiest remote (fleetsync: its
+# agents; rsync: the clients on the master, the daemons' connection processes on the remotes;
+# fleetsync's server is not counted), the ratios fleetsync / rsync-acz, and the differences
+# the referee (rsync -aHc -n -i --delete MASTER/ REMOTE/) finds afterwards (must be 0; the exit
+# status is 1 otherwise).
 #
 # Options: --remotes N (default 4), --rate RATE (default 100mbit), --small, --tools LIST
 # (comma-separated, default fleetsync,rsync,rsync-acz).
@@ -41,7 +43,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz
-usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --remotes) REMOTES=$2; shift 2;;
@@ -174,6 +176,7 @@ wait_listening() { # file what
 }
 
 MASTER_FLAGS=()
+declare -A AGENT_PID DAEMON_PID
 AGENT_HELP=$("$BIN" agent --help 2>/dev/null || true)
 if grep -q -- '--keep-versions' <<< "$AGENT_HELP"; then
   MASTER_FLAGS=(--keep-versions 2GiB)
@@ -186,7 +189,7 @@ start_agent() { # host root [flags...]
   local h=$1 root=$2; shift 2
   exec_in_host "$h" "$BIN" agent --root "$root" --listen "${ADDR[$h]}:7070" --token-file "$WORK/token" \
     $AGENT_FLAGS "$@" > "$WORK/$h.agent.out" 2> "$WORK/$h.agent.err" &
-  PIDS+=($!)
+  PIDS+=($!); AGENT_PID[$h]=$!
   wait_listening "$WORK/$h.agent.out" "agent on $h"
 }
 start_agent master "$M" "${MASTER_FLAGS[@]}"
@@ -206,7 +209,7 @@ read only = no
 EOF
   bash "$FLEETLAB" exec "$r" rsync --daemon --no-detach --address "${ADDR[$r]}" --port 873 \
     --config "$WORK/$r/rsyncd.conf" --log-file "$WORK/$r.rsyncd.log" 2> "$WORK/$r.rsyncd.err" &
-  PIDS+=($!)
+  PIDS+=($!); DAEMON_PID[$r]=$!
 done
 exec_in_host srv "$BIN" server --listen "${ADDR[srv]}:7000" --token-file "$WORK/token" \
   > "$WORK/srv.out" 2> "$WORK/srv.err" &
@@ -244,16 +247,39 @@ run_tool() { # tool phase -> log in $WORK/TOOL.PHASE.log; fails if any remote fa
   return "$rc"
 }
 
-declare -A WALL TX RXMEAN RXMAX DIFFS
+declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU
 FAILED=0
+TICK=$(getconf CLK_TCK)
+# CPU ticks of a process: "own" (utime + stime) or "children" (cutime + cstime: the children it
+# has reaped, e.g. an rsync daemon's connection handlers, or this script's rsync clients).
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk -v w="$2" '{print (w == "own") ? $12 + $13 : $14 + $15}'; }
+# CPU seconds the tool used on the master and on each remote (max), around one run.
+cpu_snapshot() { # tool -> "master r1 r2 ..." in ticks
+  local r out
+  if [ "$1" = fleetsync ]; then
+    out=$(ticks "${AGENT_PID[master]}" own)
+    for r in "${RS[@]}"; do out+=" $(ticks "${AGENT_PID[$r]}" own)"; done
+  else
+    out=$(ticks $$ children)
+    for r in "${RS[@]}"; do out+=" $(ticks "${DAEMON_PID[$r]}" children)"; done
+  fi
+  echo "$out"
+}
 measure() { # tool phase
   local tool=$1 phase=$2 r s e tx0 rx0=() rx sum=0 max=0 diffs=0 n
   sync  # the previous run's writes are not this run's cost
   tx0=$(lab bytes master tx)
   for r in "${RS[@]}"; do rx0+=("$(lab bytes "$r" rx)"); done
+  local c0 c1
+  c0=$(cpu_snapshot "$tool")
   s=$(date +%s.%N)
   run_tool "$tool" "$phase" || FAILED=1
   e=$(date +%s.%N)
+  c1=$(cpu_snapshot "$tool")
+  read -r MCPU[$tool.$phase] RCPU[$tool.$phase] <<< "$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN {
+    n = split(a, x); split(b, y); max = 0
+    for (i = 2; i <= n; i++) if (y[i] - x[i] > max) max = y[i] - x[i]
+    printf "%.1f %.1f\n", (y[1] - x[1]) / t, max / t }')"
   TX[$tool.$phase]=$(( $(lab bytes master tx) - tx0 ))
   local i=0
   for r in "${RS[@]}"; do
@@ -300,10 +326,12 @@ echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --ver
 for phase in 1 2; do
   echo
   [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
-  printf '%-12s %8s %14s %18s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" "remote rx MB max" diffs
+  printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
+    "remote rx MB max" "master CPU s" "remote CPU s max" diffs
   for t in "${TOOL_LIST[@]}"; do
-    printf '%-12s %8s %14s %18s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
-      "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${DIFFS[$t.$phase]}"
+    printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
+      "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${MCPU[$t.$phase]}" "${RCPU[$t.$phase]}" \
+      "${DIFFS[$t.$phase]}"
   done
   if [ -n "${WALL[fleetsync.$phase]:-}" ] && [ -n "${WALL[rsync-acz.$phase]:-}" ]; then
     awk -v w1="${WALL[fleetsync.$phase]}" -v w2="${WALL[rsync-acz.$phase]}" \
