@@ -201,9 +201,12 @@ impl Wire {
 /// (one delta, many remotes): keyed by the new file's identity and the basis version.
 #[derive(Default)]
 pub(crate) struct DeltaCache {
-    map: Mutex<HashMap<DeltaKey, Arc<OnceLock<Option<Arc<Vec<u8>>>>>>>,
+    map: Mutex<HashMap<DeltaKey, Arc<DeltaCell>>>,
     bytes: AtomicU64,
 }
+
+/// A delta being made or made (`None`: it could not be made).
+type DeltaCell = OnceLock<Option<Arc<Vec<u8>>>>;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DeltaKey {

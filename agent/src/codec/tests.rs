@@ -564,7 +564,7 @@ fn delta_round_trip(old: &[u8], new: &[u8]) -> usize {
         reference == new,
         "fast_rsync::apply does not give the new file"
     );
-    for split in [1, 4096, 1 << 20] {
+    for split in [1, 4096, 1 << 20, usize::MAX] {
         if split == 1 && delta.len() > 4 << 20 {
             continue;
         }
@@ -579,7 +579,7 @@ fn delta_round_trips_edits() {
     let (old, new) = old_and_new();
     let n = delta_round_trip(&old, &new);
     eprintln!("delta: {n} bytes for a file of {}", new.len());
-    // The edits touch about 20 blocks (of 3.2 kB here) and add 55 kB.
+    // The edits touch about 20 blocks (of 3 kB here) and add 55 kB.
     assert!(n < 200_000, "delta of {n} bytes");
     // Insertions, deletions and an appended tail, one at a time.
     let base = text(2 << 20, 40);
@@ -725,6 +725,74 @@ fn delta_malformed_is_an_error() {
     assert!(apply_delta(&basis, &whole, 3).unwrap() == old);
 }
 
+#[test]
+fn delta_weak_sums_are_those_of_the_signature_and_roll() {
+    use super::delta::{weak_roll, weak_sum};
+    let data = Rng(70).bytes(600_000);
+    for block in [1u32, 64, 700, 4096, 128 << 10] {
+        let sig = fast_rsync::Signature::calculate(
+            &data,
+            fast_rsync::SignatureOptions {
+                block_size: block,
+                crypto_hash_size: 8,
+            },
+        );
+        let entries = &sig.serialized()[12..];
+        for (i, b) in data.chunks(block as usize).enumerate().take(200) {
+            let stored = u32::from_be_bytes(entries[i * 12..i * 12 + 4].try_into().unwrap());
+            assert_eq!(weak_sum(b), stored, "block {i} of {block}");
+        }
+        let b = block as usize;
+        let mut sum = weak_sum(&data[..b]);
+        for at in 1..(data.len() - b).min(3000) {
+            sum = weak_roll(sum, b, data[at - 1], data[at + b - 1]);
+            assert_eq!(
+                sum,
+                weak_sum(&data[at..at + b]),
+                "window at {at} of {block}"
+            );
+        }
+    }
+}
+
+#[test]
+fn delta_is_no_larger_than_fast_rsyncs_and_applies_its_deltas() {
+    let (old, new) = old_and_new();
+    let dir = tempfile::tempdir().unwrap();
+    let (basis, sig) = signature_of(&dir, &old);
+    let ours = delta_of(&sig, &new);
+    let parsed = fast_rsync::Signature::deserialize(sig.clone()).unwrap();
+    let mut theirs = Vec::new();
+    fast_rsync::diff(&parsed.index(), &new, &mut theirs).unwrap();
+    eprintln!(
+        "delta: ours {} bytes, fast_rsync's {}",
+        ours.len(),
+        theirs.len()
+    );
+    assert!(
+        ours.len() <= theirs.len() + 64,
+        "{} vs {}",
+        ours.len(),
+        theirs.len()
+    );
+    assert!(apply_delta(&basis, &theirs, 4096).unwrap() == new);
+}
+
+#[test]
+fn delta_of_repeated_blocks_stays_fast_and_small() {
+    // Zeros with a few edits: thousands of identical blocks must not be walked per position.
+    let old = vec![0u8; 16 << 20];
+    let mut new = old.clone();
+    for i in 1..16 {
+        new[i << 20] = 1;
+    }
+    new.splice(8 << 20..8 << 20, [7u8; 100]);
+    let started = Instant::now();
+    let n = delta_round_trip(&old, &new);
+    eprintln!("zeros: delta {n} bytes in {:?}", started.elapsed());
+    assert!(n < 100_000, "delta of {n} bytes");
+}
+
 /// librsync's own tool applies our delta, and our applier applies its delta made from our
 /// signature. Needs `rdiff` (Debian package rdiff).
 #[test]
@@ -796,9 +864,57 @@ fn measure_delta_speed() {
         let back = apply_delta(&basis, &delta, 1 << 20).unwrap();
         let apply = mb(new.len(), t);
         assert!(back == *new);
+        let index = fast_rsync::Signature::deserialize(sig.clone()).unwrap();
+        let index = index.index();
+        let t = Instant::now();
+        let mut theirs = Vec::new();
+        fast_rsync::diff(&index, new, &mut theirs).unwrap();
+        let reference = mb(new.len(), t);
         eprintln!(
-            "{what}: diff {diff:.0} MB/s, delta {} bytes, apply {apply:.0} MB/s",
+            "{what}: diff {diff:.0} MB/s (fast_rsync::diff {reference:.0} MB/s), delta {} \
+             bytes, apply {apply:.0} MB/s",
             delta.len()
         );
+    }
+}
+
+#[test]
+fn decoders_never_panic_on_garbage() {
+    // Random input, and valid input with random bytes changed: errors or data, no panic.
+    let dir = tempfile::tempdir().unwrap();
+    let old = text(200_000, 80);
+    let mut new = old.clone();
+    new.splice(100_000..100_100, Rng(81).bytes(300));
+    let (basis, sig) = signature_of(&dir, &old);
+    let delta = delta_of(&sig, &new);
+    let patch = super::patch::patch_encode(&old, &new, 3).unwrap();
+    let frame = ChunkCoder::new(Compression::Level(3))
+        .encode(&new)
+        .unwrap()
+        .to_vec();
+    let mut rng = Rng(82);
+    for round in 0..300 {
+        let mangle = |good: &[u8], rng: &mut Rng| {
+            if round % 3 == 0 {
+                let mut v = b"rs\x02\x36".to_vec();
+                let n = 1 + (rng.next() % 64) as usize;
+                v.extend(rng.bytes(n));
+                v
+            } else {
+                let mut v = good.to_vec();
+                for _ in 0..1 + rng.next() % 4 {
+                    let at = (rng.next() % v.len() as u64) as usize;
+                    v[at] = rng.next() as u8;
+                }
+                v
+            }
+        };
+        let d = mangle(&delta, &mut rng);
+        let _ = apply_delta(&basis, &d, 1 + (rng.next() % 5000) as usize);
+        let p = mangle(&patch, &mut rng);
+        let dec = super::patch::PatchDecoder::from_bytes(old.clone()).unwrap();
+        let _ = apply_patch(dec, &p, 1 + (rng.next() % 5000) as usize);
+        let f = mangle(&frame, &mut rng);
+        let _ = ChunkDecoder::new().decode(&f, 1 << 20);
     }
 }

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# Release-update benchmark (issue 11, item 1): fleetsync against rsync on a real network.
+#
+#   benches/fleet_update.sh [--remotes N] [--rate RATE] [--small] [--tools LIST]
+#
+# Workload: two consecutive releases of real upstream software, binary wheels from PyPI
+# (manylinux2014 x86_64, CPython 3.11), unpacked side by side as a site-packages tree would
+# hold them: numpy 1.26.3 -> 1.26.4, scipy 1.13.0 -> 1.13.1 (its 35 MB OpenBLAS is renamed
+# libopenblasp-r0-24bff013.3.26.dev.so -> libopenblasp-r0-01191904.3.27.so), pandas 2.1.3 ->
+# 2.1.4: 226 MB and 3,714 files, of which 184 files / 92 MB differ. --small takes scipy
+# alone (120 MB, 1,329 files, 75 files / 58 MB differ). FLEET_PACKAGES="name:old:new ..."
+# picks other packages. Wheels and unpacked trees are cached in
+# ${FLEET_CACHE:-~/.cache/fleetsync-bench} (never in the repository).
+#
+# Lab (../shared/fleetlab/fleetlab, or $FLEETLAB): hosts master, srv, r1..rN, every link capped
+# at RATE (default 100mbit). The master runs a fleetsync agent (with --keep-versions 2GiB
+# when the binary has it), srv the fleetsync server (the control client runs there too), each
+# remote a fleetsync agent and an rsync daemon. Every tool has its own tree on each remote, so
+# each tool starts phase 2 from its own phase-1 result (checked equal to the old release).
+#
+# Phase 1 rolls the old release out to empty remotes; then the master's tree is upgraded in
+# place as an installer does (every file of the new release written over, files the new
+# release lacks deleted); phase 2 pushes the update. Per phase and tool, all remotes at once:
+#   fleetsync   fleetsync sync --server SRV --master MASTER --delete $FLEETSYNC_FLAGS R1..RN
+#   rsync       rsync -a --delete MASTER/ rsync://Ri/...      (one per remote, in parallel)
+#   rsync-acz   rsync -acz --zc=zstd --delete MASTER/ rsync://Ri/...
+# and prints wall time, bytes that left the master (its link's tx counter), bytes into each
+# remote (rx, mean and max), CPU seconds on the master and on the busiest remote (fleetsync: its
+# agents; rsync: the clients on the master, the daemons' connection processes on the remotes;
+# fleetsync's server is not counted), the ratios fleetsync / rsync-acz, and the differences
+# the referee (rsync -aHc -n -i --delete MASTER/ REMOTE/) finds afterwards (must be 0; the exit
+# status is 1 otherwise).
+#
+# Options: --remotes N (default 4), --rate RATE (default 100mbit), --small, --tools LIST
+# (comma-separated, default fleetsync,rsync,rsync-acz).
+# Environment: FLEETSYNC_BIN (binary; default: cargo build --release, then target/release/
+# fleetsync), FLEETSYNC_FLAGS (extra `sync` flags), FLEETSYNC_AGENT_FLAGS (extra `agent` flags;
+# default --no-fsync, as rsync does not fsync either), FLEETLAB_PREFIX (lab name, default fb),
+# FLEET_CACHE, FLEET_PACKAGES, KEEP=1 keeps the work directory. Needs root, iproute2, rsync
+# (>= 3.2 for --zc), python3 with pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --remotes) REMOTES=$2; shift 2;;
+    --rate) RATE=$2; shift 2;;
+    --small) SMALL=1; shift;;
+    --tools) TOOLS=$2; shift 2;;
+    -h|--help) usage;;
+    *) echo "fleet_update: unknown argument $1" >&2; usage 2 >&2;;
+  esac
+done
+[[ $REMOTES =~ ^[1-9][0-9]?$ ]] || { echo "fleet_update: --remotes 1..99" >&2; exit 2; }
+IFS=, read -r -a TOOL_LIST <<< "$TOOLS"
+for t in "${TOOL_LIST[@]}"; do
+  case $t in fleetsync|rsync|rsync-acz) ;; *) echo "fleet_update: unknown tool $t" >&2; exit 2;; esac
+done
+[ "$(id -u)" = 0 ] || { echo "fleet_update: needs root (network namespaces)" >&2; exit 2; }
+
+FLEETLAB=${FLEETLAB:-$ROOT/../shared/fleetlab/fleetlab}
+[ -f "$FLEETLAB" ] || { echo "fleet_update: no fleetlab at $FLEETLAB (set FLEETLAB)" >&2; exit 2; }
+export FLEETLAB_PREFIX=${FLEETLAB_PREFIX:-fb}
+lab() { bash "$FLEETLAB" "$@"; }
+
+if [ -n "${FLEETSYNC_BIN:-}" ]; then
+  BIN=$FLEETSYNC_BIN
+else
+  cargo build --release -p fleetsync >&2
+  BIN=$ROOT/target/release/fleetsync
+fi
+BIN=$(realpath "$BIN")
+AGENT_FLAGS=${FLEETSYNC_AGENT_FLAGS---no-fsync}
+
+CACHE=${FLEET_CACHE:-$HOME/.cache/fleetsync-bench}
+if [ -n "${FLEET_PACKAGES:-}" ]; then
+  PACKAGES=$FLEET_PACKAGES
+elif [ "$SMALL" = 1 ]; then
+  PACKAGES="scipy:1.13.0:1.13.1"
+else
+  PACKAGES="numpy:1.26.3:1.26.4 scipy:1.13.0:1.13.1 pandas:2.1.3:2.1.4"
+fi
+
+# --- workload: wheels from PyPI, unpacked once into $CACHE/trees/KEY/{old,new} -------------
+mkdir -p "$CACHE/wheels" "$CACHE/trees"
+wheel() { # name version -> path of the cached wheel (downloaded if missing)
+  local w
+  w=$(ls "$CACHE/wheels/$1-$2-"*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$w" ]; then
+    echo "downloading $1==$2 from PyPI ..." >&2
+    python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+      --python-version 3.11 -d "$CACHE/wheels" "$1==$2" >&2
+    w=$(ls "$CACHE/wheels/$1-$2-"*.whl | head -1)
+  fi
+  echo "$w"
+}
+KEY=$(echo "$PACKAGES" | tr ' :' '_-')
+TREES=$CACHE/trees/$KEY
+if [ ! -f "$TREES/done" ]; then
+  rm -rf "$TREES"; mkdir -p "$TREES/old" "$TREES/new"
+  for p in $PACKAGES; do
+    IFS=: read -r name old new <<< "$p"
+    python3 -m zipfile -e "$(wheel "$name" "$old")" "$TREES/old"
+    # A second, later unpack: the new release's files all get new mtimes, as an install does.
+    python3 -m zipfile -e "$(wheel "$name" "$new")" "$TREES/new"
+  done
+  touch "$TREES/done"
+fi
+OLD=$TREES/old NEW=$TREES/new
+
+WORK=$(mktemp -d /tmp/fleet-update.XXXXXX)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  lab down >/dev/null 2>&1 || true
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Workload figures: files and bytes of each release, and what differs old -> new.
+read -r W_FILES W_BYTES D_FILES D_BYTES <<< "$(python3 - "$OLD" "$NEW" <<'PY'
+import filecmp, os, sys
+old, new = sys.argv[1:]
+files = size = dfiles = dsize = 0
+for d, _, names in os.walk(new):
+    for n in names:
+        p = os.path.join(d, n)
+        if os.path.islink(p) or not os.path.isfile(p):
+            continue
+        s = os.path.getsize(p)
+        files += 1; size += s
+        o = os.path.join(old, os.path.relpath(p, new))
+        if not (os.path.isfile(o) and filecmp.cmp(o, p, shallow=False)):
+            dfiles += 1; dsize += s
+print(files, size, dfiles, dsize)
+PY
+)"
+read -r O_FILES O_BYTES <<< "$(find "$OLD" -type f -printf '%s\n' | awk '{n++; s+=$1} END {print n, s}')"
+mb() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}'; }
+
+# --- lab -----------------------------------------------------------------------------------
+RS=(); for i in $(seq "$REMOTES"); do RS+=("r$i"); done
+lab down >/dev/null 2>&1 || true
+lab up master srv "${RS[@]}" --rate "$RATE"
+declare -A ADDR
+for h in master srv "${RS[@]}"; do ADDR[$h]=$(lab addr "$h"); done
+
+M=$WORK/master
+mkdir -p "$M"
+cp -a "$OLD/." "$M/"
+printf 'bench-token-%s\n' "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" > "$WORK/token"
+chmod 600 "$WORK/token"
+
+# Each host has its own home (checksum cache, write log, job history), as separate machines do.
+# exec_in_host HOST CMD...: becomes CMD run in HOST (call it in the background, `( ... ) &` or
+# `... &`, so that $! is CMD's own pid: fleetlab and `ip netns exec` exec too).
+exec_in_host() {
+  local h=$1; shift
+  mkdir -p "$WORK/home/$h"
+  exec bash "$FLEETLAB" exec "$h" env HOME="$WORK/home/$h" XDG_CACHE_HOME="$WORK/home/$h/.cache" \
+    XDG_STATE_HOME="$WORK/home/$h/.local/state" FLEETSYNC_JOBS_DB="$WORK/home/$h/jobs.sqlite" "$@"
+}
+wait_listening() { # file what
+  local i
+  for i in $(seq 200); do
+    grep -q '^listening on ' "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "fleet_update: $2 did not start:" >&2; cat "$1" >&2; exit 1
+}
+
+MASTER_FLAGS=()
+declare -A AGENT_PID DAEMON_PID
+AGENT_HELP=$("$BIN" agent --help 2>/dev/null || true)
+if grep -q -- '--keep-versions' <<< "$AGENT_HELP"; then
+  MASTER_FLAGS=(--keep-versions 2GiB)
+  grep -q -- '--versions-dir' <<< "$AGENT_HELP" && MASTER_FLAGS+=(--versions-dir "$WORK/versions")
+else
+  echo "note: $BIN agent has no --keep-versions; the master agent runs without it" >&2
+fi
+# shellcheck disable=SC2086 # AGENT_FLAGS and FLEETSYNC_FLAGS are word lists
+start_agent() { # host root [flags...]
+  local h=$1 root=$2; shift 2
+  exec_in_host "$h" "$BIN" agent --root "$root" --listen "${ADDR[$h]}:7070" --token-file "$WORK/token" \
+    $AGENT_FLAGS "$@" > "$WORK/$h.agent.out" 2> "$WORK/$h.agent.err" &
+  PIDS+=($!); AGENT_PID[$h]=$!
+  wait_listening "$WORK/$h.agent.out" "agent on $h"
+}
+start_agent master "$M" "${MASTER_FLAGS[@]}"
+for r in "${RS[@]}"; do
+  mkdir -p "$WORK/$r/fleetsync" "$WORK/$r/rsync" "$WORK/$r/rsync-acz"
+  start_agent "$r" "$WORK/$r/fleetsync"
+  cat > "$WORK/$r/rsyncd.conf" <<EOF
+use chroot = no
+uid = root
+gid = root
+[rsync]
+path = $WORK/$r/rsync
+read only = no
+[rsync-acz]
+path = $WORK/$r/rsync-acz
+read only = no
+EOF
+  bash "$FLEETLAB" exec "$r" rsync --daemon --no-detach --address "${ADDR[$r]}" --port 873 \
+    --config "$WORK/$r/rsyncd.conf" --log-file "$WORK/$r.rsyncd.log" 2> "$WORK/$r.rsyncd.err" &
+  PIDS+=($!); DAEMON_PID[$r]=$!
+done
+exec_in_host srv "$BIN" server --listen "${ADDR[srv]}:7000" --token-file "$WORK/token" \
+  > "$WORK/srv.out" 2> "$WORK/srv.err" &
+PIDS+=($!)
+wait_listening "$WORK/srv.out" "server"
+for r in "${RS[@]}"; do
+  for i in $(seq 100); do
+    lab exec master rsync "rsync://${ADDR[$r]}/" >/dev/null 2>&1 && break
+    [ "$i" = 100 ] && { echo "fleet_update: rsync daemon on $r did not start" >&2; cat "$WORK/$r.rsyncd.err" >&2; exit 1; }
+    sleep 0.05
+  done
+done
+
+# --- runs ----------------------------------------------------------------------------------
+run_tool() { # tool phase -> log in $WORK/TOOL.PHASE.log; fails if any remote fails
+  local tool=$1 log=$WORK/$1.$2.log r pids=() rc=0
+  case $tool in
+    fleetsync)
+      local remotes=()
+      for r in "${RS[@]}"; do remotes+=("${ADDR[$r]}:7070"); done
+      # shellcheck disable=SC2086
+      (exec_in_host srv "$BIN" sync --server "${ADDR[srv]}:7000" --master "${ADDR[master]}:7070" \
+        --token-file "$WORK/token" --delete ${FLEETSYNC_FLAGS:-} "${remotes[@]}") > "$log" 2>&1 || rc=$?;;
+    rsync|rsync-acz)
+      local flags=(-a --delete)
+      [ "$tool" = rsync-acz ] && flags=(-acz --zc=zstd --delete)
+      for r in "${RS[@]}"; do
+        bash "$FLEETLAB" exec master rsync "${flags[@]}" "$M/" "rsync://${ADDR[$r]}/$tool/" > "$log.$r" 2>&1 &
+        pids+=($!)
+      done
+      for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+      cat "$log".r* > "$log";;
+  esac
+  if [ "$rc" != 0 ]; then echo "fleet_update: $tool failed in phase $2 (exit $rc):" >&2; tail -20 "$log" >&2; fi
+  return "$rc"
+}
+
+declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU
+FAILED=0
+TICK=$(getconf CLK_TCK)
+# CPU ticks of a process: "own" (utime + stime) or "children" (cutime + cstime: the children it
+# has reaped, e.g. an rsync daemon's connection handlers, or this script's rsync clients).
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk -v w="$2" '{print (w == "own") ? $12 + $13 : $14 + $15}'; }
+# CPU seconds the tool used on the master and on each remote (max), around one run.
+cpu_snapshot() { # tool -> "master r1 r2 ..." in ticks
+  local r out
+  if [ "$1" = fleetsync ]; then
+    out=$(ticks "${AGENT_PID[master]}" own)
+    for r in "${RS[@]}"; do out+=" $(ticks "${AGENT_PID[$r]}" own)"; done
+  else
+    out=$(ticks $$ children)
+    for r in "${RS[@]}"; do out+=" $(ticks "${DAEMON_PID[$r]}" children)"; done
+  fi
+  echo "$out"
+}
+measure() { # tool phase
+  local tool=$1 phase=$2 r s e tx0 rx0=() rx sum=0 max=0 diffs=0 n
+  sync  # the previous run's writes are not this run's cost
+  tx0=$(lab bytes master tx)
+  for r in "${RS[@]}"; do rx0+=("$(lab bytes "$r" rx)"); done
+  local c0 c1
+  c0=$(cpu_snapshot "$tool")
+  s=$(date +%s.%N)
+  run_tool "$tool" "$phase" || FAILED=1
+  e=$(date +%s.%N)
+  c1=$(cpu_snapshot "$tool")
+  read -r MCPU[$tool.$phase] RCPU[$tool.$phase] <<< "$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN {
+    n = split(a, x); split(b, y); max = 0
+    for (i = 2; i <= n; i++) if (y[i] - x[i] > max) max = y[i] - x[i]
+    printf "%.1f %.1f\n", (y[1] - x[1]) / t, max / t }')"
+  TX[$tool.$phase]=$(( $(lab bytes master tx) - tx0 ))
+  local i=0
+  for r in "${RS[@]}"; do
+    rx=$(( $(lab bytes "$r" rx) - rx0[i] )); i=$((i + 1))
+    sum=$((sum + rx)); [ "$rx" -gt "$max" ] && max=$rx
+    n=$(rsync -aHc -n -i --delete "$M/" "$WORK/$r/$tool/" | wc -l)
+    diffs=$((diffs + n))
+  done
+  [ "$diffs" = 0 ] || FAILED=1
+  WALL[$tool.$phase]=$(awk -v s="$s" -v e="$e" 'BEGIN {printf "%.1f", e - s}')
+  RXMEAN[$tool.$phase]=$((sum / REMOTES)); RXMAX[$tool.$phase]=$max; DIFFS[$tool.$phase]=$diffs
+  echo "  $tool phase $phase: ${WALL[$tool.$phase]} s, master sent $(mb "${TX[$tool.$phase]}") MB, referee differences $diffs" >&2
+}
+
+echo "phase 1: rolling out the old release ..." >&2
+for t in "${TOOL_LIST[@]}"; do measure "$t" 1; done
+
+echo "upgrading the master in place ..." >&2
+cp -a "$NEW/." "$M/"
+python3 - "$NEW" "$M" <<'PY'
+import os, shutil, sys
+new, m = sys.argv[1:]
+for d, dirs, names in os.walk(m, topdown=True):
+    rel = os.path.relpath(d, m)
+    for n in names:
+        if not os.path.lexists(os.path.join(new, rel, n)):
+            os.unlink(os.path.join(d, n))
+    for n in list(dirs):
+        if not os.path.lexists(os.path.join(new, rel, n)):
+            shutil.rmtree(os.path.join(d, n)); dirs.remove(n)
+PY
+# (Directory times are the master's own: deleting files changed them, as an install does.)
+d=$(rsync -aHc -O -n -i --delete "$NEW/" "$M/" | wc -l)
+[ "$d" = 0 ] || { echo "fleet_update: the upgraded master differs from the new release ($d)" >&2; exit 1; }
+
+echo "phase 2: pushing the update ..." >&2
+for t in "${TOOL_LIST[@]}"; do measure "$t" 2; done
+
+# --- table ---------------------------------------------------------------------------------
+echo
+echo "workload: $PACKAGES"
+echo "  old release $O_FILES files, $(mb "$O_BYTES") MB; new release $W_FILES files, $(mb "$W_BYTES") MB; $D_FILES files, $(mb "$D_BYTES") MB new or changed"
+echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --version 2>/dev/null || echo "version unknown"))${FLEETSYNC_FLAGS:+, sync flags: $FLEETSYNC_FLAGS}; agent flags: ${AGENT_FLAGS:-none}${MASTER_FLAGS[*]:+; master: ${MASTER_FLAGS[*]}}"
+for phase in 1 2; do
+  echo
+  [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
+  printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
+    "remote rx MB max" "master CPU s" "remote CPU s max" diffs
+  for t in "${TOOL_LIST[@]}"; do
+    printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
+      "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${MCPU[$t.$phase]}" "${RCPU[$t.$phase]}" \
+      "${DIFFS[$t.$phase]}"
+  done
+  if [ -n "${WALL[fleetsync.$phase]:-}" ] && [ -n "${WALL[rsync-acz.$phase]:-}" ]; then
+    awk -v w1="${WALL[fleetsync.$phase]}" -v w2="${WALL[rsync-acz.$phase]}" \
+        -v t1="${TX[fleetsync.$phase]}" -v t2="${TX[rsync-acz.$phase]}" \
+        -v r1="${RXMEAN[fleetsync.$phase]}" -v r2="${RXMEAN[rsync-acz.$phase]}" \
+        'function q(a, b) { return b > 0 ? sprintf("%.2fx", a / b) : "-" }
+         BEGIN { printf "fleetsync / rsync-acz: wall %s, master tx %s, remote rx (mean) %s\n", q(w1, w2), q(t1, t2), q(r1, r2) }'
+  fi
+done
+[ "$FAILED" = 0 ] || { echo "fleet_update: a run failed or left differences (see above)" >&2; exit 1; }
