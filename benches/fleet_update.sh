@@ -294,6 +294,7 @@ measure() { # tool phase
   echo "  $tool phase $phase: ${WALL[$tool.$phase]} s, master sent $(mb "${TX[$tool.$phase]}") MB, referee differences $diffs" >&2
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "phase 1: rolling out the old release ..." >&2
 for t in "${TOOL_LIST[@]}"; do measure "$t" 1; done
 
@@ -319,9 +320,11 @@ echo "phase 2: pushing the update ..." >&2
 for t in "${TOOL_LIST[@]}"; do measure "$t" 2; done
 
 # --- table ---------------------------------------------------------------------------------
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 echo
 echo "workload: $PACKAGES"
 echo "  old release $O_FILES files, $(mb "$O_BYTES") MB; new release $W_FILES files, $(mb "$W_BYTES") MB; $D_FILES files, $(mb "$D_BYTES") MB new or changed"
+echo "load average $LOAD_BEFORE before, $LOAD_AFTER after ($(nproc) cores; other load skews wall and CPU times)"
 echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --version 2>/dev/null || echo "version unknown"))${FLEETSYNC_FLAGS:+, sync flags: $FLEETSYNC_FLAGS}; agent flags: ${AGENT_FLAGS:-none}${MASTER_FLAGS[*]:+; master: ${MASTER_FLAGS[*]}}"
 for phase in 1 2; do
   echo
