@@ -3,6 +3,8 @@
 //! kill and malformed-frame tests.)
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
