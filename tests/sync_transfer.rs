@@ -271,6 +271,16 @@ impl Run {
         self.remote(i)["bytes"].as_u64().unwrap()
     }
 
+    /// The index of the remote labelled `label` (its address or directory).
+    fn index_of(&self, label: &str) -> usize {
+        self.json["remotes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|r| r["remote"] == label)
+            .unwrap_or_else(|| panic!("no remote {label} in {}", self.json))
+    }
+
     /// Bytes of file data on the wire to remote `i`.
     fn wire(&self, i: usize) -> u64 {
         self.remote(i)["wire_bytes"].as_u64().unwrap()
@@ -469,6 +479,36 @@ fn delta_of_an_edited_file() {
         whole_wire > 5 * wire,
         "--no-delta ({whole_wire}) must cost far more than the delta ({wire})"
     );
+
+    // With --compress zstd the delta's literals (mostly the appended text) are compressed;
+    // the summary line a user reads says what --json says.
+    let t = Trees::new(1);
+    make(&t);
+    let mut cmd = fleetsync(scratch_home());
+    cmd.args(["sync", "--no-fsync", "--compress", "zstd"])
+        .arg(&t.master)
+        .arg(&t.remotes[0]);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("sync --compress zstd: {:?}\n{err}", out.status);
+    assert_eq!(out.status.code(), Some(0));
+    t.assert_in_sync();
+    let (b, w) = summary_counts(&err).unwrap_or_else(|| panic!("no summary line in {err:?}"));
+    eprintln!("delta with --compress zstd: {b} bytes, {w} on the wire; uncompressed delta: {wire}");
+    assert_eq!(b, bytes, "the summary line's bytes");
+    assert!(
+        w > 0 && w < wire * 3 / 4,
+        "compressed literals: {w} bytes vs {wire} raw"
+    );
+}
+
+/// The counts in a summary line `LABEL: sent N files (B bytes, W on the wire), ...`.
+fn summary_counts(stderr: &str) -> Option<(u64, u64)> {
+    let line = stderr.lines().find(|l| l.contains(" on the wire)"))?;
+    let inner = line.split_once(" files (")?.1;
+    let (b, rest) = inner.split_once(" bytes, ")?;
+    let w = rest.split_once(" on the wire")?.0;
+    Some((b.parse().ok()?, w.parse().ok()?))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -717,13 +757,13 @@ fn corrupted_stream_is_detected_and_resent_whole() {
         let carried = proxy.carried();
         eprintln!(
             "whole: {} flip(s); bytes per connection {carried:?}; {} bytes, {} on the wire",
-            proxy.flips(),
+            proxy.faults(),
             s.bytes(0),
             s.wire(0)
         );
         s.assert_ok();
         t.assert_in_sync();
-        assert_eq!(proxy.flips(), 1, "one stream must have been corrupted");
+        assert_eq!(proxy.faults(), 1, "one stream must have been corrupted");
         assert!(logged_resend(&log), "the master's log shows no resend");
         // What crossed the proxy: the file twice (the corrupted copy and the resend).
         let data_conn = carried.iter().copied().max().unwrap();
@@ -769,14 +809,14 @@ fn corrupted_stream_is_detected_and_resent_whole() {
         let s = fleet.sync(&master, &[&proxy.addr], &[]);
         eprintln!(
             "delta, corrupted: {} flip(s); bytes per connection {:?}; {} bytes, {} on the wire",
-            proxy.flips(),
+            proxy.faults(),
             proxy.carried(),
             s.bytes(0),
             s.wire(0)
         );
         s.assert_ok();
         t.assert_in_sync();
-        assert_eq!(proxy.flips(), 1, "one stream must have been corrupted");
+        assert_eq!(proxy.faults(), 1, "one stream must have been corrupted");
         assert!(logged_resend(&log), "the master's log shows no resend");
         assert!(
             s.wire(0) >= s.bytes(0) && s.wire(0) > clean_wire,
@@ -786,32 +826,90 @@ fn corrupted_stream_is_detected_and_resent_whole() {
     }
 }
 
+#[test]
+fn corrupted_patch_is_detected_and_resent_whole() {
+    let _serial = serial();
+    let t = Trees::new(2);
+    let old = binary_like(65, 4 * MIB);
+    let new = edited(&old, 66, 6, 64 * 1024);
+    let path = "lib/libpatch.so";
+    write_with_mtime(&t.master.join(path), &old, OLD_MTIME);
+    let log = t.aside("logs").join("master.log");
+    let versions = t.aside("versions");
+    let fleet = Fleet::new();
+    let (_m, master) = fleet.agent(
+        &t.master,
+        &[
+            "-vv",
+            "--keep-versions",
+            "64MiB",
+            "--versions-dir",
+            versions.to_str().unwrap(),
+        ],
+        Some(&log),
+    );
+    let (_r0, clean) = fleet.agent(&t.remotes[0], &[], None);
+    let (_r1, remote) = fleet.agent(&t.remotes[1], &[], None);
+    fleet.sync(&master, &[&clean, &remote], &[]).assert_ok();
+    t.assert_in_sync();
+
+    // The upgrade goes to both remotes as one patch; the stream to the second is corrupted
+    // 4 KiB in, inside the patch (a few tens of KiB, after a few hundred bytes of handshake,
+    // basis query and file start).
+    write_with_mtime(&t.master.join(path), &new, NEW_MTIME);
+    let proxy = CorruptingProxy::start(&remote, 4096);
+    let s = fleet.sync(&master, &[&clean, &proxy.addr], &[]);
+    let i = s.index_of(&proxy.addr);
+    let c = s.index_of(&clean);
+    eprintln!(
+        "patch: {} flip(s); bytes per connection {:?}; clean remote {} on the wire, corrupted \
+         remote {} for {} bytes",
+        proxy.faults(),
+        proxy.carried(),
+        s.wire(c),
+        s.wire(i),
+        s.bytes(i)
+    );
+    s.assert_ok();
+    t.assert_in_sync();
+    assert_eq!(proxy.faults(), 1, "one stream must have been corrupted");
+    assert!(s.wire(c) * 20 < new.len() as u64, "no patch: {}", s.wire(c));
+    assert!(logged_resend(&log), "the master's log shows no resend");
+    assert!(
+        s.wire(i) >= new.len() as u64,
+        "the corrupted patch must be followed by the whole file ({} on the wire)",
+        s.wire(i)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. A transfer cut by SIGKILL resumes from the partial file
 
-#[test]
-fn interrupted_transfer_resumes() {
-    let _serial = serial();
-    const SIZE: usize = 48 * MIB;
-    let t = Trees::new(1);
-    let data = random_bytes(71, SIZE);
-    write_with_mtime(&t.master.join("images/disk.img"), &data, NEW_MTIME);
-    drop(data);
-    let remote_root = &t.remotes[0];
-    let fleet = Fleet::new();
-    let (mut master_proc, master) = fleet.agent(&t.master, &[], None);
-    let (_r, remote) = fleet.agent(remote_root, &[], None);
-
-    let mut cmd = fleet.sync_command(&master, &[&remote], &["--bwlimit", "16MiB/s"]);
+/// Starts `fleetsync sync --bwlimit RATE` of `master` (whose agent is `master_proc`) to
+/// `remote` (serving `remote_root`), SIGKILLs the master agent once `frac` of `size` bytes
+/// reached the remote's temp file, and waits for the sync to end (it must fail) and the
+/// remote to keep what arrived as a partial file. Returns the bytes the remote held at the
+/// kill.
+#[allow(clippy::too_many_arguments)]
+fn kill_master_mid_file(
+    fleet: &Fleet,
+    master_proc: &mut Proc,
+    master: &str,
+    remote: &str,
+    remote_root: &Path,
+    size: u64,
+    rate: &str,
+    frac: f64,
+) -> u64 {
+    let mut cmd = fleet.sync_command(master, &[remote], &["--bwlimit", rate]);
     let started = Instant::now();
     let mut sync = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Cut it a little after the middle (about 1.5 s in), by what reached the remote.
     let deadline = started + Duration::from_secs(20);
-    while in_flight(remote_root) < (SIZE as u64) * 55 / 100 && Instant::now() < deadline {
+    while (in_flight(remote_root) as f64) < frac * size as f64 && Instant::now() < deadline {
         assert!(
             sync.try_wait().unwrap().is_none(),
             "the sync ended before the kill"
@@ -828,14 +926,65 @@ fn interrupted_transfer_resumes() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        at_kill >= SIZE as u64 / 2 && at_kill < SIZE as u64,
-        "no cut mid-file"
-    );
+    assert!(at_kill >= size / 2 && at_kill < size, "no cut mid-file");
     assert_ne!(
         out.status.code(),
         Some(0),
         "a sync whose master died succeeded"
+    );
+    wait_for_partial(remote_root);
+    at_kill
+}
+
+/// Waits (at most 5 s) until the only `.fleetsync.*` file under `root` is a partial file.
+fn wait_for_partial(root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let is_partial = |p: &PathBuf| {
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".fleetsync.partial.")
+    };
+    loop {
+        let l = leftovers(root);
+        if l.len() == 1 && is_partial(&l[0]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the remote kept no partial file, only {l:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn interrupted_transfer_resumes() {
+    let _serial = serial();
+    const SIZE: usize = 48 * MIB;
+    let t = Trees::new(1);
+    let data = random_bytes(71, SIZE);
+    write_with_mtime(&t.master.join("images/disk.img"), &data, NEW_MTIME);
+    drop(data);
+    let remote_root = &t.remotes[0];
+    let fleet = Fleet::new();
+    let (mut master_proc, master) = fleet.agent(&t.master, &[], None);
+    let (_r, remote) = fleet.agent(remote_root, &[], None);
+
+    // Cut a little after the middle (about 1.5 s in at 16 MiB/s).
+    let at_kill = kill_master_mid_file(
+        &fleet,
+        &mut master_proc,
+        &master,
+        &remote,
+        remote_root,
+        SIZE as u64,
+        "16MiB/s",
+        0.55,
+    );
+    assert!(
+        !remote_root.join("images/disk.img").exists(),
+        "a partial file is visible under the real name"
     );
 
     let (_master_proc, master) = fleet.agent(&t.master, &[], None);
@@ -857,6 +1006,96 @@ fn interrupted_transfer_resumes() {
         Vec::<PathBuf>::new(),
         "temp or partial files left"
     );
+}
+
+#[test]
+fn resume_of_a_file_changed_meanwhile_is_corrected() {
+    let _serial = serial();
+    const SIZE: usize = 16 * MIB;
+    let t = Trees::new(1);
+    let path = "images/disk.img";
+    write_with_mtime(&t.master.join(path), &random_bytes(72, SIZE), NEW_MTIME);
+    let remote_root = &t.remotes[0];
+    let fleet = Fleet::new();
+    let (mut master_proc, master) = fleet.agent(&t.master, &[], None);
+    let (_r, remote) = fleet.agent(remote_root, &[], None);
+    kill_master_mid_file(
+        &fleet,
+        &mut master_proc,
+        &master,
+        &remote,
+        remote_root,
+        SIZE as u64,
+        "8MiB/s",
+        0.55,
+    );
+
+    // The master's file changes within the part the remote already holds (same size).
+    let mut data = fs::read(t.master.join(path)).unwrap();
+    data[1000..5000].copy_from_slice(&random_bytes(73, 4000));
+    write_with_mtime(&t.master.join(path), &data, NEW_MTIME + 60);
+
+    let (_master_proc, master) = fleet.agent(&t.master, &[], None);
+    let s = fleet.sync(&master, &[&remote], &[]);
+    eprintln!(
+        "resumed after a change: {} bytes, {} on the wire",
+        s.bytes(0),
+        s.wire(0)
+    );
+    s.assert_ok();
+    t.assert_in_sync();
+    assert_eq!(fs::read(remote_root.join(path)).unwrap(), data);
+    assert_eq!(
+        leftovers(remote_root),
+        Vec::<PathBuf>::new(),
+        "temp or partial files left"
+    );
+}
+
+#[test]
+fn dropped_link_resumes() {
+    let _serial = serial();
+    const SIZE: usize = 16 * MIB;
+    const CUT: u64 = 10 * MIB as u64;
+    let t = Trees::new(1);
+    write_with_mtime(
+        &t.master.join("data/big.bin"),
+        &random_bytes(74, SIZE),
+        NEW_MTIME,
+    );
+    let remote_root = &t.remotes[0];
+    let fleet = Fleet::new();
+    let (_m, master) = fleet.agent(&t.master, &[], None);
+    let (_r, remote) = fleet.agent(remote_root, &[], None);
+
+    // The link to the remote drops after 10 MiB of the stream.
+    let proxy = CorruptingProxy::cutting(&remote, CUT);
+    let cut = fleet.sync(&master, &[&proxy.addr], &[]);
+    eprintln!(
+        "cut: {} cut(s); bytes per connection {:?}",
+        proxy.faults(),
+        proxy.carried()
+    );
+    assert_eq!(proxy.faults(), 1, "the link was not cut");
+    assert_ne!(cut.code(), Some(0), "a sync whose link dropped succeeded");
+    wait_for_partial(remote_root);
+    assert!(!remote_root.join("data/big.bin").exists());
+    drop(proxy);
+
+    let s = fleet.sync(&master, &[&remote], &[]);
+    s.assert_ok();
+    t.assert_in_sync();
+    let (bytes, wire) = (s.bytes(0), s.wire(0));
+    eprintln!(
+        "resumed after the drop: {bytes} bytes, {wire} on the wire ({:.1}% of the file)",
+        percent(wire, SIZE as u64)
+    );
+    assert_eq!(bytes, SIZE as u64);
+    assert!(
+        wire <= SIZE as u64 - CUT + MIB as u64,
+        "{wire} bytes sent again after a cut at {CUT} of {SIZE}"
+    );
+    assert_eq!(leftovers(remote_root), Vec::<PathBuf>::new());
 }
 
 // ---------------------------------------------------------------------------------------

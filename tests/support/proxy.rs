@@ -3,6 +3,9 @@
 //! whose client→target direction carries more than `flip_at` bytes, the byte at offset
 //! `flip_at` of that direction is inverted (all 8 bits). The other direction is copied as is.
 //!
+//! Or, made with [`CorruptingProxy::cutting`], it cuts every connection whose client→target
+//! direction reaches a given offset, as a link that drops.
+//!
 //! It also counts the bytes each connection carried client→target: what actually crossed
 //! the "link", measured outside fleetsync.
 
@@ -26,6 +29,16 @@ impl CorruptingProxy {
     /// Listens on 127.0.0.1:0 and forwards to `target` (`host:port`), inverting the byte
     /// at offset `flip_at` of each connection's client→target direction.
     pub fn start(target: &str, flip_at: u64) -> CorruptingProxy {
+        Self::with_fault(target, Fault::Flip(flip_at))
+    }
+
+    /// Listens on 127.0.0.1:0 and forwards to `target`, closing both sides of each connection
+    /// once its client→target direction carried `cut_at` bytes (the bytes before go through).
+    pub fn cutting(target: &str, cut_at: u64) -> CorruptingProxy {
+        Self::with_fault(target, Fault::Cut(cut_at))
+    }
+
+    fn with_fault(target: &str, fault: Fault) -> CorruptingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let flips = Arc::new(AtomicUsize::new(0));
@@ -57,7 +70,7 @@ impl CorruptingProxy {
                     let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
                     let (flips, carried) = (flips.clone(), carried.clone());
                     thread::spawn(move || {
-                        pump(client, upstream, Some((flip_at, &flips)), |n| {
+                        pump(client, upstream, Some((fault, &flips)), |n| {
                             carried.lock().unwrap()[slot] += n
                         })
                     });
@@ -74,8 +87,9 @@ impl CorruptingProxy {
         }
     }
 
-    /// How many bytes were inverted so far (one per connection that reached the offset).
-    pub fn flips(&self) -> usize {
+    /// How many faults happened so far: bytes inverted, or connections cut (one per
+    /// connection that reached the offset).
+    pub fn faults(&self) -> usize {
         self.flips.load(Ordering::SeqCst)
     }
 
@@ -96,19 +110,28 @@ impl Drop for CorruptingProxy {
     }
 }
 
-/// Copies `from` to `to` until either ends, inverting the byte at offset `flip.0` (counted
-/// in `flip.1`); `count` is told the bytes copied. Ends by half-closing `to` (or closing
-/// both on an error), as the peers would see a real link end.
+/// What the proxy does to a connection at an offset of its client→target direction.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Inverts the byte there.
+    Flip(u64),
+    /// Closes both sides there.
+    Cut(u64),
+}
+
+/// Copies `from` to `to` until either ends, doing `fault.0` (counted in `fault.1`); `count`
+/// is told the bytes copied. Ends by half-closing `to` (or closing both on an error or a
+/// cut), as the peers would see a real link end.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    flip: Option<(u64, &AtomicUsize)>,
+    fault: Option<(Fault, &AtomicUsize)>,
     mut count: impl FnMut(u64),
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut at = 0u64;
     loop {
-        let n = match from.read(&mut buf) {
+        let mut n = match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -117,18 +140,29 @@ fn pump(
                 return;
             }
         };
-        if let Some((off, flips)) = flip {
-            if (at..at + n as u64).contains(&off) {
+        let mut cut = false;
+        match fault {
+            Some((Fault::Flip(off), faults)) if (at..at + n as u64).contains(&off) => {
                 buf[(off - at) as usize] ^= 0xff;
-                flips.fetch_add(1, Ordering::SeqCst);
+                faults.fetch_add(1, Ordering::SeqCst);
             }
+            Some((Fault::Cut(off), faults)) if at + n as u64 >= off => {
+                n = (off - at) as usize;
+                cut = true;
+                faults.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
         at += n as u64;
-        if to.write_all(&buf[..n]).is_err() {
+        let wrote = to.write_all(&buf[..n]).is_ok();
+        if wrote {
+            count(n as u64);
+        }
+        if !wrote || cut {
             let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
             return;
         }
-        count(n as u64);
     }
     let _ = to.shutdown(Shutdown::Write);
 }
