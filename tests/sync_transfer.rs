@@ -742,9 +742,9 @@ fn logged_resend(log: &Path) -> bool {
 #[test]
 fn corrupted_stream_is_detected_and_resent_whole() {
     let _serial = serial();
-    // Whole: a 4 MiB file the remote lacks, uncompressed; the byte at 2 MiB + 777 of the
-    // stream is inside its data.
-    {
+    // Whole: a 4 MiB file the remote lacks, uncompressed and zstd-compressed; the byte at
+    // 1 MiB + 777 of the stream is inside its data (the compressed file is about 2.4 MiB).
+    for compress in ["off", "zstd"] {
         let t = Trees::new(1);
         let data = binary_like(61, 4 * MIB);
         write_with_mtime(&t.master.join("lib/libwhole.so"), &data, NEW_MTIME);
@@ -752,11 +752,12 @@ fn corrupted_stream_is_detected_and_resent_whole() {
         let fleet = Fleet::new();
         let (_m, master) = fleet.agent(&t.master, &["-vv"], Some(&log));
         let (_r, remote) = fleet.agent(&t.remotes[0], &[], None);
-        let proxy = CorruptingProxy::start(&remote, 2 * MIB as u64 + 777);
-        let s = fleet.sync(&master, &[&proxy.addr], &["--compress", "off"]);
+        let proxy = CorruptingProxy::start(&remote, MIB as u64 + 777);
+        let s = fleet.sync(&master, &[&proxy.addr], &["--compress", compress]);
         let carried = proxy.carried();
         eprintln!(
-            "whole: {} flip(s); bytes per connection {carried:?}; {} bytes, {} on the wire",
+            "whole, --compress {compress}: {} flip(s); bytes per connection {carried:?}; {} \
+             bytes, {} on the wire",
             proxy.faults(),
             s.bytes(0),
             s.wire(0)
@@ -768,7 +769,7 @@ fn corrupted_stream_is_detected_and_resent_whole() {
         // What crossed the proxy: the file twice (the corrupted copy and the resend).
         let data_conn = carried.iter().copied().max().unwrap();
         assert!(
-            data_conn >= 2 * data.len() as u64,
+            data_conn >= 2 * s.wire(0),
             "the file crossed once only ({data_conn} bytes): no resend"
         );
     }
