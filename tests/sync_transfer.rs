@@ -587,6 +587,103 @@ fn renamed_identical_file_is_copied() {
     );
 }
 
+/// CRC-32 (IEEE 802.3, zlib's) register update, bit by bit: the reference the collision below
+/// is built with.
+fn crc32_update(mut s: u32, data: &[u8]) -> u32 {
+    for &b in data {
+        s ^= b as u32;
+        for _ in 0..8 {
+            s = if s & 1 != 0 {
+                (s >> 1) ^ 0xedb8_8320
+            } else {
+                s >> 1
+            };
+        }
+    }
+    s
+}
+
+/// `data` with its last 4 bytes replaced so that its CRC-32 is `target`. CRC-32 is affine
+/// over GF(2) in those 32 bits: solve for them by Gaussian elimination.
+fn force_crc32(data: &mut [u8], target: u32) {
+    let n = data.len() - 4;
+    let state = crc32_update(0xffff_ffff, &data[..n]);
+    let crc_of = |x: u32| crc32_update(state, &x.to_le_bytes()) ^ 0xffff_ffff;
+    let base = crc_of(0);
+    // Row i: the CRC bits bit i of the 4 bytes flips, with the bit itself marked at 32 + i.
+    let mut rows: Vec<u64> = (0..32)
+        .map(|i| (crc_of(1 << i) ^ base) as u64 | 1 << (32 + i))
+        .collect();
+    let mut want = (target ^ base) as u64;
+    let mut x = 0u32;
+    for bit in 0..32 {
+        let p = (bit..32)
+            .find(|&r| rows[r] >> bit & 1 == 1)
+            .expect("CRC-32 reaches every value through 4 bytes");
+        rows.swap(bit, p);
+        for r in 0..32 {
+            if r != bit && rows[r] >> bit & 1 == 1 {
+                rows[r] ^= rows[bit];
+            }
+        }
+    }
+    for (bit, row) in rows.iter().enumerate() {
+        if want >> bit & 1 == 1 {
+            x ^= (row >> 32) as u32;
+            want ^= row & 0xffff_ffff;
+        }
+    }
+    assert_eq!(want, 0);
+    data[n..].copy_from_slice(&x.to_le_bytes());
+    assert_eq!(crc32_update(0xffff_ffff, data) ^ 0xffff_ffff, target);
+}
+
+/// `fleetsync sum -a ALG FILE` (its digest).
+fn digest_of(alg: &str, file: &Path) -> String {
+    let out = fleetsync(scratch_home())
+        .args(["sum", "-a", alg])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleetsync sum: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+#[ignore = "bug: a new file is 'copied' from a remote file of the same size and CRC-32 (the default -a), so a CRC-32 collision puts the wrong content in place"]
+fn renamed_file_with_the_same_crc32_but_other_content_is_not_copied() {
+    let _serial = serial();
+    let t = Trees::new(1);
+    let (m, r) = (&t.master, &t.remotes[0]);
+    let old = binary_like(35, MIB);
+    let mut new = old.clone();
+    new[1000..2000].copy_from_slice(&text_like(36, 1000));
+    let crc = crc32_update(0xffff_ffff, &old) ^ 0xffff_ffff;
+    force_crc32(&mut new, crc);
+    assert_ne!(new, old);
+    write_with_mtime(&r.join("share/fonts/Sans-2.37.ttf"), &old, OLD_MTIME);
+    write_with_mtime(&m.join("share/fonts/Sans-2.38.ttf"), &new, NEW_MTIME);
+    // The tool agrees: same size, same CRC-32, different content.
+    assert_eq!(
+        digest_of("crc32", &r.join("share/fonts/Sans-2.37.ttf")),
+        digest_of("crc32", &m.join("share/fonts/Sans-2.38.ttf"))
+    );
+
+    let s = sync_embedded(&t, &["--delete"]);
+    s.assert_ok();
+    eprintln!("same CRC-32, other content: {} on the wire", s.wire(0));
+    assert_eq!(
+        fs::read(r.join("share/fonts/Sans-2.38.ttf")).unwrap(),
+        new,
+        "the remote got its old file's content under the new name"
+    );
+    t.assert_in_sync();
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Patches against the versions the master agent kept
 
