@@ -5,7 +5,7 @@
 //!
 //! Every sync ends with the rsync referee (`rsync -aHc -n -i --delete master/ remote/`
 //! prints nothing). Byte counts are checked against references outside fleetsync where
-//! there is one: the zstd CLI (`zstd -3`, `zstd -19 --long=27 --patch-from=OLD`) and the
+//! there is one: the zstd CLI (`zstd -3`, `zstd -3 --long=27 --patch-from=OLD`) and the
 //! bytes a proxy saw cross the connection.
 //!
 //! The test data is deterministic (xorshift with fixed seeds) and shaped like a release:
@@ -694,8 +694,8 @@ fn release(version: u64) -> Vec<(String, Vec<u8>)> {
         _ => "lib/libcore-9f8e7d6c.so.3.27",
     };
     let old = vec![
-        ("bin/fleetd".to_owned(), binary_like(41, 4 * MIB)),
-        (lib(0).to_owned(), binary_like(42, 6 * MIB)),
+        ("bin/fleetd".to_owned(), binary_like(41, 2 * MIB)),
+        (lib(0).to_owned(), binary_like(42, 3 * MIB)),
         ("share/doc/CHANGELOG".to_owned(), text_like(43, MIB)),
         ("share/data/tables.dat".to_owned(), binary_like(44, 2 * MIB)),
         ("etc/fleetd.toml".to_owned(), text_like(45, 3000)),
@@ -766,7 +766,7 @@ fn kept_versions_patch_in_server_mode() {
     second.assert_ok();
     t.assert_in_sync();
 
-    // The reference: what `zstd -19 --long=27 --patch-from=OLD NEW` makes of each changed file
+    // The reference: what `zstd -3 --long=27 --patch-from=OLD NEW` makes of each changed file
     // whose predecessor (same path, or the renamed library) the remotes hold.
     let mut reference = 0;
     let mut changed_bytes = 0;
@@ -780,7 +780,7 @@ fn kept_versions_patch_in_server_mode() {
             zstd_size(&["-3"], &t.master.join(np))
         } else {
             let patch_from = format!("--patch-from={}", old_file.display());
-            zstd_size(&["-19", "--long=27", &patch_from], &t.master.join(np))
+            zstd_size(&["-3", "--long=27", &patch_from], &t.master.join(np))
         };
     }
     let wires: Vec<u64> = (0..3).map(|i| second.wire(i)).collect();
