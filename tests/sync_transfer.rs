@@ -1,7 +1,9 @@
 //! End-to-end: how file data travels (issue 11), as a user runs it, with real processes on
 //! 127.0.0.1. Deltas of edited files, deltas and copies against a renamed predecessor,
-//! patches against the versions the master agent kept, a stream corrupted in transit,
-//! a transfer cut by SIGKILL and resumed, bandwidth limits, bad flag values.
+//! patches against the versions the master agent kept (one patch for three remotes), a
+//! stream corrupted in transit (whole, zstd, delta, patch), a transfer cut by SIGKILL or by
+//! a dropped link and resumed, deltas in `--blocks` syncs, bandwidth limits, bad flag values.
+//! Tests marked `#[ignore = "bug: ..."]` pin bugs not fixed yet.
 //!
 //! Every sync ends with the rsync referee (`rsync -aHc -n -i --delete master/ remote/`
 //! prints nothing). Byte counts are checked against references outside fleetsync where
