@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod proxy;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
