@@ -14,7 +14,6 @@ use fleetsync_proto::{auth, frame, Msg, Role};
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
-use crate::ratelimit::RateLimiter;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
 use crate::session::{flush, send, send_flush, Shared, SharedWriter};
@@ -55,7 +54,7 @@ impl Agent {
                 stages: Default::default(),
                 versions: None,
                 deltas: Default::default(),
-                master_limit: Arc::new(RateLimiter::new(0)),
+                master_limits: Default::default(),
             }),
             root,
         })

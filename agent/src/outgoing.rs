@@ -4,7 +4,8 @@
 //! Per file, in order of preference (see [`choose`]):
 //! - **append**: the remote holds the partial file of an interrupted transfer whose bytes are
 //!   the start of this file: only the rest is sent;
-//! - **copy**: the remote's basis (another path) has exactly this content: nothing is sent;
+//! - **copy**: the remote's basis (another path) has exactly this content (by a
+//!   collision-resistant digest): nothing is sent;
 //! - **patch**: the master kept the remote's version in its [`VersionStore`]: a zstd frame
 //!   with that version as reference prefix (`zstd --patch-from`), computed once for every
 //!   remote on the same old version ([`DeltaCache`]);
@@ -105,7 +106,10 @@ pub(crate) fn choose(
         size: f.basis_size,
         digest: f.basis_digest.clone(),
     };
-    if f.basis_size == entry.size && basis != entry.path.as_slice() {
+    if f.basis_size == entry.size
+        && basis != entry.path.as_slice()
+        && collision_resistant(&info.name)
+    {
         // Another path of the same size: maybe the same content (a rename).
         if bytes.is_none() {
             let mut b = Vec::with_capacity(entry.size as usize);
@@ -144,6 +148,18 @@ pub(crate) fn choose(
         };
     }
     Route::Whole
+}
+
+/// Whether equal digests of `algorithm` are proof enough of equal content to copy a file
+/// from another path with nothing sent: the copy is verified with the same digest, so with
+/// a CRC (the default) a collision would put other content in place unnoticed. With a weak
+/// checksum a renamed file goes as a delta (a patch or rsync instructions: a few bytes for
+/// identical content), which the checksum does verify.
+fn collision_resistant(algorithm: &str) -> bool {
+    matches!(
+        algorithm,
+        "blake3" | "sha224" | "sha256" | "sha384" | "sha512"
+    )
 }
 
 /// The frame writer of one stream: bandwidth limits, chunk compression, byte counts.

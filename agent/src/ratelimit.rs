@@ -77,6 +77,7 @@ impl RateLimiter {
     }
 
     /// Changes the rate (0: unlimited); takes waiting now continue at the new rate.
+    #[cfg(test)]
     pub(crate) fn set_rate(&self, bytes_per_sec: u64) {
         let mut st = self.state.lock().expect("poisoned");
         st.catch_up(Instant::now());

@@ -89,9 +89,16 @@ impl SendOrder {
         };
         let (bases_tx, bases_rx) = channel();
         let relay = Relay::start(&remote, server, bases_tx)?;
-        let mut limits = vec![shared.master_limit.clone()];
+        let mut limits = Vec::new();
         if self.transfer.master_bwlimit > 0 {
-            shared.master_limit.set_rate(self.transfer.master_bwlimit);
+            let rate = self.transfer.master_bwlimit;
+            let mut all = shared.master_limits.lock().expect("poisoned");
+            // Limits no stream uses any more go (the map holds the only reference).
+            all.retain(|_, l| Arc::strong_count(l) > 1);
+            let l = all
+                .entry(rate)
+                .or_insert_with(|| Arc::new(RateLimiter::new(rate)));
+            limits.push(l.clone());
         }
         if self.transfer.bwlimit > 0 {
             limits.push(Arc::new(RateLimiter::new(self.transfer.bwlimit)));

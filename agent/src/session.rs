@@ -2,6 +2,7 @@
 //! connection's writer ([`SharedWriter`]) and the helpers that put frames on it. A leaf:
 //! it knows none of the handlers.
 
+use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -36,8 +37,9 @@ pub(crate) struct Shared {
     pub(crate) versions: Option<Arc<VersionStore>>,
     /// Deltas made for one remote, kept for the others on the same old version.
     pub(crate) deltas: DeltaCache,
-    /// `--master-bwlimit`: the limit of all streams this agent sends together.
-    pub(crate) master_limit: Arc<RateLimiter>,
+    /// `--master-bwlimit`: the limits of all streams this agent sends together, by rate
+    /// (the send orders of one sync share one).
+    pub(crate) master_limits: Mutex<HashMap<u64, Arc<RateLimiter>>>,
 }
 
 /// Item results per `itemResults` frame.

@@ -108,6 +108,8 @@ struct BlockWork {
     send_cur: usize,
     staged: u64,
     staged_bytes: u64,
+    /// Their bytes on the wire.
+    staged_wire: u64,
     /// Results of the staged files (with their verified digests): they enter the
     /// consistency loop once the block is committed.
     staged_results: Vec<ItemResult>,
@@ -205,6 +207,7 @@ pub(super) fn partition(
             send_cur: 0,
             staged: 0,
             staged_bytes: 0,
+            staged_wire: 0,
             staged_results: Vec::new(),
         })
         .collect();
@@ -434,6 +437,7 @@ impl RemoteSync {
                     if staging {
                         w.staged += 1;
                         w.staged_bytes += res.bytes;
+                        w.staged_wire += res.wire_bytes;
                         w.staged_results.push(res);
                     }
                 }
@@ -529,6 +533,7 @@ impl RemoteSync {
                     w.state = BState::Committed;
                     self.result.transferred += w.staged;
                     self.result.bytes += w.staged_bytes;
+                    self.result.wire_bytes += w.staged_wire;
                     for res in std::mem::take(&mut w.staged_results) {
                         self.rounds.note_received(shared, &res);
                     }
