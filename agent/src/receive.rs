@@ -209,9 +209,9 @@ fn receive_files(
                 };
                 match inc.into_job(shared, size, digest, aborted, error) {
                     Ok(job) => committer.submit(job)?,
-                    Err((p, why, retry)) => {
+                    Err((p, why, retry, wire)) => {
                         debug!("receive {}: {why}", show(&p));
-                        committer.report_failure(w, &p, why, retry)?;
+                        committer.report_failure(w, &p, why, retry, wire)?;
                         if reader.buffer().is_empty() {
                             flush(w)?;
                         }
@@ -422,7 +422,8 @@ impl Incoming {
     }
 
     /// The file ended (`fileEnd` with `size`, `digest`, `aborted`, `error`): checked, it is
-    /// ready to commit; otherwise its path, why it failed and whether to send it again.
+    /// ready to commit; otherwise its path, why it failed, whether to send it again and its
+    /// bytes on the wire.
     fn into_job(
         mut self,
         shared: &Shared,
@@ -430,7 +431,7 @@ impl Incoming {
         digest: Vec<u8>,
         aborted: bool,
         error: String,
-    ) -> Result<CommitJob, (Vec<u8>, String, bool)> {
+    ) -> Result<CommitJob, (Vec<u8>, String, bool, u64)> {
         let path = self.entry.path.clone();
         let lock = self.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
         let (algorithm, stage) = (self.algorithm.clone(), self.stage.clone());
@@ -457,7 +458,7 @@ impl Incoming {
                 wire,
                 coding,
             }),
-            Err((why, retry)) => Err((path, why, retry)),
+            Err((why, retry)) => Err((path, why, retry, wire)),
         }
     }
 
@@ -627,8 +628,10 @@ impl Committer {
         path: &[u8],
         why: String,
         retry: bool,
+        wire: u64,
     ) -> Result<(), AgentError> {
         let mut r = failed(path, why);
+        r.wire_bytes = wire;
         if retry {
             r.coding = RETRY.to_owned();
         }

@@ -4,7 +4,7 @@
 //! picks), relays the remote's per-file results to the server, sends again whole any file
 //! whose coded data did not verify on the remote, then reports `done`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
@@ -591,7 +591,8 @@ struct RelayState {
     answered: u64,
     /// Files to send again whole, and those already sent again.
     retry: Vec<Vec<u8>>,
-    retried: HashSet<Vec<u8>>,
+    /// Files sent again, with the wire bytes of their first try.
+    retried: HashMap<Vec<u8>, u64>,
     /// The relay stopped reading (the remote closed or failed).
     closed: bool,
 }
@@ -711,17 +712,20 @@ fn relay_results(
                     let mut st = state.st.lock().expect("poisoned");
                     let st = &mut *st;
                     st.answered += results.len() as u64;
-                    results.retain(|r| {
-                        let again = r.outcome == Outcome::Failed
-                            && r.coding == RETRY
-                            && !st.retried.contains(&r.path);
+                    results.retain_mut(|r| {
+                        if let Some(first) = st.retried.get(&r.path) {
+                            // The second try: its result counts both tries' bytes.
+                            r.wire_bytes += first;
+                            return true;
+                        }
+                        let again = r.outcome == Outcome::Failed && r.coding == RETRY;
                         if again {
                             debug!(
                                 "{}: {}; sending it again whole",
                                 crate::error::show(&r.path),
                                 r.message
                             );
-                            st.retried.insert(r.path.clone());
+                            st.retried.insert(r.path.clone(), r.wire_bytes);
                             st.retry.push(r.path.clone());
                         }
                         !again
