@@ -2,9 +2,8 @@
 //! (`--server`, `--master`), or an embedded fleet over directories; and the
 //! checksum that compares files (`-a`).
 
-use std::path::PathBuf;
-
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::bail;
 use fleetsync_proto::{Action, PlanItem, SyncRequest};
