@@ -21,7 +21,11 @@ use super::target::{Target, Trees};
                       fleetsync sync [OPTIONS] --server ADDR --master AGENT REMOTE_AGENT...",
     after_help = "\
 Embedded mode (no --server): starts one agent per directory and the server inside this \
-process, on 127.0.0.1 with a random token, and syncs every REMOTE_DIR to MASTER_DIR.
+process, on 127.0.0.1 with a random token, and syncs every REMOTE_DIR to MASTER_DIR. \
+A REMOTE_DIR that does not exist is created (its parent must exist), shown by -i as \
+`mkdir .`; with -n it is not created and planned as empty. The directories must be \
+separate trees: one inside another, or the same directory twice (also through a symlink \
+or a bind mount), is refused before anything is touched.
 
 With --server: asks a running `fleetsync server` to sync the agents REMOTE_AGENT... \
 (host:port) to the agent --master; the token comes from --token-file or FLEETSYNC_TOKEN.
@@ -303,6 +307,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             fsync: !args.no_fsync,
             checksum_cache: !args.no_checksum_cache,
             record_jobs: true,
+            create_missing: !args.dry_run,
         },
     };
     let request = || -> anyhow::Result<SyncRequest> {

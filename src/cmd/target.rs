@@ -2,13 +2,15 @@
 //! (`--server`, `--master`), or an embedded fleet over directories; and the
 //! checksum that compares files (`-a`).
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::bail;
-use fleetsync_proto::SyncRequest;
+use fleetsync_proto::{Action, PlanItem, SyncRequest};
 
 use super::control::{self, Display, SyncReply};
-use super::embedded::{EmbeddedFleet, FleetOptions};
+use super::embedded::{EmbeddedFleet, FleetDirs, FleetOptions};
+use super::itemize::item_line;
 use super::token::TokenArgs;
 
 /// How the trees are reached, and which checksum compares files.
@@ -58,6 +60,10 @@ impl Target {
     /// to the server, or to an embedded fleet started over `trees.paths` and stopped after;
     /// returns the reply and the remotes' labels (their agent addresses or directories).
     /// `request` is called once the trees are reached, so that its errors come after theirs.
+    ///
+    /// Embedded, a remote directory that did not exist gets a `mkdir` item for its root
+    /// (path `""`), shown first: printed when `display` itemizes, else first in the reply's
+    /// items. With --server the paths are agents' addresses and are not checked here.
     pub fn send(
         &self,
         trees: Trees<'_>,
@@ -65,13 +71,11 @@ impl Target {
         display: Display,
     ) -> anyhow::Result<(SyncReply, Vec<String>)> {
         let paths = trees.paths;
-        let addressed = |master: String, remotes: Vec<String>| -> anyhow::Result<SyncRequest> {
-            Ok(SyncRequest {
-                master,
-                remotes,
-                algorithm: self.algorithm.clone(),
-                ..request()?
-            })
+        let addressed = |master: String, remotes: Vec<String>, base: SyncRequest| SyncRequest {
+            master,
+            remotes,
+            algorithm: self.algorithm.clone(),
+            ..base
         };
         match (&self.server, &self.master) {
             (Some(server), Some(master)) => {
@@ -83,7 +87,7 @@ impl Target {
                     .iter()
                     .map(|p| p.to_string_lossy().into_owned())
                     .collect();
-                let req = addressed(master.clone(), remotes.clone())?;
+                let req = addressed(master.clone(), remotes.clone(), request()?);
                 let reply = control::send(server, token.as_deref(), req, display, &remotes)?;
                 Ok((reply, remotes))
             }
@@ -94,10 +98,23 @@ impl Target {
                         trees.command
                     );
                 }
-                let fleet = EmbeddedFleet::start(paths, trees.fleet)?;
+                // Nothing is created or started before the trees and the request are found
+                // sound.
+                let dirs = FleetDirs::find(paths)?;
+                let base = request()?;
+                let fleet = EmbeddedFleet::start(dirs, trees.fleet)?;
                 let labels: Vec<String> =
                     paths[1..].iter().map(|p| p.display().to_string()).collect();
-                let req = addressed(fleet.master(), fleet.remotes())?;
+                let roots = missing_root_items(&fleet, &labels, trees.command, trees.fleet);
+                let req = addressed(fleet.master(), fleet.remotes(), base);
+                if let Display::Print { itemize: true, .. } = display {
+                    let mut out = std::io::stdout().lock();
+                    for item in &roots {
+                        let label =
+                            (labels.len() > 1).then(|| labels[item.remote as usize].as_str());
+                        writeln!(out, "{}", item_line(item, label))?;
+                    }
+                }
                 let reply = control::send(
                     &fleet.server_addr(),
                     Some(fleet.token()),
@@ -106,8 +123,42 @@ impl Target {
                     &labels,
                 );
                 drop(fleet);
-                Ok((reply?, labels))
+                let mut reply = reply?;
+                if let Display::Collect = display {
+                    reply.items.splice(0..0, roots);
+                }
+                Ok((reply, labels))
             }
         }
     }
+}
+
+/// A `mkdir` item for the root of each remote whose directory did not exist: created (a
+/// sync), to be created (a dry run), or missing (verify).
+fn missing_root_items(
+    fleet: &EmbeddedFleet,
+    labels: &[String],
+    command: &str,
+    options: FleetOptions,
+) -> Vec<PlanItem> {
+    fleet
+        .missing_remotes()
+        .iter()
+        .zip(labels)
+        .enumerate()
+        .filter(|(_, (missing, _))| **missing)
+        .map(|(i, (_, label))| PlanItem {
+            remote: i as u32,
+            path: Vec::new(),
+            action: Action::Mkdir,
+            size: 0,
+            detail: if options.create_missing {
+                format!("remote root {label} created")
+            } else if command == "sync" {
+                format!("remote root {label} does not exist; a sync creates it")
+            } else {
+                format!("remote root {label} does not exist")
+            },
+        })
+        .collect()
 }

@@ -26,6 +26,16 @@ content, type, attrs (mode, owner, mtime), symlink or hardlink. With --json: one
 {ok, message, remotes: [{remote, verified, error, drift: [{kind, path, detail}], notes}]} \
 (a path that is not UTF-8 also gets path_hex, its bytes in hex).
 
+Embedded mode (no --server) checks the directories as `sync` does: they must be separate \
+trees (none inside another, not the same directory twice), and a REMOTE_DIR that does \
+not exist is compared as an empty tree (`missing .` and every master entry missing); \
+nothing is created.
+
+The sync flags that make no difference to a verify (--delete, -n, -i, --lock, \
+--lock-timeout, --lock-resync, --max-rounds, --blocks, --no-fsync, --no-checksum-cache, \
+--compress, --bwlimit, --master-bwlimit, --no-delta) are accepted and ignored, so that a \
+sync command line becomes a verify by changing the word `sync` to `verify`.
+
 Exit codes:
   0  every remote matches the master
   1  drift (listed on stdout)
@@ -47,6 +57,57 @@ pub struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    _ignored: SyncOnlyFlags,
+}
+
+/// The flags of `sync` that make no difference to a verify (it always counts extra entries,
+/// changes nothing, and reads every file): parsed as `sync` parses them, then ignored.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Sync flags, accepted and ignored")]
+struct SyncOnlyFlags {
+    /// Ignored: verify always reports extra remote entries.
+    #[arg(long)]
+    delete: bool,
+    /// Ignored: verify never changes anything.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Ignored: verify always lists every drifted path.
+    #[arg(short = 'i', long = "itemize-changes")]
+    itemize: bool,
+    /// Ignored: verify reads without locking.
+    #[arg(long)]
+    lock: bool,
+    /// Ignored (no locks).
+    #[arg(long, value_name = "SECS")]
+    lock_timeout: Option<f64>,
+    /// Ignored (no consistency loop: nothing is sent).
+    #[arg(long, value_name = "N")]
+    max_rounds: Option<u32>,
+    /// Ignored (no consistency loop).
+    #[arg(long)]
+    lock_resync: bool,
+    /// Ignored: blocks order how changes are applied, not what is compared.
+    #[arg(long, value_name = "FILE")]
+    blocks: Option<PathBuf>,
+    /// Ignored: nothing is written.
+    #[arg(long)]
+    no_fsync: bool,
+    /// Ignored: verify never uses the checksum cache.
+    #[arg(long)]
+    no_checksum_cache: bool,
+    /// Ignored: no file data is sent.
+    #[arg(long, value_name = "MODE")]
+    compress: Option<String>,
+    /// Ignored: no file data is sent.
+    #[arg(long, value_name = "RATE")]
+    bwlimit: Option<String>,
+    /// Ignored: no file data is sent.
+    #[arg(long, value_name = "RATE")]
+    master_bwlimit: Option<String>,
+    /// Ignored: no file data is sent.
+    #[arg(long)]
+    no_delta: bool,
 }
 
 /// What verify asks the server: a dry run with `--delete` (extra remote entries are drift;
@@ -75,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             fsync: false,
             checksum_cache: false,
             record_jobs: false,
+            create_missing: false,
         },
     };
     let (reply, labels) =
