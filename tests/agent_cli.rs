@@ -55,6 +55,7 @@ fn list(addr: &str) -> Vec<FileEntry> {
             request_id: 1,
             classification: Default::default(),
             batch_size: 0,
+            sweep_partials: false,
         },
     );
     let mut all = Vec::new();

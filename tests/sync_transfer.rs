@@ -3,7 +3,6 @@
 //! patches against the versions the master agent kept (one patch for three remotes), a
 //! stream corrupted in transit (whole, zstd, delta, patch), a transfer cut by SIGKILL or by
 //! a dropped link and resumed, deltas in `--blocks` syncs, bandwidth limits, bad flag values.
-//! Tests marked `#[ignore = "bug: ..."]` pin bugs not fixed yet.
 //!
 //! Every sync ends with the rsync referee (`rsync -aHc -n -i --delete master/ remote/`
 //! prints nothing). Byte counts are checked against references outside fleetsync where
@@ -1175,7 +1174,6 @@ fn resume_of_a_file_changed_meanwhile_is_corrected() {
 }
 
 #[test]
-#[ignore = "bug: the partial file of a path the master no longer has stays on the remote for 7 days (agent/src/backend.rs removes partials only once PARTIAL_MAX_AGE old)"]
 fn partial_of_a_file_gone_from_the_master_is_removed() {
     let _serial = serial();
     const SIZE: usize = 16 * MIB;

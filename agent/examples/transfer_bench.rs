@@ -63,6 +63,7 @@ fn main() {
         request_id: 1,
         classification: Default::default(),
         batch_size: 0,
+        sweep_partials: false,
     });
     let mut entries = Vec::new();
     loop {

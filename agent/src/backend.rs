@@ -146,6 +146,19 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// The partial files the listings found since the last call (the POSIX backend records
+    /// them; default: none).
+    fn take_listed_partials(&self) -> Vec<ListedPartial> {
+        Vec::new()
+    }
+
+    /// Removes those of `partials` that nothing used since they were listed (same inode,
+    /// size and mtime): at the end of a sync that did not send their paths, they are of no
+    /// more use (their path may be gone from the master). Returns how many. Default: none.
+    fn sweep_partials(&self, _partials: &[ListedPartial]) -> usize {
+        0
+    }
+
     /// The partial of `path`, opened read-only, with its size; `None` if there
     /// is none (or it is not a regular file). Paths are checked as for
     /// [`Backend::open_read`]. Default: `None`.
@@ -246,6 +259,31 @@ pub struct PosixBackend {
     live_temps: Arc<Mutex<HashSet<Vec<u8>>>>,
     sums: Option<SumCache>,
     partial_max_age: std::time::Duration,
+    /// Partial files the listings found, until taken ([`Backend::take_listed_partials`]).
+    listed_partials: Mutex<Vec<ListedPartial>>,
+}
+
+/// A partial file as a listing found it: its own path in the tree (`.fleetsync.partial.*`)
+/// and what tells whether anything used it since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedPartial {
+    /// Tree-relative path of the partial file itself.
+    pub path: Vec<u8>,
+    /// Inode, size and mtime when listed.
+    pub ino: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Seconds and nanoseconds.
+    pub mtime: (i64, i64),
+}
+
+fn listed(path: &[u8], st: &Stat) -> ListedPartial {
+    ListedPartial {
+        path: path.to_vec(),
+        ino: st.st_ino as u64,
+        size: st.st_size as u64,
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+    }
 }
 
 impl PosixBackend {
@@ -261,6 +299,7 @@ impl PosixBackend {
                 None => SumCache::in_memory(),
             }),
             partial_max_age: PARTIAL_MAX_AGE,
+            listed_partials: Mutex::default(),
         })
     }
 
@@ -359,12 +398,16 @@ impl PosixBackend {
         if n.starts_with(PARTIAL_PREFIX) {
             // Kept for the next sync of its path; removed once stale (or if it is
             // not a regular file: not one of ours).
-            let stale = match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => kind_of(&st) != FileKind::File || self.is_stale(&st),
-                Err(_) => false,
-            };
-            if stale {
-                let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+            match rustix::fs::statat(dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if kind_of(&st) != FileKind::File || self.is_stale(&st) => {
+                    let _ = rustix::fs::unlinkat(dir, name(n), AtFlags::empty());
+                }
+                Ok(st) => self
+                    .listed_partials
+                    .lock()
+                    .expect("poisoned")
+                    .push(listed(rel, &st)),
+                Err(_) => {}
             }
             return Ok(());
         }
@@ -1120,6 +1163,25 @@ impl Backend for PosixBackend {
 
     fn open_basis(&self, path: &[u8]) -> Result<File, AgentError> {
         Ok(File::from(self.open_regular(path)?.0))
+    }
+
+    fn take_listed_partials(&self) -> Vec<ListedPartial> {
+        std::mem::take(&mut *self.listed_partials.lock().expect("poisoned"))
+    }
+
+    fn sweep_partials(&self, partials: &[ListedPartial]) -> usize {
+        let mut n = 0;
+        for p in partials {
+            let Ok((parent, name_)) = self.root.parent(&p.path) else {
+                continue;
+            };
+            let unchanged = rustix::fs::statat(&parent, name(name_), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| kind_of(&st) == FileKind::File && listed(&p.path, &st) == *p);
+            if unchanged && rustix::fs::unlinkat(&parent, name(name_), AtFlags::empty()).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Applied, AgentError> {

@@ -258,9 +258,15 @@ fn serve_requests(
 ) -> Result<(), AgentError> {
     let mut senders: Vec<JoinHandle<()>> = Vec::new();
     let owner = shared.stages.new_owner();
-    let r = serve_loop(reader, w, shared, &mut senders, owner);
+    let mut sweep = Vec::new();
+    let r = serve_loop(reader, w, shared, &mut senders, owner, &mut sweep);
     for t in senders {
         let _ = t.join();
+    }
+    // The sync is over: partial files it listed and did not use are of no more use.
+    let n = shared.backend.sweep_partials(&sweep);
+    if n > 0 {
+        debug!("removed {n} partial file(s) this sync did not use");
     }
     shared.stages.drop_owner(owner);
     shared.backend.persist();
@@ -273,6 +279,7 @@ fn serve_loop(
     shared: &Arc<Shared>,
     senders: &mut Vec<JoinHandle<()>>,
     owner: u64,
+    sweep: &mut Vec<crate::backend::ListedPartial>,
 ) -> Result<(), AgentError> {
     let mut owner_noted = false;
     while let Some(body) = frame::read_frame(reader)? {
@@ -282,9 +289,18 @@ fn serve_loop(
                 request_id,
                 classification,
                 batch_size,
+                sweep_partials,
             } => {
                 let batch = list::batch_size(batch_size);
-                if let Err(e) = list::list(w, shared, request_id, &classification, batch) {
+                // Only this listing's finds count (another connection's listing may have
+                // left some).
+                drop(shared.backend.take_listed_partials());
+                let r = list::list(w, shared, request_id, &classification, batch);
+                let found = shared.backend.take_listed_partials();
+                if sweep_partials {
+                    sweep.extend(found);
+                }
+                if let Err(e) = r {
                     if matches!(e, AgentError::Proto(_)) {
                         return Err(e);
                     }

@@ -123,6 +123,7 @@ fn classification_prunes_excluded_directories() {
             select: Some(fleetsync_proto::Selector::Ext("rs".into())),
         },
         batch_size: 0,
+        sweep_partials: false,
     });
     let Some(fleetsync_proto::Msg::ListBatch { entries, last, .. }) = c.recv() else {
         panic!()

@@ -193,6 +193,7 @@ fn bad_token_gets_the_connection_closed_and_nothing_else() {
             request_id: 1,
             classification: Default::default(),
             batch_size: 0,
+            sweep_partials: false,
         }
         .encode(),
     );
@@ -216,6 +217,7 @@ fn skipping_the_handshake_gets_nothing() {
             request_id: 1,
             classification: Default::default(),
             batch_size: 0,
+            sweep_partials: false,
         }
         .encode(),
     );

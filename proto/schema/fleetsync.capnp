@@ -145,6 +145,9 @@ struct ListRequest {
   requestId @0 :UInt64;
   classification @1 :Classification;
   batchSize @2 :UInt32;   # 0 = agent default (4096)
+  sweepPartials @3 :Bool; # a remote of a real sync (not a dry run): when this connection
+                          # closes, remove the partial files this listing found that the
+                          # sync did not use (their paths were not sent)
 }
 
 # Entries in walk order (a directory before its contents). The agent sends

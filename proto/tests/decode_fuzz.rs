@@ -59,6 +59,7 @@ fn seeds() -> Vec<Msg> {
             request_id: 1,
             classification: classification.clone(),
             batch_size: 100,
+            sweep_partials: false,
         },
         Msg::ListBatch {
             request_id: 1,
@@ -182,6 +183,7 @@ fn wire_round_trip(c: &Classification) -> Result<Msg, fleetsync_proto::ProtoErro
         request_id: 1,
         classification: ClassificationSpec::from(c),
         batch_size: 0,
+        sweep_partials: false,
     };
     Msg::decode(&m.to_frame().unwrap()[4..])
 }
@@ -266,6 +268,7 @@ fn regression_wide_wire_selector_does_not_overflow_the_agent_stack() {
             select: Some(wide),
         },
         batch_size: 0,
+        sweep_partials: false,
     };
     let frame = m.to_frame().unwrap();
     on_small_stack(move || {

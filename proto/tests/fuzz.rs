@@ -73,6 +73,7 @@ fn regression_deep_selector_nesting_is_an_error() {
             select: Some(s),
         },
         batch_size: 0,
+        sweep_partials: false,
     };
     let f = m.to_frame().unwrap();
     assert!(Msg::decode(&f[4..]).is_err());

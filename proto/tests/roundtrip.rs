@@ -60,11 +60,13 @@ fn all_messages() -> Vec<Msg> {
             request_id: 1,
             classification: class.clone(),
             batch_size: 10,
+            sweep_partials: true,
         },
         Msg::ListRequest {
             request_id: 1,
             classification: ClassificationSpec::default(),
             batch_size: 0,
+            sweep_partials: false,
         },
         Msg::ListBatch {
             request_id: 1,

@@ -277,6 +277,7 @@ impl RemoteSync {
                 request_id: 0,
                 classification: shared.req.classification.clone(),
                 batch_size: 0,
+                sweep_partials: !shared.req.dry_run && !shared.req.verify,
             },
         );
     }

@@ -51,6 +51,7 @@ impl SyncJob {
             request_id: 0,
             classification: self.shared.req.classification.clone(),
             batch_size: 0,
+            sweep_partials: false,
         }
     }
 

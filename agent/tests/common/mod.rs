@@ -58,6 +58,7 @@ impl Client {
             request_id,
             classification: Default::default(),
             batch_size: 3,
+            sweep_partials: false,
         });
         let mut all = Vec::new();
         loop {

@@ -227,6 +227,7 @@ impl Msg {
                         || b.get_classification(),
                     )?,
                     batch_size: b.get_batch_size(),
+                    sweep_partials: b.get_sweep_partials(),
                 }
             }
             W::ListBatch(b) => {

@@ -185,8 +185,10 @@ impl Msg {
                 request_id,
                 classification,
                 batch_size,
+                sweep_partials,
             } => {
                 let mut b = root.init_list_request();
+                b.set_sweep_partials(*sweep_partials);
                 b.set_request_id(*request_id);
                 b.set_batch_size(*batch_size);
                 classification.write_to(b.init_classification());

@@ -51,6 +51,9 @@ pub enum Msg {
         classification: ClassificationSpec,
         /// Entries per batch (0 = default).
         batch_size: u32,
+        /// A remote of a real sync: when the connection closes, remove the partial files
+        /// this listing found that the sync did not use.
+        sweep_partials: bool,
     },
     /// Agent -> server: entries.
     ListBatch {

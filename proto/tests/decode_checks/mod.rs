@@ -175,6 +175,7 @@ pub fn select_expr(s: &str) {
         request_id: 1,
         classification: spec,
         batch_size: 0,
+        sweep_partials: false,
     };
     if let Ok(f) = msg.to_frame() {
         if let Ok(Msg::ListRequest { classification, .. }) = Msg::decode(&f[4..]) {
