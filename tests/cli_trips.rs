@@ -2,14 +2,69 @@
 //! a token that differs between the parts, a weak token file, colours in redirected logs,
 //! and the `-a` hint of `sync`.
 
-use std::process::Output;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{fleetsync, logged, scratch_home};
+use support::{fleetsync, listening, logged, scratch_home, Proc};
+
+/// A token file holding `token`, with permissions `mode`.
+fn token_file(dir: &Path, name: &str, token: &str, mode: u32) -> PathBuf {
+    let f = dir.join(name);
+    std::fs::write(&f, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+    f
+}
+
+/// `fleetsync ARGS...` (`agent` or `server`) listening on 127.0.0.1, its stderr into `log`.
+fn spawn_logging(args: &[&str], token: &Path, log: &Path) -> (Proc, String) {
+    listening(
+        fleetsync(scratch_home())
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--token-file"])
+            .arg(token)
+            .env_remove("FLEETSYNC_TOKEN")
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::from(File::create(log).unwrap())),
+    )
+}
+
+/// Waits (up to 20 s) until the file `log` contains `what`; returns its text.
+fn wait_for_log(log: &Path, what: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) || start.elapsed() > Duration::from_secs(20) {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn regression_log_lines_have_no_ansi_colours_when_stderr_is_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "token", "log-token-0123456789", 0o600);
+    let root = tmp.path().to_str().unwrap().to_owned();
+    let log = tmp.path().join("agent.log");
+    let (_agent, _addr) = spawn_logging(&["agent", "-v", "--root", &root], &token, &log);
+    let text = wait_for_log(&log, "agent listening");
+    assert!(
+        text.contains("INFO") && text.contains("agent listening"),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\x1b'),
+        "ANSI escapes in a redirected log: {text:?}"
+    );
 }
 
 #[test]
