@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
@@ -45,8 +45,95 @@ fn wait_for_log(log: &Path, what: &str) -> String {
     }
 }
 
+/// `sync` through a server that is not there (port 1 refuses): it reads the token first.
+fn sync_against_nothing(configure: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = fleetsync(scratch_home());
+    cmd.args([
+        "sync",
+        "--server",
+        "127.0.0.1:1",
+        "--master",
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+    ])
+    .env_remove("FLEETSYNC_TOKEN");
+    configure(&mut cmd);
+    logged("sync", cmd.output().unwrap())
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_token_shorter_than_16_bytes_is_refused_naming_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 15 bytes (the trailing newline does not count): one short.
+    let f = token_file(tmp.path(), "short-token", "0123456789abcde", 0o600);
+    let out = sync_against_nothing(|c| {
+        c.arg("--token-file").arg(&f);
+    });
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&f.display().to_string()) && err.contains("16"),
+        "{err}"
+    );
+
+    // The agent refuses to start with it, too.
+    let out = logged(
+        "agent",
+        fleetsync(scratch_home())
+            .args(["agent", "--listen", "127.0.0.1:0", "--root"])
+            .arg(tmp.path())
+            .arg("--token-file")
+            .arg(&f)
+            .env_remove("FLEETSYNC_TOKEN")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("short-token"), "{}", stderr(&out));
+
+    // From the environment: the message names the variable.
+    let out = sync_against_nothing(|c| {
+        c.env("FLEETSYNC_TOKEN", "six-by");
+    });
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("FLEETSYNC_TOKEN"), "{}", stderr(&out));
+
+    // 16 bytes are enough: the command gets as far as connecting.
+    let ok = token_file(tmp.path(), "ok-token", "0123456789abcdef", 0o600);
+    let out = sync_against_nothing(|c| {
+        c.arg("--token-file").arg(&ok);
+    });
+    assert!(
+        stderr(&out).contains("connecting to the server"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_token_file_others_may_read_gets_a_warning_naming_it_and_chmod_600() {
+    let tmp = tempfile::tempdir().unwrap();
+    for mode in [0o644, 0o640, 0o604] {
+        let f = token_file(tmp.path(), "open-token", "open-token-0123456789", mode);
+        let out = sync_against_nothing(|c| {
+            c.arg("--token-file").arg(&f);
+        });
+        let err = stderr(&out);
+        assert!(err.contains("warning"), "mode {mode:o}: {err}");
+        assert!(err.contains(&f.display().to_string()), "{err}");
+        assert!(err.contains("chmod 600"), "{err}");
+        // A warning, not a refusal: the command went on to connect.
+        assert!(err.contains("connecting to the server"), "{err}");
+    }
+    let f = token_file(tmp.path(), "closed-token", "closed-token-0123456789", 0o600);
+    let out = sync_against_nothing(|c| {
+        c.arg("--token-file").arg(&f);
+    });
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
 
 #[test]
