@@ -3,10 +3,13 @@
 //! and the `-a` hint of `sync`.
 
 use std::fs::File;
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use fleetsync_proto::{auth, ProtoError, Role};
 
 mod support;
 
@@ -63,6 +66,95 @@ fn sync_against_nothing(configure: impl FnOnce(&mut Command)) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn regression_agent_with_another_token_says_authentication_failed_on_the_client_and_in_the_server_log(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
+    std::fs::create_dir(&master).unwrap();
+    std::fs::create_dir(&remote).unwrap();
+    std::fs::write(master.join("f"), b"payload").unwrap();
+    let right = token_file(tmp.path(), "right", "right-token-0123456789", 0o600);
+    let other = token_file(tmp.path(), "other", "other-token-0123456789", 0o600);
+
+    let root_arg = |p: &Path| p.to_str().unwrap().to_owned();
+    let (m_root, r_root) = (root_arg(&master), root_arg(&remote));
+    let (_m, m_addr) = spawn_logging(
+        &["agent", "--root", &m_root],
+        &right,
+        &tmp.path().join("m.log"),
+    );
+    let r_log = tmp.path().join("r.log");
+    let (_r, r_addr) = spawn_logging(&["agent", "--root", &r_root], &other, &r_log);
+    let s_log = tmp.path().join("s.log");
+    let (mut server, s_addr) = spawn_logging(&["server"], &right, &s_log);
+
+    let out = logged(
+        "sync",
+        fleetsync(scratch_home())
+            .args([
+                "sync",
+                "--server",
+                &s_addr,
+                "--master",
+                &m_addr,
+                "--token-file",
+            ])
+            .arg(&right)
+            .arg(&r_addr)
+            .env_remove("FLEETSYNC_TOKEN")
+            .output()
+            .unwrap(),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&r_addr) && err.contains("authentication failed"),
+        "{err}"
+    );
+    assert!(!err.contains("connection closed by peer"), "{err}");
+    assert!(!remote.join("f").exists(), "nothing may land");
+
+    // The server, which failed to authenticate with the agent, logs it.
+    let s_text = wait_for_log(&s_log, "authentication failed");
+    assert!(
+        s_text.contains("authentication failed"),
+        "server log:\n{s_text}"
+    );
+    // The agent logs the refusal too, and keeps serving the right token.
+    let r_text = wait_for_log(&r_log, "authentication failed");
+    assert!(
+        r_text.contains("authentication failed"),
+        "agent log:\n{r_text}"
+    );
+    let mut s = TcpStream::connect(&r_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    auth::connect(&mut s, Some(b"other-token-0123456789"), Role::Server).unwrap();
+    assert!(server.alive());
+}
+
+#[test]
+fn a_connector_with_the_wrong_token_is_told_that_the_tokens_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "token", "agent-token-0123456789", 0o600);
+    let root = tmp.path().to_str().unwrap().to_owned();
+    let log = tmp.path().join("agent.log");
+    let (mut agent, addr) = spawn_logging(&["agent", "--root", &root], &token, &log);
+
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let e = auth::connect(&mut s, Some(b"guessed-token-0123456789"), Role::Server).unwrap_err();
+    assert!(matches!(e, ProtoError::AuthFailed(_)), "{e:?}");
+    assert!(e.to_string().contains("token differs"), "{e}");
+
+    // Without a token at all against an agent that has one.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let e = auth::connect(&mut s, None, Role::Server).unwrap_err();
+    assert!(e.to_string().contains("requires a token"), "{e}");
+    assert!(agent.alive());
 }
 
 #[test]
