@@ -10,7 +10,7 @@ use fleetsync_proto::{auth, frame, FileEntry, FileKind, Msg, Role};
 
 mod support;
 
-const TOKEN: &str = "cli-test-token";
+const TOKEN: &str = "cli-test-token-0123456789";
 
 fn spawn_agent(root: &Path, token_file: &Path) -> (Child, String) {
     let mut child = support::fleetsync(support::scratch_home())

@@ -2,8 +2,10 @@
 //!
 //! 1. The listener sends `hello { nonce: N1 }`.
 //! 2. The connector answers `auth { role, mac: HMAC-SHA256(token, N1 ‖ role), nonce: N2 }`.
-//! 3. The listener checks the mac (constant time); on failure it closes the
-//!    connection without a word. Otherwise it answers
+//! 3. The listener checks the mac (constant time); on failure it answers
+//!    `error { request_id: 0, message: "authentication failed" }` (nothing more: not
+//!    which check failed) and closes the connection, so that the connector can say
+//!    that the tokens differ rather than "connection closed". Otherwise it answers
 //!    `welcome { mac: HMAC-SHA256(token, N2 ‖ "listener") }`, which the connector checks.
 //!
 //! The token never travels. The pure functions ([`nonce`], [`mac`], [`verify`])
@@ -20,6 +22,10 @@ use crate::{Msg, ProtoError, Role};
 
 /// Protocol version sent in `hello` and `auth`.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The whole message of the listener's `error` frame when the connector fails
+/// authentication (the same for every reason, so that it tells a prober nothing).
+pub const AUTH_FAILED_MESSAGE: &str = "authentication failed";
 
 /// Length of a nonce in bytes.
 pub const NONCE_LEN: usize = 32;
@@ -83,22 +89,19 @@ pub fn accept<S: Read + Write>(
             })
         }
     };
-    if role == Role::Listener {
-        return Err(ProtoError::AuthFailed(
-            "connector claimed the listener role",
-        ));
-    }
-    let answer = match token {
-        Some(token) => {
-            if !verify(token, &n1, role, &tag) {
-                return Err(ProtoError::AuthFailed("wrong token"));
-            }
-            if n2.len() != NONCE_LEN {
-                return Err(ProtoError::AuthFailed("bad nonce"));
-            }
-            mac(token, &n2, Role::Listener)
+    let answer = match check_auth(token, &n1, role, &tag, &n2) {
+        Ok(answer) => answer,
+        Err(e) => {
+            // Best effort: the connector may be gone already; the caller closes anyway.
+            let _ = send(
+                stream,
+                &Msg::Error {
+                    request_id: 0,
+                    message: AUTH_FAILED_MESSAGE.into(),
+                },
+            );
+            return Err(e);
         }
-        None => Vec::new(),
     };
     send(
         stream,
@@ -108,6 +111,33 @@ pub fn accept<S: Read + Write>(
         },
     )?;
     Ok(Peer { role })
+}
+
+/// The listener's checks of the connector's `auth`; `Ok` holds the `welcome` mac.
+fn check_auth(
+    token: Option<&[u8]>,
+    n1: &[u8],
+    role: Role,
+    tag: &[u8],
+    n2: &[u8],
+) -> Result<Vec<u8>, ProtoError> {
+    if role == Role::Listener {
+        return Err(ProtoError::AuthFailed(
+            "connector claimed the listener role",
+        ));
+    }
+    match token {
+        Some(token) => {
+            if !verify(token, n1, role, tag) {
+                return Err(ProtoError::AuthFailed("wrong token"));
+            }
+            if n2.len() != NONCE_LEN {
+                return Err(ProtoError::AuthFailed("bad nonce"));
+            }
+            Ok(mac(token, n2, Role::Listener))
+        }
+        None => Ok(Vec::new()),
+    }
 }
 
 /// What the connector learned about the listener.
@@ -147,7 +177,7 @@ pub fn connect<S: Read + Write>(
             check_welcome(token, &n2, &tag)?;
             Ok(Welcomed { can_chown })
         }
-        Msg::Error { message, .. } => Err(ProtoError::Remote(message)),
+        Msg::Error { message, .. } => Err(refusal(token, message)),
         other => Err(ProtoError::Unexpected {
             expected: "welcome",
             got: other.kind_name(),
@@ -164,6 +194,20 @@ pub fn auth_message(token: Option<&[u8]>, n1: &[u8], role: Role, n2: &[u8]) -> M
         mac: token.map(|t| mac(t, n1, role)).unwrap_or_default(),
         nonce: n2.to_vec(),
     }
+}
+
+/// What the listener's `error` answer to our `auth` means (pure: for event loops): its
+/// [`AUTH_FAILED_MESSAGE`] becomes [`ProtoError::AuthFailed`] saying that our token
+/// (`token`; `None`: we sent none) is not the listener's; any other message is
+/// [`ProtoError::Remote`].
+pub fn refusal(token: Option<&[u8]>, message: String) -> ProtoError {
+    if message != AUTH_FAILED_MESSAGE {
+        return ProtoError::Remote(message);
+    }
+    ProtoError::AuthFailed(match token {
+        Some(_) => "the listener refused our token (its token differs)",
+        None => "the listener requires a token, and we have none",
+    })
 }
 
 /// Checks the listener's `welcome` mac over our challenge `n2` (pure: for event loops).

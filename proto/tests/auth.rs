@@ -35,7 +35,20 @@ fn same_token_authenticates_both_ways() {
 fn wrong_token_is_refused_and_gets_nothing() {
     let (s, c) = run(Some(b"secret"), Some(b"guess"));
     assert!(matches!(s, Err(ProtoError::AuthFailed(_))));
-    assert!(c.is_err());
+    // The listener says "failed" (and nothing more); the connector names the cause.
+    match c {
+        Err(e @ ProtoError::AuthFailed(_)) => {
+            assert!(e.to_string().contains("token differs"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, c) = run(Some(b"secret"), None);
+    match c {
+        Err(e @ ProtoError::AuthFailed(_)) => {
+            assert!(e.to_string().contains("requires a token"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

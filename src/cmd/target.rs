@@ -45,13 +45,17 @@ pub struct Trees<'a> {
 }
 
 impl Target {
-    /// An error naming the algorithm when the engine does not know it.
+    /// An error naming the algorithm when the engine does not know it, with the same
+    /// `--list` hint as `sum -a` (`sync` has no `--list` of its own: it points to `sum`'s).
     pub fn check_algorithm(&self) -> anyhow::Result<()> {
         if fleetsync_engine::Registry::with_builtins()
             .info(&self.algorithm)
             .is_err()
         {
-            bail!("unknown checksum algorithm '{}'", self.algorithm);
+            bail!(
+                "unknown checksum algorithm '{}' (see fleetsync sum --list)",
+                self.algorithm
+            );
         }
         Ok(())
     }

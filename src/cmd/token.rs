@@ -1,7 +1,7 @@
 //! The shared-token options of every command that talks to agents or a
 //! server: `agent`, `server`, and `sync`/`verify` with `--server`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 /// `FLEETSYNC_TOKEN` environment variable.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct TokenArgs {
-    /// File holding the shared token (trailing whitespace ignored; default: $FLEETSYNC_TOKEN).
+    /// File holding the shared token: at least 16 bytes, mode 600 (trailing whitespace ignored;
+    /// default: $FLEETSYNC_TOKEN).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Go without authentication when there is no token (anyone who can connect is trusted).
@@ -29,17 +30,29 @@ impl TokenArgs {
     }
 }
 
+/// The shortest token accepted, in bytes (after trailing whitespace is dropped): shorter ones
+/// are guessable (`HMAC` does not make a short secret strong).
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// Reads the token from `file`, else from `FLEETSYNC_TOKEN`; trailing
-/// whitespace is dropped, and an empty token is an error.
+/// whitespace is dropped. An empty token, or one shorter than [`MIN_TOKEN_LEN`], is an
+/// error naming where it came from; a token file that its group or others may read gets a
+/// warning on stderr.
 fn load_token(file: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
-    let raw = match file {
+    let (raw, source) = match file {
         Some(f) => {
-            Some(std::fs::read(f).with_context(|| format!("reading token file {}", f.display()))?)
+            let raw =
+                std::fs::read(f).with_context(|| format!("reading token file {}", f.display()))?;
+            warn_if_readable_by_others(f);
+            (Some(raw), format!("token file {}", f.display()))
         }
-        None => std::env::var_os("FLEETSYNC_TOKEN").map(|v| {
-            use std::os::unix::ffi::OsStringExt;
-            v.into_vec()
-        }),
+        None => (
+            std::env::var_os("FLEETSYNC_TOKEN").map(|v| {
+                use std::os::unix::ffi::OsStringExt;
+                v.into_vec()
+            }),
+            "FLEETSYNC_TOKEN".to_owned(),
+        ),
     };
     match raw {
         None => Ok(None),
@@ -48,9 +61,33 @@ fn load_token(file: Option<&PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
                 t.pop();
             }
             if t.is_empty() {
-                bail!("the token is empty");
+                bail!("the token is empty ({source})");
+            }
+            if t.len() < MIN_TOKEN_LEN {
+                bail!(
+                    "the token in {source} is {} bytes long, too short to be safe: use at least \
+                     {MIN_TOKEN_LEN} random bytes (e.g. `head -c 32 /dev/urandom | base64`)",
+                    t.len()
+                );
             }
             Ok(Some(t))
         }
+    }
+}
+
+/// Warns on stderr when the group or others may read (or write) the token file `f`.
+fn warn_if_readable_by_others(f: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(f) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "fleetsync: warning: the token file {} is accessible to its group or others \
+             (mode {mode:04o}): anyone who reads it can join the fleet; run `chmod 600 {}`",
+            f.display(),
+            f.display()
+        );
     }
 }
