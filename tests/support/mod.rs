@@ -122,6 +122,9 @@ impl Token {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, "test-token-0123456789\n").unwrap();
+        // As an operator keeps it (a file others can read gets a warning).
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         Token { _dir: dir, file }
     }
 
