@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::backend::Backend;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
-use crate::session::{flush, send, send_flush, Shared, SharedWriter};
+use crate::session::{flush, send, send_error, send_flush, Shared, SharedWriter};
 use crate::versions::VersionStore;
 use crate::{apply, blocks, check, checksum, list, receive, AgentError, PosixBackend};
 
@@ -53,11 +53,22 @@ impl Agent {
                 consist: Arc::new(ConsistState::new(&root)),
                 stages: Default::default(),
                 versions: None,
+                read_only: false,
                 deltas: Default::default(),
                 master_limits: Default::default(),
             }),
             root,
         })
+    }
+
+    /// Serves lists, checksums and sends, and refuses every write (received files, deletes,
+    /// attributes, links, blocks) with an error naming the reason (`--read-only`: a master
+    /// test system, say).
+    pub fn with_read_only(mut self, read_only: bool) -> Agent {
+        Arc::get_mut(&mut self.shared)
+            .expect("not serving yet")
+            .read_only = read_only;
+        self
     }
 
     /// Keeps the versions of the files this agent sends in `store`, so that a later send to
@@ -216,6 +227,9 @@ impl Drop for AgentHandle {
     }
 }
 
+/// Why a read-only agent refuses a write.
+const READ_ONLY: &str = "this agent is read-only (--read-only): it refuses every write";
+
 fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
     let peer_addr = conn
         .peer_addr()
@@ -242,6 +256,16 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
         let mut reader = BufReader::with_capacity(1 << 20, read_half);
         let writer: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
         match peer.role {
+            Role::Agent if shared.read_only => {
+                warn!(peer = %peer_addr, "refused a file stream: {READ_ONLY}");
+                send_flush(
+                    &writer,
+                    &Msg::Error {
+                        request_id: 0,
+                        message: READ_ONLY.to_owned(),
+                    },
+                )
+            }
             Role::Agent => receive::receive(&mut reader, &writer, &shared),
             _ => serve_requests(&mut reader, &writer, &shared),
         }
@@ -264,7 +288,11 @@ fn serve_requests(
         let _ = t.join();
     }
     // The sync is over: partial files it listed and did not use are of no more use.
-    let n = shared.backend.sweep_partials(&sweep);
+    let n = if shared.read_only {
+        0
+    } else {
+        shared.backend.sweep_partials(&sweep)
+    };
     if n > 0 {
         debug!("removed {n} partial file(s) this sync did not use");
     }
@@ -354,6 +382,13 @@ fn serve_loop(
                     })
                     .map_err(|e| AgentError::Proto(e.into()))?;
                 senders.push(t);
+            }
+            Msg::ApplyRequest { request_id, .. }
+            | Msg::BlockBegin { request_id, .. }
+            | Msg::BlockCommit { request_id, .. }
+                if shared.read_only =>
+            {
+                send_error(w, request_id, READ_ONLY.to_owned())?
             }
             Msg::ApplyRequest { request_id, ops } => {
                 apply::apply(w, shared, request_id, &ops, &mut owner_noted)?

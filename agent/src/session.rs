@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) stages: Stages,
     /// Versions of files this agent sent, kept to patch against (`--keep-versions`).
     pub(crate) versions: Option<Arc<VersionStore>>,
+    /// `--read-only`: every write is refused.
+    pub(crate) read_only: bool,
     /// Deltas made for one remote, kept for the others on the same old version.
     pub(crate) deltas: DeltaCache,
     /// `--master-bwlimit`: the limits of all streams this agent sends together, by rate

@@ -46,6 +46,10 @@ pub struct Args {
     /// [default: ~/.cache/fleetsync/versions-HASH, one per tree].
     #[arg(long, value_name = "DIR")]
     versions_dir: Option<PathBuf>,
+    /// Serve lists, checksums and sends, and refuse every write (received files, deletes,
+    /// attributes, links, blocks): e.g. a master test system that must never change.
+    #[arg(long)]
+    read_only: bool,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -87,7 +91,8 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_checksum_cache(!args.no_checksum_cache);
     let agent = fleetsync_agent::Agent::new(&args.root, token, Some(std::sync::Arc::new(backend)))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut agent = with_write_log(agent, &args.root, args.write_log.as_deref())?;
+    let mut agent = with_write_log(agent, &args.root, args.write_log.as_deref())?
+        .with_read_only(args.read_only);
     if args.keep_versions.as_u64() > 0 {
         let dir = match &args.versions_dir {
             Some(d) => d.clone(),
