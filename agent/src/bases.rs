@@ -5,7 +5,6 @@
 //! its own while the stream keeps flowing.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::sync::Mutex;
 
 use fleetsync_engine::AlgorithmInfo;
@@ -120,15 +119,14 @@ fn find(shared: &Shared, info: &AlgorithmInfo, index: u32, item: &BasisItem) -> 
     f
 }
 
-fn digest(info: &AlgorithmInfo, mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
-    let mut st = info.instantiate();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(st.finish().as_bytes().to_vec()),
-            Ok(n) => st.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+/// The digest of an open file, through the engine's reader (as every checksum of the agent).
+fn digest(info: &AlgorithmInfo, file: std::fs::File) -> Result<Vec<u8>, String> {
+    let hashed = fleetsync_engine::hash_open_file(
+        &file,
+        std::slice::from_ref(info),
+        &fleetsync_engine::HashOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let d = hashed.digests.first().ok_or("no digest")?;
+    Ok(d.as_bytes().to_vec())
 }
