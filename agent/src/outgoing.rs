@@ -445,7 +445,7 @@ fn digest_of(info: &AlgorithmInfo, bytes: &[u8]) -> Vec<u8> {
     st.finish().as_bytes().to_vec()
 }
 
-/// Sends `coded` (a patch or delta of `new`) in chunks.
+/// Sends `coded` (a patch or delta of `new`, or `new` itself) in chunks.
 #[allow(clippy::too_many_arguments)]
 fn send_coded(
     wire: &mut Wire,
@@ -472,27 +472,14 @@ fn send_coded(
     })
 }
 
-/// Sends `new`, already read, whole.
+/// Sends `new`, already read, whole (compressed where it pays).
 fn send_bytes(
     wire: &mut Wire,
     info: &AlgorithmInfo,
     start: &Start<'_>,
     new: &[u8],
 ) -> Result<Sent, SendError> {
-    let net = SendError::Net;
-    wire.frame(&start.encode(Coding::Whole, &[], 0))
-        .map_err(net)?;
-    for piece in new.chunks(frame::MAX_CHUNK) {
-        wire.chunk(piece, true).map_err(net)?;
-    }
-    let digest = digest_of(info, new);
-    wire.frame(&end(new.len() as u64, digest.clone()))
-        .map_err(net)?;
-    Ok(Sent {
-        bytes: new.len() as u64,
-        coding: Coding::Whole,
-        digest,
-    })
+    send_coded(wire, info, start, Coding::Whole, &[], new, new, true)
 }
 
 /// Streams the file from `reader`; with `keep` > 0 the remote keeps its partial file's

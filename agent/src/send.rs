@@ -290,7 +290,7 @@ impl SendOrder {
             }
         }
         // Files whose coded data did not verify on the remote go again, whole.
-        for p in stream.retries(progress.items) {
+        for p in stream.retries() {
             let mut source = match self.open_source(shared, &p) {
                 Ok(x) => x,
                 Err(why) => {
@@ -533,9 +533,9 @@ impl FileStream<'_> {
         Ok(sent.bytes)
     }
 
-    /// Waits until the remote answered for all `sent` files (or the connection ended);
+    /// Waits until the remote answered for every file sent (or the connection ended);
     /// returns the files to send again whole.
-    fn retries(&mut self, _sent: u64) -> Vec<Vec<u8>> {
+    fn retries(&mut self) -> Vec<Vec<u8>> {
         if let Err(e) = self.wire.flush() {
             debug!("flush before waiting for results: {e}");
             return Vec::new();
