@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cmd;
 
@@ -31,10 +31,25 @@ enum Command {
     Jobs(cmd::jobs::Args),
     /// Report how the remote trees differ from the master, changing nothing.
     Verify(cmd::verify::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::completions::Args),
+    /// Write the man pages (fleetsync.1, fleetsync-SUBCOMMAND.1) into a directory.
+    Man(cmd::man::Args),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `agent` and `server` take their settings from `--config FILE` too (see cmd::config).
+    let cli = match cmd::config::parse(Cli::command()) {
+        Ok(cmd::config::Parsed::Run(m)) => Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit()),
+        Ok(cmd::config::Parsed::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("fleetsync: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Sum(args) => cmd::sum::run(args),
         Command::Bench(args) => cmd::bench::run(args),
@@ -43,6 +58,8 @@ fn main() -> ExitCode {
         Command::Server(args) => cmd::server::run(args),
         Command::Jobs(args) => cmd::jobs::run(args),
         Command::Verify(args) => cmd::verify::run(args),
+        Command::Completions(args) => cmd::completions::run(args, Cli::command()),
+        Command::Man(args) => cmd::man::run(args, Cli::command()),
     };
     match result {
         Ok(code) => ExitCode::from(code),

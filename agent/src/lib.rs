@@ -65,7 +65,7 @@ pub mod versions;
 
 pub use backend::{Backend, PosixBackend, TempFile};
 pub use error::AgentError;
-pub use listen::{Agent, AgentHandle};
+pub use listen::{Agent, AgentHandle, StopReport};
 
 /// How file data travels between agents: the values of `--compress` and of the bandwidth
 /// limits, as the command line and configuration give them.

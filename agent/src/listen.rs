@@ -56,6 +56,7 @@ impl Agent {
                 read_only: false,
                 deltas: Default::default(),
                 master_limits: Default::default(),
+                live: Default::default(),
             }),
             root,
         })
@@ -127,6 +128,7 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let shared = self.shared;
+        let shared_handle = shared.clone();
         info!(root = %self.root.display(), %addr, "agent listening");
         let thread = thread::Builder::new()
             .name(format!("agent-accept-{addr}"))
@@ -138,9 +140,13 @@ impl Agent {
                     match conn {
                         Ok(conn) => {
                             let shared = shared.clone();
-                            let _ = thread::Builder::new()
-                                .name("agent-conn".into())
-                                .spawn(move || handle_connection(conn, shared));
+                            let _ =
+                                thread::Builder::new()
+                                    .name("agent-conn".into())
+                                    .spawn(move || {
+                                        let _live = shared.live.add(&conn, true);
+                                        handle_connection(conn, shared.clone())
+                                    });
                         }
                         Err(e) => {
                             warn!("accept failed: {e}");
@@ -153,6 +159,7 @@ impl Agent {
             addr,
             stop,
             thread: Some(thread),
+            shared: shared_handle,
         })
     }
 }
@@ -189,6 +196,18 @@ pub struct AgentHandle {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// How a clean stop ([`AgentHandle::stop_gracefully`]) went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StopReport {
+    /// Connections that were open when the stop began.
+    pub open: usize,
+    /// Every connection's handler ended within the time given (else some are still
+    /// finishing a commit or a disk write).
+    pub all_ended: bool,
 }
 
 impl AgentHandle {
@@ -200,6 +219,27 @@ impl AgentHandle {
     /// Stops accepting connections (connections in progress finish on their own).
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// Stops cleanly (SIGTERM): stops accepting, closes every connection, and waits (at most
+    /// `limit`) for their handlers to end as they do when a peer goes away: the file being
+    /// received is kept as its partial file (or its temp file removed), files already
+    /// verified are committed, open block transactions are aborted (the tree keeps the old
+    /// version), sends stop; then the checksum cache and the write log are written out. No
+    /// file is ever left torn under its real name.
+    pub fn stop_gracefully(mut self, limit: Duration) -> StopReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let open = self.shared.live.open_count();
+        self.shared.live.close_all();
+        let all_ended = self.shared.live.wait_accepted(limit);
+        self.shared.backend.persist();
+        self.shared.consist.sync_log();
+        info!(open, all_ended, "agent stopped");
+        StopReport { open, all_ended }
     }
 
     /// Blocks until the agent stops (forever, unless stopped elsewhere).

@@ -82,6 +82,8 @@ impl SendOrder {
                 return self.fail_all(server, why);
             }
         };
+        // A clean stop of this agent closes it (the remote keeps its partial file).
+        let _live = shared.live.add(&remote, false);
         // Over loopback the bytes never meet a link: compressing only costs CPU.
         let compression = match (compression, remote.peer_addr()) {
             (Compression::Auto, Ok(a)) if a.ip().is_loopback() => Compression::Off,

@@ -42,6 +42,91 @@ pub(crate) struct Shared {
     /// `--master-bwlimit`: the limits of all streams this agent sends together, by rate
     /// (the send orders of one sync share one).
     pub(crate) master_limits: Mutex<HashMap<u64, Arc<RateLimiter>>>,
+    /// The connections open now (a clean stop closes them).
+    pub(crate) live: Live,
+}
+
+/// The agent's open connections (accepted and outgoing), so that a clean stop
+/// ([`crate::AgentHandle::stop_gracefully`]) can close them: each handler then sees its
+/// connection end at the next read, and ends as it does when a peer goes away (a file in
+/// flight kept as its partial or removed, verified files committed, block transactions
+/// aborted).
+#[derive(Default)]
+pub(crate) struct Live {
+    st: Mutex<LiveState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct LiveState {
+    next: u64,
+    conns: HashMap<u64, (TcpStream, bool)>,
+    stopping: bool,
+}
+
+/// A connection's place in [`Live`], given up when dropped.
+pub(crate) struct LiveGuard<'a> {
+    live: &'a Live,
+    id: u64,
+}
+
+impl Live {
+    /// Registers `conn` (`accepted`: a connection the agent accepted, which
+    /// [`Live::wait_accepted`] waits for); if the agent is stopping it is closed at once.
+    pub(crate) fn add(&self, conn: &TcpStream, accepted: bool) -> LiveGuard<'_> {
+        let mut st = self.st.lock().expect("poisoned");
+        let id = st.next;
+        st.next += 1;
+        if st.stopping {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        if let Ok(c) = conn.try_clone() {
+            st.conns.insert(id, (c, accepted));
+        }
+        LiveGuard { live: self, id }
+    }
+
+    /// How many connections are open.
+    pub(crate) fn open_count(&self) -> usize {
+        self.st.lock().expect("poisoned").conns.len()
+    }
+
+    /// Closes every connection, and those registered from now on.
+    pub(crate) fn close_all(&self) {
+        let mut st = self.st.lock().expect("poisoned");
+        st.stopping = true;
+        for (c, _) in st.conns.values() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits (at most `limit`) until no accepted connection is left; whether none is.
+    pub(crate) fn wait_accepted(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = self.st.lock().expect("poisoned");
+        loop {
+            if !st.conns.values().any(|(_, accepted)| *accepted) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self.cv.wait_timeout(st, left).expect("poisoned").0;
+        }
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.live
+            .st
+            .lock()
+            .expect("poisoned")
+            .conns
+            .remove(&self.id);
+        self.live.cv.notify_all();
+    }
 }
 
 /// Item results per `itemResults` frame.

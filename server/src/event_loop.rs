@@ -163,6 +163,54 @@ impl Server {
         Ok(())
     }
 
+    /// Stops cleanly (SIGTERM), after [`Server::run_until`] returned: accepts no more
+    /// connections, fails every running job's remaining pairs with `why` (recorded in the
+    /// job history: each such remote with `why`, the job `failed`), tells each control
+    /// client (`syncDone`, not ok), and gives their connections at most `limit` to take
+    /// the last messages before every connection is closed. The agents see their
+    /// connections close, as when any server goes away.
+    pub fn shutdown(&mut self, why: &str, limit: Duration) {
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let ids: Vec<u64> = self.jobs.keys().copied().collect();
+        if !ids.is_empty() {
+            warn!(
+                jobs = ids.len(),
+                "stopping: failing the running jobs ({why})"
+            );
+        }
+        for id in ids {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                for i in 0..j.sync.pairs.len() {
+                    j.sync.fail_pair(i, why.to_owned());
+                }
+            }
+            self.settle(id);
+        }
+        self.flush_and_close();
+        // The control clients' last messages: written while they take them.
+        let deadline = Instant::now() + limit;
+        let mut events = Events::with_capacity(64);
+        while Instant::now() < deadline {
+            let pending = self.conns.iter().any(|(_, c)| {
+                matches!(c.peer, ConnPeer::Control { .. }) && c.out_pos < c.out.len()
+            });
+            if !pending {
+                break;
+            }
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(50)));
+            let dirty: Vec<Token> = self.conns.keys().copied().collect();
+            self.dirty.extend(dirty);
+            self.flush_and_close();
+        }
+        let tokens: Vec<Token> = self.conns.keys().copied().collect();
+        for t in tokens {
+            if let Some(mut c) = self.conns.remove(&t) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+            }
+        }
+        info!("server stopped");
+    }
+
     fn new_token(&mut self) -> Token {
         let t = Token(self.next_token);
         self.next_token += 1;

@@ -13,9 +13,13 @@ The token (shared by the server and every agent) comes from --token-file or the 
 FLEETSYNC_TOKEN environment variable; it never travels on the network \
 (HMAC-SHA256 challenge-response).
 
-The first line on stdout is `listening on ADDR` (useful with port 0).
+The first line on stdout is `listening on ADDR` (useful with port 0); under systemd (Type=notify) READY=1 is sent then.
 
-Exit codes: 0 stopped normally, 2 usage or startup error.")]
+SIGTERM or SIGINT stops the agent cleanly: no more connections, the file being received kept as its partial file or removed (never torn under its name), verified files committed, open blocks rolled back; a second signal stops it at once (exit 1).
+
+Every flag can also be set in a --config file (TOML, keys are the long flag names).
+
+Exit codes: 0 stopped normally (also by SIGTERM/SIGINT), 2 usage or startup error.")]
 pub struct Args {
     /// The tree to serve.
     #[arg(long, value_name = "DIR")]
@@ -53,7 +57,14 @@ pub struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    log: super::logging::LogArgs,
+    #[command(flatten)]
+    config: super::config::ConfigArgs,
 }
+
+/// How long a clean stop waits for the connections' handlers (a commit's fsyncs) to end.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Gives `agent` its write log: `explicit` (an error if unusable, e.g. inside the tree), else
 /// the default place beside the checksum cache — or, if that is unusable (say the tree is the
@@ -78,7 +89,8 @@ pub(crate) fn with_write_log(
 
 /// Runs `fleetsync agent`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::logging::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose, args.log.log_format);
+    let stop = super::service::StopSignal::install()?;
     let token = args.auth.load()?;
     let meta =
         std::fs::metadata(&args.root).with_context(|| format!("root {}", args.root.display()))?;
@@ -130,6 +142,16 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     writeln!(out, "listening on {}", handle.local_addr())?;
     out.flush()?;
     drop(out);
-    handle.wait();
+    super::service::notify_ready();
+    let sig = stop.wait();
+    super::service::notify_stopping();
+    tracing::info!("{sig}: stopping");
+    let report = handle.stop_gracefully(STOP_LIMIT);
+    if !report.all_ended {
+        tracing::warn!(
+            "stopped with connections still finishing after {} s",
+            STOP_LIMIT.as_secs()
+        );
+    }
     Ok(0)
 }

@@ -2,10 +2,14 @@
 //! Beside them, what several subcommands share: `target` (how `sync`/`verify` reach the
 //! trees), `selection` (which entries), `embedded` (the in-process fleet), `control` (the
 //! control client), `itemize` (plan items as lines),
-//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token`, `logging`.
+//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token`, `logging`; `config`
+//! (`--config`/`--print-config`) and `service` (signals, systemd readiness) of `agent` and
+//! `server`.
 
 pub mod agent;
 pub mod bench;
+pub mod completions;
+pub mod config;
 pub mod control;
 pub mod embedded;
 pub mod hashargs;
@@ -13,8 +17,10 @@ pub mod itemize;
 pub mod jobs;
 pub mod jsonpath;
 pub mod logging;
+pub mod man;
 pub mod selection;
 pub mod server;
+pub mod service;
 pub mod sum;
 pub mod sync;
 pub mod target;

@@ -14,9 +14,13 @@ Control clients (`fleetsync sync --server ADDR ...`) connect here; the server th
 to the master and remote agents named in each request, with the same shared token.
 
 The token comes from --token-file or the FLEETSYNC_TOKEN environment variable.
-The first line on stdout is `listening on ADDR` (useful with port 0).
+The first line on stdout is `listening on ADDR` (useful with port 0); under systemd (Type=notify) READY=1 is sent then.
 
-Exit codes: 0 stopped normally, 2 usage or startup error.")]
+SIGTERM or SIGINT stops the server cleanly: no more connections, running jobs failed in the job history and their control clients told; a second signal stops it at once (exit 1).
+
+Every flag can also be set in a --config file (TOML, keys are the long flag names).
+
+Exit codes: 0 stopped normally (also by SIGTERM/SIGINT), 2 usage or startup error.")]
 pub struct Args {
     /// Address to listen on for control clients, e.g. 127.0.0.1:7000 or 127.0.0.1:0.
     #[arg(long, value_name = "ADDR")]
@@ -33,11 +37,16 @@ pub struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    log: super::logging::LogArgs,
+    #[command(flatten)]
+    config: super::config::ConfigArgs,
 }
 
 /// Runs `fleetsync server`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::logging::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose, args.log.log_format);
+    let stop = super::service::StopSignal::install()?;
     let token = args.auth.load()?;
     let addr = args
         .listen
@@ -57,6 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     writeln!(out, "listening on {}", server.local_addr()?)?;
     out.flush()?;
     drop(out);
-    server.run().context("server event loop")?;
+    super::service::notify_ready();
+    server.run_until(stop.flag()).context("server event loop")?;
+    super::service::notify_stopping();
+    tracing::info!("{}: stopping", stop.name());
+    server.shutdown(
+        &format!("the server was stopped ({})", stop.name()),
+        Duration::from_secs(5),
+    );
     Ok(0)
 }

@@ -117,6 +117,8 @@ pub struct Args {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    log: super::logging::LogArgs,
 }
 
 /// Inconsistent files the server names in a remote's error message.
@@ -260,7 +262,7 @@ fn report(
 
 /// Runs `fleetsync sync`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::logging::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose, args.log.log_format);
     let c = args.selection.classification()?;
     if !args.explain.is_empty() {
         let m = c.compile().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -58,6 +58,8 @@ pub struct Args {
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(flatten)]
+    log: super::logging::LogArgs,
+    #[command(flatten)]
     _ignored: SyncOnlyFlags,
 }
 
@@ -124,7 +126,7 @@ fn request(classification: ClassificationSpec) -> SyncRequest {
 
 /// Runs `fleetsync verify`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    super::logging::init_logging(args.verbose);
+    super::logging::init_logging(args.verbose, args.log.log_format);
     args.target.check_algorithm()?;
     let classification = ClassificationSpec::from(&args.selection.classification()?);
     let trees = Trees {
