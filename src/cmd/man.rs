@@ -24,7 +24,7 @@ pub fn run(args: Args, cmd: clap::Command) -> anyhow::Result<u8> {
     let mut cmd = cmd;
     cmd.build();
     write_page(&args.dir, cmd.get_name(), cmd.clone())?;
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd.get_subcommands() {
         let name = format!("{}-{}", cmd.get_name(), sub.get_name());
         // The page's title and usage name the whole command line (`fleetsync-sync` is
         // `fleetsync sync`).
