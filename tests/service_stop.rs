@@ -200,3 +200,140 @@ fn sigterm_of_the_server_mid_job_exits_0_and_records_the_job_failed() {
     );
     assert!(job["finished_ms"].is_i64(), "{job}");
 }
+
+#[test]
+fn sigterm_of_the_remote_agent_mid_block_leaves_the_block_all_old_and_the_next_sync_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master_root, remote_root) = (tmp.path().join("master"), tmp.path().join("remote"));
+    // One block of four 4 MiB files, all replaced: staged, then moved in together.
+    let files: Vec<String> = (0..4).map(|i| format!("app/f{i}.bin")).collect();
+    for (i, f) in files.iter().enumerate() {
+        write_with_mtime(
+            &master_root.join(f),
+            &bytes(10 + i as u64, 4 << 20),
+            1_600_000_000,
+        );
+        write_with_mtime(
+            &remote_root.join(f),
+            &bytes(20 + i as u64, 1 << 20),
+            1_500_000_000,
+        );
+    }
+    let blocks = tmp.path().join("blocks.toml");
+    fs::write(&blocks, "[block.app]\nselect = \"path:app/**\"\n").unwrap();
+    let token = Token::new();
+    let (_server, server) = token.server();
+    let (_master, master) = token.agent(&master_root);
+    let (mut remote, remote_addr) = token.agent(&remote_root);
+    let mut sync = token
+        .sync_command(&server, &master, &[&remote_addr])
+        .args(["--bwlimit", RATE, "--blocks"])
+        .arg(&blocks)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stop once more than one file is staged (the block is under way, not committed).
+    let staging = remote_root.join(".fleetsync-staging");
+    let staged = || -> u64 {
+        if !staging.exists() {
+            return 0;
+        }
+        with_prefix(&staging, "").iter().map(|(_, n)| n).sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while staged() < 6 << 20 {
+        assert!(
+            sync.try_wait().unwrap().is_none(),
+            "the sync ended before the stop"
+        );
+        assert!(Instant::now() < deadline, "the block never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&remote.0);
+    let status = wait_exit(&mut remote.0, "the remote agent");
+    assert_eq!(status.code(), Some(0), "remote agent: {status}");
+    wait_exit(&mut sync, "the sync");
+
+    // All old: the block was rolled back, its staging removed.
+    for (i, f) in files.iter().enumerate() {
+        let data = fs::read(remote_root.join(f)).unwrap();
+        assert!(
+            data == bytes(20 + i as u64, 1 << 20),
+            "{f} is not its old version"
+        );
+    }
+    let left = if staging.exists() {
+        with_prefix(&staging, "")
+    } else {
+        Vec::new()
+    };
+    assert!(left.is_empty(), "staged files left: {left:?}");
+    assert!(with_prefix(&remote_root, TEMP_PREFIX).is_empty());
+
+    let (_remote2, remote_addr2) = token.agent(&remote_root);
+    let out = token
+        .sync_command(&server, &master, &[&remote_addr2])
+        .arg("--blocks")
+        .arg(&blocks)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rsync_diff(&master_root, &remote_root), "");
+}
+
+#[test]
+fn sigterm_of_the_master_agent_mid_send_exits_0_and_the_next_sync_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master_root, remote_root) = (tmp.path().join("master"), tmp.path().join("remote"));
+    let big = bytes(5, 16 << 20);
+    write_with_mtime(&master_root.join("big.bin"), &big, 1_600_000_000);
+    fs::create_dir_all(&remote_root).unwrap();
+    let token = Token::new();
+    let (_server, server) = token.server();
+    let (mut master, master_addr) = token.agent(&master_root);
+    let (_remote, remote_addr) = token.agent(&remote_root);
+    let mut sync = token
+        .sync_command(&server, &master_addr, &[&remote_addr])
+        .args(["--bwlimit", RATE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !with_prefix(&remote_root, TEMP_PREFIX)
+        .iter()
+        .any(|(_, n)| *n > 2 << 20)
+    {
+        assert!(
+            sync.try_wait().unwrap().is_none(),
+            "the sync ended before the stop"
+        );
+        assert!(Instant::now() < deadline, "the big file never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&master.0);
+    let status = wait_exit(&mut master.0, "the master agent");
+    assert_eq!(status.code(), Some(0), "master agent: {status}");
+    assert!(!wait_exit(&mut sync, "the sync").success());
+    // The remote saw its stream cut: the file absent, what arrived kept to resume from.
+    assert!(
+        !remote_root.join("big.bin").exists(),
+        "big.bin appeared torn"
+    );
+    // (the remote's handler ends on its own once it sees the cut; give it a moment)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !with_prefix(&remote_root, TEMP_PREFIX).is_empty() {
+        assert!(Instant::now() < deadline, "the remote kept its temp file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let (_master2, master_addr2) = token.agent(&master_root);
+    let out = token.sync(&server, &master_addr2, &[&remote_addr]);
+    assert!(out.status.success());
+    assert_eq!(rsync_diff(&master_root, &remote_root), "");
+}

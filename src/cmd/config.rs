@@ -7,7 +7,7 @@
 //! `value_source` is not the command line) is filled from the file by turning the key into
 //! `--key=VALUE` before the command line's own arguments, and the whole is parsed again by
 //! clap, so a file value goes through exactly the validation a flag does; the command line
-//! wins. Unknown keys are an error naming the key and the file; a value of the wrong type
+//! wins (also over a setting that one of its flags excludes). Unknown keys are an error naming the key and the file; a value of the wrong type
 //! names the key.
 
 use std::ffi::OsString;
@@ -49,10 +49,11 @@ pub fn parse(cmd: Command) -> anyhow::Result<Parsed> {
 }
 
 fn parse_from(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Parsed> {
-    // First pass, with the subcommands' required arguments relaxed (they may come from the
-    // file): which subcommand, which file, and what the command line gave. Anything wrong
-    // on the command line itself is left to the real parse below, which reports it as usual.
-    let relaxed = relax(cmd.clone());
+    // First pass, with the subcommands' required arguments relaxed and errors ignored (what
+    // is missing, or what another flag requires, may come from the file): which subcommand,
+    // which file, and what the command line gave. Anything wrong on the command line itself
+    // is left to the real parse below, which reports it as usual.
+    let relaxed = relax(cmd.clone()).ignore_errors(true);
     let Ok(first) = relaxed.try_get_matches_from(&argv) else {
         return Ok(Parsed::Run(cmd.get_matches_from(argv)));
     };
@@ -71,16 +72,8 @@ fn parse_from(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Parsed> {
     let mut from_file = (Vec::new(), PathBuf::new());
     if let Some(file) = sub.get_one::<PathBuf>("config") {
         let table = read_table(file)?;
-        let extra = file_args(&sub_cmd, sub, &table, file)?;
-        from_file = (
-            table
-                .keys()
-                .filter_map(|k| sub_cmd.get_arguments().find(|a| a.get_long() == Some(k)))
-                .map(|a| a.get_id().to_string())
-                .filter(|id| sub.value_source(id) != Some(ValueSource::CommandLine))
-                .collect(),
-            file.clone(),
-        );
+        let (extra, applied) = file_args(&sub_cmd, sub, &table, file)?;
+        from_file = (applied, file.clone());
         // Right after the subcommand's name, before the command line's own arguments.
         let at = argv
             .iter()
@@ -119,14 +112,15 @@ fn read_table(file: &Path) -> anyhow::Result<toml::Table> {
 }
 
 /// The `--key=VALUE` arguments for the keys of `table` that the command line (`given`) did
-/// not set.
+/// not set, and the ids of the arguments they set.
 fn file_args(
     cmd: &Command,
     given: &ArgMatches,
     table: &toml::Table,
     file: &Path,
-) -> anyhow::Result<Vec<OsString>> {
+) -> anyhow::Result<(Vec<OsString>, Vec<String>)> {
     let mut out = Vec::new();
+    let mut applied = Vec::new();
     for (key, value) in table {
         let at = || format!("--config {}: key `{key}`", file.display());
         let Some(arg) = cmd
@@ -145,6 +139,22 @@ fn file_args(
         if given.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
             continue; // the command line wins
         }
+        // So does a flag of the command line that excludes this setting.
+        let on_command_line = |a: &clap::Arg| {
+            given.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine)
+        };
+        let excluded = cmd
+            .get_arg_conflicts_with(arg)
+            .into_iter()
+            .any(on_command_line)
+            || cmd
+                .get_arguments()
+                .filter(|a| on_command_line(a))
+                .any(|a| cmd.get_arg_conflicts_with(a).contains(&arg));
+        if excluded {
+            continue;
+        }
+        applied.push(arg.get_id().to_string());
         let flag = format!("--{key}");
         match arg.get_action() {
             ArgAction::SetTrue | ArgAction::SetFalse => match value {
@@ -206,7 +216,7 @@ fn file_args(
             }
         }
     }
-    Ok(out)
+    Ok((out, applied))
 }
 
 fn first_line(s: &str) -> String {
@@ -341,6 +351,12 @@ mod tests {
             verbose: u8,
             #[arg(long)]
             include: Vec<String>,
+            #[arg(long, requires = "key")]
+            cert: Option<String>,
+            #[arg(long)]
+            key: Option<String>,
+            #[arg(long, conflicts_with = "cert")]
+            plain: bool,
             #[command(flatten)]
             config: ConfigArgs,
         },
@@ -386,6 +402,29 @@ mod tests {
         let m = svc(run(&["svc", "--timeout", "3", "--config", "FILE"], file).unwrap());
         assert_eq!(*m.get_one::<u64>("timeout").unwrap(), 3);
         assert_eq!(m.get_one::<String>("listen").unwrap(), "a:1");
+    }
+
+    #[test]
+    fn what_a_flag_requires_may_come_from_the_file() {
+        let file = "listen = \"a:1\"\nkey = \"k.pem\"\n";
+        let m = svc(run(&["svc", "--cert", "c.pem", "--config", "FILE"], file).unwrap());
+        assert_eq!(m.get_one::<String>("cert").unwrap(), "c.pem");
+        assert_eq!(m.get_one::<String>("key").unwrap(), "k.pem");
+    }
+
+    #[test]
+    fn a_command_line_flag_excluding_a_setting_of_the_file_wins() {
+        let file = "listen = \"a:1\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let m = svc(run(&["svc", "--plain", "--config", "FILE"], file).unwrap());
+        assert!(m.get_flag("plain"));
+        assert_eq!(m.get_one::<String>("cert"), None);
+        let file = "listen = \"a:1\"\nplain = true\n";
+        let m = svc(run(
+            &["svc", "--cert", "c", "--key", "k", "--config", "FILE"],
+            file,
+        )
+        .unwrap());
+        assert!(!m.get_flag("plain"));
     }
 
     #[test]
