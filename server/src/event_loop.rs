@@ -75,8 +75,14 @@ struct Job {
     next_req: u64,
     /// This job in the history database.
     record: Option<JobId>,
+    /// When the running pairs' counts were last written to the history.
+    recorded: Instant,
     sync: SyncJob,
 }
+
+/// How often a running job's per-remote counts are written to the history, so that a job
+/// interrupted by a crash still shows what had landed (to within this interval).
+const PROGRESS_RECORD_EVERY: Duration = Duration::from_secs(2);
 
 /// The comparison server.
 pub struct Server {
@@ -455,12 +461,6 @@ impl Server {
     // ------------------------------------------------------------------ jobs
 
     fn start_job(&mut self, control: Token, req: SyncRequest) {
-        let id = self.next_job;
-        self.next_job += 1;
-        info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
-        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
-            *job = Some(id);
-        }
         let check = SyncJob::check(&req);
         let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
@@ -469,9 +469,25 @@ impl Server {
             let remotes: Vec<&str> = remotes.iter().map(String::as_str).collect();
             let class = describe_classification(&req);
             h.start_job(&label(&req.master), &remotes, &class, &req.algorithm)
-                .map_err(|e| warn!(job = id, "job history: {e}"))
+                .map_err(|e| warn!(master = %req.master, "job history: {e}"))
                 .ok()
         });
+        // With a history, a job is known by its id there (the one `fleetsync jobs` shows), in
+        // the log too; without one (or if recording failed), by a counter of this process.
+        let id = match record {
+            Some(JobId(r)) if r > 0 && !self.jobs.contains_key(&(r as u64)) => r as u64,
+            _ => {
+                while self.jobs.contains_key(&self.next_job) {
+                    self.next_job += 1;
+                }
+                self.next_job
+            }
+        };
+        self.next_job = self.next_job.max(id + 1);
+        info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
+        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
+            *job = Some(id);
+        }
         let blocks = match check {
             Ok(blocks) => blocks,
             Err(e) => {
@@ -497,6 +513,7 @@ impl Server {
                 conns: remotes.iter().map(|_| PairConns::default()).collect(),
                 next_req: 1,
                 record,
+                recorded: Instant::now(),
                 sync,
             },
         );
@@ -721,6 +738,18 @@ impl Server {
         let Some(j) = self.jobs.get_mut(&id) else {
             return;
         };
+        if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
+            if j.recorded.elapsed() >= PROGRESS_RECORD_EVERY {
+                j.recorded = Instant::now();
+                for pair in j.sync.pairs.iter().filter(|p| !p.is_done()) {
+                    let counts = RemoteCounts::of(pair.result());
+                    let name = label_of(&self.config.job_labels, pair.addr());
+                    if let Err(e) = h.record_remote(record, name, &counts, None) {
+                        warn!(job = id, "job history: {e}");
+                    }
+                }
+            }
+        }
         for (pair, conns) in j.sync.pairs.iter().zip(&mut j.conns) {
             if !pair.is_done() || conns.closed {
                 continue;
@@ -728,14 +757,7 @@ impl Server {
             conns.closed = true;
             let result = pair.result();
             if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
-                let counts = RemoteCounts {
-                    sent: result.transferred,
-                    deleted: result.deleted,
-                    fixed: result.changed,
-                    bytes: result.bytes,
-                    wire_bytes: result.wire_bytes,
-                    rounds: result.rounds,
-                };
+                let counts = RemoteCounts::of(result);
                 let error = if !result.error.is_empty() {
                     Some(result.error.clone())
                 } else if !result.ok {
@@ -743,12 +765,7 @@ impl Server {
                 } else {
                     None
                 };
-                let addr = pair.addr();
-                let name = self
-                    .config
-                    .job_labels
-                    .get(addr)
-                    .map_or(addr, String::as_str);
+                let name = label_of(&self.config.job_labels, pair.addr());
                 if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                     warn!(job = id, "job history: {e}");
                 }
@@ -793,6 +810,11 @@ impl Server {
             }
         }
     }
+}
+
+/// The name an agent address is recorded under in the history (`--job-label`).
+fn label_of<'a>(labels: &'a HashMap<String, String>, addr: &'a str) -> &'a str {
+    labels.get(addr).map_or(addr, String::as_str)
 }
 
 /// The classification of a request as the user would write it (for the job history).
