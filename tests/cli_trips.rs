@@ -281,3 +281,34 @@ fn sync_and_verify_with_an_unknown_algorithm_point_to_the_list_as_sum_does() {
         assert!(err.contains("--list"), "{command}: {err}");
     }
 }
+
+#[test]
+fn a_bad_glob_names_the_option_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, r) = (tmp.path().join("m"), tmp.path().join("r"));
+    std::fs::create_dir_all(&m).unwrap();
+    for (args, want) in [
+        (vec!["--include", "a["], "--include 'a[': invalid pattern"),
+        (
+            vec!["--exclude", "*.o", "--exclude", "[z"],
+            "--exclude '[z': invalid pattern",
+        ),
+        (
+            vec!["--select", "name:x["],
+            "--select: invalid pattern 'x['",
+        ),
+        (vec!["--select", "ext:rs and"], "--select: column 11"),
+    ] {
+        let out = fleetsync(scratch_home())
+            .arg("sync")
+            .args(&args)
+            .arg(&m)
+            .arg(&r)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!r.exists(), "{args:?}: the remote was created");
+    }
+}
