@@ -136,6 +136,33 @@ fn regression_agent_with_another_token_says_authentication_failed_on_the_client_
 }
 
 #[test]
+fn a_control_client_with_the_wrong_token_is_told_so_by_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let right = token_file(tmp.path(), "right", "server-token-0123456789", 0o600);
+    let other = token_file(tmp.path(), "other", "client-token-0123456789", 0o600);
+    let s_log = tmp.path().join("s.log");
+    let (mut server, s_addr) = spawn_logging(&["server"], &right, &s_log);
+    let out = logged(
+        "sync",
+        fleetsync(scratch_home())
+            .args(["sync", "--server", &s_addr, "--master", "127.0.0.1:9"])
+            .arg("--token-file")
+            .arg(&other)
+            .arg("127.0.0.1:9")
+            .env_remove("FLEETSYNC_TOKEN")
+            .output()
+            .unwrap(),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(err.contains("token differs"), "{err}");
+    assert!(!err.contains("closed by peer"), "{err}");
+    wait_for_log(&s_log, "authentication failed");
+    assert!(server.alive());
+}
+
+#[test]
 fn a_connector_with_the_wrong_token_is_told_that_the_tokens_differ() {
     let tmp = tempfile::tempdir().unwrap();
     let token = token_file(tmp.path(), "token", "agent-token-0123456789", 0o600);

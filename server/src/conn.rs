@@ -154,7 +154,13 @@ impl Conn {
                 let answer = match token {
                     Some(t) => {
                         if !auth::verify(t, &n1, role, &mac) || nonce.len() != auth::NONCE_LEN {
-                            return Err("authentication failed".into());
+                            // Said before the close (which flushes), so that the client can
+                            // tell a wrong token from a lost connection.
+                            self.queue(&Msg::Error {
+                                request_id: 0,
+                                message: auth::AUTH_FAILED_MESSAGE.into(),
+                            });
+                            return Err(auth::AUTH_FAILED_MESSAGE.into());
                         }
                         auth::mac(t, &nonce, Role::Listener)
                     }
@@ -181,7 +187,9 @@ impl Conn {
                 let msg = Msg::decode(body).map_err(|e| e.to_string())?;
                 let (mac, can_chown) = match msg {
                     Msg::Welcome { mac, can_chown } => (mac, can_chown),
-                    Msg::Error { message, .. } => return Err(format!("agent: {message}")),
+                    Msg::Error { message, .. } => {
+                        return Err(auth::refusal(token, message).to_string())
+                    }
                     other => return Err(format!("expected welcome, got {}", other.kind_name())),
                 };
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
