@@ -6,6 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What building and checking a package takes: dpkg-shlibdeps (the package's Depends) and
+# dpkg-deb, and cargo-deb (~2-3 min to install, once per machine).
+if ! { command -v dpkg-shlibdeps && command -v dpkg-deb; } >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dpkg-dev
+fi
+cargo install --list | grep -q '^cargo-deb v3.8.0' || cargo install --locked --quiet cargo-deb --version =3.8.0
+
 bash packaging/build-deb.sh "${1:-dev}"
 deb=$(ls -t target/debian/fleetsync_*.deb | head -1)
 contents=$(dpkg-deb -c "$deb" | awk '{print $NF}' | sed 's#^\./#/#')

@@ -136,6 +136,33 @@ fn regression_agent_with_another_token_says_authentication_failed_on_the_client_
 }
 
 #[test]
+fn a_control_client_with_the_wrong_token_is_told_so_by_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let right = token_file(tmp.path(), "right", "server-token-0123456789", 0o600);
+    let other = token_file(tmp.path(), "other", "client-token-0123456789", 0o600);
+    let s_log = tmp.path().join("s.log");
+    let (mut server, s_addr) = spawn_logging(&["server"], &right, &s_log);
+    let out = logged(
+        "sync",
+        fleetsync(scratch_home())
+            .args(["sync", "--server", &s_addr, "--master", "127.0.0.1:9"])
+            .arg("--token-file")
+            .arg(&other)
+            .arg("127.0.0.1:9")
+            .env_remove("FLEETSYNC_TOKEN")
+            .output()
+            .unwrap(),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(err.contains("token differs"), "{err}");
+    assert!(!err.contains("closed by peer"), "{err}");
+    wait_for_log(&s_log, "authentication failed");
+    assert!(server.alive());
+}
+
+#[test]
 fn a_connector_with_the_wrong_token_is_told_that_the_tokens_differ() {
     let tmp = tempfile::tempdir().unwrap();
     let token = token_file(tmp.path(), "token", "agent-token-0123456789", 0o600);
@@ -279,5 +306,36 @@ fn sync_and_verify_with_an_unknown_algorithm_point_to_the_list_as_sum_does() {
             "{err}"
         );
         assert!(err.contains("--list"), "{command}: {err}");
+    }
+}
+
+#[test]
+fn a_bad_glob_names_the_option_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, r) = (tmp.path().join("m"), tmp.path().join("r"));
+    std::fs::create_dir_all(&m).unwrap();
+    for (args, want) in [
+        (vec!["--include", "a["], "--include 'a[': invalid pattern"),
+        (
+            vec!["--exclude", "*.o", "--exclude", "[z"],
+            "--exclude '[z': invalid pattern",
+        ),
+        (
+            vec!["--select", "name:x["],
+            "--select: invalid pattern 'x['",
+        ),
+        (vec!["--select", "ext:rs and"], "--select: column 11"),
+    ] {
+        let out = fleetsync(scratch_home())
+            .arg("sync")
+            .args(&args)
+            .arg(&m)
+            .arg(&r)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!r.exists(), "{args:?}: the remote was created");
     }
 }

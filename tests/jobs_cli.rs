@@ -156,19 +156,16 @@ fn the_embedded_sync_records_too() {
 }
 
 #[test]
-fn a_server_killed_mid_job_leaves_the_job_interrupted() {
+fn a_server_killed_mid_job_leaves_the_job_interrupted_with_what_had_landed() {
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("jobs.sqlite");
     let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
-    fs::create_dir_all(&master).unwrap();
     fs::create_dir_all(&remote).unwrap();
-    // Big enough that the transfer is still going when we look.
+    // Small files first (sends go in path order), then one that takes seconds at the limit.
+    small_master(&master, 30);
     let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
-    let mut big = Vec::with_capacity(256 << 20);
-    for _ in 0..256 {
-        big.extend_from_slice(&chunk);
-    }
-    fs::write(master.join("big.bin"), &big).unwrap();
+    let big: Vec<u8> = chunk.iter().cycle().take(48 << 20).copied().collect();
+    fs::write(master.join("zz-big.bin"), &big).unwrap();
     drop(big);
     let token = Token::new();
     let (_m, maddr) = token.agent(&master);
@@ -177,35 +174,96 @@ fn a_server_killed_mid_job_leaves_the_job_interrupted() {
     let mut sync = Proc(
         token
             .sync_command(&saddr, &maddr, &[&raddr])
+            .args(["--bwlimit", "6M"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );
-    // Wait until the file is being written on the remote.
+    // Wait until the history shows the 30 small files (all landed) while the big one goes.
     let deadline = Instant::now() + Duration::from_secs(120);
+    let landed = |d: &Path| {
+        fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".txt")
+            })
+            .count()
+    };
     loop {
-        let writing = fs::read_dir(&remote).unwrap().any(|e| {
-            let e = e.unwrap();
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".fleetsync.tmp.")
-                && e.metadata().unwrap().len() > 0
-        });
-        if writing {
+        let list = jobs_json(&db, &[]);
+        if list[0]["totals"]["sent"] == 30 {
             break;
         }
         assert!(sync.alive(), "the sync ended before the transfer was seen");
-        assert!(Instant::now() < deadline, "no transfer seen");
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "no progress recorded: {list:?}");
+        std::thread::sleep(Duration::from_millis(100));
     }
     srv.kill_now();
     sync.kill_now();
+    assert_eq!(landed(&remote), 30);
+    assert!(
+        !remote.join("zz-big.bin").exists(),
+        "the big file cannot have landed"
+    );
 
     let list = jobs_json(&db, &[]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list:?}");
     assert_eq!(list[0]["status"], "interrupted");
     assert!(list[0]["finished_ms"].is_i64(), "{list:?}");
-    let detail = jobs_json(&db, &["show", &list[0]["id"].to_string()]);
-    assert!(detail["results"][0]["recorded_ms"].is_null(), "{detail:?}");
+    assert_eq!(list[0]["totals"]["sent"], 30, "{list:?}");
+}
+
+#[test]
+fn the_server_log_names_a_job_by_its_history_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("jobs.sqlite");
+    let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
+    small_master(&master, 2);
+    fs::create_dir_all(&remote).unwrap();
+    let token = Token::new();
+    let (_m, maddr) = token.agent(&master);
+    let (_r, raddr) = token.agent(&remote);
+    // Two servers in turn on one history: the second one's first job is the history's second.
+    for want in ["1", "2"] {
+        let mut cmd = fleetsync(scratch_home());
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--token-file"])
+            .arg(&token.file)
+            .arg("--jobs-db")
+            .arg(&db)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped());
+        let (mut srv, saddr) = support::listening(&mut cmd);
+        let out = token.sync(&saddr, &maddr, &[&raddr]);
+        assert!(out.status.success());
+        srv.kill_now();
+        let mut log = String::new();
+        use std::io::Read;
+        srv.0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        let list = jobs_json(&db, &[]);
+        let ids: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].to_string())
+            .collect();
+        assert!(ids.contains(&want.to_owned()), "{list:?}");
+        assert!(
+            log.contains(&format!("job={want}")),
+            "log lacks job={want}:\n{log}"
+        );
+        assert!(
+            !log.contains(&format!("job={}", if want == "1" { "2" } else { "1" })),
+            "{log}"
+        );
+    }
 }

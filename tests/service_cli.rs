@@ -353,7 +353,7 @@ fn render(page: &Path) -> String {
             .args(["-man", "-Tascii", "-P", "-c"])
             .arg(page)
             .output()
-            .expect("neither man nor groff could render the page (install man-db or groff)"),
+            .expect("neither man nor groff could render the page: run .ci/setup (groff)"),
     };
     assert!(out.status.success(), "{out:?}");
     // Drop overstrike bold/underline (X\bX).

@@ -301,7 +301,7 @@ fn a_bad_blocks_file_is_a_usage_error_naming_the_file_line_and_problem() {
         (
             "select",
             "[block.a]\nselect = \"name:a\"\n\n\n[block.bad]\nselect = \"ext:rs and (\"\n",
-            ":5: blocks file: block \"bad\" has a bad select",
+            ":5: blocks file: block \"bad\" has a bad select: column 13, at end of expression",
         ),
         ("syntax", "[block.a]\nselect = \"name:a\n", "line 2"),
     ];

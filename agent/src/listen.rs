@@ -10,7 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use fleetsync_engine::Registry;
-use fleetsync_proto::{auth, frame, Msg, Role};
+use fleetsync_proto::{auth, frame, Msg, Role, TreeIdentity};
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
@@ -56,6 +56,7 @@ impl Agent {
                 read_only: false,
                 deltas: Default::default(),
                 master_limits: Default::default(),
+                tree: tree_identity(&root),
                 live: Default::default(),
             }),
             root,
@@ -267,6 +268,26 @@ impl Drop for AgentHandle {
     }
 }
 
+/// Where the tree at `root` is: the machine, and the (device, inode) of the root and of each
+/// parent up to `/` (unknown parts are left out: the server then checks less, never more).
+fn tree_identity(root: &Path) -> TreeIdentity {
+    use std::os::unix::fs::MetadataExt;
+    let host = ["/etc/machine-id", "/proc/sys/kernel/random/boot_id"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| s.trim().to_owned())
+        .find(|s| !s.is_empty())
+        .unwrap_or_default();
+    let chain = match std::fs::canonicalize(root) {
+        Ok(real) => real
+            .ancestors()
+            .map_while(|d| std::fs::metadata(d).ok().map(|m| (m.dev(), m.ino())))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    TreeIdentity { host, chain }
+}
+
 /// Why a read-only agent refuses a write.
 const READ_ONLY: &str = "this agent is read-only (--read-only): it refuses every write";
 
@@ -277,10 +298,11 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
         .unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let peer = match auth::accept(
+    let peer = match auth::accept_as(
         &mut conn,
         shared.token.as_deref(),
         shared.backend.can_chown(),
+        &shared.tree,
     ) {
         Ok(p) => p,
         Err(e) => {

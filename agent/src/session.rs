@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     /// `--master-bwlimit`: the limits of all streams this agent sends together, by rate
     /// (the send orders of one sync share one).
     pub(crate) master_limits: Mutex<HashMap<u64, Arc<RateLimiter>>>,
+    /// Where the tree is (told to connectors, so that a server refuses overlapping trees).
+    pub(crate) tree: fleetsync_proto::TreeIdentity,
     /// The connections open now (a clean stop closes them).
     pub(crate) live: Live,
 }

@@ -84,6 +84,9 @@ struct Welcome {
   # the token too. Empty when both sides run without authentication.
   mac @0 :Data;
   canChown @1 :Bool;    # an agent running as root: owner/group will be applied
+  # An agent's tree, so that the server can refuse overlapping trees (empty: not told):
+  host @2 :Text;               # the machine (its /etc/machine-id, else the boot id)
+  rootChain @3 :List(UInt64);  # device, inode of the root, then of each parent up to /
 }
 
 # ---------------------------------------------------------------- classification

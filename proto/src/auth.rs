@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::frame::{read_frame_limited, write_frame, MAX_HANDSHAKE_FRAME};
-use crate::{Msg, ProtoError, Role};
+use crate::{Msg, ProtoError, Role, TreeIdentity};
 
 /// Protocol version sent in `hello` and `auth`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -69,6 +69,16 @@ pub fn accept<S: Read + Write>(
     token: Option<&[u8]>,
     can_chown: bool,
 ) -> Result<Peer, ProtoError> {
+    accept_as(stream, token, can_chown, &TreeIdentity::default())
+}
+
+/// [`accept`] by an agent, which tells the connector where its tree is (`tree`).
+pub fn accept_as<S: Read + Write>(
+    stream: &mut S,
+    token: Option<&[u8]>,
+    can_chown: bool,
+    tree: &TreeIdentity,
+) -> Result<Peer, ProtoError> {
     let n1 = nonce();
     send(
         stream,
@@ -108,6 +118,7 @@ pub fn accept<S: Read + Write>(
         &Msg::Welcome {
             mac: answer,
             can_chown,
+            tree: tree.clone(),
         },
     )?;
     Ok(Peer { role })
@@ -141,10 +152,12 @@ fn check_auth(
 }
 
 /// What the connector learned about the listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcomed {
     /// The listener (an agent) will apply owner and group.
     pub can_chown: bool,
+    /// Where its tree is (empty: not told).
+    pub tree: TreeIdentity,
 }
 
 /// Runs the connector side on a blocking stream. `token = None` only works
@@ -173,9 +186,10 @@ pub fn connect<S: Read + Write>(
         Msg::Welcome {
             mac: tag,
             can_chown,
+            tree,
         } => {
             check_welcome(token, &n2, &tag)?;
-            Ok(Welcomed { can_chown })
+            Ok(Welcomed { can_chown, tree })
         }
         Msg::Error { message, .. } => Err(refusal(token, message)),
         other => Err(ProtoError::Unexpected {

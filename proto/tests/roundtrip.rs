@@ -55,6 +55,10 @@ fn all_messages() -> Vec<Msg> {
         Msg::Welcome {
             mac: vec![4; 32],
             can_chown: true,
+            tree: TreeIdentity {
+                host: "0123abcd".into(),
+                chain: vec![(64769, 1234), (64769, 2)],
+            },
         },
         Msg::ListRequest {
             request_id: 1,

@@ -208,6 +208,9 @@ pub enum SelectError {
         pattern: String,
         /// What globset said.
         reason: String,
+        /// The rule it is from (`--include` / `--exclude`); `None`: a `name:`/`path:` glob of
+        /// the select expression.
+        rule: Option<RuleKind>,
     },
     /// `--select` did not parse.
     Parse(ParseError),
@@ -216,9 +219,22 @@ pub enum SelectError {
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SelectError::BadGlob { pattern, reason } => {
-                write!(f, "invalid pattern '{pattern}': {reason}")
+            SelectError::BadGlob {
+                pattern,
+                reason,
+                rule: Some(kind),
+            } => {
+                let option = match kind {
+                    RuleKind::Include => "--include",
+                    RuleKind::Exclude => "--exclude",
+                };
+                write!(f, "{option} '{pattern}': invalid pattern: {reason}")
             }
+            SelectError::BadGlob {
+                pattern,
+                reason,
+                rule: None,
+            } => write!(f, "invalid pattern '{pattern}': {reason}"),
             SelectError::Parse(e) => e.fmt(f),
         }
     }
@@ -248,7 +264,7 @@ impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "--select: column {}, at {}: {}",
+            "column {}, at {}: {}",
             self.column, self.token, self.message
         )
     }
@@ -267,7 +283,7 @@ pub enum Decision {
     ExcludePrune,
 }
 
-fn glob(pattern: &str, shown: &str) -> Result<GlobMatcher, SelectError> {
+fn glob(pattern: &str, shown: &str, rule: Option<RuleKind>) -> Result<GlobMatcher, SelectError> {
     GlobBuilder::new(pattern)
         .literal_separator(true)
         .backslash_escape(true)
@@ -276,6 +292,7 @@ fn glob(pattern: &str, shown: &str) -> Result<GlobMatcher, SelectError> {
         .map_err(|e| SelectError::BadGlob {
             pattern: shown.to_owned(),
             reason: e.kind().to_string(),
+            rule,
         })
 }
 
@@ -306,6 +323,7 @@ impl CompiledRule {
             return Err(SelectError::BadGlob {
                 pattern: p.to_owned(),
                 reason: "empty pattern".into(),
+                rule: Some(rule.kind),
             });
         }
         let mut with_contents = false;
@@ -326,6 +344,7 @@ impl CompiledRule {
             return Err(SelectError::BadGlob {
                 pattern: rule.pattern.clone(),
                 reason: "pattern names the root".into(),
+                rule: Some(rule.kind),
             });
         }
         let base = if anchored {
@@ -333,9 +352,9 @@ impl CompiledRule {
         } else {
             format!("**/{p}")
         };
-        let mut globs = vec![glob(&base, &rule.pattern)?];
+        let mut globs = vec![glob(&base, &rule.pattern, Some(rule.kind))?];
         if with_contents {
-            globs.push(glob(&format!("{base}/**"), &rule.pattern)?);
+            globs.push(glob(&format!("{base}/**"), &rule.pattern, Some(rule.kind))?);
         }
         Ok(CompiledRule {
             index,
@@ -367,8 +386,8 @@ enum CompiledExpr {
 impl CompiledExpr {
     fn new(e: &Expr) -> Result<Self, SelectError> {
         Ok(match e {
-            Expr::Name(g) => CompiledExpr::Name(g.clone(), glob(g, g)?),
-            Expr::Path(g) => CompiledExpr::Path(g.clone(), glob(g, g)?),
+            Expr::Name(g) => CompiledExpr::Name(g.clone(), glob(g, g, None)?),
+            Expr::Path(g) => CompiledExpr::Path(g.clone(), glob(g, g, None)?),
             Expr::Ext(x) => {
                 let x = x.trim_start_matches('.');
                 let mut suffix = Vec::with_capacity(x.len() + 1);

@@ -183,9 +183,7 @@ fn parse_errors_name_position_and_token() {
     let e = parse_expr("and ext:a").unwrap_err();
     assert_eq!(e.column, 1);
     let e = parse_expr("").unwrap_err();
-    assert!(e
-        .to_string()
-        .starts_with("--select: column 1, at end of expression"));
+    assert!(e.to_string().starts_with("column 1, at end of expression"));
 }
 
 #[test]
@@ -195,7 +193,26 @@ fn bad_glob_is_reported() {
         select: None,
     };
     let e = c.compile().unwrap_err();
-    assert!(e.to_string().contains("[abc"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("--exclude '[abc': invalid pattern"),
+        "{e}"
+    );
+    let c = Classification {
+        rules: vec![Rule::exclude("*.o"), Rule::include("a[")],
+        select: None,
+    };
+    let e = c.compile().unwrap_err().to_string();
+    assert!(e.starts_with("--include 'a[': invalid pattern"), "{e}");
+    let c = Classification {
+        rules: Vec::new(),
+        select: Some(parse_expr("name:x[").unwrap()),
+    };
+    let e = c.compile().unwrap_err();
+    assert!(
+        matches!(e, SelectError::BadGlob { rule: None, .. }),
+        "{e:?}"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::time::Instant;
 
 use fleetsync_proto::frame::{FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use fleetsync_proto::{auth, Msg, Role};
+use fleetsync_proto::{auth, Msg, Role, TreeIdentity};
 use mio::net::TcpStream;
 use tracing::warn;
 
@@ -124,6 +124,8 @@ pub(crate) enum Handshake {
     Done {
         /// The agent can apply owners (runs as root).
         can_chown: bool,
+        /// Where the agent's tree is.
+        tree: TreeIdentity,
     },
 }
 
@@ -154,7 +156,13 @@ impl Conn {
                 let answer = match token {
                     Some(t) => {
                         if !auth::verify(t, &n1, role, &mac) || nonce.len() != auth::NONCE_LEN {
-                            return Err("authentication failed".into());
+                            // Said before the close (which flushes), so that the client can
+                            // tell a wrong token from a lost connection.
+                            self.queue(&Msg::Error {
+                                request_id: 0,
+                                message: auth::AUTH_FAILED_MESSAGE.into(),
+                            });
+                            return Err(auth::AUTH_FAILED_MESSAGE.into());
                         }
                         auth::mac(t, &nonce, Role::Listener)
                     }
@@ -164,6 +172,7 @@ impl Conn {
                 self.queue(&Msg::Welcome {
                     mac: answer,
                     can_chown: false,
+                    tree: TreeIdentity::default(),
                 });
                 Ok(Handshake::Going)
             }
@@ -179,9 +188,15 @@ impl Conn {
             }
             Hs::AwaitWelcome(n2) => {
                 let msg = Msg::decode(body).map_err(|e| e.to_string())?;
-                let (mac, can_chown) = match msg {
-                    Msg::Welcome { mac, can_chown } => (mac, can_chown),
-                    Msg::Error { message, .. } => return Err(format!("agent: {message}")),
+                let (mac, can_chown, tree) = match msg {
+                    Msg::Welcome {
+                        mac,
+                        can_chown,
+                        tree,
+                    } => (mac, can_chown, tree),
+                    Msg::Error { message, .. } => {
+                        return Err(auth::refusal(token, message).to_string())
+                    }
                     other => return Err(format!("expected welcome, got {}", other.kind_name())),
                 };
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
@@ -190,7 +205,7 @@ impl Conn {
                 for m in std::mem::take(&mut self.held) {
                     self.queue(&m);
                 }
-                Ok(Handshake::Done { can_chown })
+                Ok(Handshake::Done { can_chown, tree })
             }
         }
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetsync_proto::frame;
-use fleetsync_proto::{auth, Msg, SyncRequest};
+use fleetsync_proto::{auth, Msg, SyncRequest, TreeIdentity};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
@@ -75,8 +75,26 @@ struct Job {
     next_req: u64,
     /// This job in the history database.
     record: Option<JobId>,
+    /// When the running pairs' counts were last written to the history.
+    recorded: Instant,
+    /// Until every agent connection of the job has authenticated (or failed): nothing is
+    /// asked of the agents, so that overlapping trees are refused before anything is done.
+    gate: Option<Gate>,
     sync: SyncJob,
 }
+
+/// The agents of a job that authenticated while others had not yet.
+#[derive(Default)]
+struct Gate {
+    /// Connections still in their handshake.
+    waiting: usize,
+    /// Those through it, in order: role, connection, can chown, tree.
+    ready: Vec<(AgentRole, Token, bool, TreeIdentity)>,
+}
+
+/// How often a running job's per-remote counts are written to the history, so that a job
+/// interrupted by a crash still shows what had landed (to within this interval).
+const PROGRESS_RECORD_EVERY: Duration = Duration::from_secs(2);
 
 /// The comparison server.
 pub struct Server {
@@ -416,13 +434,23 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.dirty.remove(&token);
         // Failing before the handshake completed: the agent could not be reached.
-        let why = if matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
-            && matches!(conn.peer, ConnPeer::Agent { .. })
-        {
+        let in_handshake = matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
+            && matches!(conn.peer, ConnPeer::Agent { .. });
+        let why = if in_handshake {
             format!("cannot reach the agent: {why}")
         } else {
             why
         };
+        // The job's gate waits for this connection no more (it opens after the pair failed).
+        let mut open_gate = None;
+        if let (true, ConnPeer::Agent { job, .. }) = (in_handshake, &conn.peer) {
+            if let Some(g) = self.jobs.get_mut(job).and_then(|j| j.gate.as_mut()) {
+                g.waiting = g.waiting.saturating_sub(1);
+                if g.waiting == 0 {
+                    open_gate = Some(*job);
+                }
+            }
+        }
         match conn.peer {
             ConnPeer::Control { job } => {
                 if why != "connection closed by peer" {
@@ -445,6 +473,9 @@ impl Server {
                 };
                 if expected {
                     debug!(?token, ?role, "agent connection closed: {why}");
+                    if let Some(job) = open_gate {
+                        self.open_gate(job);
+                    }
                     return;
                 }
                 warn!(?token, ?role, "agent connection failed: {why}");
@@ -457,7 +488,10 @@ impl Server {
                     AgentRole::MasterLink(i) => j.sync.fail_pair(i, format!("master agent: {why}")),
                     AgentRole::Remote(i) => j.sync.fail_pair(i, why),
                 }
-                self.settle(job);
+                match open_gate {
+                    Some(job) => self.open_gate(job),
+                    None => self.settle(job),
+                }
             }
         }
     }
@@ -470,10 +504,10 @@ impl Server {
                 self.dirty.insert(token);
                 return Ok(());
             }
-            Handshake::Done { can_chown } => {
+            Handshake::Done { can_chown, tree } => {
                 self.dirty.insert(token);
                 if let ConnPeer::Agent { job, role } = conn.peer {
-                    self.on_agent_ready(job, role, token, can_chown);
+                    self.agent_ready(job, role, token, can_chown, tree);
                 }
                 return Ok(());
             }
@@ -503,12 +537,6 @@ impl Server {
     // ------------------------------------------------------------------ jobs
 
     fn start_job(&mut self, control: Token, req: SyncRequest) {
-        let id = self.next_job;
-        self.next_job += 1;
-        info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
-        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
-            *job = Some(id);
-        }
         let check = SyncJob::check(&req);
         let labels = &self.config.job_labels;
         let record = self.history.as_mut().and_then(|h| {
@@ -517,9 +545,25 @@ impl Server {
             let remotes: Vec<&str> = remotes.iter().map(String::as_str).collect();
             let class = describe_classification(&req);
             h.start_job(&label(&req.master), &remotes, &class, &req.algorithm)
-                .map_err(|e| warn!(job = id, "job history: {e}"))
+                .map_err(|e| warn!(master = %req.master, "job history: {e}"))
                 .ok()
         });
+        // With a history, a job is known by its id there (the one `fleetsync jobs` shows), in
+        // the log too; without one (or if recording failed), by a counter of this process.
+        let id = match record {
+            Some(JobId(r)) if r > 0 && !self.jobs.contains_key(&(r as u64)) => r as u64,
+            _ => {
+                while self.jobs.contains_key(&self.next_job) {
+                    self.next_job += 1;
+                }
+                self.next_job
+            }
+        };
+        self.next_job = self.next_job.max(id + 1);
+        info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
+        if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
+            *job = Some(id);
+        }
         let blocks = match check {
             Ok(blocks) => blocks,
             Err(e) => {
@@ -545,6 +589,8 @@ impl Server {
                 conns: remotes.iter().map(|_| PairConns::default()).collect(),
                 next_req: 1,
                 record,
+                recorded: Instant::now(),
+                gate: Some(Gate::default()),
                 sync,
             },
         );
@@ -570,6 +616,102 @@ impl Server {
             match self.connect_agent(&master_addr, id, AgentRole::MasterLink(i)) {
                 Ok(t) => self.job(id).conns[i].master = Some(t),
                 Err(e) => self.job(id).sync.fail_pair(i, format!("master agent: {e}")),
+            }
+        }
+        let j = self.job(id);
+        let open = j.master_conn.iter().count()
+            + j.conns
+                .iter()
+                .map(|c| c.remote.iter().count() + c.master.iter().count())
+                .sum::<usize>();
+        j.gate.as_mut().expect("new job").waiting = open;
+        if open == 0 {
+            self.open_gate(id);
+        }
+        self.settle(id);
+    }
+
+    /// An agent connection of job `id` is through its handshake: acted on at once, or when
+    /// the job's last one is (see [`Gate`]).
+    fn agent_ready(&mut self, id: u64, role: AgentRole, t: Token, chown: bool, tree: TreeIdentity) {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        match &mut j.gate {
+            None => self.on_agent_ready(id, role, t, chown),
+            Some(g) => {
+                g.ready.push((role, t, chown, tree));
+                g.waiting = g.waiting.saturating_sub(1);
+                if g.waiting == 0 {
+                    self.open_gate(id);
+                }
+            }
+        }
+    }
+
+    /// Every agent of job `id` has answered: refuses the pairs whose trees overlap (the same
+    /// tree, or one inside another, on one machine: a sync would write into the master or
+    /// into another remote), then lets the others go.
+    fn open_gate(&mut self, id: u64) {
+        let Some(j) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(gate) = j.gate.take() else {
+            return;
+        };
+        let n = j.sync.pairs.len();
+        let mut master = None;
+        let mut remotes = vec![None; n];
+        for (role, _, _, tree) in &gate.ready {
+            match *role {
+                AgentRole::MasterList | AgentRole::MasterLink(_) => master = Some(tree.clone()),
+                AgentRole::Remote(i) => remotes[i] = Some(tree.clone()),
+            }
+        }
+        let master_addr = j.sync.shared.req.master.clone();
+        let addrs: Vec<String> = j.sync.pairs.iter().map(|p| p.addr().to_owned()).collect();
+        let mut refusals: Vec<(usize, String)> = Vec::new();
+        for i in 0..n {
+            let Some(r) = &remotes[i] else { continue };
+            if master.as_ref().is_some_and(|m| m.overlaps(r)) {
+                refusals.push((
+                    i,
+                    format!(
+                        "refusing to sync: the remote tree of agent {} and the master tree of \
+                         agent {master_addr} overlap (the same directory, or one inside the \
+                         other, on one machine)",
+                        addrs[i]
+                    ),
+                ));
+            }
+            for k in 0..n {
+                let Some(other) = &remotes[k] else { continue };
+                if k != i && other.overlaps(r) {
+                    refusals.push((
+                        i,
+                        format!(
+                            "refusing to sync: the remote trees of agents {} and {} overlap \
+                             (the same directory, or one inside the other, on one machine)",
+                            addrs[i.min(k)],
+                            addrs[i.max(k)]
+                        ),
+                    ));
+                    break;
+                }
+            }
+        }
+        for (i, why) in refusals {
+            warn!(job = id, remote = %addrs[i], "{why}");
+            j.sync.fail_pair(i, why);
+        }
+        for (role, t, chown, _) in gate.ready {
+            let j = &self.jobs[&id];
+            let live = match role {
+                AgentRole::MasterList => j.sync.pairs.iter().any(|p| !p.is_done()),
+                AgentRole::MasterLink(i) | AgentRole::Remote(i) => !j.sync.pairs[i].is_done(),
+            };
+            if live && self.conns.contains_key(&t) {
+                self.on_agent_ready(id, role, t, chown);
             }
         }
         self.settle(id);
@@ -769,6 +911,18 @@ impl Server {
         let Some(j) = self.jobs.get_mut(&id) else {
             return;
         };
+        if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
+            if j.recorded.elapsed() >= PROGRESS_RECORD_EVERY {
+                j.recorded = Instant::now();
+                for pair in j.sync.pairs.iter().filter(|p| !p.is_done()) {
+                    let counts = RemoteCounts::of(pair.result());
+                    let name = label_of(&self.config.job_labels, pair.addr());
+                    if let Err(e) = h.record_remote(record, name, &counts, None) {
+                        warn!(job = id, "job history: {e}");
+                    }
+                }
+            }
+        }
         for (pair, conns) in j.sync.pairs.iter().zip(&mut j.conns) {
             if !pair.is_done() || conns.closed {
                 continue;
@@ -776,14 +930,7 @@ impl Server {
             conns.closed = true;
             let result = pair.result();
             if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
-                let counts = RemoteCounts {
-                    sent: result.transferred,
-                    deleted: result.deleted,
-                    fixed: result.changed,
-                    bytes: result.bytes,
-                    wire_bytes: result.wire_bytes,
-                    rounds: result.rounds,
-                };
+                let counts = RemoteCounts::of(result);
                 let error = if !result.error.is_empty() {
                     Some(result.error.clone())
                 } else if !result.ok {
@@ -791,12 +938,7 @@ impl Server {
                 } else {
                     None
                 };
-                let addr = pair.addr();
-                let name = self
-                    .config
-                    .job_labels
-                    .get(addr)
-                    .map_or(addr, String::as_str);
+                let name = label_of(&self.config.job_labels, pair.addr());
                 if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                     warn!(job = id, "job history: {e}");
                 }
@@ -841,6 +983,11 @@ impl Server {
             }
         }
     }
+}
+
+/// The name an agent address is recorded under in the history (`--job-label`).
+fn label_of<'a>(labels: &'a HashMap<String, String>, addr: &'a str) -> &'a str {
+    labels.get(addr).map_or(addr, String::as_str)
 }
 
 /// The classification of a request as the user would write it (for the job history).

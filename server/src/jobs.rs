@@ -225,6 +225,18 @@ pub struct RemoteCounts {
 }
 
 impl RemoteCounts {
+    /// The counts of a remote's result (so far, while it runs).
+    pub fn of(r: &fleetsync_proto::RemoteResult) -> RemoteCounts {
+        RemoteCounts {
+            sent: r.transferred,
+            deleted: r.deleted,
+            fixed: r.changed,
+            bytes: r.bytes,
+            wire_bytes: r.wire_bytes,
+            rounds: r.rounds,
+        }
+    }
+
     fn add(&mut self, o: &RemoteCounts) {
         self.sent += o.sent;
         self.deleted += o.deleted;

@@ -25,14 +25,18 @@ impl Selection {
     /// error naming what is wrong with either.
     pub fn classification(&self) -> anyhow::Result<Classification> {
         let select = match &self.select {
-            Some(s) => Some(select::parse_expr(s).map_err(|e| anyhow::anyhow!("{e}"))?),
+            Some(s) => Some(select::parse_expr(s).map_err(|e| anyhow::anyhow!("--select: {e}"))?),
             None => None,
         };
         let c = Classification {
             rules: self.ordered_rules(),
             select,
         };
-        c.compile().map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.compile().map_err(|e| match e {
+            // A glob of the expression: say which option it is in (rules name theirs).
+            select::SelectError::BadGlob { rule: None, .. } => anyhow::anyhow!("--select: {e}"),
+            e => anyhow::anyhow!("{e}"),
+        })?;
         Ok(c)
     }
 

@@ -264,7 +264,7 @@ pub fn rsync_diff(master: &Path, remote: &Path) -> String {
         .arg(format!("{}/", master.display()))
         .arg(format!("{}/", remote.display()))
         .output()
-        .expect("rsync must be installed");
+        .expect("rsync, the referee, must be installed (`bash .ci/setup` installs it)");
     assert!(out.status.success(), "rsync failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

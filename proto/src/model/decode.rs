@@ -7,7 +7,7 @@ use super::msg::Msg;
 use super::types::{
     Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
     Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
-    Role, SyncProgress, SyncRequest, TransferOptions, Version,
+    Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
 };
 use super::wire::{data_list, read_list, text, texts};
 use crate::fleetsync_capnp as schema;
@@ -213,9 +213,17 @@ impl Msg {
             }
             W::Welcome(b) => {
                 let b = b?;
+                let flat: Vec<u64> = b.get_root_chain()?.iter().collect();
+                if !flat.len().is_multiple_of(2) {
+                    return Err(ProtoError::Decode("welcome: odd rootChain length".into()));
+                }
                 Msg::Welcome {
                     mac: b.get_mac()?.to_vec(),
                     can_chown: b.get_can_chown(),
+                    tree: TreeIdentity {
+                        host: text(b.get_host())?,
+                        chain: flat.chunks(2).map(|p| (p[0], p[1])).collect(),
+                    },
                 }
             }
             W::ListRequest(b) => {

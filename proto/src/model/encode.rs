@@ -176,10 +176,20 @@ impl Msg {
                 b.set_mac(mac);
                 b.set_nonce(nonce);
             }
-            Msg::Welcome { mac, can_chown } => {
+            Msg::Welcome {
+                mac,
+                can_chown,
+                tree,
+            } => {
                 let mut b = root.init_welcome();
                 b.set_mac(mac);
                 b.set_can_chown(*can_chown);
+                b.set_host(tree.host.as_str());
+                let mut chain = b.init_root_chain(2 * tree.chain.len() as u32);
+                for (i, (dev, ino)) in tree.chain.iter().enumerate() {
+                    chain.set(2 * i as u32, *dev);
+                    chain.set(2 * i as u32 + 1, *ino);
+                }
             }
             Msg::ListRequest {
                 request_id,

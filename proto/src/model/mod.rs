@@ -48,5 +48,5 @@ pub use msg::{encode_file_chunk, Msg};
 pub use types::{
     Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
     Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
-    Role, SyncProgress, SyncRequest, TransferOptions, Version,
+    Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
 };

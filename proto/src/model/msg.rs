@@ -8,7 +8,7 @@ use super::entry::FileEntry;
 use super::types::{
     BasisFound, BasisItem, ChecksumResult, Coding, Done, ExpectedFile, InconsistentFile,
     ItemResult, Op, PlanItem, Progress, RemoteResult, Role, SyncProgress, SyncRequest,
-    TransferOptions,
+    TransferOptions, TreeIdentity,
 };
 use crate::fleetsync_capnp as schema;
 use crate::frame;
@@ -42,6 +42,8 @@ pub enum Msg {
         mac: Vec<u8>,
         /// The agent applies owner/group.
         can_chown: bool,
+        /// Where the agent's tree is (empty from other listeners).
+        tree: TreeIdentity,
     },
     /// Server -> agent: list the tree.
     ListRequest {

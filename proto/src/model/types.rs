@@ -240,6 +240,29 @@ impl Coding {
     }
 }
 
+/// Where an agent's tree is (told in `welcome`): the server refuses a sync whose trees
+/// overlap. Empty: not told (an older agent, or not an agent).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreeIdentity {
+    /// The machine: its `/etc/machine-id`, else the kernel boot id.
+    pub host: String,
+    /// (device, inode) of the root, then of each parent directory up to `/`.
+    pub chain: Vec<(u64, u64)>,
+}
+
+impl TreeIdentity {
+    /// Whether the two trees overlap: on one machine, and one's root is the other's root or
+    /// one of its parents. Unknown identities overlap nothing.
+    pub fn overlaps(&self, other: &TreeIdentity) -> bool {
+        let (Some(a), Some(b)) = (self.chain.first(), other.chain.first()) else {
+            return false;
+        };
+        !self.host.is_empty()
+            && self.host == other.host
+            && (other.chain.contains(a) || self.chain.contains(b))
+    }
+}
+
 /// A content version: size and digest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Version {
