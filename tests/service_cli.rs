@@ -195,6 +195,8 @@ fn check_notify(args: &[&std::ffi::OsStr]) {
         .strip_prefix("listening on ")
         .unwrap()
         .to_owned();
+    let status = format!("STATUS=listening on {addr}");
+    assert!(msg.lines().any(|l| l == status), "{msg:?}");
     // Ready means accepting.
     TcpStream::connect(&addr).expect("READY=1 before the port accepts");
     sigterm(child.id());

@@ -142,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     writeln!(out, "listening on {}", handle.local_addr())?;
     out.flush()?;
     drop(out);
-    super::service::notify_ready();
+    super::service::notify_ready(&handle.local_addr().to_string());
     let sig = stop.wait();
     super::service::notify_stopping();
     tracing::info!("{sig}: stopping");

@@ -21,8 +21,9 @@ use clap::{ArgAction, ArgMatches, Command};
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ConfigArgs {
     /// Read settings from FILE (TOML; keys are the long flag names, e.g.
-    /// `listen = "0.0.0.0:7070"`, `no-fsync = true`); flags on the command line override it.
-    #[arg(long, value_name = "FILE")]
+    /// `listen = "0.0.0.0:7070"`, `no-fsync = true`; relative paths are from the working
+    /// directory); flags on the command line override it.
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
     pub config: Option<PathBuf>,
     /// Print the effective settings (the --config file, then the command line) as TOML that
     /// --config accepts, and exit.

@@ -13,7 +13,7 @@ Read one with `man -l DIR/fleetsync-sync.1`; install into /usr/share/man/man1.
 Exit codes: 0 written, 2 usage error or write error.")]
 pub struct Args {
     /// Directory to write the pages into (created if missing).
-    #[arg(value_name = "DIR")]
+    #[arg(value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
     dir: PathBuf,
 }
 

@@ -66,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     writeln!(out, "listening on {}", server.local_addr()?)?;
     out.flush()?;
     drop(out);
-    super::service::notify_ready();
+    super::service::notify_ready(&server.local_addr()?.to_string());
     server.run_until(stop.flag()).context("server event loop")?;
     super::service::notify_stopping();
     tracing::info!("{}: stopping", stop.name());

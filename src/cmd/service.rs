@@ -61,11 +61,12 @@ impl StopSignal {
     }
 }
 
-/// Tells systemd (`Type=notify`) the service is ready: call once listening.
-pub fn notify_ready() {
+/// Tells systemd (`Type=notify`) the service is ready: call once listening on `addr`.
+pub fn notify_ready(addr: &str) {
+    let status = format!("listening on {addr}");
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("listening"),
+        sd_notify::NotifyState::Status(&status),
     ]);
 }
 
