@@ -99,11 +99,15 @@ fn sigterm_of_the_remote_agent_mid_file_exits_0_leaves_nothing_torn_and_the_next
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Stop the remote once the big file is well under way (its temp file holds > 2 MiB).
+    // Stop the remote once the big file is well under way (its temp file, which carries its
+    // name, holds > 2 MiB).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let temps = with_prefix(&remote_root, TEMP_PREFIX);
-        if temps.iter().any(|(_, len)| *len > 2 << 20) {
+        if temps
+            .iter()
+            .any(|(p, len)| p.ends_with(".big.bin") && *len > 2 << 20)
+        {
             break;
         }
         assert!(
