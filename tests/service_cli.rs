@@ -15,10 +15,14 @@ use std::time::Duration;
 
 use support::{fleetsync, listening, rsync_diff, scratch_home, write_with_mtime, Token};
 
-fn sigterm(pid: u32) {
+fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-    let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+fn sigterm(pid: u32) {
+    signal(pid, libc::SIGTERM)
 }
 
 fn toml_str(p: &Path) -> String {
@@ -168,8 +172,8 @@ fn bad_config_files_are_refused_naming_the_key_and_the_file() {
 }
 
 /// Starts `fleetsync ARGS` with `NOTIFY_SOCKET` on a datagram socket of this test; checks
-/// READY=1 comes once the port accepts, and STOPPING=1 then exit 0 on SIGTERM.
-fn check_notify(args: &[&std::ffi::OsStr]) {
+/// READY=1 comes once the port accepts, and STOPPING=1 then exit 0 on signal `sig`.
+fn check_notify(args: &[&std::ffi::OsStr], sig: libc::c_int) {
     let tmp = tempfile::tempdir().unwrap();
     let sock_path = tmp.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -199,7 +203,7 @@ fn check_notify(args: &[&std::ffi::OsStr]) {
     assert!(msg.lines().any(|l| l == status), "{msg:?}");
     // Ready means accepting.
     TcpStream::connect(&addr).expect("READY=1 before the port accepts");
-    sigterm(child.id());
+    signal(child.id(), sig);
     let n = sock.recv(&mut buf).expect("no STOPPING=1 within 30 s");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg:?}");
@@ -211,22 +215,29 @@ fn check_notify(args: &[&std::ffi::OsStr]) {
 fn agent_and_server_report_readiness_and_stopping_to_systemd() {
     let token = Token::new();
     let root = tempfile::tempdir().unwrap();
-    check_notify(&[
-        "agent".as_ref(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--root".as_ref(),
-        root.path().as_os_str(),
-        "--token-file".as_ref(),
-        token.file.as_os_str(),
-    ]);
-    check_notify(&[
-        "server".as_ref(),
-        "--listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--token-file".as_ref(),
-        token.file.as_os_str(),
-    ]);
+    check_notify(
+        &[
+            "agent".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--root".as_ref(),
+            root.path().as_os_str(),
+            "--token-file".as_ref(),
+            token.file.as_os_str(),
+        ],
+        libc::SIGTERM,
+    );
+    // (SIGINT, Ctrl-C in a terminal, stops as cleanly.)
+    check_notify(
+        &[
+            "server".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--token-file".as_ref(),
+            token.file.as_os_str(),
+        ],
+        libc::SIGINT,
+    );
 }
 
 /// Checks every stderr line is a JSON object with the four fields.
