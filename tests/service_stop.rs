@@ -140,12 +140,30 @@ fn sigterm_of_the_remote_agent_mid_file_exits_0_leaves_nothing_torn_and_the_next
         "no resumable partial of big.bin: {partials:?}"
     );
 
-    // The next sync (a new agent on the same tree) completes.
+    let kept: u64 = partials
+        .iter()
+        .filter(|(p, _)| p.ends_with("big.bin"))
+        .map(|(_, n)| n)
+        .sum();
+
+    // The next sync (a new agent on the same tree) completes, resuming the big file.
     let (_remote2, remote_addr2) = token.agent(&remote_root);
-    let out = token.sync(&server, &master, &[&remote_addr2]);
-    assert!(out.status.success(), "second sync failed");
+    let out = token
+        .sync_command(&server, &master, &[&remote_addr2])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "second sync failed: {out:?}");
     let diff = rsync_diff(&master_root, &remote_root);
     assert!(diff.is_empty(), "rsync sees differences:\n{diff}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wire = summary["remotes"][0]["wire_bytes"].as_u64().unwrap();
+    let all_new = (BIG + replaced_new.len() + 20 * 16) as u64;
+    eprintln!("second sync: {wire} bytes on the wire, {kept} bytes of big.bin were kept");
+    assert!(
+        wire <= all_new - kept,
+        "the kept {kept} bytes were sent again ({wire} bytes on the wire)"
+    );
 }
 
 #[test]
