@@ -252,6 +252,7 @@ impl SendOrder {
             let mut source = match self.open_source(shared, p) {
                 Ok(x) => x,
                 Err(why) => {
+                    shared.metrics.failed(1);
                     local.fail(p, why);
                     continue;
                 }
@@ -277,8 +278,13 @@ impl SendOrder {
                 );
                 (route, bytes)
             };
+            let wire_before = stream.wire.data_bytes;
             match stream.send_file(shared, &mut source, route, &mut in_file) {
-                Ok(n) => progress.bytes += n,
+                Ok(n) => {
+                    progress.bytes += n;
+                    let wire = stream.wire.data_bytes - wire_before;
+                    shared.metrics.sent(n, wire);
+                }
                 Err(SendError::Server(e)) => return Err(e),
                 Err(SendError::Net(e)) => return Ok(Some(e)),
             }
@@ -294,6 +300,7 @@ impl SendOrder {
             let mut source = match self.open_source(shared, &p) {
                 Ok(x) => x,
                 Err(why) => {
+                    shared.metrics.failed(1);
                     local.fail(&p, why);
                     continue;
                 }

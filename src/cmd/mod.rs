@@ -13,6 +13,7 @@ pub mod itemize;
 pub mod jobs;
 pub mod jsonpath;
 pub mod logging;
+pub mod metrics;
 pub mod selection;
 pub mod server;
 pub mod sum;
