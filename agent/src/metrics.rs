@@ -30,74 +30,41 @@ pub struct AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("fleetsync_agent");
-        let m = AgentMetrics {
-            files_received: Counter::default(),
-            bytes_received: Counter::default(),
-            wire_bytes_received: Counter::default(),
-            files_sent: Counter::default(),
-            bytes_sent: Counter::default(),
-            wire_bytes_sent: Counter::default(),
-            checksums: Counter::default(),
-            checksum_seconds: Counter::default(),
-            failed_items: Counter::default(),
-            connections: Gauge::default(),
-            connections_accepted: Counter::default(),
-            registry: Registry::default(),
-        };
         let r = &mut registry;
-        r.register(
-            "files_received",
-            "Files written into this tree from another agent",
-            m.files_received.clone(),
-        );
-        r.register(
-            "bytes_received",
-            "Bytes of the files written into this tree",
-            m.bytes_received.clone(),
-        );
-        r.register(
-            "wire_bytes_received",
-            "Bytes of file data that arrived on the wire for them (after compression and deltas)",
-            m.wire_bytes_received.clone(),
-        );
-        r.register(
-            "files_sent",
-            "Files this agent sent to other agents",
-            m.files_sent.clone(),
-        );
-        r.register(
-            "bytes_sent",
-            "Bytes of the files this agent sent",
-            m.bytes_sent.clone(),
-        );
-        r.register(
-            "wire_bytes_sent",
-            "Bytes of file data this agent put on the wire",
-            m.wire_bytes_sent.clone(),
-        );
-        r.register(
-            "checksums",
-            "File checksums computed or taken from the cache",
-            m.checksums.clone(),
-        );
-        r.register(
-            "checksum_seconds",
-            "Time spent answering checksum requests",
-            m.checksum_seconds.clone(),
-        );
-        r.register(
-            "failed_items",
-            "Files, deletions or fixes that failed here",
-            m.failed_items.clone(),
-        );
-        r.register("connections", "Connections open now", m.connections.clone());
-        r.register(
-            "connections_accepted",
-            "Connections authenticated since the start",
-            m.connections_accepted.clone(),
-        );
-        AgentMetrics { registry, ..m }
+        AgentMetrics {
+            files_received: add(r, "files_received", "Files written into this tree"),
+            bytes_received: add(r, "bytes_received", "Bytes of the files written into this tree"),
+            wire_bytes_received: add(
+                r,
+                "wire_bytes_received",
+                "Bytes of file data that arrived on the wire for them (after compression and deltas)",
+            ),
+            files_sent: add(r, "files_sent", "Files this agent sent to other agents"),
+            bytes_sent: add(r, "bytes_sent", "Bytes of the files this agent sent"),
+            wire_bytes_sent: add(r, "wire_bytes_sent", "Bytes of file data put on the wire"),
+            checksums: add(r, "checksums", "File checksums computed or taken from the cache"),
+            checksum_seconds: add(r, "checksum_seconds", "Time spent answering checksum requests"),
+            failed_items: add(r, "failed_items", "Files that failed here"),
+            connections: add(r, "connections", "Connections open now"),
+            connections_accepted: add(
+                r,
+                "connections_accepted",
+                "Connections authenticated since the start",
+            ),
+            registry,
+        }
     }
+}
+
+/// A new metric, registered under `name`.
+fn add<M: prometheus_client::registry::Metric + Clone + Default>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
 }
 
 impl AgentMetrics {

@@ -42,70 +42,38 @@ pub struct ServerMetrics {
 
 impl Default for ServerMetrics {
     fn default() -> Self {
-        let m = ServerMetrics {
-            registry: Registry::default(),
-            jobs_started: Counter::default(),
-            jobs_finished: Family::default(),
-            jobs_running: Gauge::default(),
-            files_sent: Family::default(),
-            bytes_sent: Family::default(),
-            wire_bytes: Family::default(),
-            files_deleted: Family::default(),
-            fixes: Family::default(),
-            consistency_rounds: Family::default(),
-            remote_failures: Family::default(),
-            agents_connected: Gauge::default(),
-        };
-        let mut r = Registry::with_prefix("fleetsync_server");
-        r.register("jobs_started", "Sync jobs started", m.jobs_started.clone());
-        r.register(
-            "jobs_finished",
-            "Sync jobs finished, by status",
-            m.jobs_finished.clone(),
-        );
-        r.register(
-            "jobs_running",
-            "Sync jobs running now",
-            m.jobs_running.clone(),
-        );
-        r.register("files_sent", "Files sent to a remote", m.files_sent.clone());
-        r.register(
-            "bytes_sent",
-            "Bytes of the files sent to a remote",
-            m.bytes_sent.clone(),
-        );
-        r.register(
-            "wire_bytes",
-            "Bytes of file data on the wire to a remote (after compression and deltas)",
-            m.wire_bytes.clone(),
-        );
-        r.register(
-            "files_deleted",
-            "Entries deleted on a remote",
-            m.files_deleted.clone(),
-        );
-        r.register(
-            "fixes",
-            "Attribute and link fixes on a remote",
-            m.fixes.clone(),
-        );
-        r.register(
-            "consistency_rounds",
-            "Consistency rounds run on a remote",
-            m.consistency_rounds.clone(),
-        );
-        r.register(
-            "remote_failures",
-            "Syncs of a remote that ended failed",
-            m.remote_failures.clone(),
-        );
-        r.register(
-            "agents_connected",
-            "Agent connections open now",
-            m.agents_connected.clone(),
-        );
-        ServerMetrics { registry: r, ..m }
+        let mut registry = Registry::with_prefix("fleetsync_server");
+        let r = &mut registry;
+        ServerMetrics {
+            jobs_started: add(r, "jobs_started", "Sync jobs started"),
+            jobs_finished: add(r, "jobs_finished", "Sync jobs finished, by status"),
+            jobs_running: add(r, "jobs_running", "Sync jobs running now"),
+            files_sent: add(r, "files_sent", "Files sent to a remote"),
+            bytes_sent: add(r, "bytes_sent", "Bytes of the files sent to a remote"),
+            wire_bytes: add(
+                r,
+                "wire_bytes",
+                "Bytes of file data on the wire to a remote (after compression and deltas)",
+            ),
+            files_deleted: add(r, "files_deleted", "Entries deleted on a remote"),
+            fixes: add(r, "fixes", "Attribute and link fixes on a remote"),
+            consistency_rounds: add(r, "consistency_rounds", "Consistency rounds on a remote"),
+            remote_failures: add(r, "remote_failures", "Syncs of a remote that ended failed"),
+            agents_connected: add(r, "agents_connected", "Agent connections open now"),
+            registry,
+        }
     }
+}
+
+/// A new metric, registered under `name`.
+fn add<M: prometheus_client::registry::Metric + Clone + Default>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
 }
 
 impl ServerMetrics {
