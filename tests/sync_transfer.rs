@@ -1130,6 +1130,42 @@ fn interrupted_transfer_resumes() {
 }
 
 #[test]
+fn interrupted_transfer_resumes_with_deltas_off_too() {
+    let _serial = serial();
+    const SIZE: usize = 16 * MIB;
+    let t = Trees::new(1);
+    write_with_mtime(
+        &t.master.join("disk.img"),
+        &random_bytes(74, SIZE),
+        NEW_MTIME,
+    );
+    let remote_root = &t.remotes[0];
+    let fleet = Fleet::new();
+    let (mut master_proc, master) = fleet.agent(&t.master, &[], None);
+    let (_r, remote) = fleet.agent(remote_root, &[], None);
+    kill_master_mid_file(
+        &fleet,
+        &mut master_proc,
+        &master,
+        &remote,
+        remote_root,
+        SIZE as u64,
+        "8MiB/s",
+        0.55,
+    );
+    let (_master_proc, master) = fleet.agent(&t.master, &[], None);
+    let s = fleet.sync(&master, &[&remote], &["--no-delta"]);
+    s.assert_ok();
+    t.assert_in_sync();
+    let wire = s.wire(0);
+    assert!(
+        wire as f64 <= 0.6 * SIZE as f64,
+        "--no-delta sent {wire} bytes again of a {SIZE}-byte file cut past half"
+    );
+    assert_eq!(leftovers(remote_root), Vec::<PathBuf>::new());
+}
+
+#[test]
 fn resume_of_a_file_changed_meanwhile_is_corrected() {
     let _serial = serial();
     const SIZE: usize = 16 * MIB;

@@ -33,6 +33,7 @@ pub(crate) fn reply(
         );
     }
     let n = chunks.len();
+    let started = std::time::Instant::now();
     for (i, chunk) in chunks.into_iter().enumerate() {
         let results = chunk
             .par_iter()
@@ -62,5 +63,8 @@ pub(crate) fn reply(
         )?;
     }
     shared.backend.checksums_done();
+    shared
+        .metrics
+        .checksummed(paths.len() as u64, started.elapsed());
     Ok(())
 }

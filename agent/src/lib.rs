@@ -52,6 +52,7 @@ pub mod journal;
 mod list;
 mod listen;
 pub mod lock;
+pub mod metrics;
 mod outgoing;
 pub mod path;
 mod ratelimit;

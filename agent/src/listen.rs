@@ -57,10 +57,16 @@ impl Agent {
                 deltas: Default::default(),
                 master_limits: Default::default(),
                 tree: tree_identity(&root),
+                metrics: Default::default(),
                 live: Default::default(),
             }),
             root,
         })
+    }
+
+    /// The agent's counters (for `--metrics-listen`).
+    pub fn metrics(&self) -> Arc<crate::metrics::AgentMetrics> {
+        self.shared.metrics.clone()
     }
 
     /// Serves lists, checksums and sends, and refuses every write (received files, deletes,
@@ -313,6 +319,7 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
     };
     let _ = conn.set_read_timeout(None);
     debug!(peer = %peer_addr, role = peer.role.name(), "authenticated");
+    let _open = shared.metrics.connection();
     let result = (|| -> Result<(), AgentError> {
         let read_half = conn.try_clone().map_err(|e| AgentError::Proto(e.into()))?;
         let mut reader = BufReader::with_capacity(1 << 20, read_half);

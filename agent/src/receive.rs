@@ -26,6 +26,7 @@ use crate::codec::delta::DeltaApplier;
 use crate::codec::patch::PatchDecoder;
 use crate::error::show;
 use crate::lock::{lock_beneath, LockKind};
+use crate::metrics::AgentMetrics;
 use crate::records::ConsistState;
 use crate::send::RETRY;
 use crate::session::{failed, flush, send, send_flush, Shared, SharedWriter, OWNER_NOTE};
@@ -100,7 +101,12 @@ pub(crate) fn receive(
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
     let mut cur: Option<Incoming> = None;
-    let mut committer = Committer::new(w.clone(), COMMIT_THREADS, shared.consist.clone());
+    let mut committer = Committer::new(
+        w.clone(),
+        COMMIT_THREADS,
+        shared.consist.clone(),
+        shared.metrics.clone(),
+    );
     let r = receive_files(reader, w, shared, &mut cur, &mut committer);
     if r.is_err() {
         // Cut off: what arrived of the file in flight is kept as its partial file (or
@@ -577,11 +583,11 @@ struct CommitJob {
     coding: &'static str,
 }
 
-#[derive(Default)]
 struct CommitState {
     done: Done,
     dirs: BTreeSet<Vec<u8>>,
     owner_noted: bool,
+    metrics: Arc<AgentMetrics>,
 }
 
 struct Committer {
@@ -591,10 +597,20 @@ struct Committer {
 }
 
 impl Committer {
-    fn new(w: SharedWriter, threads: usize, consist: Arc<ConsistState>) -> Committer {
+    fn new(
+        w: SharedWriter,
+        threads: usize,
+        consist: Arc<ConsistState>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Committer {
         let (tx, rx) = std::sync::mpsc::sync_channel::<CommitJob>(threads * 2);
         let rx = Arc::new(Mutex::new(rx));
-        let state = Arc::new(Mutex::new(CommitState::default()));
+        let state = Arc::new(Mutex::new(CommitState {
+            done: Done::default(),
+            dirs: BTreeSet::new(),
+            owner_noted: false,
+            metrics,
+        }));
         let workers = (0..threads)
             .filter_map(|_| {
                 let (rx, state, w) = (rx.clone(), state.clone(), w.clone());
@@ -635,7 +651,11 @@ impl Committer {
         if retry {
             r.coding = RETRY.to_owned();
         }
-        self.state.lock().expect("poisoned").done.failed += 1;
+        {
+            let mut st = self.state.lock().expect("poisoned");
+            st.done.failed += 1;
+            st.metrics.received(&r);
+        }
         send(
             w,
             &Msg::ItemResults {
@@ -730,6 +750,7 @@ fn commit_one(
                 failed(&job.path, e)
             }
         };
+        st.metrics.received(&result);
         (result, st.done.request_id)
     };
     let _ = send_flush(

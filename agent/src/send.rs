@@ -133,9 +133,10 @@ impl SendOrder {
     }
 
     /// The files worth asking the remote about (deltas, partial files), by index: those of
-    /// at least [`DELTA_MIN`] bytes, unless deltas are off.
+    /// at least [`DELTA_MIN`] bytes. With deltas off (`--no-delta`), the remote is asked for
+    /// its partial files only (an interrupted transfer still resumes).
     fn queried(&self) -> Vec<usize> {
-        if self.transfer.no_delta || self.sizes.len() != self.paths.len() {
+        if self.sizes.len() != self.paths.len() {
             return Vec::new();
         }
         (0..self.paths.len())
@@ -163,7 +164,17 @@ impl SendOrder {
         let items = queried
             .iter()
             .map(|&i| {
-                let (p, basis) = (&self.paths[i], self.basis(i));
+                let p = &self.paths[i];
+                if self.transfer.no_delta {
+                    // No basis named: the remote looks for the partial file only.
+                    return BasisItem {
+                        path: p.clone(),
+                        basis: Vec::new(),
+                        known: Vec::new(),
+                        signature: false,
+                    };
+                }
+                let basis = self.basis(i);
                 let mut k = known(p);
                 if !basis.is_empty() && basis != p.as_slice() {
                     k.extend(known(basis));
@@ -254,6 +265,7 @@ impl SendOrder {
             let mut source = match self.open_source(shared, p) {
                 Ok(x) => x,
                 Err(why) => {
+                    shared.metrics.failed(1);
                     local.fail(p, why);
                     continue;
                 }
@@ -279,8 +291,13 @@ impl SendOrder {
                 );
                 (route, bytes)
             };
+            let wire_before = stream.wire.data_bytes;
             match stream.send_file(shared, &mut source, route, &mut in_file) {
-                Ok(n) => progress.bytes += n,
+                Ok(n) => {
+                    progress.bytes += n;
+                    let wire = stream.wire.data_bytes - wire_before;
+                    shared.metrics.sent(n, wire);
+                }
                 Err(SendError::Server(e)) => return Err(e),
                 Err(SendError::Net(e)) => return Ok(Some(e)),
             }
@@ -296,6 +313,7 @@ impl SendOrder {
             let mut source = match self.open_source(shared, &p) {
                 Ok(x) => x,
                 Err(why) => {
+                    shared.metrics.failed(1);
                     local.fail(&p, why);
                     continue;
                 }

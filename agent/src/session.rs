@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) master_limits: Mutex<HashMap<u64, Arc<RateLimiter>>>,
     /// Where the tree is (told to connectors, so that a server refuses overlapping trees).
     pub(crate) tree: fleetsync_proto::TreeIdentity,
+    /// What `--metrics-listen` shows.
+    pub(crate) metrics: Arc<crate::metrics::AgentMetrics>,
     /// The connections open now (a clean stop closes them).
     pub(crate) live: Live,
 }

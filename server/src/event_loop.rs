@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetsync_proto::frame;
@@ -33,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{set_request_id, AgentRole, Conn, ConnPeer, Handshake, Hs};
 use crate::jobs::{JobId, JobStatus, JobStore, RemoteCounts};
+use crate::metrics::ServerMetrics;
 use crate::remote_sync::Peer;
 use crate::sync_job::SyncJob;
 
@@ -77,6 +79,8 @@ struct Job {
     record: Option<JobId>,
     /// When the running pairs' counts were last written to the history.
     recorded: Instant,
+    /// Per pair, its counts as last added to the metrics.
+    counted: Vec<RemoteCounts>,
     /// Until every agent connection of the job has authenticated (or failed): nothing is
     /// asked of the agents, so that overlapping trees are refused before anything is done.
     gate: Option<Gate>,
@@ -109,6 +113,8 @@ pub struct Server {
     to_close: Vec<(Token, String)>,
     /// Job history (quick SQLite writes at job start/end, never per file).
     history: Option<JobStore>,
+    /// What `--metrics-listen` shows.
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Server {
@@ -133,7 +139,13 @@ impl Server {
             dirty: HashSet::new(),
             to_close: Vec::new(),
             history,
+            metrics: Default::default(),
         })
+    }
+
+    /// The server's counters (for `--metrics-listen`).
+    pub fn metrics(&self) -> Arc<ServerMetrics> {
+        self.metrics.clone()
     }
 
     /// The address the listener is bound to.
@@ -285,6 +297,7 @@ impl Server {
         let peer = ConnPeer::Agent { job, role };
         self.conns
             .insert(token, Conn::new(stream, Hs::AwaitHello, peer, 1));
+        self.metrics.agent_connected();
         Ok(token)
     }
 
@@ -432,6 +445,9 @@ impl Server {
         };
         let _ = conn.flush();
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if matches!(conn.peer, ConnPeer::Agent { .. }) {
+            self.metrics.agent_disconnected();
+        }
         self.dirty.remove(&token);
         // Failing before the handshake completed: the agent could not be reached.
         let in_handshake = matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
@@ -561,6 +577,7 @@ impl Server {
         };
         self.next_job = self.next_job.max(id + 1);
         info!(job = id, master = %req.master, remotes = ?req.remotes, "sync request");
+        self.metrics.job_started();
         if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&control).map(|c| &mut c.peer) {
             *job = Some(id);
         }
@@ -568,6 +585,7 @@ impl Server {
             Ok(blocks) => blocks,
             Err(e) => {
                 self.record_finish(record, JobStatus::Failed, Some(&e));
+                self.metrics.job_finished(false);
                 self.queue(
                     control,
                     &Msg::SyncDone {
@@ -590,6 +608,7 @@ impl Server {
                 next_req: 1,
                 record,
                 recorded: Instant::now(),
+                counted: vec![RemoteCounts::default(); remotes.len()],
                 gate: Some(Gate::default()),
                 sync,
             },
@@ -725,6 +744,7 @@ impl Server {
     fn abort_job(&mut self, id: u64) {
         if let Some(job) = self.jobs.remove(&id) {
             info!(job = id, "control client gone: abandoning the sync");
+            self.metrics.job_finished(false);
             self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
             let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
             for c in &job.conns {
@@ -911,24 +931,36 @@ impl Server {
         let Some(j) = self.jobs.get_mut(&id) else {
             return;
         };
-        if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
-            if j.recorded.elapsed() >= PROGRESS_RECORD_EVERY {
-                j.recorded = Instant::now();
-                for pair in j.sync.pairs.iter().filter(|p| !p.is_done()) {
-                    let counts = RemoteCounts::of(pair.result());
-                    let name = label_of(&self.config.job_labels, pair.addr());
+        if j.recorded.elapsed() >= PROGRESS_RECORD_EVERY {
+            j.recorded = Instant::now();
+            for (pair, counted) in j.sync.pairs.iter().zip(&mut j.counted) {
+                if pair.is_done() {
+                    continue;
+                }
+                let counts = RemoteCounts::of(pair.result());
+                let name = label_of(&self.config.job_labels, pair.addr());
+                self.metrics.progress(name, counted, &counts);
+                *counted = counts;
+                if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
                     if let Err(e) = h.record_remote(record, name, &counts, None) {
                         warn!(job = id, "job history: {e}");
                     }
                 }
             }
         }
-        for (pair, conns) in j.sync.pairs.iter().zip(&mut j.conns) {
+        for ((pair, conns), counted) in j.sync.pairs.iter().zip(&mut j.conns).zip(&mut j.counted) {
             if !pair.is_done() || conns.closed {
                 continue;
             }
             conns.closed = true;
             let result = pair.result();
+            let name = label_of(&self.config.job_labels, pair.addr());
+            let counts = RemoteCounts::of(result);
+            self.metrics.progress(name, counted, &counts);
+            *counted = counts;
+            if !result.ok {
+                self.metrics.remote_failed(name);
+            }
             if let (Some(h), Some(record)) = (self.history.as_mut(), j.record) {
                 let counts = RemoteCounts::of(result);
                 let error = if !result.error.is_empty() {
@@ -965,6 +997,7 @@ impl Server {
             JobStatus::Failed
         };
         self.record_finish(j.record, status, (!ok).then_some(message.as_str()));
+        self.metrics.job_finished(ok);
         self.queue(j.control, &Msg::SyncDone { ok, message });
         if let Some(t) = j.master_conn {
             self.to_close.push((t, "job finished".into()));

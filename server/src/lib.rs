@@ -17,6 +17,7 @@ mod conn;
 mod event_loop;
 pub mod jobs;
 pub mod list;
+pub mod metrics;
 mod ops;
 pub mod plan;
 mod remote_sync;

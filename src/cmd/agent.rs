@@ -29,6 +29,8 @@ pub struct Args {
     listen: String,
     #[command(flatten)]
     auth: super::token::TokenArgs,
+    #[command(flatten)]
+    metrics: super::metrics::MetricsArgs,
     /// Do not fsync received files before renaming them (faster, not crash-safe).
     #[arg(long)]
     no_fsync: bool,
@@ -137,9 +139,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let listener =
         TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let metrics = agent.metrics();
+    let metrics_addr = args.metrics.serve(move || metrics.render())?;
     let handle = agent.serve(listener).context("starting the agent")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on {}", handle.local_addr())?;
+    if let Some(a) = metrics_addr {
+        writeln!(out, "metrics on {a}")?;
+    }
     out.flush()?;
     drop(out);
     super::service::notify_ready(&handle.local_addr().to_string());

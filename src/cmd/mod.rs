@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod jsonpath;
 pub mod logging;
 pub mod man;
+pub mod metrics;
 pub mod selection;
 pub mod server;
 pub mod service;

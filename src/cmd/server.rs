@@ -27,6 +27,8 @@ pub struct Args {
     listen: String,
     #[command(flatten)]
     auth: super::token::TokenArgs,
+    #[command(flatten)]
+    metrics: super::metrics::MetricsArgs,
     /// Fail an agent that leaves a request unanswered this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     idle_timeout: u64,
@@ -62,8 +64,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     };
     let mut server = fleetsync_server::Server::bind(addr, config)
         .with_context(|| format!("listening on {}", args.listen))?;
+    let metrics = server.metrics();
+    let metrics_addr = args.metrics.serve(move || metrics.render())?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on {}", server.local_addr()?)?;
+    if let Some(a) = metrics_addr {
+        writeln!(out, "metrics on {a}")?;
+    }
     out.flush()?;
     drop(out);
     super::service::notify_ready(&server.local_addr()?.to_string());

@@ -18,7 +18,8 @@ pub struct TransferArgs {
     /// Limit all streams leaving the master together to RATE.
     #[arg(long, value_name = "RATE")]
     pub master_bwlimit: Option<String>,
-    /// Send changed files whole (compressed), never as deltas against the remote's copy.
+    /// Send changed files whole (compressed), never as deltas against the remote's copy (an
+    /// interrupted transfer still resumes from its partial file).
     #[arg(long)]
     pub no_delta: bool,
 }
