@@ -31,6 +31,8 @@ enum Command {
     Jobs(cmd::jobs::Args),
     /// Report how the remote trees differ from the master, changing nothing.
     Verify(cmd::verify::Args),
+    /// Make the fleet CA and issue certificates (TLS).
+    Cert(cmd::cert::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Server(args) => cmd::server::run(args),
         Command::Jobs(args) => cmd::jobs::run(args),
         Command::Verify(args) => cmd::verify::run(args),
+        Command::Cert(args) => cmd::cert::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

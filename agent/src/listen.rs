@@ -10,13 +10,14 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use fleetsync_engine::Registry;
+use fleetsync_proto::tls::{Identity, Stream, TlsError};
 use fleetsync_proto::{auth, frame, Msg, Role};
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
-use crate::session::{flush, send, send_error, send_flush, Shared, SharedWriter};
+use crate::session::{flush, send, send_error, send_flush, AgentTls, Shared, SharedWriter};
 use crate::versions::VersionStore;
 use crate::{apply, blocks, check, checksum, list, receive, AgentError, PosixBackend};
 
@@ -47,6 +48,7 @@ impl Agent {
         Ok(Agent {
             shared: Arc::new(Shared {
                 token,
+                tls: None,
                 backend,
                 registry: Registry::with_builtins(),
                 root: root.clone(),
@@ -69,6 +71,25 @@ impl Agent {
             .expect("not serving yet")
             .read_only = read_only;
         self
+    }
+
+    /// Speaks TLS 1.3 on every connection (`--tls`): accepts the server (certificate role
+    /// `server`) and other agents (role `agent`), and dials remote agents requiring role
+    /// `agent`; `identity` must be an agent's.
+    pub fn with_tls(mut self, identity: &Identity) -> Result<Agent, TlsError> {
+        if identity.role() != Role::Agent {
+            return Err(TlsError::Config(format!(
+                "the certificate in {} is a {} certificate, not an agent's",
+                identity.dir().display(),
+                identity.role().name()
+            )));
+        }
+        let tls = AgentTls {
+            listen: identity.server_config(&[Role::Server, Role::Agent])?,
+            dial: identity.client_config(&[Role::Agent])?,
+        };
+        Arc::get_mut(&mut self.shared).expect("not serving yet").tls = Some(tls);
+        Ok(self)
     }
 
     /// Keeps the versions of the files this agent sends in `store`, so that a later send to
@@ -230,12 +251,24 @@ impl Drop for AgentHandle {
 /// Why a read-only agent refuses a write.
 const READ_ONLY: &str = "this agent is read-only (--read-only): it refuses every write";
 
-fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
+fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
     let peer_addr = conn
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
+    // The TLS handshake (with its timeout) runs here, on the connection's own thread: a
+    // peer that stalls it holds up nobody else.
+    let mut conn = match &shared.tls {
+        Some(tls) => match Stream::accept(conn, &tls.listen, HANDSHAKE_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(peer = %peer_addr, "refused a connection: {e}");
+                return;
+            }
+        },
+        None => Stream::plain(conn),
+    };
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let peer = match auth::accept(
         &mut conn,
@@ -249,8 +282,20 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    if let Some(cert) = conn.peer_role() {
+        if cert != peer.role {
+            warn!(
+                peer = %peer_addr,
+                "refused a connection: it claimed role {} with a {} certificate",
+                peer.role.name(),
+                cert.name()
+            );
+            let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+    }
     let _ = conn.set_read_timeout(None);
-    debug!(peer = %peer_addr, role = peer.role.name(), "authenticated");
+    debug!(peer = %peer_addr, role = peer.role.name(), tls = conn.is_tls(), "authenticated");
     let result = (|| -> Result<(), AgentError> {
         let read_half = conn.try_clone().map_err(|e| AgentError::Proto(e.into()))?;
         let mut reader = BufReader::with_capacity(1 << 20, read_half);
@@ -276,7 +321,7 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
 }
 
 fn serve_requests(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
@@ -302,7 +347,7 @@ fn serve_requests(
 }
 
 fn serve_loop(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
     senders: &mut Vec<JoinHandle<()>>,

@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufReader, Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use fleetsync_engine::Algorithm;
 use fleetsync_proto::fleetsync_capnp::message::Which as W;
+use fleetsync_proto::tls::Stream;
 use fleetsync_proto::{
     fleetsync_capnp, frame, Attrs, Coding, Done, FileEntry, ItemResult, Msg, Outcome, ProtoError,
 };
@@ -95,7 +95,7 @@ struct Incoming {
 
 /// Remote side: receives files from a master agent until `streamEnd`.
 pub(crate) fn receive(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
@@ -113,7 +113,7 @@ pub(crate) fn receive(
 }
 
 fn receive_files(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
     cur: &mut Option<Incoming>,

@@ -7,6 +7,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+
+use fleetsync_proto::tls::Stream;
 use std::str::FromStr;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -75,7 +77,7 @@ impl SendOrder {
                 Err(e) => return self.fail_all(server, format!("--compress: {e}")),
             },
         };
-        let remote = match connect(&self.target, shared.token.as_deref()) {
+        let remote = match connect(&self.target, shared) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("cannot reach remote agent {}: {e}", self.target);
@@ -573,7 +575,7 @@ fn keep_version(
     }
 }
 
-fn try_clone(s: &TcpStream) -> Result<TcpStream, AgentError> {
+fn try_clone(s: &Stream) -> Result<Stream, AgentError> {
     s.try_clone().map_err(|e| AgentError::Proto(e.into()))
 }
 
@@ -634,7 +636,7 @@ struct Relay {
 
 impl Relay {
     fn start(
-        remote: &TcpStream,
+        remote: &Stream,
         server: &SharedWriter,
         bases: Sender<BasisFound>,
     ) -> Result<Relay, AgentError> {
@@ -667,7 +669,11 @@ impl Relay {
     }
 }
 
-fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> {
+/// Dials the remote agent `target` and authenticates: TLS first with `--tls` (its
+/// certificate must be of role `agent` and name the host of `target`), then the token
+/// handshake (inside TLS).
+fn connect(target: &str, shared: &Shared) -> Result<Stream, AgentError> {
+    let token = shared.token.as_deref();
     let addrs: Vec<_> = target
         .to_socket_addrs()
         .map_err(|e| AgentError::Proto(e.into()))?
@@ -675,8 +681,15 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(mut s) => {
+            Ok(s) => {
                 let _ = s.set_nodelay(true);
+                let mut s = match &shared.tls {
+                    Some(tls) => {
+                        let name = fleetsync_proto::tls::server_name(target)?;
+                        Stream::connect(s, &tls.dial, name, CONNECT_TIMEOUT)?
+                    }
+                    None => Stream::plain(s),
+                };
                 let _ = s.set_read_timeout(Some(CONNECT_TIMEOUT));
                 auth::connect(&mut s, token, Role::Agent)?;
                 let _ = s.set_read_timeout(None);
@@ -691,7 +704,7 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
     ))
 }
 fn relay_results(
-    remote: TcpStream,
+    remote: Stream,
     server: &SharedWriter,
     state: &RelayShared,
     bases: &Sender<BasisFound>,

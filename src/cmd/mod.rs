@@ -2,10 +2,11 @@
 //! Beside them, what several subcommands share: `target` (how `sync`/`verify` reach the
 //! trees), `selection` (which entries), `embedded` (the in-process fleet), `control` (the
 //! control client), `itemize` (plan items as lines),
-//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token`, `logging`.
+//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token` (token and `--tls`), `logging`.
 
 pub mod agent;
 pub mod bench;
+pub mod cert;
 pub mod control;
 pub mod embedded;
 pub mod hashargs;
