@@ -451,6 +451,10 @@ pub fn explain(e: &rustls::Error) -> String {
         E::AlertReceived(a) => {
             let what = match a {
                 A::UnknownCA => "it does not trust our CA (another fleet CA?)",
+                A::DecryptError => {
+                    "it does not trust our CA (a signature did not verify: another fleet CA \
+                     of the same name?)"
+                }
                 A::CertificateExpired => "our certificate has expired",
                 A::BadCertificate | A::AccessDenied | A::CertificateUnknown => {
                     "it refused our certificate (wrong role or name?)"
@@ -792,7 +796,9 @@ impl Read for Stream {
                     let n = st.conn.read_tls(&mut slice)?;
                     st.raw.drain(..n);
                     if let Err(e) = st.conn.process_new_packets() {
-                        failed = Some(e);
+                        // In TLS 1.3 a listener's verdict on our certificate comes after
+                        // our side of the handshake: say what it means here too.
+                        failed = Some(format!("TLS: {}", explain(&e)));
                         break;
                     }
                     if n == 0 {
@@ -823,7 +829,10 @@ impl Read for Stream {
                 st.conn.read_tls(&mut io::empty())?;
                 if st.raw.is_empty() {
                     if let Err(e) = st.conn.process_new_packets() {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("TLS: {}", explain(&e)),
+                        ));
                     }
                     return match st.conn.reader().read(buf) {
                         Ok(n) => Ok(n),

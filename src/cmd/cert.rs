@@ -38,9 +38,10 @@ enum Command {
     Init {
         /// Where to write it (created if missing; must not hold a CA already).
         dir: PathBuf,
-        /// The CA's common name.
-        #[arg(long, default_value = "fleetsync fleet CA")]
-        name: String,
+        /// The CA's common name [default: "fleetsync fleet CA" and a random suffix, so
+        /// that two fleets' CAs never share a name].
+        #[arg(long)]
+        name: Option<String>,
         /// Validity in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
@@ -75,7 +76,16 @@ enum Command {
 /// Runs `fleetsync cert`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
     match args.command {
-        Command::Init { dir, name, days } => init(&dir, &name, days),
+        Command::Init { dir, name, days } => {
+            let name = name.unwrap_or_else(|| {
+                let n = fleetsync_proto::auth::nonce();
+                format!(
+                    "fleetsync fleet CA {:02x}{:02x}{:02x}{:02x}",
+                    n[0], n[1], n[2], n[3]
+                )
+            });
+            init(&dir, &name, days)
+        }
         Command::Issue {
             ca,
             role,
