@@ -562,3 +562,182 @@ fn a_stalled_handshake_holds_up_nobody() {
     f.still_serves();
     drop(stalled);
 }
+
+// ------------------------------------------------------------------ authority per order
+
+use fleetsync_proto::tls::{server_name, Identity, Stream};
+use fleetsync_proto::{frame, ticket, FileEntry, FileKind, Msg};
+
+/// A TLS connection from the test to `addr` with `id`'s certificate, authenticated as
+/// `role` (no token).
+fn dial(addr: &str, id: &Identity, role: Role) -> Stream {
+    let config = id.client_config(&[Role::Agent]).unwrap();
+    let mut s = Stream::connect(
+        TcpStream::connect(addr).unwrap(),
+        &config,
+        server_name(addr).unwrap(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    auth::connect(&mut s, None, role).unwrap();
+    s
+}
+
+fn put(s: &mut Stream, m: &Msg) {
+    frame::write_frame(s, &m.encode()).unwrap();
+    s.flush().unwrap();
+}
+
+/// What the remote answers a stream: its first frame (or `None` if it closed).
+fn answer(s: &mut Stream) -> Option<Msg> {
+    match frame::read_frame(s) {
+        Ok(Some(body)) => Some(Msg::decode(&body).unwrap()),
+        _ => None,
+    }
+}
+
+fn file_start(path: &[u8]) -> Msg {
+    Msg::FileStart {
+        request_id: 1,
+        entry: FileEntry {
+            path: path.to_vec(),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            inode: 0,
+            dev: 0,
+            nlink: 1,
+            size: 5,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            link_target: None,
+            rdev: 0,
+        },
+        algorithm: "crc32".into(),
+        lock_timeout_ms: None,
+        stage: String::new(),
+        coding: Default::default(),
+        basis: Vec::new(),
+        basis_size: 0,
+    }
+}
+
+fn refused_with(reply: Option<Msg>, what: &str) {
+    match reply {
+        Some(Msg::Error { message, .. }) => assert!(message.contains(what), "{message}"),
+        other => panic!("expected a refusal saying {what:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_remote_takes_file_data_only_with_a_fresh_ticket_of_its_server() {
+    let mut f = TlsFleet::start();
+    let server_id = Identity::load(&f.fleet.path("server")).unwrap();
+    // The sender: an agent of the fleet (a compromised one would hold such a certificate).
+    f.fleet.issue("ca", "agent", "agent3", &["127.0.0.1"]);
+    let sender_id = Identity::load(&f.fleet.path("agent3")).unwrap();
+    let remote_cert = {
+        let r = Identity::load(&f.fleet.path("agent2")).unwrap();
+        r.cert().to_vec()
+    };
+    let signer = server_id.signing_key().unwrap();
+    let ticket_for = |remote: &[u8], paths: &[&[u8]]| {
+        let t = ticket::Ticket::new(
+            sender_id.cert(),
+            remote,
+            paths.iter().map(|p| p.to_vec()).collect(),
+        );
+        ticket::sign(&t, &*signer).unwrap()
+    };
+
+    // No server connected to the remote: nobody vouches for any ticket.
+    let good = ticket_for(&remote_cert, &[b"granted"]);
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(
+        &mut s,
+        &Msg::StreamTicket {
+            ticket: good.clone(),
+        },
+    );
+    refused_with(answer(&mut s), "no server is connected");
+
+    // The test now plays the server too: its control-plane connection to the remote.
+    let _control_plane = dial(&f.remote.addr, &server_id, Role::Server);
+
+    // No ticket at all: the first file is refused.
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(&mut s, &file_start(b"pushed"));
+    refused_with(answer(&mut s), "no ticket from the server");
+    f.remote.wait_log("refused a file stream: no ticket");
+
+    // A ticket the sender forged with its own key.
+    let forged = {
+        let t = ticket::Ticket::new(sender_id.cert(), &remote_cert, vec![b"pushed".to_vec()]);
+        ticket::sign(&t, &*sender_id.signing_key().unwrap()).unwrap()
+    };
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(&mut s, &Msg::StreamTicket { ticket: forged });
+    refused_with(answer(&mut s), "not our server's (forged?)");
+
+    // A good ticket with a flipped bit.
+    let mut tampered = good.clone();
+    tampered[40] ^= 1;
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(&mut s, &Msg::StreamTicket { ticket: tampered });
+    refused_with(answer(&mut s), "not our server's");
+
+    // A ticket for another remote.
+    let elsewhere = ticket_for(server_id.cert(), &[b"granted"]);
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(&mut s, &Msg::StreamTicket { ticket: elsewhere });
+    refused_with(answer(&mut s), "for another remote agent");
+
+    // Someone else's ticket (issued to agent3) presented by agent1.
+    let other_sender = Identity::load(&f.fleet.path("agent1")).unwrap();
+    let mut s = dial(&f.remote.addr, &other_sender, Role::Agent);
+    put(
+        &mut s,
+        &Msg::StreamTicket {
+            ticket: good.clone(),
+        },
+    );
+    refused_with(answer(&mut s), "issued to another sender");
+
+    // The good ticket: the stream is taken, but only for its paths.
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(
+        &mut s,
+        &Msg::StreamTicket {
+            ticket: good.clone(),
+        },
+    );
+    put(&mut s, &file_start(b"not-granted"));
+    refused_with(answer(&mut s), "does not cover it");
+    assert!(!f.tree("remote").join("not-granted").exists());
+
+    // Replayed: the same ticket a second time.
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(&mut s, &Msg::StreamTicket { ticket: good });
+    refused_with(answer(&mut s), "used already (a replay)");
+    f.remote
+        .wait_log("refused a file stream: the ticket was used already");
+
+    // A fresh good ticket and an empty stream: accepted (`done`).
+    let mut s = dial(&f.remote.addr, &sender_id, Role::Agent);
+    put(
+        &mut s,
+        &Msg::StreamTicket {
+            ticket: ticket_for(&remote_cert, &[b"granted"]),
+        },
+    );
+    put(&mut s, &Msg::StreamEnd);
+    match answer(&mut s) {
+        Some(Msg::Done(_)) => {}
+        other => panic!("expected done, got {other:?}"),
+    }
+    // And the real server's tickets work.
+    drop(s);
+    f.still_serves();
+}

@@ -87,6 +87,10 @@ impl Agent {
         let tls = AgentTls {
             listen: identity.server_config(&[Role::Server, Role::Agent])?,
             dial: identity.client_config(&[Role::Agent])?,
+            me: identity.cert().clone(),
+            servers: Default::default(),
+            next_conn: Default::default(),
+            replay: Default::default(),
         };
         Arc::get_mut(&mut self.shared).expect("not serving yet").tls = Some(tls);
         Ok(self)
@@ -296,9 +300,38 @@ fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
     }
     let _ = conn.set_read_timeout(None);
     debug!(peer = %peer_addr, role = peer.role.name(), tls = conn.is_tls(), "authenticated");
+    // A server's certificate vouches for the tickets of the streams it orders while it is
+    // connected.
+    let _server = match (&shared.tls, conn.peer_cert()) {
+        (Some(tls), Some(cert)) if peer.role == Role::Server => Some(ServerSeen::new(tls, cert)),
+        _ => None,
+    };
     let result = (|| -> Result<(), AgentError> {
         let read_half = conn.try_clone().map_err(|e| AgentError::Proto(e.into()))?;
         let mut reader = BufReader::with_capacity(1 << 20, read_half);
+        let allowed = match (&shared.tls, conn.peer_cert()) {
+            (Some(tls), Some(sender)) if peer.role == Role::Agent => {
+                match ticket_paths(&mut reader, tls, &sender) {
+                    Ok(paths) => Some(paths),
+                    Err(why) => {
+                        warn!(peer = %peer_addr, "refused a file stream: {why}");
+                        let writer = Mutex::new(BufWriter::new(conn));
+                        let mut w = writer.lock().expect("fresh");
+                        let _ = frame::write_frame(
+                            &mut *w,
+                            &Msg::Error {
+                                request_id: 0,
+                                message: format!("refused the file stream: {why}"),
+                            }
+                            .encode(),
+                        );
+                        let _ = std::io::Write::flush(&mut *w);
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
         let writer: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
         match peer.role {
             Role::Agent if shared.read_only => {
@@ -311,13 +344,68 @@ fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
                     },
                 )
             }
-            Role::Agent => receive::receive(&mut reader, &writer, &shared),
+            Role::Agent => receive::receive(&mut reader, &writer, &shared, allowed.as_deref()),
             _ => serve_requests(&mut reader, &writer, &shared),
         }
     })();
     if let Err(e) = result {
         warn!(peer = %peer_addr, "connection closed: {e}");
     }
+}
+
+/// A server connected now, whose certificate signs tickets (forgotten when dropped).
+struct ServerSeen<'a> {
+    tls: &'a AgentTls,
+    id: u64,
+}
+
+impl<'a> ServerSeen<'a> {
+    fn new(
+        tls: &'a AgentTls,
+        cert: fleetsync_proto::tls::rustls::pki_types::CertificateDer<'static>,
+    ) -> Self {
+        let id = tls.next_conn.fetch_add(1, Ordering::Relaxed);
+        tls.servers.lock().expect("poisoned").insert(id, cert);
+        ServerSeen { tls, id }
+    }
+}
+
+impl Drop for ServerSeen<'_> {
+    fn drop(&mut self) {
+        self.tls.servers.lock().expect("poisoned").remove(&self.id);
+    }
+}
+
+/// Reads a TLS stream's first frame, its `streamTicket`, and checks it (see
+/// `fleetsync_proto::ticket`): the paths it lets `sender` write here.
+fn ticket_paths(
+    reader: &mut BufReader<Stream>,
+    tls: &AgentTls,
+    sender: &[u8],
+) -> Result<Arc<std::collections::HashSet<Vec<u8>>>, String> {
+    let body = frame::read_frame(reader)
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream ended before its ticket")?;
+    let ticket = match Msg::decode(&body).map_err(|e| e.to_string())? {
+        Msg::StreamTicket { ticket } => ticket,
+        other => {
+            return Err(format!(
+                "no ticket from the server (first frame {}): with --tls a stream needs the \
+                 server's authority",
+                other.kind_name()
+            ))
+        }
+    };
+    let signers: Vec<_> = tls
+        .servers
+        .lock()
+        .expect("poisoned")
+        .values()
+        .cloned()
+        .collect();
+    let t = fleetsync_proto::ticket::verify(&ticket, &signers, &tls.me, sender)?;
+    tls.replay.admit(&t)?;
+    Ok(fleetsync_proto::ticket::allowed_paths(t))
 }
 
 fn serve_requests(
@@ -403,6 +491,7 @@ fn serve_loop(
                 transfer,
                 bases,
                 sizes,
+                ticket,
             } => {
                 let order = SendOrder {
                     request_id,
@@ -414,6 +503,7 @@ fn serve_loop(
                     transfer,
                     bases,
                     sizes,
+                    ticket,
                 };
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());

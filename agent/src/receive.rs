@@ -94,14 +94,17 @@ struct Incoming {
 }
 
 /// Remote side: receives files from a master agent until `streamEnd`.
+/// With `allowed` (the paths of the stream's ticket, `--tls`), a `fileStart` for any other
+/// path closes the stream.
 pub(crate) fn receive(
     reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
+    allowed: Option<&HashSet<Vec<u8>>>,
 ) -> Result<(), AgentError> {
     let mut cur: Option<Incoming> = None;
     let mut committer = Committer::new(w.clone(), COMMIT_THREADS, shared.consist.clone());
-    let r = receive_files(reader, w, shared, &mut cur, &mut committer);
+    let r = receive_files(reader, w, shared, &mut cur, &mut committer, allowed);
     if r.is_err() {
         // Cut off: what arrived of the file in flight is kept as its partial file (or
         // dropped, its temp file removed).
@@ -118,6 +121,7 @@ fn receive_files(
     shared: &Arc<Shared>,
     cur: &mut Option<Incoming>,
     committer: &mut Committer,
+    allowed: Option<&HashSet<Vec<u8>>>,
 ) -> Result<(), AgentError> {
     let backend = &shared.backend;
     let mut fb = frame::FrameBuf::new();
@@ -179,6 +183,20 @@ fn receive_files(
                     return Err(AgentError::Proto(ProtoError::Decode(
                         "fileStart inside a file".into(),
                     )));
+                }
+                if allowed.is_some_and(|a| !a.contains(&entry.path)) {
+                    let message = format!(
+                        "refused {}: the server's ticket for this stream does not cover it",
+                        show(&entry.path)
+                    );
+                    let _ = send_flush(
+                        w,
+                        &Msg::Error {
+                            request_id: 0,
+                            message: message.clone(),
+                        },
+                    );
+                    return Err(AgentError::Proto(ProtoError::Remote(message)));
                 }
                 if coding != Coding::Append
                     && partials.lock().expect("poisoned").remove(&entry.path)

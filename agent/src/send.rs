@@ -60,6 +60,8 @@ pub(crate) struct SendOrder {
     pub(crate) bases: Vec<Vec<u8>>,
     /// Parallel to `paths` (or empty): sizes in the master's list.
     pub(crate) sizes: Vec<u64>,
+    /// With `--tls`: the server's ticket, presented first to the remote.
+    pub(crate) ticket: Vec<u8>,
 }
 
 impl SendOrder {
@@ -112,6 +114,17 @@ impl SendOrder {
             order: self,
             relay: relay.state.clone(),
         };
+        if !self.ticket.is_empty() {
+            let ticket = Msg::StreamTicket {
+                ticket: self.ticket.clone(),
+            };
+            if let Err(e) = stream.wire.frame(&ticket.encode()) {
+                let _ = remote.shutdown(Shutdown::Both);
+                drop(stream);
+                let _ = relay.join();
+                return self.fail_all(server, format!("remote agent {}: {e}", self.target));
+            }
+        }
         let mut local = LocalFailures::default();
         let mut stream_error =
             self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use fleetsync_engine::Registry;
+use fleetsync_proto::tls::rustls::pki_types::CertificateDer;
 use fleetsync_proto::tls::Stream;
 use fleetsync_proto::{frame, Done, ItemResult, Msg, Outcome};
 
@@ -28,6 +29,15 @@ pub(crate) struct AgentTls {
     pub(crate) listen: Arc<fleetsync_proto::tls::rustls::ServerConfig>,
     /// Our streams to remote agents: they must be of role `agent`.
     pub(crate) dial: Arc<fleetsync_proto::tls::rustls::ClientConfig>,
+    /// Our certificate: a ticket must name it.
+    pub(crate) me: CertificateDer<'static>,
+    /// The certificates of the servers connected now (by connection): a stream's ticket
+    /// must be signed by one of them.
+    pub(crate) servers: Mutex<HashMap<u64, CertificateDer<'static>>>,
+    /// Numbers the server connections.
+    pub(crate) next_conn: std::sync::atomic::AtomicU64,
+    /// Tickets already presented.
+    pub(crate) replay: fleetsync_proto::ticket::ReplayGuard,
 }
 
 /// The agent's state, shared by every connection.

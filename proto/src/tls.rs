@@ -382,6 +382,19 @@ impl Identity {
         &self.dir
     }
 
+    /// Our own (end-entity) certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.chain[0]
+    }
+
+    /// Our key as a signer (the server signs tickets with it, see [`crate::ticket`]).
+    pub fn signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsError> {
+        provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("key: {e}")))
+    }
+
     /// A listener's configuration: TLS 1.3, a client certificate of the fleet CA required,
     /// with one of the roles `accept`.
     pub fn server_config(&self, accept: &[Role]) -> Result<Arc<ServerConfig>, TlsError> {
@@ -430,6 +443,13 @@ impl Identity {
         config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
+}
+
+/// The peer's end-entity certificate of a finished handshake.
+pub fn peer_cert(conn: &rustls::CommonState) -> Option<CertificateDer<'static>> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
 }
 
 /// The role of the peer of a finished handshake (its certificate was verified, role
@@ -704,6 +724,14 @@ impl Stream {
     /// Whether the connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self.inner, Inner::Tls(_))
+    }
+
+    /// The peer's certificate (TLS only).
+    pub fn peer_cert(&self) -> Option<CertificateDer<'static>> {
+        match &self.inner {
+            Inner::Plain(_) => None,
+            Inner::Tls(t) => t.state.lock().ok().and_then(|st| peer_cert(&st.conn)),
+        }
     }
 
     /// The role of the peer's certificate (TLS only).

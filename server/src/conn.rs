@@ -227,10 +227,13 @@ pub(crate) enum Handshake {
     Over,
     /// A handshake frame; the answer is queued, more is to come.
     Going,
-    /// We connected, and the agent welcomed us: the held requests are queued.
+    /// We connected, and the agent welcomed us: the held requests are the caller's to
+    /// queue.
     Done {
         /// The agent can apply owners (runs as root).
         can_chown: bool,
+        /// The requests queued before the handshake finished, in order.
+        held: Vec<Msg>,
     },
 }
 
@@ -294,10 +297,10 @@ impl Conn {
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
                 self.dec.set_max(MAX_FRAME);
                 self.outstanding = self.held.len();
-                for m in std::mem::take(&mut self.held) {
-                    self.queue(&m);
-                }
-                Ok(Handshake::Done { can_chown })
+                Ok(Handshake::Done {
+                    can_chown,
+                    held: std::mem::take(&mut self.held),
+                })
             }
         }
     }

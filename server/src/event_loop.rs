@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetsync_proto::frame;
+use fleetsync_proto::ticket;
 use fleetsync_proto::tls::{self, rustls, Identity, TlsError};
 use fleetsync_proto::{auth, Msg, Role, SyncRequest};
 use mio::net::{TcpListener, TcpStream};
@@ -51,6 +52,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct ServerTls {
     listen: Arc<rustls::ServerConfig>,
     dial: Arc<rustls::ClientConfig>,
+    /// Signs the tickets of send orders.
+    signer: Arc<dyn rustls::sign::SigningKey>,
 }
 
 impl ServerTls {
@@ -66,6 +69,7 @@ impl ServerTls {
         Ok(ServerTls {
             listen: identity.server_config(&[Role::Control])?,
             dial: identity.client_config(&[Role::Agent])?,
+            signer: identity.signing_key()?,
         })
     }
 }
@@ -519,7 +523,16 @@ impl Server {
                 self.dirty.insert(token);
                 return Ok(());
             }
-            Handshake::Done { can_chown } => {
+            Handshake::Done { can_chown, held } => {
+                for mut m in held {
+                    self.fill_ticket(token, &mut m);
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.queue(&m);
+                    }
+                }
+                let Some(conn) = self.conns.get_mut(&token) else {
+                    return Ok(());
+                };
                 self.dirty.insert(token);
                 if let ConnPeer::Agent { job, role } = conn.peer {
                     self.on_agent_ready(job, role, token, can_chown);
@@ -661,7 +674,53 @@ impl Server {
                 return;
             }
         }
+        self.fill_ticket(token, &mut msg);
         self.queue(token, &msg);
+    }
+
+    /// With `--tls`, gives a send order (to the master link `token`) its ticket: the
+    /// server's signed authority for the master agent to write those paths into that
+    /// remote agent (`fleetsync_proto::ticket`). The certificates come from the two TLS
+    /// connections; without one of them the order goes without a ticket and the remote
+    /// refuses the stream (the pair fails saying so).
+    fn fill_ticket(&self, token: Token, msg: &mut Msg) {
+        let Some(t) = &self.config.tls else {
+            return;
+        };
+        let Msg::SendOrder { paths, ticket, .. } = msg else {
+            return;
+        };
+        let Some(c) = self.conns.get(&token) else {
+            return;
+        };
+        let ConnPeer::Agent {
+            job,
+            role: AgentRole::MasterLink(i),
+        } = c.peer
+        else {
+            return;
+        };
+        let cert = |c: &Conn| c.tls.as_ref().and_then(|t| tls::peer_cert(t));
+        let sender = cert(c);
+        let remote = self
+            .jobs
+            .get(&job)
+            .and_then(|j| j.conns.get(i))
+            .and_then(|p| p.remote)
+            .and_then(|r| self.conns.get(&r))
+            .and_then(cert);
+        let (Some(sender), Some(remote)) = (sender, remote) else {
+            warn!(
+                job,
+                "send order without a ticket: an agent's certificate is unknown"
+            );
+            return;
+        };
+        let order = ticket::Ticket::new(&sender, &remote, paths.clone());
+        match ticket::sign(&order, &*t.signer) {
+            Ok(bytes) => *ticket = bytes,
+            Err(e) => warn!(job, "send order without a ticket: {e}"),
+        }
     }
 
     fn on_agent_ready(&mut self, job: u64, role: AgentRole, token: Token, can_chown: bool) {
