@@ -578,6 +578,9 @@ struct TlsState {
     conn: rustls::Connection,
     /// Bytes read from the socket that rustls has not taken yet.
     raw: Vec<u8>,
+    /// How much of `raw` rustls has taken (rustls takes a record or so per call: moving the
+    /// rest down each time would copy the buffer many times over).
+    raw_pos: usize,
 }
 
 impl TlsState {
@@ -694,6 +697,7 @@ impl Stream {
                 state: Mutex::new(TlsState {
                     conn,
                     raw: Vec::new(),
+                    raw_pos: 0,
                 }),
                 out: Mutex::new(Vec::new()),
                 peer_role,
@@ -817,12 +821,14 @@ impl Read for Stream {
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                         Err(e) => return Err(e),
                     }
-                    if st.raw.is_empty() {
+                    if st.raw_pos == st.raw.len() {
+                        st.raw.clear();
+                        st.raw_pos = 0;
                         break;
                     }
-                    let mut slice = &st.raw[..];
+                    let mut slice = &st.raw[st.raw_pos..];
                     let n = st.conn.read_tls(&mut slice)?;
-                    st.raw.drain(..n);
+                    st.raw_pos += n;
                     if let Err(e) = st.conn.process_new_packets() {
                         // In TLS 1.3 a listener's verdict on our certificate comes after
                         // our side of the handshake: say what it means here too.
@@ -855,7 +861,7 @@ impl Read for Stream {
             if n == 0 {
                 // Tell rustls the stream ended; its reader then says how.
                 st.conn.read_tls(&mut io::empty())?;
-                if st.raw.is_empty() {
+                if st.raw_pos == st.raw.len() {
                     if let Err(e) = st.conn.process_new_packets() {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
