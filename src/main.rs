@@ -35,6 +35,8 @@ enum Command {
     Completions(cmd::completions::Args),
     /// Write the man pages (fleetsync.1, fleetsync-SUBCOMMAND.1) into a directory.
     Man(cmd::man::Args),
+    /// Make the fleet CA and issue certificates (TLS).
+    Cert(cmd::cert::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Completions(args) => cmd::completions::run(args, Cli::command()),
         Command::Man(args) => cmd::man::run(args, Cli::command()),
+        Command::Cert(args) => cmd::cert::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -160,6 +160,7 @@ fn main() {
             transfer: Default::default(),
             bases: Vec::new(),
             sizes: Vec::new(),
+            ticket: Vec::new(),
         });
     }
     let mut left = remotes.len();

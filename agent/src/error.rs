@@ -85,3 +85,9 @@ impl From<ProtoError> for AgentError {
         AgentError::Proto(e)
     }
 }
+
+impl From<fleetsync_proto::tls::TlsError> for AgentError {
+    fn from(e: fleetsync_proto::tls::TlsError) -> Self {
+        AgentError::Proto(e.into())
+    }
+}

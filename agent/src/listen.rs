@@ -10,13 +10,14 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use fleetsync_engine::Registry;
+use fleetsync_proto::tls::{Identity, Stream, TlsError};
 use fleetsync_proto::{auth, frame, Msg, Role, TreeIdentity};
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
-use crate::session::{flush, send, send_error, send_flush, Shared, SharedWriter};
+use crate::session::{flush, send, send_error, send_flush, AgentTls, Shared, SharedWriter};
 use crate::versions::VersionStore;
 use crate::{apply, blocks, check, checksum, list, receive, AgentError, PosixBackend};
 
@@ -47,6 +48,7 @@ impl Agent {
         Ok(Agent {
             shared: Arc::new(Shared {
                 token,
+                tls: None,
                 backend,
                 registry: Registry::with_builtins(),
                 root: root.clone(),
@@ -77,6 +79,29 @@ impl Agent {
             .expect("not serving yet")
             .read_only = read_only;
         self
+    }
+
+    /// Speaks TLS 1.3 on every connection (`--tls`): accepts the server (certificate role
+    /// `server`) and other agents (role `agent`), and dials remote agents requiring role
+    /// `agent`; `identity` must be an agent's.
+    pub fn with_tls(mut self, identity: &Identity) -> Result<Agent, TlsError> {
+        if identity.role() != Role::Agent {
+            return Err(TlsError::Config(format!(
+                "the certificate in {} is a {} certificate, not an agent's",
+                identity.dir().display(),
+                identity.role().name()
+            )));
+        }
+        let tls = AgentTls {
+            listen: identity.server_config(&[Role::Server, Role::Agent])?,
+            dial: identity.client_config(&[Role::Agent])?,
+            me: identity.cert().clone(),
+            servers: Default::default(),
+            next_conn: Default::default(),
+            replay: Default::default(),
+        };
+        Arc::get_mut(&mut self.shared).expect("not serving yet").tls = Some(tls);
+        Ok(self)
     }
 
     /// Keeps the versions of the files this agent sends in `store`, so that a later send to
@@ -297,12 +322,24 @@ fn tree_identity(root: &Path) -> TreeIdentity {
 /// Why a read-only agent refuses a write.
 const READ_ONLY: &str = "this agent is read-only (--read-only): it refuses every write";
 
-fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
+fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
     let peer_addr = conn
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = conn.set_nodelay(true);
+    // The TLS handshake (with its timeout) runs here, on the connection's own thread: a
+    // peer that stalls it holds up nobody else.
+    let mut conn = match &shared.tls {
+        Some(tls) => match Stream::accept(conn, &tls.listen, HANDSHAKE_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(peer = %peer_addr, "refused a connection: {e}");
+                return;
+            }
+        },
+        None => Stream::plain(conn),
+    };
     let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let peer = match auth::accept_as(
         &mut conn,
@@ -317,12 +354,53 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    if let Some(cert) = conn.peer_role() {
+        if cert != peer.role {
+            warn!(
+                peer = %peer_addr,
+                "refused a connection: it claimed role {} with a {} certificate",
+                peer.role.name(),
+                cert.name()
+            );
+            let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+    }
     let _ = conn.set_read_timeout(None);
-    debug!(peer = %peer_addr, role = peer.role.name(), "authenticated");
+    debug!(peer = %peer_addr, role = peer.role.name(), tls = conn.is_tls(), "authenticated");
     let _open = shared.metrics.connection();
+    // A server's certificate vouches for the tickets of the streams it orders while it is
+    // connected.
+    let _server = match (&shared.tls, conn.peer_cert()) {
+        (Some(tls), Some(cert)) if peer.role == Role::Server => Some(ServerSeen::new(tls, cert)),
+        _ => None,
+    };
     let result = (|| -> Result<(), AgentError> {
         let read_half = conn.try_clone().map_err(|e| AgentError::Proto(e.into()))?;
         let mut reader = BufReader::with_capacity(1 << 20, read_half);
+        let allowed = match (&shared.tls, conn.peer_cert()) {
+            (Some(tls), Some(sender)) if peer.role == Role::Agent => {
+                match ticket_paths(&mut reader, tls, &sender) {
+                    Ok(paths) => Some(paths),
+                    Err(why) => {
+                        warn!(peer = %peer_addr, "refused a file stream: {why}");
+                        let writer = Mutex::new(BufWriter::new(conn));
+                        let mut w = writer.lock().expect("fresh");
+                        let _ = frame::write_frame(
+                            &mut *w,
+                            &Msg::Error {
+                                request_id: 0,
+                                message: format!("refused the file stream: {why}"),
+                            }
+                            .encode(),
+                        );
+                        let _ = std::io::Write::flush(&mut *w);
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
         let writer: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
         match peer.role {
             Role::Agent if shared.read_only => {
@@ -335,7 +413,7 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
                     },
                 )
             }
-            Role::Agent => receive::receive(&mut reader, &writer, &shared),
+            Role::Agent => receive::receive(&mut reader, &writer, &shared, allowed.as_deref()),
             _ => serve_requests(&mut reader, &writer, &shared),
         }
     })();
@@ -344,8 +422,63 @@ fn handle_connection(mut conn: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// A server connected now, whose certificate signs tickets (forgotten when dropped).
+struct ServerSeen<'a> {
+    tls: &'a AgentTls,
+    id: u64,
+}
+
+impl<'a> ServerSeen<'a> {
+    fn new(
+        tls: &'a AgentTls,
+        cert: fleetsync_proto::tls::rustls::pki_types::CertificateDer<'static>,
+    ) -> Self {
+        let id = tls.next_conn.fetch_add(1, Ordering::Relaxed);
+        tls.servers.lock().expect("poisoned").insert(id, cert);
+        ServerSeen { tls, id }
+    }
+}
+
+impl Drop for ServerSeen<'_> {
+    fn drop(&mut self) {
+        self.tls.servers.lock().expect("poisoned").remove(&self.id);
+    }
+}
+
+/// Reads a TLS stream's first frame, its `streamTicket`, and checks it (see
+/// `fleetsync_proto::ticket`): the paths it lets `sender` write here.
+fn ticket_paths(
+    reader: &mut BufReader<Stream>,
+    tls: &AgentTls,
+    sender: &[u8],
+) -> Result<Arc<std::collections::HashSet<Vec<u8>>>, String> {
+    let body = frame::read_frame(reader)
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream ended before its ticket")?;
+    let ticket = match Msg::decode(&body).map_err(|e| e.to_string())? {
+        Msg::StreamTicket { ticket } => ticket,
+        other => {
+            return Err(format!(
+                "no ticket from the server (first frame {}): with --tls a stream needs the \
+                 server's authority",
+                other.kind_name()
+            ))
+        }
+    };
+    let signers: Vec<_> = tls
+        .servers
+        .lock()
+        .expect("poisoned")
+        .values()
+        .cloned()
+        .collect();
+    let t = fleetsync_proto::ticket::verify(&ticket, &signers, &tls.me, sender)?;
+    tls.replay.admit(&t)?;
+    Ok(fleetsync_proto::ticket::allowed_paths(t))
+}
+
 fn serve_requests(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
 ) -> Result<(), AgentError> {
@@ -371,7 +504,7 @@ fn serve_requests(
 }
 
 fn serve_loop(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
     senders: &mut Vec<JoinHandle<()>>,
@@ -427,6 +560,7 @@ fn serve_loop(
                 transfer,
                 bases,
                 sizes,
+                ticket,
             } => {
                 let order = SendOrder {
                     request_id,
@@ -438,6 +572,7 @@ fn serve_loop(
                     transfer,
                     bases,
                     sizes,
+                    ticket,
                 };
                 // In the background: one stream per remote, all at once.
                 senders.retain(|t| !t.is_finished());

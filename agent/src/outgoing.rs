@@ -17,13 +17,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use capnp::message::{Builder, HeapAllocator};
 use fleetsync_engine::{Algorithm, AlgorithmInfo, AlignedBuf};
+use fleetsync_proto::tls::Stream;
 use fleetsync_proto::{encode_file_chunk, frame, BasisFound, Coding, FileEntry, Msg};
 
 use crate::codec::chunk::ChunkCoder;
@@ -164,7 +164,7 @@ fn collision_resistant(algorithm: &str) -> bool {
 
 /// The frame writer of one stream: bandwidth limits, chunk compression, byte counts.
 pub(crate) struct Wire {
-    out: BufWriter<TcpStream>,
+    out: BufWriter<Stream>,
     limits: Vec<Arc<RateLimiter>>,
     coder: ChunkCoder,
     /// Bytes of file data (chunk payloads) written.
@@ -172,7 +172,7 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    pub(crate) fn new(out: TcpStream, limits: Vec<Arc<RateLimiter>>, coder: ChunkCoder) -> Wire {
+    pub(crate) fn new(out: Stream, limits: Vec<Arc<RateLimiter>>, coder: ChunkCoder) -> Wire {
         Wire {
             out: BufWriter::with_capacity(1 << 20, out),
             limits,

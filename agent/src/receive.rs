@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufReader, Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use fleetsync_engine::Algorithm;
 use fleetsync_proto::fleetsync_capnp::message::Which as W;
+use fleetsync_proto::tls::Stream;
 use fleetsync_proto::{
     fleetsync_capnp, frame, Attrs, Coding, Done, FileEntry, ItemResult, Msg, Outcome, ProtoError,
 };
@@ -95,10 +95,13 @@ struct Incoming {
 }
 
 /// Remote side: receives files from a master agent until `streamEnd`.
+/// With `allowed` (the paths of the stream's ticket, `--tls`), a `fileStart` for any other
+/// path closes the stream.
 pub(crate) fn receive(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
+    allowed: Option<&HashSet<Vec<u8>>>,
 ) -> Result<(), AgentError> {
     let mut cur: Option<Incoming> = None;
     let mut committer = Committer::new(
@@ -107,7 +110,7 @@ pub(crate) fn receive(
         shared.consist.clone(),
         shared.metrics.clone(),
     );
-    let r = receive_files(reader, w, shared, &mut cur, &mut committer);
+    let r = receive_files(reader, w, shared, &mut cur, &mut committer, allowed);
     if r.is_err() {
         // Cut off: what arrived of the file in flight is kept as its partial file (or
         // dropped, its temp file removed).
@@ -119,11 +122,12 @@ pub(crate) fn receive(
 }
 
 fn receive_files(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
     cur: &mut Option<Incoming>,
     committer: &mut Committer,
+    allowed: Option<&HashSet<Vec<u8>>>,
 ) -> Result<(), AgentError> {
     let backend = &shared.backend;
     let mut fb = frame::FrameBuf::new();
@@ -185,6 +189,20 @@ fn receive_files(
                     return Err(AgentError::Proto(ProtoError::Decode(
                         "fileStart inside a file".into(),
                     )));
+                }
+                if allowed.is_some_and(|a| !a.contains(&entry.path)) {
+                    let message = format!(
+                        "refused {}: the server's ticket for this stream does not cover it",
+                        show(&entry.path)
+                    );
+                    let _ = send_flush(
+                        w,
+                        &Msg::Error {
+                            request_id: 0,
+                            message: message.clone(),
+                        },
+                    );
+                    return Err(AgentError::Proto(ProtoError::Remote(message)));
                 }
                 if coding != Coding::Append
                     && partials.lock().expect("poisoned").remove(&entry.path)

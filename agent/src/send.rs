@@ -7,6 +7,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+
+use fleetsync_proto::tls::Stream;
 use std::str::FromStr;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -58,6 +60,8 @@ pub(crate) struct SendOrder {
     pub(crate) bases: Vec<Vec<u8>>,
     /// Parallel to `paths` (or empty): sizes in the master's list.
     pub(crate) sizes: Vec<u64>,
+    /// With `--tls`: the server's ticket, presented first to the remote.
+    pub(crate) ticket: Vec<u8>,
 }
 
 impl SendOrder {
@@ -75,7 +79,7 @@ impl SendOrder {
                 Err(e) => return self.fail_all(server, format!("--compress: {e}")),
             },
         };
-        let remote = match connect(&self.target, shared.token.as_deref()) {
+        let remote = match connect(&self.target, shared) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("cannot reach remote agent {}: {e}", self.target);
@@ -83,7 +87,7 @@ impl SendOrder {
             }
         };
         // A clean stop of this agent closes it (the remote keeps its partial file).
-        let _live = shared.live.add(&remote, false);
+        let _live = shared.live.add(remote.tcp(), false);
         // Over loopback the bytes never meet a link: compressing only costs CPU.
         let compression = match (compression, remote.peer_addr()) {
             (Compression::Auto, Ok(a)) if a.ip().is_loopback() => Compression::Off,
@@ -112,6 +116,17 @@ impl SendOrder {
             order: self,
             relay: relay.state.clone(),
         };
+        if !self.ticket.is_empty() {
+            let ticket = Msg::StreamTicket {
+                ticket: self.ticket.clone(),
+            };
+            if let Err(e) = stream.wire.frame(&ticket.encode()) {
+                let _ = remote.shutdown(Shutdown::Both);
+                drop(stream);
+                let _ = relay.join();
+                return self.fail_all(server, format!("remote agent {}: {e}", self.target));
+            }
+        }
         let mut local = LocalFailures::default();
         let mut stream_error =
             self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;
@@ -593,7 +608,7 @@ fn keep_version(
     }
 }
 
-fn try_clone(s: &TcpStream) -> Result<TcpStream, AgentError> {
+fn try_clone(s: &Stream) -> Result<Stream, AgentError> {
     s.try_clone().map_err(|e| AgentError::Proto(e.into()))
 }
 
@@ -654,7 +669,7 @@ struct Relay {
 
 impl Relay {
     fn start(
-        remote: &TcpStream,
+        remote: &Stream,
         server: &SharedWriter,
         bases: Sender<BasisFound>,
     ) -> Result<Relay, AgentError> {
@@ -687,7 +702,11 @@ impl Relay {
     }
 }
 
-fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> {
+/// Dials the remote agent `target` and authenticates: TLS first with `--tls` (its
+/// certificate must be of role `agent` and name the host of `target`), then the token
+/// handshake (inside TLS).
+fn connect(target: &str, shared: &Shared) -> Result<Stream, AgentError> {
+    let token = shared.token.as_deref();
     let addrs: Vec<_> = target
         .to_socket_addrs()
         .map_err(|e| AgentError::Proto(e.into()))?
@@ -695,8 +714,15 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(mut s) => {
+            Ok(s) => {
                 let _ = s.set_nodelay(true);
+                let mut s = match &shared.tls {
+                    Some(tls) => {
+                        let name = fleetsync_proto::tls::server_name(target)?;
+                        Stream::connect(s, &tls.dial, name, CONNECT_TIMEOUT)?
+                    }
+                    None => Stream::plain(s),
+                };
                 let _ = s.set_read_timeout(Some(CONNECT_TIMEOUT));
                 auth::connect(&mut s, token, Role::Agent)?;
                 let _ = s.set_read_timeout(None);
@@ -711,7 +737,7 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
     ))
 }
 fn relay_results(
-    remote: TcpStream,
+    remote: Stream,
     server: &SharedWriter,
     state: &RelayShared,
     bases: &Sender<BasisFound>,

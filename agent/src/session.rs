@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use fleetsync_engine::Registry;
+use fleetsync_proto::tls::rustls::pki_types::CertificateDer;
+use fleetsync_proto::tls::Stream;
 use fleetsync_proto::{frame, Done, ItemResult, Msg, Outcome};
 
 use crate::backend::Backend;
@@ -20,11 +22,30 @@ use crate::versions::VersionStore;
 use crate::AgentError;
 
 /// The writing half of a connection, shared by the threads answering on it.
-pub(crate) type SharedWriter = Arc<Mutex<BufWriter<TcpStream>>>;
+pub(crate) type SharedWriter = Arc<Mutex<BufWriter<Stream>>>;
+
+/// The TLS configurations of an agent (`--tls`).
+pub(crate) struct AgentTls {
+    /// Our listener: accepts the server (role `server`) and other agents (role `agent`).
+    pub(crate) listen: Arc<fleetsync_proto::tls::rustls::ServerConfig>,
+    /// Our streams to remote agents: they must be of role `agent`.
+    pub(crate) dial: Arc<fleetsync_proto::tls::rustls::ClientConfig>,
+    /// Our certificate: a ticket must name it.
+    pub(crate) me: CertificateDer<'static>,
+    /// The certificates of the servers connected now (by connection): a stream's ticket
+    /// must be signed by one of them.
+    pub(crate) servers: Mutex<HashMap<u64, CertificateDer<'static>>>,
+    /// Numbers the server connections.
+    pub(crate) next_conn: std::sync::atomic::AtomicU64,
+    /// Tickets already presented.
+    pub(crate) replay: fleetsync_proto::ticket::ReplayGuard,
+}
 
 /// The agent's state, shared by every connection.
 pub(crate) struct Shared {
     pub(crate) token: Option<Vec<u8>>,
+    /// `--tls`: the configurations of our listener and of our streams to other agents.
+    pub(crate) tls: Option<AgentTls>,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) registry: Registry,
     /// The tree root (locks are taken on paths beneath it).

@@ -51,6 +51,9 @@ struct Message {
     basisQuery @26 :BasisQuery;
     basisReply @27 :BasisReply;
 
+    # --- agent -> agent stream with --tls: the server's authority for it, first frame ---
+    streamTicket @28 :StreamTicket;
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -202,6 +205,8 @@ struct SendOrder {
   bases @8 :List(Data);   # parallel to paths (or empty): the remote file to delta against
                           # (often the same path); empty = none known
   sizes @9 :List(UInt64); # parallel to paths (or empty): size of each file in the master's list
+  ticket @10 :Data;       # with --tls: the server's signed authority for this stream
+                          # (fleetsync_proto::ticket), presented to the remote in streamTicket
 }
 
 # How file data travels (sync --compress, --bwlimit, --master-bwlimit, --no-delta).
@@ -506,4 +511,10 @@ struct SyncDone {
 struct ErrorMsg {
   requestId @0 :UInt64;
   message @1 :Text;
+}
+
+# Master -> remote, first frame of a file stream between TLS agents: the ticket of the
+# send order (see fleetsync_proto::ticket and PROTOCOL.md).
+struct StreamTicket {
+  ticket @0 :Data;
 }

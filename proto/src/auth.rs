@@ -87,7 +87,16 @@ pub fn accept_as<S: Read + Write>(
             nonce: n1.to_vec(),
         },
     )?;
-    let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::Truncated)?;
+    let body = match read_frame_limited(stream, MAX_HANDSHAKE_FRAME) {
+        Ok(Some(body)) => body,
+        Ok(None) => return Err(ProtoError::Truncated),
+        Err(ProtoError::FrameTooLarge { len, .. }) if looks_like_tls(len) => {
+            return Err(ProtoError::AuthFailed(
+                "the connector speaks TLS, and this listener has no --tls",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     let (role, tag, n2) = match Msg::decode(&body)? {
         Msg::Auth {
             role, mac, nonce, ..
@@ -170,6 +179,8 @@ pub fn connect<S: Read + Write>(
     let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::Truncated)?;
     let n1 = match Msg::decode(&body)? {
         Msg::Hello { nonce, .. } => nonce,
+        // A TLS listener tells a plaintext connector so (`tls::TLS_REQUIRED_MESSAGE`).
+        Msg::Error { message, .. } => return Err(ProtoError::Remote(message)),
         other => {
             return Err(ProtoError::Unexpected {
                 expected: "hello",
@@ -232,6 +243,12 @@ pub fn check_welcome(token: Option<&[u8]>, n2: &[u8], tag: &[u8]) -> Result<(), 
         )),
         _ => Ok(()),
     }
+}
+
+/// Whether a frame length prefix is the start of a TLS record (handshake content type
+/// 0x16, version 0x0301 or 0x0303): a TLS ClientHello sent to a plaintext listener.
+fn looks_like_tls(len: u64) -> bool {
+    matches!(len & 0x00ff_ffff, 0x01_0316 | 0x03_0316)
 }
 
 fn send<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {

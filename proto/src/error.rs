@@ -31,6 +31,8 @@ pub enum ProtoError {
     AuthFailed(&'static str),
     /// The peer reported an error.
     Remote(String),
+    /// The TLS layer refused the peer or failed (see [`crate::tls`]).
+    Tls(String),
 }
 
 impl fmt::Display for ProtoError {
@@ -47,6 +49,7 @@ impl fmt::Display for ProtoError {
             }
             ProtoError::AuthFailed(why) => write!(f, "authentication failed: {why}"),
             ProtoError::Remote(m) => write!(f, "peer error: {m}"),
+            ProtoError::Tls(m) => write!(f, "{m}"),
         }
     }
 }
@@ -81,5 +84,11 @@ impl From<capnp::NotInSchema> for ProtoError {
 impl From<std::str::Utf8Error> for ProtoError {
     fn from(e: std::str::Utf8Error) -> Self {
         ProtoError::Decode(format!("text is not UTF-8: {e}"))
+    }
+}
+
+impl From<crate::tls::TlsError> for ProtoError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ProtoError::Tls(e.to_string())
     }
 }

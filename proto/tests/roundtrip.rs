@@ -122,6 +122,7 @@ fn all_messages() -> Vec<Msg> {
             },
             bases: vec![b"p".to_vec(), Vec::new()],
             sizes: vec![1 << 40, 0],
+            ticket: vec![7, 8, 9],
         },
         Msg::BasisQuery {
             request_id: 3,
@@ -253,6 +254,9 @@ fn all_messages() -> Vec<Msg> {
             error: String::new(),
         },
         Msg::StreamEnd,
+        Msg::StreamTicket {
+            ticket: vec![1, 2, 3],
+        },
         Msg::SyncRequest(SyncRequest {
             master: "m:1".into(),
             remotes: vec!["r:1".into(), "r:2".into()],

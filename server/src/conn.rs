@@ -1,8 +1,11 @@
-//! One TCP connection of the event loop: its frame decoder, its output buffer and where
-//! its handshake is.
+//! One TCP connection of the event loop: its frame decoder, its output buffer, its TLS
+//! state (`--tls`: a `rustls` connection driven non-blocking, as in rustls' mio examples)
+//! and where its handshake is.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::time::Instant;
+
+use fleetsync_proto::tls::rustls;
 
 use fleetsync_proto::frame::{FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use fleetsync_proto::{auth, Msg, Role, TreeIdentity};
@@ -54,6 +57,13 @@ pub(crate) struct Conn {
     pub(crate) last_activity: Instant,
     /// Requests queued before the handshake finished.
     pub(crate) held: Vec<Msg>,
+    /// TLS (`--tls`): `out` is plaintext that goes through it.
+    pub(crate) tls: Option<rustls::Connection>,
+    /// A TLS listener's connection whose first byte has not come yet (a plaintext client
+    /// sends nothing: see `fleetsync_proto::tls::PLAINTEXT_PROBE`).
+    pub(crate) probing: bool,
+    /// When the connection was made (handshake timeout).
+    pub(crate) opened: Instant,
 }
 
 impl Conn {
@@ -70,7 +80,64 @@ impl Conn {
             outstanding,
             last_activity: Instant::now(),
             held: Vec::new(),
+            tls: None,
+            probing: false,
+            opened: Instant::now(),
         }
+    }
+
+    /// Puts the connection under TLS (before any byte is exchanged).
+    pub(crate) fn with_tls(mut self, tls: rustls::Connection) -> Conn {
+        self.probing = matches!(tls, rustls::Connection::Server(_));
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether output waits for the socket (plaintext not yet written, or TLS records).
+    pub(crate) fn pending_output(&self) -> bool {
+        self.out_pos < self.out.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Whether the TLS handshake (if any) is over.
+    pub(crate) fn tls_ready(&self) -> bool {
+        !self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
+    /// Reads what the socket has (one read) into the frame decoder, through TLS if on:
+    /// the number of bytes read from the socket, 0 at end of stream; `WouldBlock` is
+    /// passed on. A TLS failure (a refused certificate, say) is an error whose alert is
+    /// queued for the peer (`flush` sends it).
+    pub(crate) fn read_some(&mut self) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.dec.read_from(&mut self.stream);
+        };
+        if self.probing {
+            let mut first = [0u8; 1];
+            if self.stream.peek(&mut first)? == 0 {
+                return Ok(0);
+            }
+            if first[0] != 0x16 {
+                return Err(io::Error::other(format!(
+                    "the client does not speak TLS (first byte {:#04x})",
+                    first[0]
+                )));
+            }
+            self.probing = false;
+        }
+        let n = tls.read_tls(&mut self.stream)?;
+        let state = tls.process_new_packets().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("TLS: {}", fleetsync_proto::tls::explain(&e)),
+            )
+        })?;
+        let avail = state.plaintext_bytes_to_read();
+        if avail > 0 {
+            let mut plain = vec![0u8; avail];
+            tls.reader().read_exact(&mut plain)?;
+            self.dec.push(&plain);
+        }
+        Ok(n)
     }
 
     /// Output not written yet, in bytes.
@@ -98,6 +165,9 @@ impl Conn {
 
     /// Writes what the socket takes now.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
+        if self.tls.is_some() {
+            return self.flush_tls();
+        }
         while self.out_pos < self.out.len() {
             match self.stream.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -114,18 +184,58 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// [`Conn::flush`] through TLS: plaintext goes into rustls as far as its buffer limit
+    /// takes it (so `out` stays the backlog), records go to the socket.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(());
+        };
+        loop {
+            let mut took = 0;
+            if self.out_pos < self.out.len() {
+                took = tls.writer().write(&self.out[self.out_pos..])?;
+                self.out_pos += took;
+            }
+            if !tls.wants_write() {
+                if self.out_pos == self.out.len() {
+                    self.out.clear();
+                    self.out_pos = 0;
+                    return Ok(());
+                }
+                if took == 0 {
+                    // Held by rustls until its handshake is over.
+                    return Ok(());
+                }
+                continue;
+            }
+            match tls.write_tls(&mut self.stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// What a frame meant for the handshake.
 pub(crate) enum Handshake {
     /// The handshake was over already: the frame is a message.
     Over,
     /// A handshake frame; the answer is queued, more is to come.
     Going,
-    /// We connected, and the agent welcomed us: the held requests are queued.
+    /// We connected, and the agent welcomed us: the held requests are the caller's to
+    /// queue.
     Done {
         /// The agent can apply owners (runs as root).
         can_chown: bool,
         /// Where the agent's tree is.
         tree: TreeIdentity,
+        /// The requests queued before the handshake finished, in order.
+        held: Vec<Msg>,
     },
 }
 
@@ -202,10 +312,11 @@ impl Conn {
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
                 self.dec.set_max(MAX_FRAME);
                 self.outstanding = self.held.len();
-                for m in std::mem::take(&mut self.held) {
-                    self.queue(&m);
-                }
-                Ok(Handshake::Done { can_chown, tree })
+                Ok(Handshake::Done {
+                    can_chown,
+                    tree,
+                    held: std::mem::take(&mut self.held),
+                })
             }
         }
     }

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetsync_proto::frame;
-use fleetsync_proto::{auth, Msg, SyncRequest, TreeIdentity};
+use fleetsync_proto::ticket;
+use fleetsync_proto::tls::{self, rustls, Identity, TlsError};
+use fleetsync_proto::{auth, Msg, Role, SyncRequest, TreeIdentity};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
@@ -42,12 +44,45 @@ const LISTENER: Token = Token(0);
 /// Itemized plan output waiting for the control client beyond which the
 /// server stops producing more.
 const EMIT_HIGH: usize = 4 << 20;
+/// How long a peer may take to authenticate (TLS and token handshakes together).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The TLS configurations of a server (`--tls`): its listener accepts control clients
+/// (certificate role `control`), and it dials agents requiring role `agent`.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    listen: Arc<rustls::ServerConfig>,
+    dial: Arc<rustls::ClientConfig>,
+    /// Signs the tickets of send orders.
+    signer: Arc<dyn rustls::sign::SigningKey>,
+}
+
+impl ServerTls {
+    /// The configurations of a server holding `identity`, which must be a server's.
+    pub fn new(identity: &Identity) -> Result<ServerTls, TlsError> {
+        if identity.role() != Role::Server {
+            return Err(TlsError::Config(format!(
+                "the certificate in {} is a {} certificate, not a server's",
+                identity.dir().display(),
+                identity.role().name()
+            )));
+        }
+        Ok(ServerTls {
+            listen: identity.server_config(&[Role::Control])?,
+            dial: identity.client_config(&[Role::Agent])?,
+            signer: identity.signing_key()?,
+        })
+    }
+}
 
 /// Configuration of a [`Server`].
 #[derive(Clone, Debug, Default)]
 pub struct ServerConfig {
-    /// Shared token; `None` runs without authentication (tests, loopback).
+    /// Shared token; `None` runs without authentication (tests, loopback), or with
+    /// certificates only when `tls` is set.
     pub token: Option<Vec<u8>>,
+    /// TLS on every connection (`--tls`); `None`: plaintext.
+    pub tls: Option<ServerTls>,
     /// Fail an agent connection that has a request outstanding and stays
     /// silent this long (`None`: wait forever).
     pub idle_timeout: Option<Duration>,
@@ -265,6 +300,15 @@ impl Server {
                     let n1 = auth::nonce();
                     let peer = ConnPeer::Control { job: None };
                     let mut conn = Conn::new(stream, Hs::AwaitAuth(n1), peer, 0);
+                    if let Some(t) = &self.config.tls {
+                        match rustls::ServerConnection::new(t.listen.clone()) {
+                            Ok(s) => conn = conn.with_tls(rustls::Connection::Server(s)),
+                            Err(e) => {
+                                warn!(%addr, "TLS: {e}");
+                                continue;
+                            }
+                        }
+                    }
                     conn.queue(&Msg::Hello {
                         protocol: auth::PROTOCOL_VERSION,
                         nonce: n1.to_vec(),
@@ -295,8 +339,14 @@ impl Server {
             .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| format!("cannot register {addr}: {e}"))?;
         let peer = ConnPeer::Agent { job, role };
-        self.conns
-            .insert(token, Conn::new(stream, Hs::AwaitHello, peer, 1));
+        let mut conn = Conn::new(stream, Hs::AwaitHello, peer, 1);
+        if let Some(t) = &self.config.tls {
+            let name = tls::server_name(addr).map_err(|e| format!("agent {addr}: {e}"))?;
+            let client = rustls::ClientConnection::new(t.dial.clone(), name)
+                .map_err(|e| format!("agent {addr}: TLS: {e}"))?;
+            conn = conn.with_tls(rustls::Connection::Client(client));
+        }
+        self.conns.insert(token, conn);
         self.metrics.agent_connected();
         Ok(token)
     }
@@ -314,9 +364,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(&token) else {
                     return;
                 };
+                if conn.tls.is_some() {
+                    // Reading may make TLS records to send (handshake, alerts).
+                    self.dirty.insert(token);
+                }
                 let mut read = 0;
                 while read < BUDGET {
-                    match conn.dec.read_from(&mut conn.stream) {
+                    match conn.read_some() {
                         Ok(0) => {
                             close = Some("connection closed by peer".into());
                             break;
@@ -389,7 +443,7 @@ impl Server {
                     if let Err(e) = conn.flush() {
                         err = Some(format!("write error: {e}"));
                     } else {
-                        let pending = conn.out_pos < conn.out.len();
+                        let pending = conn.pending_output();
                         if pending != conn.want_write {
                             conn.want_write = pending;
                             let interest = if pending {
@@ -419,6 +473,7 @@ impl Server {
     }
 
     fn check_timeouts(&mut self) {
+        self.check_handshakes();
         let Some(limit) = self.config.idle_timeout else {
             return;
         };
@@ -438,11 +493,56 @@ impl Server {
         }
     }
 
+    /// Closes the connections whose handshake takes too long (a peer that stalls it holds
+    /// up nobody: the loop never waits for it), and answers a TLS listener's client that
+    /// sends nothing (a plaintext client waiting for `hello`) that TLS is required.
+    fn check_handshakes(&mut self) {
+        let now = Instant::now();
+        let mut late = Vec::new();
+        for (t, c) in &mut self.conns {
+            let age = now.duration_since(c.opened);
+            if c.probing && age > tls::PLAINTEXT_PROBE {
+                let msg = Msg::Error {
+                    request_id: 0,
+                    message: tls::TLS_REQUIRED_MESSAGE.into(),
+                };
+                if let Ok(bytes) = msg.to_frame() {
+                    // Plaintext, past TLS: this client speaks none.
+                    use std::io::Write;
+                    let _ = c.stream.write(&bytes);
+                }
+                c.tls = None;
+                c.out.clear();
+                c.out_pos = 0;
+                late.push((
+                    *t,
+                    "a plaintext client (it sent nothing, waiting for hello): told it that TLS \
+                     is required"
+                        .to_string(),
+                ));
+            } else if (!c.tls_ready() || !matches!(c.hs, Hs::Ready)) && age > HANDSHAKE_TIMEOUT {
+                late.push((
+                    *t,
+                    format!(
+                        "the peer did not finish the handshake in {} s",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        }
+        for (t, why) in late {
+            self.close(t, why);
+        }
+    }
+
     /// Closes a connection and tells its job.
     fn close(&mut self, token: Token, why: String) {
         let Some(mut conn) = self.conns.remove(&token) else {
             return;
         };
+        if let Some(t) = &mut conn.tls {
+            t.send_close_notify();
+        }
         let _ = conn.flush();
         let _ = self.poll.registry().deregister(&mut conn.stream);
         if matches!(conn.peer, ConnPeer::Agent { .. }) {
@@ -520,7 +620,20 @@ impl Server {
                 self.dirty.insert(token);
                 return Ok(());
             }
-            Handshake::Done { can_chown, tree } => {
+            Handshake::Done {
+                can_chown,
+                tree,
+                held,
+            } => {
+                for mut m in held {
+                    self.fill_ticket(token, &mut m);
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.queue(&m);
+                    }
+                }
+                let Some(conn) = self.conns.get_mut(&token) else {
+                    return Ok(());
+                };
                 self.dirty.insert(token);
                 if let ConnPeer::Agent { job, role } = conn.peer {
                     self.agent_ready(job, role, token, can_chown, tree);
@@ -774,7 +887,53 @@ impl Server {
                 return;
             }
         }
+        self.fill_ticket(token, &mut msg);
         self.queue(token, &msg);
+    }
+
+    /// With `--tls`, gives a send order (to the master link `token`) its ticket: the
+    /// server's signed authority for the master agent to write those paths into that
+    /// remote agent (`fleetsync_proto::ticket`). The certificates come from the two TLS
+    /// connections; without one of them the order goes without a ticket and the remote
+    /// refuses the stream (the pair fails saying so).
+    fn fill_ticket(&self, token: Token, msg: &mut Msg) {
+        let Some(t) = &self.config.tls else {
+            return;
+        };
+        let Msg::SendOrder { paths, ticket, .. } = msg else {
+            return;
+        };
+        let Some(c) = self.conns.get(&token) else {
+            return;
+        };
+        let ConnPeer::Agent {
+            job,
+            role: AgentRole::MasterLink(i),
+        } = c.peer
+        else {
+            return;
+        };
+        let cert = |c: &Conn| c.tls.as_ref().and_then(|t| tls::peer_cert(t));
+        let sender = cert(c);
+        let remote = self
+            .jobs
+            .get(&job)
+            .and_then(|j| j.conns.get(i))
+            .and_then(|p| p.remote)
+            .and_then(|r| self.conns.get(&r))
+            .and_then(cert);
+        let (Some(sender), Some(remote)) = (sender, remote) else {
+            warn!(
+                job,
+                "send order without a ticket: an agent's certificate is unknown"
+            );
+            return;
+        };
+        let order = ticket::Ticket::new(&sender, &remote, paths.clone());
+        match ticket::sign(&order, &*t.signer) {
+            Ok(bytes) => *ticket = bytes,
+            Err(e) => warn!(job, "send order without a ticket: {e}"),
+        }
     }
 
     fn on_agent_ready(&mut self, job: u64, role: AgentRole, token: Token, can_chown: bool) {

@@ -23,4 +23,4 @@ pub mod plan;
 mod remote_sync;
 mod sync_job;
 
-pub use event_loop::{Server, ServerConfig};
+pub use event_loop::{Server, ServerConfig, ServerTls};

@@ -682,6 +682,7 @@ impl RemoteSync {
             transfer: shared.req.transfer.clone(),
             bases: items.bases,
             sizes: items.sizes,
+            ticket: Vec::new(),
         }
     }
 

@@ -13,6 +13,15 @@ The token (shared by the server and every agent) comes from --token-file or the 
 FLEETSYNC_TOKEN environment variable; it never travels on the network \
 (HMAC-SHA256 challenge-response).
 
+Security: with --tls DIR (ca.pem, cert.pem, key.pem from `fleetsync cert issue`) every \
+connection is TLS 1.3 with certificates of the fleet CA on both ends, and each end checks the \
+other's role (this agent accepts the server's certificate and other agents', and \
+requires an agent's from the remote agents it sends to); a token given as well is checked too, inside TLS. Without --tls (token mode, for \
+trusted LANs only) the token authenticates the start of each connection and nothing more: \
+everything after the handshake travels in plain text, readable by anyone on the path and open \
+to changes in flight (no confidentiality, no integrity), and every token holder (every agent) \
+can connect to any agent as role agent and write into its tree.
+
 The first line on stdout is `listening on ADDR` (useful with port 0); under systemd (Type=notify) READY=1 is sent then.
 
 SIGTERM or SIGINT stops the agent cleanly: no more connections, the file being received kept as its partial file or removed (never torn under its name), verified files committed, open blocks rolled back; a second signal stops it at once (exit 1).
@@ -94,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     super::logging::init_logging(args.verbose, args.log.log_format);
     let stop = super::service::StopSignal::install()?;
     let token = args.auth.load()?;
+    let tls = args.auth.load_tls()?;
     let meta =
         std::fs::metadata(&args.root).with_context(|| format!("root {}", args.root.display()))?;
     if !meta.is_dir() {
@@ -107,6 +117,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut agent = with_write_log(agent, &args.root, args.write_log.as_deref())?
         .with_read_only(args.read_only);
+    if let Some(id) = &tls {
+        agent = agent
+            .with_tls(id)
+            .map_err(|e| anyhow::anyhow!("--tls {}: {e}", id.dir().display()))?;
+    }
     if args.keep_versions.as_u64() > 0 {
         let dir = match &args.versions_dir {
             Some(d) => d.clone(),

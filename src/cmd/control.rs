@@ -7,6 +7,7 @@ use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::net::TcpStream;
 
 use anyhow::{bail, Context};
+use fleetsync_proto::tls::{Identity, Stream};
 use fleetsync_proto::{auth, frame, Action, Msg, PlanItem, RemoteResult, Role, SyncRequest};
 
 use super::itemize::{escape_path, item_line};
@@ -40,9 +41,12 @@ pub struct SyncReply {
 
 /// Sends `req` to the server at `server` and reads its answers until `syncDone`, showing
 /// them as `display` says; `labels` names the remotes (by index) in what is printed.
+/// With `tls` (a `control` certificate) the connection is TLS and the server must present
+/// a `server` certificate naming the host of `server`.
 pub fn send(
     server: &str,
     token: Option<&[u8]>,
+    tls: Option<&Identity>,
     req: SyncRequest,
     display: Display,
     labels: &[String],
@@ -50,6 +54,23 @@ pub fn send(
     let stream =
         TcpStream::connect(server).with_context(|| format!("connecting to the server {server}"))?;
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        Some(id) => {
+            if id.role() != Role::Control {
+                bail!(
+                    "--tls {}: a {} certificate; a control client needs a control certificate \
+                     (fleetsync cert issue --role control)",
+                    id.dir().display(),
+                    id.role().name()
+                );
+            }
+            let config = id.client_config(&[Role::Server])?;
+            let name = fleetsync_proto::tls::server_name(server)?;
+            Stream::connect(stream, &config, name, std::time::Duration::from_secs(15))
+                .with_context(|| format!("connecting to the server {server}"))?
+        }
+        None => Stream::plain(stream),
+    };
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
     {

@@ -2,12 +2,13 @@
 //! Beside them, what several subcommands share: `target` (how `sync`/`verify` reach the
 //! trees), `selection` (which entries), `embedded` (the in-process fleet), `control` (the
 //! control client), `itemize` (plan items as lines),
-//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token`, `logging`; `config`
-//! (`--config`/`--print-config`) and `service` (signals, systemd readiness) of `agent` and
-//! `server`.
+//! `hashargs` (the `sum`/`bench` options), `jsonpath`, `token` (token and `--tls`), `logging`;
+//! `config` (`--config`/`--print-config`) and `service` (signals, systemd readiness) of `agent`
+//! and `server`; `cert` (the fleet CA).
 
 pub mod agent;
 pub mod bench;
+pub mod cert;
 pub mod completions;
 pub mod config;
 pub mod control;

@@ -13,6 +13,15 @@ use anyhow::Context;
 Control clients (`fleetsync sync --server ADDR ...`) connect here; the server then connects \
 to the master and remote agents named in each request, with the same shared token.
 
+Security: with --tls DIR (ca.pem, cert.pem, key.pem from `fleetsync cert issue`) every \
+connection is TLS 1.3 with certificates of the fleet CA on both ends, and each end checks the \
+other's role (the server accepts control certificates on its listener and requires \
+agent certificates from the agents it dials); a token given as well is checked too, inside TLS. Without --tls (token mode, for \
+trusted LANs only) the token authenticates the start of each connection and nothing more: \
+everything after the handshake travels in plain text, readable by anyone on the path and open \
+to changes in flight (no confidentiality, no integrity), and every token holder (every agent) \
+can connect to any agent as role agent and write into its tree.
+
 The token comes from --token-file or the FLEETSYNC_TOKEN environment variable.
 The first line on stdout is `listening on ADDR` (useful with port 0); under systemd (Type=notify) READY=1 is sent then.
 
@@ -50,6 +59,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     super::logging::init_logging(args.verbose, args.log.log_format);
     let stop = super::service::StopSignal::install()?;
     let token = args.auth.load()?;
+    let tls = match args.auth.load_tls()? {
+        Some(id) => Some(
+            fleetsync_server::ServerTls::new(&id)
+                .map_err(|e| anyhow::anyhow!("--tls {}: {e}", id.dir().display()))?,
+        ),
+        None => None,
+    };
     let addr = args
         .listen
         .to_socket_addrs()
@@ -58,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .with_context(|| format!("resolving {}", args.listen))?;
     let config = fleetsync_server::ServerConfig {
         token,
+        tls,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         jobs_db: Some(super::jobs::db_path(args.jobs_db)?),
         job_labels: Default::default(),

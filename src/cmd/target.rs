@@ -87,12 +87,20 @@ impl Target {
                     bail!("name at least one remote agent");
                 }
                 let token = trees.auth.load()?;
+                let tls = trees.auth.load_tls()?;
                 let remotes: Vec<String> = paths
                     .iter()
                     .map(|p| p.to_string_lossy().into_owned())
                     .collect();
                 let req = addressed(master.clone(), remotes.clone(), request()?);
-                let reply = control::send(server, token.as_deref(), req, display, &remotes)?;
+                let reply = control::send(
+                    server,
+                    token.as_deref(),
+                    tls.as_ref(),
+                    req,
+                    display,
+                    &remotes,
+                )?;
                 Ok((reply, remotes))
             }
             _ => {
@@ -122,6 +130,7 @@ impl Target {
                 let reply = control::send(
                     &fleet.server_addr(),
                     Some(fleet.token()),
+                    None,
                     req,
                     display,
                     &labels,

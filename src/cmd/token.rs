@@ -16,6 +16,11 @@ pub struct TokenArgs {
     /// Go without authentication when there is no token (anyone who can connect is trusted).
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// TLS 1.3 with certificates of the fleet CA on every connection: DIR holds ca.pem,
+    /// cert.pem and key.pem (`fleetsync cert issue ... --out DIR`). With --tls a token is
+    /// optional; given as well, it is checked too, inside TLS.
+    #[arg(long, value_name = "DIR")]
+    pub tls: Option<PathBuf>,
 }
 
 impl TokenArgs {
@@ -23,10 +28,23 @@ impl TokenArgs {
     /// says that is intended. Without either, an error naming both ways.
     pub fn load(&self) -> anyhow::Result<Option<Vec<u8>>> {
         let token = load_token(self.token_file.as_ref())?;
-        if token.is_none() && !self.insecure_no_auth {
-            bail!("no token: use --token-file FILE or set FLEETSYNC_TOKEN (or --insecure-no-auth)");
+        if token.is_none() && !self.insecure_no_auth && self.tls.is_none() {
+            bail!(
+                "no token: use --tls DIR (certificates), --token-file FILE or set \
+                 FLEETSYNC_TOKEN (or --insecure-no-auth)"
+            );
         }
         Ok(token)
+    }
+
+    /// Our TLS identity (`--tls DIR`), if TLS is on.
+    pub fn load_tls(&self) -> anyhow::Result<Option<fleetsync_proto::tls::Identity>> {
+        match &self.tls {
+            None => Ok(None),
+            Some(dir) => fleetsync_proto::tls::Identity::load(dir)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--tls {}: {e}", dir.display())),
+        }
     }
 }
 

@@ -275,6 +275,7 @@ impl Msg {
                     transfer: TransferOptions::read_from(b.get_transfer()?)?,
                     bases: data_list(b.get_bases()?)?,
                     sizes: b.get_sizes()?.iter().collect(),
+                    ticket: b.get_ticket()?.to_vec(),
                 }
             }
             W::ApplyRequest(b) => {
@@ -372,6 +373,9 @@ impl Msg {
                 }
             }
             W::StreamEnd(()) => Msg::StreamEnd,
+            W::StreamTicket(b) => Msg::StreamTicket {
+                ticket: b?.get_ticket()?.to_vec(),
+            },
             W::SyncRequest(b) => {
                 let b = b?;
                 Msg::SyncRequest(SyncRequest {

@@ -247,8 +247,10 @@ impl Msg {
                 transfer,
                 bases,
                 sizes,
+                ticket,
             } => {
                 let mut b = root.init_send_order();
+                b.set_ticket(ticket);
                 transfer.write_to(b.reborrow().init_transfer());
                 write_data(b.reborrow().init_bases(bases.len() as u32), bases);
                 {
@@ -376,6 +378,9 @@ impl Msg {
             Msg::StreamEnd => {
                 let mut root = root;
                 root.set_stream_end(());
+            }
+            Msg::StreamTicket { ticket } => {
+                root.init_stream_ticket().set_ticket(ticket);
             }
             Msg::SyncRequest(r) => {
                 let mut b = root.init_sync_request();

@@ -107,6 +107,10 @@ pub enum Msg {
         bases: Vec<Vec<u8>>,
         /// Parallel to `paths` (or empty): each file's size in the master's list.
         sizes: Vec<u64>,
+        /// With `--tls`: the server's signed authority for this stream
+        /// ([`crate::ticket`]), presented to the remote in [`Msg::StreamTicket`]; empty
+        /// without TLS.
+        ticket: Vec<u8>,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -182,6 +186,12 @@ pub enum Msg {
     },
     /// Master -> remote agent: no more files.
     StreamEnd,
+    /// Master -> remote agent, first frame of a stream between TLS agents: the send order's
+    /// ticket.
+    StreamTicket {
+        /// The ticket (see [`crate::ticket`]).
+        ticket: Vec<u8>,
+    },
     /// Control client -> server.
     SyncRequest(SyncRequest),
     /// Server -> control client: planned changes.
@@ -279,6 +289,7 @@ impl Msg {
             Msg::BasisReply { .. } => "basisReply",
             Msg::FileEnd { .. } => "fileEnd",
             Msg::StreamEnd => "streamEnd",
+            Msg::StreamTicket { .. } => "streamTicket",
             Msg::SyncRequest(_) => "syncRequest",
             Msg::PlanItems(_) => "planItems",
             Msg::RemoteResult(_) => "remoteResult",
