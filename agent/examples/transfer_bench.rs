@@ -160,6 +160,7 @@ fn main() {
             transfer: Default::default(),
             bases: Vec::new(),
             sizes: Vec::new(),
+            relays: Vec::new(),
         });
     }
     let mut left = remotes.len();

@@ -358,8 +358,10 @@ fn serve_loop(
                 transfer,
                 bases,
                 sizes,
+                relays,
             } => {
                 let order = SendOrder {
+                    relays,
                     request_id,
                     target,
                     algorithm,

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use fleetsync_engine::{AlgorithmInfo, AlignedBuf};
 use fleetsync_proto::{
     auth, frame, BasisFound, BasisItem, Coding, Done, FileEntry, ItemResult, Msg, Outcome,
-    Progress, Role, TransferOptions, Version,
+    Progress, RelayNode, Role, TransferOptions, Version,
 };
 use tracing::{debug, warn};
 
 use crate::codec::chunk::{ChunkCoder, Compression};
+use crate::forward::RELAY;
 use crate::lock::{lock_beneath, FileLock, LockKind};
 use crate::outgoing::{self, Route, SendError, Start, Wire, DELTA_MAX, DELTA_MIN};
 use crate::ratelimit::RateLimiter;
@@ -58,6 +59,8 @@ pub(crate) struct SendOrder {
     pub(crate) bases: Vec<Vec<u8>>,
     /// Parallel to `paths` (or empty): sizes in the master's list.
     pub(crate) sizes: Vec<u64>,
+    /// Fan-out: the remotes `target` forwards the stream to (see [`crate::forward`]).
+    pub(crate) relays: Vec<RelayNode>,
 }
 
 impl SendOrder {
@@ -88,7 +91,7 @@ impl SendOrder {
             (c, _) => c,
         };
         let (bases_tx, bases_rx) = channel();
-        let relay = Relay::start(&remote, server, bases_tx)?;
+        let relay = Relay::start(&remote, server, bases_tx, self)?;
         let mut limits = Vec::new();
         if self.transfer.master_bwlimit > 0 {
             let rate = self.transfer.master_bwlimit;
@@ -111,8 +114,18 @@ impl SendOrder {
             relay: relay.state.clone(),
         };
         let mut local = LocalFailures::default();
-        let mut stream_error =
-            self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;
+        let mut stream_error = None;
+        if !self.relays.is_empty() {
+            // The target relays the stream to its subtree.
+            let forward = Msg::Forward {
+                request_id: self.request_id,
+                children: self.relays.clone(),
+            };
+            stream_error = stream.wire.frame(&forward.encode()).err();
+        }
+        if stream_error.is_none() {
+            stream_error = self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;
+        }
         if stream_error.is_none() {
             stream_error = stream.end().err();
         }
@@ -242,8 +255,9 @@ impl SendOrder {
         for (i, q) in order {
             let p = &self.paths[i];
             let found = q.and_then(|q| answers.get(q)).map(|mut f| {
-                if !self.stage.is_empty() {
-                    // A staged file starts afresh in its block's staging directory.
+                if !self.stage.is_empty() || !self.relays.is_empty() {
+                    // A staged file starts afresh in its block's staging directory; a
+                    // partial file is one remote's, not its relay subtree's.
                     f.partial_size = 0;
                     f.partial_digest.clear();
                 }
@@ -364,8 +378,61 @@ impl SendOrder {
                 done.failed += 1;
             }
         }
+        results.send_pending()?;
+        self.report_subtree(server, &relayed, &why)?;
         results.finish(done)
     }
+
+    /// For every remote the target relayed to: a failure (coding [`RELAY`], which the
+    /// server sends again directly) for each file it did not confirm, then its `done`.
+    fn report_subtree(
+        &self,
+        server: &SharedWriter,
+        relayed: &RelayState,
+        why: &str,
+    ) -> Result<(), AgentError> {
+        let mut nodes = Vec::new();
+        subtree(&self.relays, &mut nodes);
+        for node in nodes {
+            let reported = relayed.subtree.get(&node.request_id);
+            let mut results = ResultBatch::new(server, node.request_id);
+            let mut done = Done {
+                request_id: node.request_id,
+                ..Done::default()
+            };
+            if let Some(r) = reported {
+                (done.ok, done.failed, done.skipped) = (r.ok, r.failed, r.skipped);
+            }
+            for p in &self.paths {
+                if reported.is_some_and(|r| r.paths.contains(p)) {
+                    continue;
+                }
+                let mut r = failed(p, format!("not received through the relay tree ({why})"));
+                r.coding = RELAY.to_owned();
+                results.push(r)?;
+                done.failed += 1;
+            }
+            results.finish(done)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every node of a relay tree, depth first.
+fn subtree<'a>(nodes: &'a [RelayNode], out: &mut Vec<&'a RelayNode>) {
+    for n in nodes {
+        out.push(n);
+        subtree(&n.children, out);
+    }
+}
+
+/// What one remote of the relay tree answered so far.
+#[derive(Default)]
+struct SubtreeState {
+    paths: HashSet<Vec<u8>>,
+    ok: u64,
+    failed: u64,
+    skipped: u64,
 }
 
 /// A master copy open for sending.
@@ -595,6 +662,13 @@ struct RelayState {
     retried: HashMap<Vec<u8>, u64>,
     /// The relay stopped reading (the remote closed or failed).
     closed: bool,
+    /// This order's request id (results under another id are of the relay tree).
+    own: u64,
+    /// The stream is relayed: a file that did not verify is not sent again on it (the
+    /// tree would receive it twice) but reported [`RELAY`] for the server to resend.
+    relays: bool,
+    /// What each remote of the relay tree answered, by request id.
+    subtree: HashMap<u64, SubtreeState>,
 }
 
 /// The relay's state, shared with the sender.
@@ -637,9 +711,20 @@ impl Relay {
         remote: &TcpStream,
         server: &SharedWriter,
         bases: Sender<BasisFound>,
+        order: &SendOrder,
     ) -> Result<Relay, AgentError> {
         let read_half = try_clone(remote)?;
         let state = Arc::new(RelayShared::default());
+        {
+            let mut st = state.st.lock().expect("poisoned");
+            st.own = order.request_id;
+            st.relays = !order.relays.is_empty();
+            let mut nodes = Vec::new();
+            subtree(&order.relays, &mut nodes);
+            for n in nodes {
+                st.subtree.insert(n.request_id, SubtreeState::default());
+            }
+        }
         let thread = {
             let (state, server) = (state.clone(), server.clone());
             thread::Builder::new()
@@ -667,7 +752,7 @@ impl Relay {
     }
 }
 
-fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> {
+pub(crate) fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> {
     let addrs: Vec<_> = target
         .to_socket_addrs()
         .map_err(|e| AgentError::Proto(e.into()))?
@@ -690,6 +775,43 @@ fn connect(target: &str, token: Option<&[u8]>) -> Result<TcpStream, AgentError> 
             .into(),
     ))
 }
+/// Results of a remote of the relay tree (`request_id`): counted, and passed on to the
+/// server, whose files failed to verify marked [`RELAY`] for it to send again.
+fn subtree_results(
+    server: &SharedWriter,
+    state: &RelayShared,
+    request_id: u64,
+    mut results: Vec<ItemResult>,
+) -> Result<(), String> {
+    {
+        let mut st = state.st.lock().expect("poisoned");
+        let Some(sub) = st.subtree.get_mut(&request_id) else {
+            return Err(format!(
+                "results for request {request_id}, not of this relay tree"
+            ));
+        };
+        for r in &mut results {
+            if r.outcome == Outcome::Failed && r.coding == RETRY {
+                r.coding = RELAY.to_owned();
+            }
+            match r.outcome {
+                Outcome::Ok => sub.ok += 1,
+                Outcome::Failed => sub.failed += 1,
+                Outcome::Skipped => sub.skipped += 1,
+            }
+            sub.paths.insert(r.path.clone());
+        }
+    }
+    send(
+        server,
+        &Msg::ItemResults {
+            request_id,
+            results,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 fn relay_results(
     remote: TcpStream,
     server: &SharedWriter,
@@ -708,10 +830,24 @@ fn relay_results(
                 request_id,
                 mut results,
             } => {
+                if request_id != state.st.lock().expect("poisoned").own {
+                    subtree_results(server, state, request_id, results)?;
+                    if r.buffer().is_empty() {
+                        flush(server).map_err(|e| e.to_string())?;
+                    }
+                    continue;
+                }
                 {
                     let mut st = state.st.lock().expect("poisoned");
                     let st = &mut *st;
                     st.answered += results.len() as u64;
+                    if st.relays {
+                        for r in &mut results {
+                            if r.outcome == Outcome::Failed && r.coding == RETRY {
+                                r.coding = RELAY.to_owned();
+                            }
+                        }
+                    }
                     results.retain_mut(|r| {
                         if let Some(first) = st.retried.get(&r.path) {
                             // The second try: its result counts both tries' bytes.

@@ -337,6 +337,7 @@ fn two_send_orders_on_one_connection_run_at_once() {
             transfer: Default::default(),
             bases: Vec::new(),
             sizes: Vec::new(),
+            relays: Vec::new(),
         });
     }
     let mut done = std::collections::HashMap::new();

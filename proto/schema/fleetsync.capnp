@@ -51,6 +51,9 @@ struct Message {
     basisQuery @26 :BasisQuery;
     basisReply @27 :BasisReply;
 
+    # --- agent -> agent stream: relays (first frame of a relayed stream) ---
+    forward @28 :Forward;
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -199,6 +202,24 @@ struct SendOrder {
   bases @8 :List(Data);   # parallel to paths (or empty): the remote file to delta against
                           # (often the same path); empty = none known
   sizes @9 :List(UInt64); # parallel to paths (or empty): size of each file in the master's list
+  relays @10 :List(RelayNode); # fan-out: the target forwards the stream to these (empty: none)
+}
+
+# One remote of a server-planned relay tree: the agent that receives the stream
+# forwards it to `target`, which forwards it to its own `children`. Results of
+# `target` travel back up the tree under `requestId` (the order the server
+# planned for that remote).
+struct RelayNode {
+  target @0 :Text;
+  requestId @1 :UInt64;
+  children @2 :List(RelayNode);
+}
+
+# Master (or relay) -> relay agent, the first frame of a relayed stream: forward
+# every file frame of this stream to these children while receiving it.
+struct Forward {
+  children @0 :List(RelayNode);
+  requestId @1 :UInt64;   # the receiver reports its own results under this id
 }
 
 # How file data travels (sync --compress, --bwlimit, --master-bwlimit, --no-delta).
@@ -402,6 +423,7 @@ struct SyncRequest {
                                # (waiting lockTimeoutMs; also without `lock`)
   blocks @11 :List(BlockDef);  # --blocks: dependency blocks, in file order (empty: none)
   transfer @12 :TransferOptions;
+  fanout @13 :UInt32;          # --fanout: relay children per node (0 = the master sends to each remote)
 }
 
 # One block of a `--blocks` file: its files are staged on each remote and put in
@@ -453,6 +475,7 @@ struct RemoteResult {
   resynced @9 :UInt64;         # files synchronized again by the consistency loop
   inconsistent @10 :List(Failure); # files still inconsistent after the last round, with why
   wireBytes @11 :UInt64;       # bytes of file data on the wire (after compression and deltas)
+  source @12 :Text;            # who sent this remote its files: "" = the master, else a relay's address
 }
 
 struct SyncProgress {

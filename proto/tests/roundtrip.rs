@@ -118,6 +118,15 @@ fn all_messages() -> Vec<Msg> {
             },
             bases: vec![b"p".to_vec(), Vec::new()],
             sizes: vec![1 << 40, 0],
+            relays: vec![fleetsync_proto::RelayNode {
+                target: "b:2".into(),
+                request_id: 9,
+                children: vec![fleetsync_proto::RelayNode {
+                    target: "c:3".into(),
+                    request_id: 10,
+                    children: vec![],
+                }],
+            }],
         },
         Msg::BasisQuery {
             request_id: 3,
@@ -249,6 +258,14 @@ fn all_messages() -> Vec<Msg> {
             error: String::new(),
         },
         Msg::StreamEnd,
+        Msg::Forward {
+            request_id: 12,
+            children: vec![fleetsync_proto::RelayNode {
+                target: "d:4".into(),
+                request_id: 11,
+                children: Vec::new(),
+            }],
+        },
         Msg::SyncRequest(SyncRequest {
             master: "m:1".into(),
             remotes: vec!["r:1".into(), "r:2".into()],
@@ -271,6 +288,7 @@ fn all_messages() -> Vec<Msg> {
                 master_bwlimit: 2,
                 no_delta: false,
             },
+            fanout: 3,
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,
@@ -297,6 +315,7 @@ fn all_messages() -> Vec<Msg> {
                 path: b"etc/app.conf".to_vec(),
                 message: "modified [recorded-state]".into(),
             }],
+            source: "r:2".into(),
             wire_bytes: 6,
         }),
         Msg::ConsistencyRequest {

@@ -71,6 +71,8 @@ struct PairConns {
 struct Job {
     control: Token,
     master_conn: Option<Token>,
+    /// The connection to the master agent that carries the relayed sends (`--fanout`).
+    relay_link: Option<Token>,
     conns: Vec<PairConns>,
     next_req: u64,
     /// This job in the history database.
@@ -91,6 +93,9 @@ pub struct Server {
     to_close: Vec<(Token, String)>,
     /// Job history (quick SQLite writes at job start/end, never per file).
     history: Option<JobStore>,
+    /// Throughput measured for remotes (bytes/s, by address) in relayed sends: the planner
+    /// of later jobs puts the slow ones at the leaves of their trees.
+    speeds: HashMap<String, f64>,
 }
 
 impl Server {
@@ -115,6 +120,7 @@ impl Server {
             dirty: HashSet::new(),
             to_close: Vec::new(),
             history,
+            speeds: HashMap::new(),
         })
     }
 
@@ -392,6 +398,7 @@ impl Server {
                     return;
                 };
                 let expected = match role {
+                    AgentRole::MasterRelay => !j.sync.relays.any_in_flight(),
                     AgentRole::MasterList => j.sync.shared.master_listed,
                     AgentRole::MasterLink(i) | AgentRole::Remote(i) => j.sync.pairs[i].is_done(),
                 };
@@ -404,6 +411,14 @@ impl Server {
                     AgentRole::MasterList => {
                         for i in 0..j.sync.pairs.len() {
                             j.sync.fail_pair(i, format!("master agent: {why}"));
+                        }
+                    }
+                    AgentRole::MasterRelay => {
+                        j.relay_link = None;
+                        for i in 0..j.sync.pairs.len() {
+                            if j.sync.relays.in_flight(i) {
+                                j.sync.fail_pair(i, format!("master agent (relays): {why}"));
+                            }
                         }
                     }
                     AgentRole::MasterLink(i) => j.sync.fail_pair(i, format!("master agent: {why}")),
@@ -488,12 +503,15 @@ impl Server {
         };
         let master_addr = req.master.clone();
         let remotes = req.remotes.clone();
-        let sync = SyncJob::new(id, req, blocks);
+        let mut sync = SyncJob::new(id, req, blocks);
+        sync.relays.speeds = self.speeds.clone();
+        sync.relays.labels = self.config.job_labels.clone();
         self.jobs.insert(
             id,
             Job {
                 control,
                 master_conn: None,
+                relay_link: None,
                 conns: remotes.iter().map(|_| PairConns::default()).collect(),
                 next_req: 1,
                 record,
@@ -536,7 +554,8 @@ impl Server {
         if let Some(job) = self.jobs.remove(&id) {
             info!(job = id, "control client gone: abandoning the sync");
             self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
-            let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
+            let mut tokens: Vec<Token> =
+                job.master_conn.into_iter().chain(job.relay_link).collect();
             for c in &job.conns {
                 tokens.extend(c.remote);
                 tokens.extend(c.master);
@@ -567,6 +586,55 @@ impl Server {
         self.queue(token, &msg);
     }
 
+    /// Sends relay trees' orders (numbered already) on the job's relay link, connected
+    /// on first use.
+    fn send_relayed(&mut self, job: u64, orders: Vec<Msg>) {
+        if orders.is_empty() {
+            return;
+        }
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let token = match j.relay_link {
+            Some(t) => Ok(t),
+            None => {
+                let master = j.sync.shared.req.master.clone();
+                self.connect_agent(&master, job, AgentRole::MasterRelay)
+            }
+        };
+        let j = self.jobs.get_mut(&job).expect("job in the table");
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => {
+                for i in 0..j.sync.pairs.len() {
+                    if j.sync.relays.in_flight(i) {
+                        j.sync.fail_pair(i, format!("master agent (relays): {e}"));
+                    }
+                }
+                return;
+            }
+        };
+        j.relay_link = Some(token);
+        for msg in orders {
+            // One `done` comes for every remote of the tree.
+            let remotes = match &msg {
+                Msg::SendOrder { relays, .. } => 1 + count_nodes(relays),
+                _ => 1,
+            };
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.outstanding += remotes;
+                c.last_activity = Instant::now();
+                if !matches!(c.hs, Hs::Ready) {
+                    // The handshake counts what is held as outstanding once done.
+                    c.outstanding -= 1;
+                    c.held.push(msg);
+                    continue;
+                }
+            }
+            self.queue(token, &msg);
+        }
+    }
+
     fn on_agent_ready(&mut self, job: u64, role: AgentRole, token: Token, can_chown: bool) {
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
@@ -581,7 +649,7 @@ impl Server {
                 j.sync.pairs[i].on_remote_ready(can_chown, &j.sync.shared);
                 self.settle(job);
             }
-            AgentRole::MasterLink(_) => {}
+            AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
         }
     }
 
@@ -607,7 +675,9 @@ impl Server {
                 match role {
                     AgentRole::MasterList => sync.push_master_entry(&e)?,
                     AgentRole::Remote(i) => sync.pairs[i].push_listed(&e)?,
-                    AgentRole::MasterLink(_) => return Err("unexpected listBatch".into()),
+                    AgentRole::MasterLink(_) | AgentRole::MasterRelay => {
+                        return Err("unexpected listBatch".into())
+                    }
                 }
             }
             if last {
@@ -621,7 +691,7 @@ impl Server {
                         self.to_close.push((token, "master list complete".into()));
                     }
                     AgentRole::Remote(i) => sync.pairs[i].on_listed(&mut sync.shared)?,
-                    AgentRole::MasterLink(_) => {}
+                    AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
                 }
             }
             return Ok(());
@@ -642,6 +712,10 @@ impl Server {
             }
         }
         let (i, from) = match role {
+            AgentRole::MasterRelay => {
+                sync.on_relay_reply(msg);
+                return Ok(());
+            }
             AgentRole::MasterLink(i) => (i, Peer::Master),
             AgentRole::Remote(i) => (i, Peer::Remote),
             AgentRole::MasterList => {
@@ -667,6 +741,28 @@ impl Server {
             for (i, pair) in j.sync.pairs.iter_mut().enumerate() {
                 sends.extend(pair.drain_outbox().into_iter().map(|(to, m)| (i, to, m)));
             }
+            // --fanout: send orders wait for their cohort, then go as relay trees.
+            let mut sends = j.sync.route(sends);
+            sends.extend(
+                j.sync
+                    .relays
+                    .outbox
+                    .drain(..)
+                    .map(|(i, m)| (i, Peer::Master, m)),
+            );
+            let next_req = &mut j.next_req;
+            let release = j.sync.release(&mut || {
+                let id = *next_req;
+                *next_req += 1;
+                id
+            });
+            if let Some(r) = release {
+                sends.extend(r.direct.into_iter().map(|(i, m)| (i, Peer::Master, m)));
+                self.send_relayed(id, r.relayed);
+            }
+            let Some(j) = self.jobs.get_mut(&id) else {
+                return;
+            };
             let control = j.control;
             let mut lost = Vec::new();
             for (i, to, msg) in sends {
@@ -779,6 +875,10 @@ impl Server {
         if let Some(t) = j.master_conn {
             self.to_close.push((t, "job finished".into()));
         }
+        if let Some(t) = j.relay_link {
+            self.to_close.push((t, "job finished".into()));
+        }
+        self.speeds.extend(j.sync.relays.speeds);
         if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&j.control).map(|c| &mut c.peer)
         {
             *job = None;
@@ -793,6 +893,11 @@ impl Server {
             }
         }
     }
+}
+
+/// The remotes of a relay tree.
+fn count_nodes(nodes: &[fleetsync_proto::RelayNode]) -> usize {
+    nodes.iter().map(|n| 1 + count_nodes(&n.children)).sum()
 }
 
 /// The classification of a request as the user would write it (for the job history).

@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod list;
 mod ops;
 pub mod plan;
+mod relay;
 mod remote_sync;
 mod sync_job;
 

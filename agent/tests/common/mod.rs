@@ -127,6 +127,7 @@ impl Client {
             transfer: Default::default(),
             bases: Vec::new(),
             sizes: Vec::new(),
+            relays: Vec::new(),
         })
     }
 }

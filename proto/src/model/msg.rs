@@ -7,7 +7,7 @@ use super::classification::ClassificationSpec;
 use super::entry::FileEntry;
 use super::types::{
     BasisFound, BasisItem, ChecksumResult, Coding, Done, ExpectedFile, InconsistentFile,
-    ItemResult, Op, PlanItem, Progress, RemoteResult, Role, SyncProgress, SyncRequest,
+    ItemResult, Op, PlanItem, Progress, RelayNode, RemoteResult, Role, SyncProgress, SyncRequest,
     TransferOptions,
 };
 use crate::fleetsync_capnp as schema;
@@ -105,6 +105,8 @@ pub enum Msg {
         bases: Vec<Vec<u8>>,
         /// Parallel to `paths` (or empty): each file's size in the master's list.
         sizes: Vec<u64>,
+        /// Fan-out: the remotes `target` forwards the stream to (empty: none).
+        relays: Vec<RelayNode>,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -180,6 +182,14 @@ pub enum Msg {
     },
     /// Master -> remote agent: no more files.
     StreamEnd,
+    /// Master (or relay) -> relay agent, first on a relayed stream: forward the file
+    /// frames of this stream to these remotes while receiving them.
+    Forward {
+        /// The request id the receiver reports its own results under.
+        request_id: u64,
+        /// The remotes to forward to, each with its own subtree.
+        children: Vec<RelayNode>,
+    },
     /// Control client -> server.
     SyncRequest(SyncRequest),
     /// Server -> control client: planned changes.
@@ -277,6 +287,7 @@ impl Msg {
             Msg::BasisReply { .. } => "basisReply",
             Msg::FileEnd { .. } => "fileEnd",
             Msg::StreamEnd => "streamEnd",
+            Msg::Forward { .. } => "forward",
             Msg::SyncRequest(_) => "syncRequest",
             Msg::PlanItems(_) => "planItems",
             Msg::RemoteResult(_) => "remoteResult",
