@@ -1442,7 +1442,14 @@ fn bwlimit_is_honoured() {
         &t.master,
         &[r0, r1],
         // Two streams from the master (no relay) share the limit.
-        &["--master-bwlimit", "8MiB/s", "--compress", "off", "--fanout", "0"],
+        &[
+            "--master-bwlimit",
+            "8MiB/s",
+            "--compress",
+            "off",
+            "--fanout",
+            "0",
+        ],
     );
     s.assert_ok();
     t.assert_in_sync();

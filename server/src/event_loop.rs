@@ -93,9 +93,9 @@ pub struct Server {
     to_close: Vec<(Token, String)>,
     /// Job history (quick SQLite writes at job start/end, never per file).
     history: Option<JobStore>,
-    /// Throughput measured for remotes (bytes/s, by address) in relayed sends: the planner
-    /// of later jobs puts the slow ones at the leaves of their trees.
-    speeds: HashMap<String, f64>,
+    /// Remotes (by address) found slow in relayed sends: the planner of later jobs puts
+    /// them at the leaves of their trees.
+    slow: HashSet<String>,
 }
 
 impl Server {
@@ -120,7 +120,7 @@ impl Server {
             dirty: HashSet::new(),
             to_close: Vec::new(),
             history,
-            speeds: HashMap::new(),
+            slow: HashSet::new(),
         })
     }
 
@@ -504,7 +504,7 @@ impl Server {
         let master_addr = req.master.clone();
         let remotes = req.remotes.clone();
         let mut sync = SyncJob::new(id, req, blocks);
-        sync.relays.speeds = self.speeds.clone();
+        sync.relays.slow = self.slow.clone();
         sync.relays.labels = self.config.job_labels.clone();
         self.jobs.insert(
             id,
@@ -878,7 +878,7 @@ impl Server {
         if let Some(t) = j.relay_link {
             self.to_close.push((t, "job finished".into()));
         }
-        self.speeds.extend(j.sync.relays.speeds);
+        self.slow = j.sync.relays.slow;
         if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&j.control).map(|c| &mut c.peer)
         {
             *job = None;

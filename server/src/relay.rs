@@ -9,8 +9,11 @@
 //! that a patch or rsync delta made against one remote's basis applies on the others; the
 //! receivers verify every file, so a basis that differs anyway costs a resend, never a
 //! wrong file). Each cohort of two or more becomes a tree with `K` children per node, the
-//! master at its root: the remotes measured fastest first, those measured slow (below half
-//! the median throughput of an earlier relayed send) last, which puts them at the leaves.
+//! master at its root, in the request's order, except the remotes found slow in an earlier
+//! tree, which go last and so to the leaves. A remote is found slow when its throughput in
+//! a tree (the file bytes it confirmed over the time until its last result) was under half
+//! its parent's (for a child of the master: under half the best of the tree): a remote
+//! below a slow relay is only as fast as its relay, and is not blamed for it.
 //! The master gets one send order per child of the root, carrying that child's subtree
 //! ([`RelayNode`]) and sent on the job's relay link (one more connection to the master);
 //! every remote of the tree has its own request id, under which its results come back.
@@ -63,6 +66,18 @@ struct Member {
     /// Bytes it confirmed, and when its last result came.
     bytes: u64,
     last: Instant,
+    /// Its tree, and its parent's request id there (`None`: the master).
+    tree: u64,
+    parent: Option<u64>,
+    addr: String,
+}
+
+/// The throughputs of one tree's remotes, judged when the last is done.
+#[derive(Default)]
+struct TreeRates {
+    left: usize,
+    /// Request id, parent's request id, address, bytes per second (if measured).
+    rates: Vec<(u64, Option<u64>, String, Option<f64>)>,
 }
 
 /// A remote's place for the planner: its pair, address and measured speed.
@@ -77,8 +92,10 @@ pub(crate) struct Relays {
     held: Vec<Held>,
     first_held: Option<Instant>,
     members: HashMap<u64, Member>,
-    /// Bytes per second measured for remotes (by address), in this job and earlier ones.
-    pub(crate) speeds: HashMap<String, f64>,
+    /// Remotes (by address) found slow in a tree of this job or an earlier one.
+    pub(crate) slow: HashSet<String>,
+    trees: HashMap<u64, TreeRates>,
+    next_tree: u64,
     /// Orders the relays produced for the pairs' own master links (resends).
     pub(crate) outbox: Vec<(usize, Msg)>,
     /// Names to report sources by instead of agent addresses (the embedded sync's
@@ -104,7 +121,9 @@ impl Relays {
             held: Vec::new(),
             first_held: None,
             members: HashMap::new(),
-            speeds: HashMap::new(),
+            slow: HashSet::new(),
+            trees: HashMap::new(),
+            next_tree: 0,
             outbox: Vec::new(),
             labels: HashMap::new(),
         }
@@ -144,7 +163,15 @@ impl Relays {
     /// Drops what pair `pair` holds (it failed).
     pub(crate) fn forget(&mut self, pair: usize) {
         self.held.retain(|h| h.pair != pair);
-        self.members.retain(|_, m| m.pair != pair);
+        let trees = &mut self.trees;
+        self.members.retain(|_, m| {
+            if m.pair == pair {
+                if let Some(t) = trees.get_mut(&m.tree) {
+                    t.left -= 1;
+                }
+            }
+            m.pair != pair
+        });
         if self.held.is_empty() {
             self.first_held = None;
         }
@@ -186,7 +213,7 @@ impl Relays {
                     addr: addr(*pair),
                 })
                 .collect();
-            let ranked = rank(&cands, &self.speeds);
+            let ranked = rank(&cands, &self.slow);
             // The orders in tree order, each with its own request id.
             let mut by_pair: HashMap<usize, Msg> = members.drain(..).collect();
             let mut nodes: Vec<(usize, u64, Msg)> = ranked
@@ -227,7 +254,16 @@ impl Relays {
                 out.relayed.push(msg);
             }
             let now = Instant::now();
-            for (pair, id, order) in nodes.drain(..) {
+            let tree = self.next_tree;
+            self.next_tree += 1;
+            self.trees.insert(
+                tree,
+                TreeRates {
+                    left: nodes.len(),
+                    rates: Vec::new(),
+                },
+            );
+            for (k, (pair, id, order)) in nodes.drain(..).enumerate() {
                 self.members.insert(
                     id,
                     Member {
@@ -237,6 +273,9 @@ impl Relays {
                         started: now,
                         bytes: 0,
                         last: now,
+                        tree,
+                        parent: shape.parent(k).map(|p| ids[p]),
+                        addr: addrs[k].clone(),
                     },
                 );
             }
@@ -275,11 +314,19 @@ impl Relays {
     /// A relayed request is done: its pair, and the direct resend of what did not come
     /// through the tree, if anything did not (then the pair's `done` waits for the
     /// resend's).
-    pub(crate) fn done(&mut self, request_id: u64, addr: &str) -> Option<(usize, Option<Msg>)> {
+    pub(crate) fn done(&mut self, request_id: u64) -> Option<(usize, Option<Msg>)> {
         let m = self.members.remove(&request_id)?;
         let secs = m.last.duration_since(m.started).as_secs_f64();
-        if m.bytes > 1 << 20 && secs > 0.0 && m.resend.is_empty() {
-            self.speeds.insert(addr.to_owned(), m.bytes as f64 / secs);
+        // Too little to time, or not all through the tree: no verdict.
+        let rate = (m.bytes >= MEASURED_BYTES && secs > 0.0 && m.resend.is_empty())
+            .then(|| m.bytes as f64 / secs);
+        if let Some(t) = self.trees.get_mut(&m.tree) {
+            t.rates.push((request_id, m.parent, m.addr.clone(), rate));
+            t.left -= 1;
+            if t.left == 0 {
+                let t = self.trees.remove(&m.tree).expect("present");
+                judge(&t, &mut self.slow);
+            }
         }
         if m.resend.is_empty() {
             return Some((m.pair, None));
@@ -332,31 +379,36 @@ impl Relays {
     }
 }
 
-/// The members of a cohort in tree order (indices into `cands`): those measured slow last.
-fn rank(cands: &[Candidate], speeds: &HashMap<String, f64>) -> Vec<usize> {
-    let mut known: Vec<f64> = cands
-        .iter()
-        .filter_map(|c| speeds.get(&c.addr).copied())
-        .collect();
-    known.sort_by(f64::total_cmp);
-    let median = known.get(known.len() / 2).copied();
-    let slow = |c: &Candidate| match (speeds.get(&c.addr), median) {
-        (Some(s), Some(m)) => *s < m / 2.0,
-        _ => false,
-    };
+/// A remote must confirm this many bytes in a tree for its throughput to be judged.
+const MEASURED_BYTES: u64 = 1 << 20;
+
+/// Judges the remotes of a finished tree: slow if under half its parent's throughput (a
+/// child of the master: under half the best of the tree); fast (no longer slow) otherwise.
+fn judge(t: &TreeRates, slow: &mut HashSet<String>) {
+    let best = t.rates.iter().filter_map(|r| r.3).fold(0.0f64, f64::max);
+    let rate_of = |id: u64| t.rates.iter().find(|r| r.0 == id).and_then(|r| r.3);
+    for (_, parent, addr, rate) in &t.rates {
+        let Some(rate) = rate else { continue };
+        let reference = match parent {
+            None => Some(best),
+            Some(p) => rate_of(*p),
+        };
+        let Some(reference) = reference else { continue };
+        if *rate < reference / 2.0 {
+            info!(remote = %addr, "slow in its relay tree: {:.1} MB/s against {:.1} MB/s; a leaf from now on", rate / 1e6, reference / 1e6);
+            slow.insert(addr.clone());
+        } else {
+            slow.remove(addr);
+        }
+    }
+}
+
+/// The members of a cohort in tree order (indices into `cands`): the request's order, those
+/// found slow last.
+fn rank(cands: &[Candidate], slow: &HashSet<String>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..cands.len()).collect();
-    // Stable: the request's order among the fast, the slowest last.
-    order.sort_by(|&a, &b| {
-        let (sa, sb) = (slow(&cands[a]), slow(&cands[b]));
-        sa.cmp(&sb).then_with(|| {
-            if sa && sb {
-                let s = |c: &Candidate| speeds.get(&c.addr).copied().unwrap_or(0.0);
-                s(&cands[b]).total_cmp(&s(&cands[a]))
-            } else {
-                std::cmp::Ordering::Equal
-            }
-        })
-    });
+    // Stable: the request's order within each group.
+    order.sort_by_key(|&k| slow.contains(&cands[k].addr));
     order
 }
 
@@ -468,15 +520,29 @@ mod tests {
                 addr: format!("r{i}"),
             })
             .collect();
-        let mut speeds = HashMap::new();
-        for i in 0..8 {
-            speeds.insert(format!("r{i}"), if i == 1 { 1.0e6 } else { 1.0e7 });
-        }
-        let order = rank(&cands, &speeds);
+        let slow: HashSet<String> = ["r1".to_owned()].into();
+        let order = rank(&cands, &slow);
         assert_eq!(order, vec![0, 2, 3, 4, 5, 6, 7, 1]);
         let s = Shape::new(8, 2);
         assert!(s.children(Some(7)).is_empty());
         // Nothing measured: the request's order.
-        assert_eq!(rank(&cands, &HashMap::new()), (0..8).collect::<Vec<_>>());
+        assert_eq!(rank(&cands, &HashSet::new()), (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn only_the_slow_remote_is_blamed_not_those_below_it() {
+        // master -> a (slow), b; a -> c; b -> d: c is as slow as a, only because of a.
+        let t = TreeRates {
+            left: 0,
+            rates: vec![
+                (1, None, "a".into(), Some(1.0e6)),
+                (2, None, "b".into(), Some(1.0e7)),
+                (3, Some(1), "c".into(), Some(0.9e6)),
+                (4, Some(2), "d".into(), Some(0.95e7)),
+            ],
+        };
+        let mut slow: HashSet<String> = ["d".to_owned()].into();
+        judge(&t, &mut slow);
+        assert_eq!(slow, ["a".to_owned()].into());
     }
 }

@@ -171,8 +171,7 @@ impl SyncJob {
                 }
             }
             Msg::Done(d) => {
-                let addr = self.pairs[i].addr().to_owned();
-                match self.relays.done(request_id, &addr) {
+                match self.relays.done(request_id) {
                     Some((_, Some(resend))) => {
                         // The pair's `done` is the resend's.
                         self.relays.outbox.push((i, resend));
