@@ -128,7 +128,7 @@ fn six_remotes_through_a_fanout_2_tree_match_rsync_on_a_copy_an_update_and_a_res
     for d in std::iter::once(&m).chain(&roots) {
         fs::create_dir(d).unwrap();
     }
-    let mut rng = Rng(0x5eed_0f_7e1a);
+    let mut rng = Rng(0x5eed_0f7e_1a2b);
     let tool = random(&mut rng, 3 * MIB);
     write(&m.join("bin/tool"), &tool);
     fs::set_permissions(m.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
