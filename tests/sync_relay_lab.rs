@@ -227,3 +227,47 @@ fn eight_remotes_through_fanout_2_trees_and_the_slow_one_becomes_a_leaf() {
         "update: the master sent {sent} bytes (limit {limit})"
     );
 }
+
+#[test]
+fn sixty_four_remotes_at_once_are_in_sync_through_one_tree() {
+    let started = Instant::now();
+    let hosts: Vec<String> = (1..=64).map(|i| format!("h{i}")).collect();
+    let mut all: Vec<&str> = vec!["master", "srv"];
+    all.extend(hosts.iter().map(String::as_str));
+    let lab = Lab::up("r64", &all, "100mbit");
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("master");
+    let roots: Vec<PathBuf> = hosts.iter().map(|h| tmp.path().join(h)).collect();
+    for d in std::iter::once(&m).chain(&roots) {
+        fs::create_dir(d).unwrap();
+    }
+    let mut rng = Rng(0x6464_6464_0bad_cafe);
+    let big = random(&mut rng, 2 * MIB);
+    write(&m.join("pkg/app.bin"), &big);
+    for i in 0..20 {
+        write(
+            &m.join(format!("pkg/conf/c{i}.txt")),
+            format!("setting {i}\n").as_bytes(),
+        );
+    }
+    std::os::unix::fs::symlink("app.bin", m.join("pkg/app")).unwrap();
+    let fleet = Fleet::start(lab, &m, &hosts, &roots);
+    eprintln!(
+        "lab of 66 hosts up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let (sent, sources) = fleet.sync(4);
+    assert_in_sync(&m, &roots);
+    assert_tree(&sources, 4);
+    // Four copies leave the master, not 64.
+    let limit = 4 * big.len() as u64 * 12 / 10 + OVERHEAD;
+    assert!(
+        sent <= limit,
+        "the master sent {sent} bytes (limit {limit})"
+    );
+    eprintln!(
+        "64 remotes in {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    );
+}
