@@ -148,7 +148,8 @@ fn six_remotes_through_a_fanout_2_tree_match_rsync_on_a_copy_an_update_and_a_res
     write(&roots[5].join("doc/p00.txt"), b"stale\n");
 
     let token = Token::new();
-    let (_server, server) = token.server();
+    let db = tmp.path().join("jobs.sqlite");
+    let (_server, server) = token.server_recording(&db);
     let (_m, master) = token.agent(&m);
     let agents: Vec<(Proc, String)> = roots.iter().map(|r| token.agent(r)).collect();
     let addrs: Vec<&str> = agents.iter().map(|a| a.1.as_str()).collect();
@@ -168,6 +169,18 @@ fn six_remotes_through_a_fanout_2_tree_match_rsync_on_a_copy_an_update_and_a_res
     eprintln!("initial copy: {res:?}");
     assert!(!relays.is_empty(), "nobody relayed: {res:?}");
     assert!(res.values().all(|r| r.ok && r.transferred > 0));
+    // The job history names each relayed remote's source too.
+    let out = support::fleetsync(support::scratch_home())
+        .args(["jobs", "show", "1", "--json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("jobs --json");
+    for r in doc["results"].as_array().unwrap() {
+        let want = &res[r["remote"].as_str().unwrap()].source;
+        let got = r["source"].as_str().unwrap_or("master");
+        assert_eq!(got, want, "job history: {r}");
+    }
 
     // The update: a patched binary (a delta against each remote's identical old copy), a
     // renamed library, a new file, deletions, a mode change.

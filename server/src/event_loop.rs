@@ -848,6 +848,11 @@ impl Server {
                 if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                     warn!(job = id, "job history: {e}");
                 }
+                if !result.source.is_empty() {
+                    if let Err(e) = h.record_source(record, name, &result.source) {
+                        warn!(job = id, "job history: {e}");
+                    }
+                }
             }
             for t in conns.remote.take().into_iter().chain(conns.master.take()) {
                 self.to_close.push((t, "remote finished".into()));
