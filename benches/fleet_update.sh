@@ -409,7 +409,15 @@ d=$(rsync -aHc -O -n -i --delete "$NEW/" "$M/" | wc -l)
 [ "$d" = 0 ] || { echo "fleet_update: the upgraded master differs from the new release ($d)" >&2; exit 1; }
 
 echo "phase 2: pushing the update ..." >&2
-for t in "${TOOL_LIST[@]}"; do measure "$t" 2; done
+for t in "${TOOL_LIST[@]}"; do
+  case $t in
+    fleetsync|fleetsync-direct)
+      # Not measured: a dry run first, so that neither fleetsync run finds the checksum caches
+      # and the page cache warmer than the other (whichever ran first would pay for both).
+      FLEETSYNC_FLAGS="${FLEETSYNC_FLAGS:-} -n" run_tool "$t" 2-warm >/dev/null 2>&1 || true;;
+  esac
+  measure "$t" 2
+done
 
 # --- table ---------------------------------------------------------------------------------
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -37,6 +37,11 @@ const RESULT_WAIT: Duration = Duration::from_secs(600);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Chunks of a relayed stream: each relay of a tree forwards a chunk once it has received it
+/// whole, so a chunk's time on a link is the delay each hop adds (128 KiB: 10 ms at
+/// 100 Mbit/s, against 84 ms for the 1 MiB chunks of a direct stream).
+const RELAY_CHUNK: usize = 128 * 1024;
+
 /// How often a send order reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -106,10 +111,18 @@ impl SendOrder {
         if self.transfer.bwlimit > 0 {
             limits.push(Arc::new(RateLimiter::new(self.transfer.bwlimit)));
         }
+        // A relay forwards a chunk once it has all of it: smaller chunks, less delay per hop.
+        let chunk = if self.relays.is_empty() {
+            frame::MAX_CHUNK
+        } else {
+            RELAY_CHUNK
+        };
+        let mut wire = Wire::new(try_clone(&remote)?, limits, ChunkCoder::new(compression));
+        wire.max_chunk = chunk;
         let mut stream = FileStream {
-            wire: Wire::new(try_clone(&remote)?, limits, ChunkCoder::new(compression)),
+            wire,
             info,
-            buf: AlignedBuf::new(frame::MAX_CHUNK),
+            buf: AlignedBuf::new(chunk),
             order: self,
             relay: relay.state.clone(),
         };
