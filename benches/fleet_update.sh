@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Release-update benchmark (issue 11, item 1): fleetsync against rsync on a real network.
 #
-#   benches/fleet_update.sh [--remotes N] [--rate RATE] [--small] [--tools LIST]
+#   benches/fleet_update.sh [--remotes N] [--rate RATE] [--small] [--tools LIST] [--seed-locally]
+#   benches/fleet_update.sh --scale 1,4,16 [--rate RATE] [--small] [--tools LIST]
 #
 # Workload: two consecutive releases of real upstream software, binary wheels from PyPI
 # (manylinux2014 x86_64, CPython 3.11), unpacked side by side as a site-packages tree would
@@ -22,7 +23,11 @@
 # place as an installer does (every file of the new release written over, files the new
 # release lacks deleted); phase 2 pushes the update. Per phase and tool, all remotes at once:
 #   fleetsync   fleetsync sync --server SRV --master MASTER --delete $FLEETSYNC_FLAGS R1..RN
+#               (relay trees, the default --fanout)
+#   fleetsync-direct  the same with --fanout 0 (the master sends to every remote itself; its
+#               own agent and tree on each remote)
 #   rsync       rsync -a --delete MASTER/ rsync://Ri/...      (one per remote, in parallel)
+#   rsync-az    rsync -az --delete MASTER/ rsync://Ri/...
 #   rsync-acz   rsync -acz --zc=zstd --delete MASTER/ rsync://Ri/...
 # and prints wall time, bytes that left the master (its link's tx counter), bytes into each
 # remote (rx, mean and max), CPU seconds on the master and on the busiest remote (fleetsync: its
@@ -32,7 +37,14 @@
 # status is 1 otherwise).
 #
 # Options: --remotes N (default 4), --rate RATE (default 100mbit), --small, --tools LIST
-# (comma-separated, default fleetsync,rsync,rsync-acz).
+# (comma-separated, default fleetsync,rsync,rsync-acz; also fleetsync-direct, rsync-az),
+# --seed-locally (phase 1 of every tool but fleetsync is a local `cp -a` of the old release
+# into its trees, not measured: what rsync's phase 1 would leave, in seconds instead of the
+# minutes N copies take through one uplink).
+# --scale LIST (e.g. 1,4,16): runs the benchmark once per remote count (with --seed-locally;
+# rsync tools only at the largest count) and prints, per phase, fleetsync's wall time and
+# master bytes for each count as ratios to those for the first count, against
+# fleetsync-direct, and against the best rsync at the largest count.
 # Environment: FLEETSYNC_BIN (binary; default: cargo build --release, then target/release/
 # fleetsync), FLEETSYNC_FLAGS (extra `sync` flags), FLEETSYNC_AGENT_FLAGS (extra `agent` flags;
 # default --no-fsync, as rsync does not fsync either), FLEETLAB_PREFIX (lab name, default fb),
@@ -42,14 +54,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz SEED=0 SCALE=""
+ARGS=("$@")
+usage() { sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --remotes) REMOTES=$2; shift 2;;
     --rate) RATE=$2; shift 2;;
     --small) SMALL=1; shift;;
     --tools) TOOLS=$2; shift 2;;
+    --seed-locally) SEED=1; shift;;
+    --scale) SCALE=$2; shift 2;;
     -h|--help) usage;;
     *) echo "fleet_update: unknown argument $1" >&2; usage 2 >&2;;
   esac
@@ -57,8 +72,55 @@ done
 [[ $REMOTES =~ ^[1-9][0-9]?$ ]] || { echo "fleet_update: --remotes 1..99" >&2; exit 2; }
 IFS=, read -r -a TOOL_LIST <<< "$TOOLS"
 for t in "${TOOL_LIST[@]}"; do
-  case $t in fleetsync|rsync|rsync-acz) ;; *) echo "fleet_update: unknown tool $t" >&2; exit 2;; esac
+  case $t in fleetsync|fleetsync-direct|rsync|rsync-az|rsync-acz) ;; *) echo "fleet_update: unknown tool $t" >&2; exit 2;; esac
 done
+
+# --- --scale: one run per remote count, then the ratios -------------------------------------
+if [ -n "$SCALE" ]; then
+  IFS=, read -r -a COUNTS <<< "$SCALE"
+  OUT=$(mktemp -d /tmp/fleet-scale.XXXXXX)
+  PASS=()
+  for a in "${ARGS[@]}"; do PASS+=("$a"); done
+  # Drop --scale LIST and any --remotes/--tools from what is passed on.
+  FWD=(); skip=0
+  for a in "${PASS[@]}"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case $a in --scale|--remotes|--tools) skip=1;; --seed-locally) ;; *) FWD+=("$a");; esac
+  done
+  last=${COUNTS[${#COUNTS[@]}-1]}
+  [ -n "${FLEETSYNC_BIN:-}" ] || { cargo build --release -p fleetsync >&2; export FLEETSYNC_BIN=$PWD/target/release/fleetsync; }
+  for n in "${COUNTS[@]}"; do
+    tools=fleetsync,fleetsync-direct
+    [ "$n" = "$last" ] && tools=fleetsync,fleetsync-direct,rsync,rsync-az,rsync-acz
+    echo "=== $n remote(s): $tools" >&2
+    SUMMARY=$OUT/$n "$0" "${FWD[@]}" --remotes "$n" --tools "$tools" --seed-locally | tee "$OUT/$n.table"
+  done
+  echo
+  echo "scale: ${COUNTS[*]} remotes, every link $RATE (wall s / master tx MB; ratios to ${COUNTS[0]} remote(s))"
+  for phase in 1 2; do
+    echo
+    [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update"
+    printf '%-8s %-17s %9s %13s %11s %11s
+' remotes tool "wall s" "master tx MB" "wall ratio" "tx ratio"
+    for n in "${COUNTS[@]}"; do
+      for t in fleetsync fleetsync-direct rsync rsync-az rsync-acz; do
+        awk -v t="$t" -v p="$phase" -v n="$n" -v base="$OUT/${COUNTS[0]}" '
+          BEGIN { while ((getline l < base) > 0) { split(l, f); if (f[1] == t && f[2] == p) { bw = f[3]; bt = f[4] } } }
+          $1 == t && $2 == p && $3 != "-" {
+            wr = (bw > 0) ? sprintf("%.2fx", $3 / bw) : "-"; tr = (bt > 0) ? sprintf("%.2fx", $4 / bt) : "-"
+            printf "%-8s %-17s %9s %13.1f %11s %11s\n", n, t, $3, $4 / 1e6, wr, tr }' "$OUT/$n"
+      done
+    done
+    awk -v p="$phase" '
+      $2 == p && $3 != "-" { w[$1] = $3 }
+      END {
+        best = 0; for (t in w) if (t ~ /^rsync/ && (best == 0 || w[t] < best)) { best = w[t]; bt = t }
+        if (best > 0 && w["fleetsync"] > 0) printf "largest count: best rsync (%s) %.1f s; fleetsync %.1f s: %.1fx faster; fleetsync-direct %.1f s\n", bt, best, w["fleetsync"], best / w["fleetsync"], w["fleetsync-direct"]
+      }' "$OUT/$last"
+  done
+  echo "(per-run tables: $OUT/*.table)"
+  exit 0
+fi
 [ "$(id -u)" = 0 ] || { echo "fleet_update: needs root (network namespaces)" >&2; exit 2; }
 
 FLEETLAB=${FLEETLAB:-$ROOT/../shared/fleetlab/fleetlab}
@@ -192,16 +254,32 @@ start_agent() { # host root [flags...]
   PIDS+=($!); AGENT_PID[$h]=$!
   wait_listening "$WORK/$h.agent.out" "agent on $h"
 }
+# The second agent of a remote (fleetsync-direct's tree): host port root key
+start_agent_on() {
+  local h=$1 port=$2 root=$3 key=$4
+  # shellcheck disable=SC2086
+  exec_in_host "$h" "$BIN" agent --root "$root" --listen "${ADDR[$h]}:$port" --token-file "$WORK/token" \
+    $AGENT_FLAGS > "$WORK/$h.$key.agent.out" 2> "$WORK/$h.$key.agent.err" &
+  PIDS+=($!); AGENT_PID[$h.$key]=$!
+  wait_listening "$WORK/$h.$key.agent.out" "agent $key on $h"
+}
 start_agent master "$M" "${MASTER_FLAGS[@]}"
+has_tool() { local t; for t in "${TOOL_LIST[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
 for r in "${RS[@]}"; do
-  mkdir -p "$WORK/$r/fleetsync" "$WORK/$r/rsync" "$WORK/$r/rsync-acz"
+  mkdir -p "$WORK/$r/fleetsync" "$WORK/$r/fleetsync-direct" "$WORK/$r/rsync" "$WORK/$r/rsync-az" "$WORK/$r/rsync-acz"
   start_agent "$r" "$WORK/$r/fleetsync"
+  if has_tool fleetsync-direct; then
+    start_agent_on "$r" 7071 "$WORK/$r/fleetsync-direct" direct
+  fi
   cat > "$WORK/$r/rsyncd.conf" <<EOF
 use chroot = no
 uid = root
 gid = root
 [rsync]
 path = $WORK/$r/rsync
+read only = no
+[rsync-az]
+path = $WORK/$r/rsync-az
 read only = no
 [rsync-acz]
 path = $WORK/$r/rsync-acz
@@ -227,14 +305,16 @@ done
 run_tool() { # tool phase -> log in $WORK/TOOL.PHASE.log; fails if any remote fails
   local tool=$1 log=$WORK/$1.$2.log r pids=() rc=0
   case $tool in
-    fleetsync)
-      local remotes=()
-      for r in "${RS[@]}"; do remotes+=("${ADDR[$r]}:7070"); done
+    fleetsync|fleetsync-direct)
+      local remotes=() port=7070 fan=()
+      [ "$tool" = fleetsync-direct ] && { port=7071; fan=(--fanout 0); }
+      for r in "${RS[@]}"; do remotes+=("${ADDR[$r]}:$port"); done
       # shellcheck disable=SC2086
       (exec_in_host srv "$BIN" sync --server "${ADDR[srv]}:7000" --master "${ADDR[master]}:7070" \
-        --token-file "$WORK/token" --delete ${FLEETSYNC_FLAGS:-} "${remotes[@]}") > "$log" 2>&1 || rc=$?;;
-    rsync|rsync-acz)
+        --token-file "$WORK/token" --delete ${FLEETSYNC_FLAGS:-} "${fan[@]}" "${remotes[@]}") > "$log" 2>&1 || rc=$?;;
+    rsync|rsync-az|rsync-acz)
       local flags=(-a --delete)
+      [ "$tool" = rsync-az ] && flags=(-az --delete)
       [ "$tool" = rsync-acz ] && flags=(-acz --zc=zstd --delete)
       for r in "${RS[@]}"; do
         bash "$FLEETLAB" exec master rsync "${flags[@]}" "$M/" "rsync://${ADDR[$r]}/$tool/" > "$log.$r" 2>&1 &
@@ -256,9 +336,10 @@ ticks() { sed 's/.*) //' "/proc/$1/stat" | awk -v w="$2" '{print (w == "own") ? 
 # CPU seconds the tool used on the master and on each remote (max), around one run.
 cpu_snapshot() { # tool -> "master r1 r2 ..." in ticks
   local r out
-  if [ "$1" = fleetsync ]; then
+  if [ "$1" = fleetsync ] || [ "$1" = fleetsync-direct ]; then
+    local key=""; [ "$1" = fleetsync-direct ] && key=.direct
     out=$(ticks "${AGENT_PID[master]}" own)
-    for r in "${RS[@]}"; do out+=" $(ticks "${AGENT_PID[$r]}" own)"; done
+    for r in "${RS[@]}"; do out+=" $(ticks "${AGENT_PID[$r$key]}" own)"; done
   else
     out=$(ticks $$ children)
     for r in "${RS[@]}"; do out+=" $(ticks "${DAEMON_PID[$r]}" children)"; done
@@ -296,7 +377,18 @@ measure() { # tool phase
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "phase 1: rolling out the old release ..." >&2
-for t in "${TOOL_LIST[@]}"; do measure "$t" 1; done
+for t in "${TOOL_LIST[@]}"; do
+  if [ "$SEED" = 1 ] && [ "$t" != fleetsync ]; then
+    # Not measured: what the tool's own phase 1 would leave (checked by the referee).
+    for r in "${RS[@]}"; do cp -a "$OLD/." "$WORK/$r/$t/"; done
+    WALL[$t.1]=- TX[$t.1]=0 RXMEAN[$t.1]=0 RXMAX[$t.1]=0 MCPU[$t.1]=- RCPU[$t.1]=-
+    d=0; for r in "${RS[@]}"; do d=$((d + $(rsync -aHc -n -i --delete "$M/" "$WORK/$r/$t/" | wc -l))); done
+    DIFFS[$t.1]=$d
+    echo "  $t phase 1: seeded locally (cp -a), referee differences $d" >&2
+    continue
+  fi
+  measure "$t" 1
+done
 
 echo "upgrading the master in place ..." >&2
 cp -a "$NEW/." "$M/"
@@ -317,7 +409,15 @@ d=$(rsync -aHc -O -n -i --delete "$NEW/" "$M/" | wc -l)
 [ "$d" = 0 ] || { echo "fleet_update: the upgraded master differs from the new release ($d)" >&2; exit 1; }
 
 echo "phase 2: pushing the update ..." >&2
-for t in "${TOOL_LIST[@]}"; do measure "$t" 2; done
+for t in "${TOOL_LIST[@]}"; do
+  case $t in
+    fleetsync|fleetsync-direct)
+      # Not measured: a dry run first, so that neither fleetsync run finds the checksum caches
+      # and the page cache warmer than the other (whichever ran first would pay for both).
+      FLEETSYNC_FLAGS="${FLEETSYNC_FLAGS:-} -n" run_tool "$t" 2-warm >/dev/null 2>&1 || true;;
+  esac
+  measure "$t" 2
+done
 
 # --- table ---------------------------------------------------------------------------------
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -329,10 +429,10 @@ echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --ver
 for phase in 1 2; do
   echo
   [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
-  printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
+  printf '%-17s %7s %13s %18s %17s %13s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
     "remote rx MB max" "master CPU s" "remote CPU s max" diffs
   for t in "${TOOL_LIST[@]}"; do
-    printf '%-12s %7s %13s %18s %17s %13s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
+    printf '%-17s %7s %13s %18s %17s %13s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
       "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${MCPU[$t.$phase]}" "${RCPU[$t.$phase]}" \
       "${DIFFS[$t.$phase]}"
   done
@@ -344,4 +444,12 @@ for phase in 1 2; do
          BEGIN { printf "fleetsync / rsync-acz: wall %s, master tx %s, remote rx (mean) %s\n", q(w1, w2), q(t1, t2), q(r1, r2) }'
   fi
 done
+if [ -n "${SUMMARY:-}" ]; then
+  : > "$SUMMARY"
+  for phase in 1 2; do
+    for t in "${TOOL_LIST[@]}"; do
+      echo "$t $phase ${WALL[$t.$phase]} ${TX[$t.$phase]}" >> "$SUMMARY"
+    done
+  done
+fi
 [ "$FAILED" = 0 ] || { echo "fleet_update: a run failed or left differences (see above)" >&2; exit 1; }

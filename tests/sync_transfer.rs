@@ -979,7 +979,8 @@ fn corrupted_patch_is_detected_and_resent_whole() {
     // basis query and file start).
     write_with_mtime(&t.master.join(path), &new, NEW_MTIME);
     let proxy = CorruptingProxy::start(&remote, 4096);
-    let s = fleet.sync(&master, &[&clean, &proxy.addr], &[]);
+    // Direct streams (no relay): the master makes the patch once for both.
+    let s = fleet.sync(&master, &[&clean, &proxy.addr], &["--fanout", "0"]);
     let i = s.index_of(&proxy.addr);
     let c = s.index_of(&clean);
     eprintln!(
@@ -1476,7 +1477,15 @@ fn bwlimit_is_honoured() {
     let s = sync_dirs(
         &t.master,
         &[r0, r1],
-        &["--master-bwlimit", "8MiB/s", "--compress", "off"],
+        // Two streams from the master (no relay) share the limit.
+        &[
+            "--master-bwlimit",
+            "8MiB/s",
+            "--compress",
+            "off",
+            "--fanout",
+            "0",
+        ],
     );
     s.assert_ok();
     t.assert_in_sync();

@@ -741,3 +741,65 @@ fn a_remote_takes_file_data_only_with_a_fresh_ticket_of_its_server() {
     drop(s);
     f.still_serves();
 }
+
+/// Relays under TLS: every edge of the server's distribution tree (master to the first
+/// remote, each relay to its children) carries its own ticket, signed for that sender and
+/// that child, and each child checks it.
+#[test]
+fn relayed_streams_over_tls_carry_a_ticket_per_edge_and_leave_every_remote_identical() {
+    let fleet = Fleet::new();
+    for i in 3..=5 {
+        fleet.issue("ca", "agent", &format!("agent{i}"), &["127.0.0.1"]);
+    }
+    let trees = tempfile::tempdir().unwrap();
+    let m = trees.path().join("master");
+    std::fs::create_dir_all(&m).unwrap();
+    fill(&m, 11);
+    let logs = trees.path();
+    let master = agent(&m, Some(&fleet.path("agent1")), logs.join("master.log"));
+    let mut remotes = Vec::new();
+    for i in 2..=5 {
+        let r = trees.path().join(format!("r{i}"));
+        std::fs::create_dir_all(&r).unwrap();
+        let who = fleet.path(&format!("agent{i}"));
+        remotes.push((
+            r,
+            agent(
+                &m.with_file_name(format!("r{i}")),
+                Some(&who),
+                logs.join(format!("r{i}.log")),
+            ),
+        ));
+    }
+    let server = server(Some(&fleet.path("server")), logs.join("server.log"));
+    let addrs: Vec<&str> = remotes.iter().map(|(_, a)| a.addr.as_str()).collect();
+    let mut cmd = fleetsync(scratch_home());
+    cmd.args([
+        "sync",
+        "--delete",
+        "--json",
+        "--fanout",
+        "1",
+        "--server",
+        &server.addr,
+    ])
+    .args(["--master", &master.addr, "--tls"])
+    .arg(fleet.path("control"))
+    .env_remove("FLEETSYNC_TOKEN")
+    .args(&addrs);
+    let out = logged("sync", cmd.output().unwrap());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sync --json");
+    // --fanout 1: a chain, master -> one remote -> the next ...: all but one came by relay.
+    let relayed = doc["remotes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["source"].as_str().is_some_and(|s| s != "master"))
+        .count();
+    assert_eq!(relayed, 3, "{doc}");
+    for (r, a) in &remotes {
+        assert_eq!(rsync_diff(&m, r), "", "{}", r.display());
+        assert!(!a.log().contains("refused"), "{}", a.log());
+    }
+}

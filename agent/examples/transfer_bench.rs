@@ -161,6 +161,7 @@ fn main() {
             bases: Vec::new(),
             sizes: Vec::new(),
             ticket: Vec::new(),
+            relays: Vec::new(),
         });
     }
     let mut left = remotes.len();

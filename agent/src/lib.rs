@@ -48,6 +48,7 @@ mod checksum;
 mod codec;
 pub mod consistency;
 mod error;
+mod forward;
 pub mod journal;
 mod list;
 mod listen;

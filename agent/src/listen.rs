@@ -561,8 +561,10 @@ fn serve_loop(
                 bases,
                 sizes,
                 ticket,
+                relays,
             } => {
                 let order = SendOrder {
+                    relays,
                     request_id,
                     target,
                     algorithm,

@@ -169,6 +169,8 @@ pub(crate) struct Wire {
     coder: ChunkCoder,
     /// Bytes of file data (chunk payloads) written.
     pub(crate) data_bytes: u64,
+    /// The largest chunk of coded data (patches, deltas, bytes read whole) per frame.
+    pub(crate) max_chunk: usize,
 }
 
 impl Wire {
@@ -178,6 +180,7 @@ impl Wire {
             limits,
             coder,
             data_bytes: 0,
+            max_chunk: frame::MAX_CHUNK,
         }
     }
 
@@ -459,7 +462,7 @@ fn send_coded(
 ) -> Result<Sent, SendError> {
     let net = SendError::Net;
     wire.frame(&start.encode(coding, basis, 0)).map_err(net)?;
-    for piece in coded.chunks(frame::MAX_CHUNK) {
+    for piece in coded.chunks(wire.max_chunk) {
         wire.chunk(piece, compress).map_err(net)?;
     }
     let digest = digest_of(info, new);

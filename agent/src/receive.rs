@@ -25,6 +25,7 @@ use crate::codec::chunk::ChunkDecoder;
 use crate::codec::delta::DeltaApplier;
 use crate::codec::patch::PatchDecoder;
 use crate::error::show;
+use crate::forward::Forwarder;
 use crate::lock::{lock_beneath, LockKind};
 use crate::metrics::AgentMetrics;
 use crate::records::ConsistState;
@@ -135,6 +136,10 @@ fn receive_files(
     // Paths the basis query found a partial file for: removed when sent otherwise.
     let partials: Arc<Mutex<HashSet<Vec<u8>>>> = Default::default();
     let mut answering: Option<thread::JoinHandle<()>> = None;
+    // A relay (the stream began with `forward`): its children, and the request id its own
+    // results go under.
+    let mut relay: Option<(Forwarder, u64)> = None;
+    let mut first = true;
     loop {
         if !fb.read(reader, frame::MAX_FRAME)? {
             // Cut off: whatever was in flight is dropped (its temp file removed).
@@ -143,7 +148,18 @@ fn receive_files(
         let msg = fb.parse()?;
         let root: fleetsync_capnp::message::Reader<'_> =
             msg.get_root().map_err(ProtoError::from)?;
-        if let W::FileChunk(c) = root.which().map_err(ProtoError::from)? {
+        let which = root.which().map_err(ProtoError::from)?;
+        if let Some((fwd, _)) = &relay {
+            // Passed on before it is handled here: the children do not wait for our disk.
+            if matches!(
+                which,
+                W::FileChunk(_) | W::FileStart(_) | W::FileEnd(_) | W::StreamEnd(())
+            ) {
+                fwd.frame(fb.bytes());
+            }
+        }
+        let was_first = std::mem::replace(&mut first, false);
+        if let W::FileChunk(c) = which {
             let c = c.map_err(ProtoError::from)?;
             let data = c.get_data().map_err(ProtoError::from)?;
             let Some(inc) = cur.as_mut() else {
@@ -155,6 +171,18 @@ fn receive_files(
             continue;
         }
         match Msg::from_reader(root)? {
+            Msg::Forward {
+                request_id,
+                children,
+            } => {
+                if !was_first {
+                    return Err(AgentError::Proto(ProtoError::Decode(
+                        "forward after the start of a stream".into(),
+                    )));
+                }
+                let fwd = Forwarder::start(&children, shared, w);
+                relay = Some((fwd, request_id));
+            }
             Msg::BasisQuery {
                 request_id,
                 algorithm,
@@ -210,6 +238,8 @@ fn receive_files(
                     // The master sent it otherwise: its partial file is of no more use.
                     let _ = backend.remove_partial(&entry.path);
                 }
+                // In a relay tree each remote reports under its own request id.
+                let request_id = relay.as_ref().map_or(request_id, |r| r.1);
                 committer.state.lock().expect("poisoned").done.request_id = request_id;
                 *cur = Some(Incoming::start(
                     shared,
@@ -246,7 +276,12 @@ fn receive_files(
                 if let Some(t) = answering.take() {
                     let _ = t.join();
                 }
-                let (done, dirs) = committer.finish();
+                let (mut done, dirs) = committer.finish();
+                if let Some((fwd, request_id)) = relay.as_mut() {
+                    // Every result of the subtree goes up before this relay's `done`.
+                    fwd.finish();
+                    done.request_id = *request_id;
+                }
                 for d in &dirs {
                     if let Err(e) = backend.sync_dir(d) {
                         warn!("{e}");

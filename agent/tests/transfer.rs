@@ -338,6 +338,7 @@ fn two_send_orders_on_one_connection_run_at_once() {
             bases: Vec::new(),
             sizes: Vec::new(),
             ticket: Vec::new(),
+            relays: Vec::new(),
         });
     }
     let mut done = std::collections::HashMap::new();

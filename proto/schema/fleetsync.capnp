@@ -54,6 +54,9 @@ struct Message {
     # --- agent -> agent stream with --tls: the server's authority for it, first frame ---
     streamTicket @28 :StreamTicket;
 
+    # --- agent -> agent stream: relays (first frame of a relayed stream) ---
+    forward @29 :Forward;
+
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
   }
@@ -207,6 +210,25 @@ struct SendOrder {
   sizes @9 :List(UInt64); # parallel to paths (or empty): size of each file in the master's list
   ticket @10 :Data;       # with --tls: the server's signed authority for this stream
                           # (fleetsync_proto::ticket), presented to the remote in streamTicket
+  relays @11 :List(RelayNode); # fan-out: the target forwards the stream to these (empty: none)
+}
+
+# One remote of a server-planned relay tree: the agent that receives the stream
+# forwards it to `target`, which forwards it to its own `children`. Results of
+# `target` travel back up the tree under `requestId` (the order the server
+# planned for that remote).
+struct RelayNode {
+  target @0 :Text;
+  requestId @1 :UInt64;
+  children @2 :List(RelayNode);
+  ticket @3 :Data;        # with --tls: the server's authority for the stream parent -> target
+}
+
+# Master (or relay) -> relay agent, the first frame of a relayed stream: forward
+# every file frame of this stream to these children while receiving it.
+struct Forward {
+  children @0 :List(RelayNode);
+  requestId @1 :UInt64;   # the receiver reports its own results under this id
 }
 
 # How file data travels (sync --compress, --bwlimit, --master-bwlimit, --no-delta).
@@ -410,6 +432,7 @@ struct SyncRequest {
                                # (waiting lockTimeoutMs; also without `lock`)
   blocks @11 :List(BlockDef);  # --blocks: dependency blocks, in file order (empty: none)
   transfer @12 :TransferOptions;
+  fanout @13 :UInt32;          # --fanout: relay children per node (0 = the master sends to each remote)
 }
 
 # One block of a `--blocks` file: its files are staged on each remote and put in
@@ -461,6 +484,7 @@ struct RemoteResult {
   resynced @9 :UInt64;         # files synchronized again by the consistency loop
   inconsistent @10 :List(Failure); # files still inconsistent after the last round, with why
   wireBytes @11 :UInt64;       # bytes of file data on the wire (after compression and deltas)
+  source @12 :Text;            # who sent this remote its files: "" = the master, else a relay's address
 }
 
 struct SyncProgress {

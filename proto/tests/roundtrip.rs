@@ -123,6 +123,17 @@ fn all_messages() -> Vec<Msg> {
             bases: vec![b"p".to_vec(), Vec::new()],
             sizes: vec![1 << 40, 0],
             ticket: vec![7, 8, 9],
+            relays: vec![fleetsync_proto::RelayNode {
+                target: "b:2".into(),
+                request_id: 9,
+                children: vec![fleetsync_proto::RelayNode {
+                    target: "c:3".into(),
+                    request_id: 10,
+                    children: vec![],
+                    ticket: vec![4, 5],
+                }],
+                ticket: Vec::new(),
+            }],
         },
         Msg::BasisQuery {
             request_id: 3,
@@ -257,6 +268,15 @@ fn all_messages() -> Vec<Msg> {
         Msg::StreamTicket {
             ticket: vec![1, 2, 3],
         },
+        Msg::Forward {
+            request_id: 12,
+            children: vec![fleetsync_proto::RelayNode {
+                target: "d:4".into(),
+                request_id: 11,
+                children: Vec::new(),
+                ticket: vec![6],
+            }],
+        },
         Msg::SyncRequest(SyncRequest {
             master: "m:1".into(),
             remotes: vec!["r:1".into(), "r:2".into()],
@@ -279,6 +299,7 @@ fn all_messages() -> Vec<Msg> {
                 master_bwlimit: 2,
                 no_delta: false,
             },
+            fanout: 3,
         }),
         Msg::PlanItems(vec![PlanItem {
             remote: 1,
@@ -305,6 +326,7 @@ fn all_messages() -> Vec<Msg> {
                 path: b"etc/app.conf".to_vec(),
                 message: "modified [recorded-state]".into(),
             }],
+            source: "r:2".into(),
             wire_bytes: 6,
         }),
         Msg::ConsistencyRequest {

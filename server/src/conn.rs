@@ -30,6 +30,9 @@ pub(crate) enum AgentRole {
     MasterLink(usize),
     /// A remote agent.
     Remote(usize),
+    /// The job's connection to the master agent for relayed sends (`--fanout`): its
+    /// replies name the remote by request id.
+    MasterRelay,
 }
 
 /// Where the handshake is.

@@ -108,6 +108,8 @@ struct PairConns {
 struct Job {
     control: Token,
     master_conn: Option<Token>,
+    /// The connection to the master agent that carries the relayed sends (`--fanout`).
+    relay_link: Option<Token>,
     conns: Vec<PairConns>,
     next_req: u64,
     /// This job in the history database.
@@ -150,6 +152,9 @@ pub struct Server {
     history: Option<JobStore>,
     /// What `--metrics-listen` shows.
     metrics: Arc<ServerMetrics>,
+    /// Remotes (by address) found slow in relayed sends: the planner of later jobs puts
+    /// them at the leaves of their trees.
+    slow: HashSet<String>,
 }
 
 impl Server {
@@ -175,6 +180,7 @@ impl Server {
             to_close: Vec::new(),
             history,
             metrics: Default::default(),
+            slow: HashSet::new(),
         })
     }
 
@@ -584,6 +590,7 @@ impl Server {
                     return;
                 };
                 let expected = match role {
+                    AgentRole::MasterRelay => !j.sync.relays.any_in_flight(),
                     AgentRole::MasterList => j.sync.shared.master_listed,
                     AgentRole::MasterLink(i) | AgentRole::Remote(i) => j.sync.pairs[i].is_done(),
                 };
@@ -599,6 +606,14 @@ impl Server {
                     AgentRole::MasterList => {
                         for i in 0..j.sync.pairs.len() {
                             j.sync.fail_pair(i, format!("master agent: {why}"));
+                        }
+                    }
+                    AgentRole::MasterRelay => {
+                        j.relay_link = None;
+                        for i in 0..j.sync.pairs.len() {
+                            if j.sync.relays.in_flight(i) {
+                                j.sync.fail_pair(i, format!("master agent (relays): {why}"));
+                            }
                         }
                     }
                     AgentRole::MasterLink(i) => j.sync.fail_pair(i, format!("master agent: {why}")),
@@ -711,12 +726,15 @@ impl Server {
         };
         let master_addr = req.master.clone();
         let remotes = req.remotes.clone();
-        let sync = SyncJob::new(id, req, blocks);
+        let mut sync = SyncJob::new(id, req, blocks);
+        sync.relays.slow = self.slow.clone();
+        sync.relays.labels = self.config.job_labels.clone();
         self.jobs.insert(
             id,
             Job {
                 control,
                 master_conn: None,
+                relay_link: None,
                 conns: remotes.iter().map(|_| PairConns::default()).collect(),
                 next_req: 1,
                 record,
@@ -796,7 +814,9 @@ impl Server {
         let mut remotes = vec![None; n];
         for (role, _, _, tree) in &gate.ready {
             match *role {
-                AgentRole::MasterList | AgentRole::MasterLink(_) => master = Some(tree.clone()),
+                AgentRole::MasterList | AgentRole::MasterLink(_) | AgentRole::MasterRelay => {
+                    master = Some(tree.clone())
+                }
                 AgentRole::Remote(i) => remotes[i] = Some(tree.clone()),
             }
         }
@@ -839,7 +859,9 @@ impl Server {
         for (role, t, chown, _) in gate.ready {
             let j = &self.jobs[&id];
             let live = match role {
-                AgentRole::MasterList => j.sync.pairs.iter().any(|p| !p.is_done()),
+                AgentRole::MasterList | AgentRole::MasterRelay => {
+                    j.sync.pairs.iter().any(|p| !p.is_done())
+                }
                 AgentRole::MasterLink(i) | AgentRole::Remote(i) => !j.sync.pairs[i].is_done(),
             };
             if live && self.conns.contains_key(&t) {
@@ -859,7 +881,8 @@ impl Server {
             info!(job = id, "control client gone: abandoning the sync");
             self.metrics.job_finished(false);
             self.record_finish(job.record, JobStatus::Failed, Some("control client gone"));
-            let mut tokens: Vec<Token> = job.master_conn.into_iter().collect();
+            let mut tokens: Vec<Token> =
+                job.master_conn.into_iter().chain(job.relay_link).collect();
             for c in &job.conns {
                 tokens.extend(c.remote);
                 tokens.extend(c.master);
@@ -891,48 +914,127 @@ impl Server {
         self.queue(token, &msg);
     }
 
-    /// With `--tls`, gives a send order (to the master link `token`) its ticket: the
+    /// With `--tls`, gives a send order (to a master link `token`) its tickets: the
     /// server's signed authority for the master agent to write those paths into that
-    /// remote agent (`fleetsync_proto::ticket`). The certificates come from the two TLS
-    /// connections; without one of them the order goes without a ticket and the remote
-    /// refuses the stream (the pair fails saying so).
+    /// remote agent (`fleetsync_proto::ticket`), and for relayed orders one per edge of the
+    /// tree, for each relay to write them into each of its children. The certificates come
+    /// from the TLS connections; without one of them the order goes without a ticket and
+    /// the remote refuses the stream (the pair fails saying so).
     fn fill_ticket(&self, token: Token, msg: &mut Msg) {
         let Some(t) = &self.config.tls else {
             return;
         };
-        let Msg::SendOrder { paths, ticket, .. } = msg else {
+        let Msg::SendOrder {
+            paths,
+            ticket,
+            relays,
+            request_id,
+            ..
+        } = msg
+        else {
             return;
         };
         let Some(c) = self.conns.get(&token) else {
             return;
         };
-        let ConnPeer::Agent {
-            job,
-            role: AgentRole::MasterLink(i),
-        } = c.peer
-        else {
+        let ConnPeer::Agent { job, role } = c.peer else {
             return;
+        };
+        let Some(j) = self.jobs.get(&job) else {
+            return;
+        };
+        let pair = match role {
+            AgentRole::MasterLink(i) => Some(i),
+            AgentRole::MasterRelay => j.sync.relays.pair_of(*request_id),
+            _ => None,
         };
         let cert = |c: &Conn| c.tls.as_ref().and_then(|t| tls::peer_cert(t));
-        let sender = cert(c);
-        let remote = self
-            .jobs
-            .get(&job)
-            .and_then(|j| j.conns.get(i))
-            .and_then(|p| p.remote)
-            .and_then(|r| self.conns.get(&r))
-            .and_then(cert);
-        let (Some(sender), Some(remote)) = (sender, remote) else {
-            warn!(
-                job,
-                "send order without a ticket: an agent's certificate is unknown"
-            );
+        let remote_cert = |pair: Option<usize>| {
+            pair.and_then(|i| j.conns.get(i))
+                .and_then(|p| p.remote)
+                .and_then(|r| self.conns.get(&r))
+                .and_then(cert)
+        };
+        type Cert = Option<rustls::pki_types::CertificateDer<'static>>;
+        let sign = |sender: &Cert, remote: &Cert| -> Vec<u8> {
+            let (Some(sender), Some(remote)) = (sender, remote) else {
+                warn!(
+                    job,
+                    "send order without a ticket: an agent's certificate is unknown"
+                );
+                return Vec::new();
+            };
+            let order = ticket::Ticket::new(sender, remote, paths.clone());
+            ticket::sign(&order, &*t.signer).unwrap_or_else(|e| {
+                warn!(job, "send order without a ticket: {e}");
+                Vec::new()
+            })
+        };
+        let target = remote_cert(pair);
+        *ticket = sign(&cert(c), &target);
+        fn edges(
+            nodes: &mut [fleetsync_proto::RelayNode],
+            parent: &Cert,
+            cert_of: &dyn Fn(u64) -> Cert,
+            sign: &dyn Fn(&Cert, &Cert) -> Vec<u8>,
+        ) {
+            for n in nodes {
+                let me = cert_of(n.request_id);
+                n.ticket = sign(parent, &me);
+                edges(&mut n.children, &me, cert_of, sign);
+            }
+        }
+        let cert_of = |id: u64| remote_cert(j.sync.relays.pair_of(id));
+        edges(relays, &target, &cert_of, &sign);
+    }
+
+    /// Sends relay trees' orders (numbered already) on the job's relay link, connected
+    /// on first use.
+    fn send_relayed(&mut self, job: u64, orders: Vec<Msg>) {
+        if orders.is_empty() {
+            return;
+        }
+        let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
-        let order = ticket::Ticket::new(&sender, &remote, paths.clone());
-        match ticket::sign(&order, &*t.signer) {
-            Ok(bytes) => *ticket = bytes,
-            Err(e) => warn!(job, "send order without a ticket: {e}"),
+        let token = match j.relay_link {
+            Some(t) => Ok(t),
+            None => {
+                let master = j.sync.shared.req.master.clone();
+                self.connect_agent(&master, job, AgentRole::MasterRelay)
+            }
+        };
+        let j = self.jobs.get_mut(&job).expect("job in the table");
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => {
+                for i in 0..j.sync.pairs.len() {
+                    if j.sync.relays.in_flight(i) {
+                        j.sync.fail_pair(i, format!("master agent (relays): {e}"));
+                    }
+                }
+                return;
+            }
+        };
+        j.relay_link = Some(token);
+        for mut msg in orders {
+            // One `done` comes for every remote of the tree.
+            let remotes = match &msg {
+                Msg::SendOrder { relays, .. } => 1 + count_nodes(relays),
+                _ => 1,
+            };
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.outstanding += remotes;
+                c.last_activity = Instant::now();
+                if !matches!(c.hs, Hs::Ready) {
+                    // The handshake counts what is held as outstanding once done.
+                    c.outstanding -= 1;
+                    c.held.push(msg);
+                    continue;
+                }
+            }
+            self.fill_ticket(token, &mut msg);
+            self.queue(token, &msg);
         }
     }
 
@@ -950,7 +1052,7 @@ impl Server {
                 j.sync.pairs[i].on_remote_ready(can_chown, &j.sync.shared);
                 self.settle(job);
             }
-            AgentRole::MasterLink(_) => {}
+            AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
         }
     }
 
@@ -976,7 +1078,9 @@ impl Server {
                 match role {
                     AgentRole::MasterList => sync.push_master_entry(&e)?,
                     AgentRole::Remote(i) => sync.pairs[i].push_listed(&e)?,
-                    AgentRole::MasterLink(_) => return Err("unexpected listBatch".into()),
+                    AgentRole::MasterLink(_) | AgentRole::MasterRelay => {
+                        return Err("unexpected listBatch".into())
+                    }
                 }
             }
             if last {
@@ -990,7 +1094,7 @@ impl Server {
                         self.to_close.push((token, "master list complete".into()));
                     }
                     AgentRole::Remote(i) => sync.pairs[i].on_listed(&mut sync.shared)?,
-                    AgentRole::MasterLink(_) => {}
+                    AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
                 }
             }
             return Ok(());
@@ -1011,6 +1115,10 @@ impl Server {
             }
         }
         let (i, from) = match role {
+            AgentRole::MasterRelay => {
+                sync.on_relay_reply(msg);
+                return Ok(());
+            }
             AgentRole::MasterLink(i) => (i, Peer::Master),
             AgentRole::Remote(i) => (i, Peer::Remote),
             AgentRole::MasterList => {
@@ -1036,6 +1144,28 @@ impl Server {
             for (i, pair) in j.sync.pairs.iter_mut().enumerate() {
                 sends.extend(pair.drain_outbox().into_iter().map(|(to, m)| (i, to, m)));
             }
+            // --fanout: send orders wait for their cohort, then go as relay trees.
+            let mut sends = j.sync.route(sends);
+            sends.extend(
+                j.sync
+                    .relays
+                    .outbox
+                    .drain(..)
+                    .map(|(i, m)| (i, Peer::Master, m)),
+            );
+            let next_req = &mut j.next_req;
+            let release = j.sync.release(&mut || {
+                let id = *next_req;
+                *next_req += 1;
+                id
+            });
+            if let Some(r) = release {
+                sends.extend(r.direct.into_iter().map(|(i, m)| (i, Peer::Master, m)));
+                self.send_relayed(id, r.relayed);
+            }
+            let Some(j) = self.jobs.get_mut(&id) else {
+                return;
+            };
             let control = j.control;
             let mut lost = Vec::new();
             for (i, to, msg) in sends {
@@ -1133,6 +1263,11 @@ impl Server {
                 if let Err(e) = h.record_remote(record, name, &counts, error.as_deref()) {
                     warn!(job = id, "job history: {e}");
                 }
+                if !result.source.is_empty() {
+                    if let Err(e) = h.record_source(record, name, &result.source) {
+                        warn!(job = id, "job history: {e}");
+                    }
+                }
             }
             for t in conns.remote.take().into_iter().chain(conns.master.take()) {
                 self.to_close.push((t, "remote finished".into()));
@@ -1161,6 +1296,10 @@ impl Server {
         if let Some(t) = j.master_conn {
             self.to_close.push((t, "job finished".into()));
         }
+        if let Some(t) = j.relay_link {
+            self.to_close.push((t, "job finished".into()));
+        }
+        self.slow = j.sync.relays.slow;
         if let Some(ConnPeer::Control { job }) = self.conns.get_mut(&j.control).map(|c| &mut c.peer)
         {
             *job = None;
@@ -1180,6 +1319,11 @@ impl Server {
 /// The name an agent address is recorded under in the history (`--job-label`).
 fn label_of<'a>(labels: &'a HashMap<String, String>, addr: &'a str) -> &'a str {
     labels.get(addr).map_or(addr, String::as_str)
+}
+
+/// The remotes of a relay tree.
+fn count_nodes(nodes: &[fleetsync_proto::RelayNode]) -> usize {
+    nodes.iter().map(|n| 1 + count_nodes(&n.children)).sum()
 }
 
 /// The classification of a request as the user would write it (for the job history).

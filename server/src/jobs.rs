@@ -71,6 +71,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 2: bytes of file data on the wire (after compression and deltas).
     "ALTER TABLE job_remotes ADD COLUMN wire_bytes INTEGER NOT NULL DEFAULT 0;",
+    // 3: who sent the remote its files (a relay of a fan-out tree; NULL: the master).
+    "ALTER TABLE job_remotes ADD COLUMN source TEXT;",
 ];
 
 /// Errors of the job store, naming the database and what was being done.
@@ -283,6 +285,9 @@ pub struct RemoteRecord {
     pub error: Option<String>,
     /// When its result was recorded (`None`: never, e.g. interrupted before it finished).
     pub recorded_ms: Option<i64>,
+    /// The relay that sent it its files (`--fanout`); `None`: the master.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// Everything recorded about one job: `fleetsync jobs show ID`.
@@ -453,6 +458,17 @@ impl JobStore {
         Ok(id)
     }
 
+    /// Records the relay that sent `remote` its files in `job` (`--fanout`).
+    pub fn record_source(&mut self, job: JobId, remote: &str, source: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE job_remotes SET source = ?3 WHERE job_id = ?1 AND remote = ?2",
+                params![job.0, remote, source],
+            )
+            .map_err(sql("record remote source"))?;
+        Ok(())
+    }
+
     /// Records (or replaces) the result of one remote of a job.
     pub fn record_remote(
         &mut self,
@@ -574,7 +590,7 @@ impl JobStore {
             .conn
             .prepare(
                 "SELECT job_id, remote, sent, deleted, fixed, bytes, rounds, error, recorded_ms,
-                        wire_bytes
+                        wire_bytes, source
                  FROM job_remotes WHERE job_id >= ?1 ORDER BY job_id, position",
             )
             .map_err(sql("list job remotes"))?;
@@ -594,6 +610,7 @@ impl JobStore {
                         },
                         error: r.get(7)?,
                         recorded_ms: r.get(8)?,
+                        source: r.get(10)?,
                     },
                 ))
             })

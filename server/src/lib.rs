@@ -20,6 +20,7 @@ pub mod list;
 pub mod metrics;
 mod ops;
 pub mod plan;
+mod relay;
 mod remote_sync;
 mod sync_job;
 

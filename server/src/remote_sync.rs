@@ -212,6 +212,67 @@ impl RemoteSync {
         &self.addr
     }
 
+    /// Whether the pair is in its send phase (outside every block).
+    pub(crate) fn sending(&self) -> bool {
+        self.state == PairState::Sending
+    }
+
+    /// Whether the pair may still produce a send order of its send phase: it has not
+    /// reached it yet, or has files of it left to order.
+    pub(crate) fn may_order_sends(&self) -> bool {
+        match self.state {
+            PairState::Connecting
+            | PairState::Listing
+            | PairState::Listed
+            | PairState::Checksums
+            | PairState::Before => true,
+            PairState::Sending => self.pcur < self.phase_steps().len(),
+            _ => false,
+        }
+    }
+
+    /// What makes this pair's send `order` the same bytes as another pair's (see
+    /// [`crate::relay`]): its files, their bases and each basis's size and mtime here.
+    pub(crate) fn cohort_key(&self, order: &Msg) -> Option<crate::relay::CohortKey> {
+        let Msg::SendOrder {
+            paths,
+            bases,
+            sizes,
+            ..
+        } = order
+        else {
+            return None;
+        };
+        let basis_meta = bases
+            .iter()
+            .map(|b| {
+                if b.is_empty() {
+                    return (0, 0, 0);
+                }
+                match self.list.find(b) {
+                    Some(i) => {
+                        let m = self.list.meta(i);
+                        (m.size, m.mtime_sec, m.mtime_nsec)
+                    }
+                    None => (u64::MAX, 0, 0),
+                }
+            })
+            .collect();
+        Some(crate::relay::CohortKey {
+            paths: paths.clone(),
+            bases: bases.clone(),
+            sizes: sizes.clone(),
+            basis_meta,
+        })
+    }
+
+    /// Who sends this remote its files (a relay's address; empty: the master).
+    pub(crate) fn set_source(&mut self, source: String) {
+        if self.result.source.is_empty() {
+            self.result.source = source;
+        }
+    }
+
     /// Where the pair is (the event loop only needs [`RemoteSync::is_done`]).
     #[cfg(test)]
     pub(crate) fn state(&self) -> PairState {
@@ -683,6 +744,7 @@ impl RemoteSync {
             bases: items.bases,
             sizes: items.sizes,
             ticket: Vec::new(),
+            relays: Vec::new(),
         }
     }
 

@@ -7,6 +7,7 @@ use fleetsync_proto::{EntryRef, Msg, SyncRequest};
 use tracing::info;
 
 use crate::list::FileList;
+use crate::relay::{Relays, Release};
 use crate::remote_sync::{push_entry, BlockSet, JobShared, Peer, RemoteSync};
 
 /// The pairs of one job and what they share.
@@ -15,6 +16,8 @@ pub(crate) struct SyncJob {
     /// The master's list while it arrives.
     master_building: FileList,
     pub(crate) pairs: Vec<RemoteSync>,
+    /// `--fanout`: the relay trees of the job's sends.
+    pub(crate) relays: Relays,
 }
 
 impl SyncJob {
@@ -39,6 +42,7 @@ impl SyncJob {
             .map(|(i, a)| RemoteSync::new(i, a.clone()))
             .collect();
         SyncJob {
+            relays: Relays::new(req.fanout),
             shared: JobShared::new(id, req, blocks),
             master_building: FileList::new(),
             pairs,
@@ -88,11 +92,98 @@ impl SyncJob {
     /// Pair `i` fails; if master checksums are lost with its connection, the others ask
     /// for them again.
     pub(crate) fn fail_pair(&mut self, i: usize, why: String) {
+        self.relays.forget(i);
         if self.pairs[i].fail(why, &self.shared) {
             self.shared.master_sums.forget_pending();
             for pair in &mut self.pairs {
                 pair.restart_master_sums(&mut self.shared);
             }
+        }
+    }
+
+    /// Holds the send orders among `sends` that may go through a relay tree (see
+    /// [`crate::relay`]); gives back the rest, in order.
+    pub(crate) fn route(&mut self, sends: Vec<(usize, Peer, Msg)>) -> Vec<(usize, Peer, Msg)> {
+        if !self.relays.active(self.pairs.len()) {
+            return sends;
+        }
+        let mut out = Vec::with_capacity(sends.len());
+        for (i, to, msg) in sends {
+            let plain = matches!(&msg, Msg::SendOrder { stage, .. } if stage.is_empty());
+            if to == Peer::Master && plain && self.pairs[i].sending() {
+                if let Some(key) = self.pairs[i].cohort_key(&msg) {
+                    self.relays.hold(i, key, msg);
+                    continue;
+                }
+            }
+            out.push((i, to, msg));
+        }
+        out
+    }
+
+    /// The held send orders, grouped and planned into trees, once no other pair may
+    /// still join their cohorts (or they have waited long enough).
+    pub(crate) fn release(&mut self, next_id: &mut dyn FnMut() -> u64) -> Option<Release> {
+        if !self.relays.has_held() {
+            return None;
+        }
+        let ready = self.relays.overdue()
+            || self.pairs.iter().enumerate().all(|(i, p)| {
+                p.is_done()
+                    || self.relays.holds(i)
+                    || (!p.may_order_sends() && !self.relays.in_flight(i))
+            });
+        if !ready {
+            return None;
+        }
+        let addrs: Vec<String> = self.pairs.iter().map(|p| p.addr().to_owned()).collect();
+        let release = self.relays.release(&|i| addrs[i].clone(), next_id);
+        for (i, source) in &release.sources {
+            self.pairs[*i].set_source(source.clone());
+        }
+        Some(release)
+    }
+
+    /// A reply on the relay link, for the remote its request id names.
+    pub(crate) fn on_relay_reply(&mut self, msg: Msg) {
+        let request_id = match &msg {
+            Msg::ItemResults { request_id, .. } | Msg::Error { request_id, .. } => *request_id,
+            Msg::Progress(p) => p.request_id,
+            Msg::Done(d) => d.request_id,
+            _ => return,
+        };
+        let Some(i) = self.relays.pair_of(request_id) else {
+            // A remote that failed meanwhile.
+            return;
+        };
+        let msg = match msg {
+            Msg::ItemResults {
+                request_id,
+                mut results,
+            } => {
+                self.relays.results(request_id, &mut results);
+                if results.is_empty() {
+                    return;
+                }
+                Msg::ItemResults {
+                    request_id,
+                    results,
+                }
+            }
+            Msg::Done(d) => {
+                match self.relays.done(request_id) {
+                    Some((_, Some(resend))) => {
+                        // The pair's `done` is the resend's.
+                        self.relays.outbox.push((i, resend));
+                        return;
+                    }
+                    _ => Msg::Done(d),
+                }
+            }
+            other => other,
+        };
+        if let Err(e) = self.pairs[i].on_reply(Peer::Master, msg, &mut self.shared) {
+            self.fail_pair(i, e);
         }
     }
 

@@ -178,6 +178,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                     )?,
                     None => writeln!(out, "    no result recorded")?,
                 }
+                if let Some(s) = &r.source {
+                    writeln!(out, "    via {s}")?;
+                }
                 if let Some(e) = &r.error {
                     writeln!(out, "    error: {e}")?;
                 }

@@ -90,6 +90,12 @@ pub struct Args {
     auth: super::token::TokenArgs,
     #[command(flatten)]
     transfer: super::transfer::TransferArgs,
+    /// Relay children per node: remotes that need the same files get them through a
+    /// distribution tree planned by the server, the master sending to K of them, each
+    /// forwarding to K more while it receives (slow remotes at the leaves); 0: the master
+    /// sends to every remote itself.
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_FANOUT)]
+    fanout: u32,
     /// Lock each file while it is synchronized: a shared lock on the master copy while it is
     /// read, an exclusive lock on the remote copy while it is replaced (OFD + flock locks).
     #[arg(long)]
@@ -120,6 +126,11 @@ pub struct Args {
     #[command(flatten)]
     log: super::logging::LogArgs,
 }
+
+/// `--fanout` by default: a chain. Every link of the benchmark lab carries as much in as
+/// out, so a relay with K children gives each 1/K of its uplink; see benches/fleet_update.sh
+/// for the figures.
+const DEFAULT_FANOUT: u32 = 1;
 
 /// Inconsistent files the server names in a remote's error message.
 const INCONSISTENT_IN_ERROR: usize = 10;
@@ -174,6 +185,7 @@ fn report(
                     "transferred": r.transferred,
                     "bytes": r.bytes,
                     "wire_bytes": r.wire_bytes,
+                    "source": if r.source.is_empty() { "master" } else { r.source.as_str() },
                     "deleted": r.deleted,
                     "changed": r.changed,
                     "failures": r.failures.iter().map(|f| with_path(serde_json::json!({
@@ -247,8 +259,13 @@ fn report(
             } else {
                 format!(", {} on the wire", r.wire_bytes)
             };
+            let via = if r.source.is_empty() || args.dry_run {
+                String::new()
+            } else {
+                format!(" via {}", r.source)
+            };
             eprintln!(
-                "{label}: {verb} {} files ({} bytes{wire}), {} deleted, {} other changes{rounds}{}",
+                "{label}: {verb} {} files ({} bytes{wire}){via}, {} deleted, {} other changes{rounds}{}",
                 r.transferred,
                 r.bytes,
                 r.deleted,
@@ -323,6 +340,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             lock_resync_ms: lock_resync_ms(&args)?,
             blocks,
             transfer: args.transfer.options()?,
+            fanout: args.fanout,
             ..SyncRequest::default()
         })
     };

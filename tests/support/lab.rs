@@ -66,6 +66,11 @@ impl Lab {
     /// A lab of that name left by an earlier run that died is removed first. Panics, failing
     /// the test, when the lab cannot be made (not root, no iproute2, no fleetlab).
     pub fn up(prefix: &str, hosts: &[&str], rate: &str) -> Lab {
+        Lab::up_with(prefix, hosts, rate, &[])
+    }
+
+    /// As [`Lab::up`], with the links of some hosts capped at other rates (`(host, rate)`).
+    pub fn up_with(prefix: &str, hosts: &[&str], rate: &str, uplinks: &[(&str, &str)]) -> Lab {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             cannot("not running as root (network namespaces need it)");
@@ -104,6 +109,11 @@ impl Lab {
             .fleetlab(&["up"])
             .args(hosts)
             .args(["--rate", rate])
+            .args(
+                uplinks
+                    .iter()
+                    .flat_map(|(h, r)| ["--uplink".to_owned(), format!("{h}={r}")]),
+            )
             .output()
             .unwrap_or_else(|e| cannot(&format!("running {}: {e}", lab.script.display())));
         if !out.status.success() {

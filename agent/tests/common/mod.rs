@@ -128,6 +128,7 @@ impl Client {
             bases: Vec::new(),
             sizes: Vec::new(),
             ticket: Vec::new(),
+            relays: Vec::new(),
         })
     }
 }

@@ -6,8 +6,8 @@ use super::entry::FileEntry;
 use super::msg::Msg;
 use super::types::{
     Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
-    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
-    Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
+    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RelayNode,
+    RemoteResult, Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
 };
 use super::wire::{data_list, read_list, text, texts};
 use crate::fleetsync_capnp as schema;
@@ -105,6 +105,17 @@ impl Version {
         Ok(Version {
             size: r.get_size(),
             digest: r.get_digest()?.to_vec(),
+        })
+    }
+}
+
+impl RelayNode {
+    fn read_from(r: schema::relay_node::Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(RelayNode {
+            target: text(r.get_target())?,
+            request_id: r.get_request_id(),
+            children: read_list(r.get_children()?, RelayNode::read_from)?,
+            ticket: r.get_ticket()?.to_vec(),
         })
     }
 }
@@ -276,6 +287,7 @@ impl Msg {
                     bases: data_list(b.get_bases()?)?,
                     sizes: b.get_sizes()?.iter().collect(),
                     ticket: b.get_ticket()?.to_vec(),
+                    relays: read_list(b.get_relays()?, RelayNode::read_from)?,
                 }
             }
             W::ApplyRequest(b) => {
@@ -376,6 +388,13 @@ impl Msg {
             W::StreamTicket(b) => Msg::StreamTicket {
                 ticket: b?.get_ticket()?.to_vec(),
             },
+            W::Forward(b) => {
+                let b = b?;
+                Msg::Forward {
+                    request_id: b.get_request_id(),
+                    children: read_list(b.get_children()?, RelayNode::read_from)?,
+                }
+            }
             W::SyncRequest(b) => {
                 let b = b?;
                 Msg::SyncRequest(SyncRequest {
@@ -394,6 +413,7 @@ impl Msg {
                     lock_resync_ms: b.get_lock_resync().then(|| b.get_lock_timeout_ms()),
                     blocks: read_list(b.get_blocks()?, BlockDef::read_from)?,
                     transfer: TransferOptions::read_from(b.get_transfer()?)?,
+                    fanout: b.get_fanout(),
                 })
             }
             W::PlanItems(b) => Msg::PlanItems(read_list(b?.get_items()?, PlanItem::read_from)?),
@@ -412,6 +432,7 @@ impl Msg {
                     resynced: b.get_resynced(),
                     inconsistent: read_list(b.get_inconsistent()?, Failure::read_from)?,
                     wire_bytes: b.get_wire_bytes(),
+                    source: text(b.get_source())?,
                 })
             }
             W::SyncProgress(b) => {

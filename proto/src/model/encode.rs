@@ -4,7 +4,7 @@ use super::entry::FileEntry;
 use super::msg::Msg;
 use super::types::{
     Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, ExpectedFile, Failure,
-    InconsistentFile, ItemResult, Op, OpKind, PlanItem, TransferOptions, Version,
+    InconsistentFile, ItemResult, Op, OpKind, PlanItem, RelayNode, TransferOptions, Version,
 };
 use super::wire::{write_data, write_list, write_texts};
 use crate::fleetsync_capnp as schema;
@@ -88,6 +88,16 @@ impl Version {
     fn write_to(&self, mut b: schema::version::Builder<'_>) {
         b.set_size(self.size);
         b.set_digest(&self.digest);
+    }
+}
+
+impl RelayNode {
+    fn write_to(&self, mut b: schema::relay_node::Builder<'_>) {
+        b.set_target(self.target.as_str());
+        b.set_request_id(self.request_id);
+        b.set_ticket(&self.ticket);
+        let l = b.init_children(self.children.len() as u32);
+        write_list(l, &self.children, RelayNode::write_to);
     }
 }
 
@@ -248,9 +258,12 @@ impl Msg {
                 bases,
                 sizes,
                 ticket,
+                relays,
             } => {
                 let mut b = root.init_send_order();
                 b.set_ticket(ticket);
+                let l = b.reborrow().init_relays(relays.len() as u32);
+                write_list(l, relays, RelayNode::write_to);
                 transfer.write_to(b.reborrow().init_transfer());
                 write_data(b.reborrow().init_bases(bases.len() as u32), bases);
                 {
@@ -382,6 +395,15 @@ impl Msg {
             Msg::StreamTicket { ticket } => {
                 root.init_stream_ticket().set_ticket(ticket);
             }
+            Msg::Forward {
+                request_id,
+                children,
+            } => {
+                let mut b = root.init_forward();
+                b.set_request_id(*request_id);
+                let l = b.init_children(children.len() as u32);
+                write_list(l, children, RelayNode::write_to);
+            }
             Msg::SyncRequest(r) => {
                 let mut b = root.init_sync_request();
                 b.set_master(r.master.as_str());
@@ -394,6 +416,7 @@ impl Msg {
                 b.set_lock_timeout_ms(r.lock_timeout_ms.or(r.lock_resync_ms).unwrap_or(0));
                 b.set_max_rounds(r.max_rounds);
                 b.set_lock_resync(r.lock_resync_ms.is_some());
+                b.set_fanout(r.fanout);
                 write_texts(
                     b.reborrow().init_remotes(r.remotes.len() as u32),
                     &r.remotes,
@@ -419,6 +442,7 @@ impl Msg {
                 b.set_rounds(r.rounds);
                 b.set_resynced(r.resynced);
                 b.set_wire_bytes(r.wire_bytes);
+                b.set_source(r.source.as_str());
                 let l = b.reborrow().init_failures(r.failures.len() as u32);
                 write_list(l, &r.failures, Failure::write_to);
                 let l = b.init_inconsistent(r.inconsistent.len() as u32);

@@ -47,6 +47,6 @@ pub use entry::{list_batch_entries, EntryRef, FileEntry, FileKind};
 pub use msg::{encode_file_chunk, Msg};
 pub use types::{
     Action, Attrs, BasisFound, BasisItem, BlockDef, ChecksumResult, Coding, Done, ExpectedFile,
-    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RemoteResult,
-    Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
+    Failure, InconsistentFile, ItemResult, Op, OpKind, Outcome, PlanItem, Progress, RelayNode,
+    RemoteResult, Role, SyncProgress, SyncRequest, TransferOptions, TreeIdentity, Version,
 };

@@ -7,7 +7,7 @@ use super::classification::ClassificationSpec;
 use super::entry::FileEntry;
 use super::types::{
     BasisFound, BasisItem, ChecksumResult, Coding, Done, ExpectedFile, InconsistentFile,
-    ItemResult, Op, PlanItem, Progress, RemoteResult, Role, SyncProgress, SyncRequest,
+    ItemResult, Op, PlanItem, Progress, RelayNode, RemoteResult, Role, SyncProgress, SyncRequest,
     TransferOptions, TreeIdentity,
 };
 use crate::fleetsync_capnp as schema;
@@ -111,6 +111,8 @@ pub enum Msg {
         /// ([`crate::ticket`]), presented to the remote in [`Msg::StreamTicket`]; empty
         /// without TLS.
         ticket: Vec<u8>,
+        /// Fan-out: the remotes `target` forwards the stream to (empty: none).
+        relays: Vec<RelayNode>,
     },
     /// Server -> remote agent: apply these ops in order.
     ApplyRequest {
@@ -191,6 +193,14 @@ pub enum Msg {
     StreamTicket {
         /// The ticket (see [`crate::ticket`]).
         ticket: Vec<u8>,
+    },
+    /// Master (or relay) -> relay agent, first on a relayed stream: forward the file
+    /// frames of this stream to these remotes while receiving them.
+    Forward {
+        /// The request id the receiver reports its own results under.
+        request_id: u64,
+        /// The remotes to forward to, each with its own subtree.
+        children: Vec<RelayNode>,
     },
     /// Control client -> server.
     SyncRequest(SyncRequest),
@@ -290,6 +300,7 @@ impl Msg {
             Msg::FileEnd { .. } => "fileEnd",
             Msg::StreamEnd => "streamEnd",
             Msg::StreamTicket { .. } => "streamTicket",
+            Msg::Forward { .. } => "forward",
             Msg::SyncRequest(_) => "syncRequest",
             Msg::PlanItems(_) => "planItems",
             Msg::RemoteResult(_) => "remoteResult",

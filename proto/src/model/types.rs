@@ -186,6 +186,9 @@ pub struct SyncRequest {
     pub blocks: Vec<BlockDef>,
     /// How file data travels.
     pub transfer: TransferOptions,
+    /// `--fanout`: relay children per node of a distribution tree (0: the master sends to
+    /// each remote itself).
+    pub fanout: u32,
 }
 
 /// How file data travels between agents (`--compress`, `--bwlimit`, `--master-bwlimit`,
@@ -387,6 +390,24 @@ pub struct RemoteResult {
     pub inconsistent: Vec<Failure>,
     /// Bytes of file data on the wire (after compression and deltas).
     pub wire_bytes: u64,
+    /// Who sent this remote its files: empty for the master, else the relay's address.
+    pub source: String,
+}
+
+/// One remote of a relay tree (see [`Msg::Forward`](crate::Msg::Forward)): the agent that
+/// receives a stream forwards it to `target`, which forwards it to its `children`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RelayNode {
+    /// host:port of the remote agent.
+    pub target: String,
+    /// The request id the server gave this remote's share of the order: its results
+    /// travel back up the tree under it.
+    pub request_id: u64,
+    /// The remotes it forwards to.
+    pub children: Vec<RelayNode>,
+    /// With `--tls`: the server's signed authority for the stream from this node's parent
+    /// to `target` ([`crate::ticket`]), which the parent presents first; empty without TLS.
+    pub ticket: Vec<u8>,
 }
 
 /// A file a remote received, as the master sent it (in a consistency request).
