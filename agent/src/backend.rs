@@ -212,6 +212,18 @@ pub trait Backend: Send + Sync {
     /// Makes renames in directory `dir` durable.
     fn sync_dir(&self, dir: &[u8]) -> Result<(), AgentError>;
 
+    /// Makes the bytes of every file of `files` durable, together (see
+    /// [`TempFile::finish`]): the POSIX backend issues one `syncfs(2)` on the tree's file
+    /// system (falling back to one `fdatasync` per file). Default: each file's
+    /// [`FinishedTemp::sync_data`].
+    fn make_durable(&self, files: &[Box<dyn FinishedTemp>]) -> Result<(), AgentError> {
+        files.iter().try_for_each(|f| f.sync_data())
+    }
+
+    /// Something other than this backend may have replaced directories of the tree (a
+    /// block's commit): forget the directories kept open. Default: nothing.
+    fn dirs_changed(&self) {}
+
     /// Whether owner and group can be applied.
     fn can_chown(&self) -> bool;
 
@@ -239,6 +251,21 @@ pub trait TempFile: Write + Send {
     /// destination (removing the destination's partial, if any).
     fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError>;
 
+    /// The first half of a batched commit: the content is complete; applies `attrs` and
+    /// closes the file, which stays under its temporary name. The caller makes a group of
+    /// finished files durable at once ([`Backend::make_durable`]), then
+    /// [`FinishedTemp::publish`]es each: so a file never shows under its real name before
+    /// its bytes are durable, at the cost of one flush per group instead of one per file.
+    /// Dropping the result unpublished removes the temporary file. Default: the whole
+    /// [`TempFile::commit`] now (a finished file with nothing left to do).
+    fn finish(
+        self: Box<Self>,
+        attrs: &Attrs,
+    ) -> Result<(Box<dyn FinishedTemp>, Applied), AgentError> {
+        let applied = self.commit(attrs)?;
+        Ok((Box::new(Committed), applied))
+    }
+
     /// The stream was cut mid-file: keeps what was written as the partial of the
     /// destination (made durable, renamed to its [`partial_name`], replacing an
     /// older partial) instead of removing it, so that the next sync can resume
@@ -248,6 +275,89 @@ pub trait TempFile: Write + Send {
     /// the temp is removed, nothing kept.
     fn keep_as_partial(self: Box<Self>) -> Result<bool, AgentError> {
         Ok(false)
+    }
+}
+
+/// A received file whose content and attributes are complete ([`TempFile::finish`]), not
+/// yet known durable nor in place.
+pub trait FinishedTemp: Send {
+    /// Makes its bytes durable on its own (when the group's flush could not).
+    fn sync_data(&self) -> Result<(), AgentError>;
+
+    /// Puts it in place: renames it over its destination (removing the destination's
+    /// partial, if any). Call only once its bytes are durable ([`Backend::make_durable`]).
+    fn publish(self: Box<Self>) -> Result<(), AgentError>;
+
+    /// What the file is once in place, as `fstat` saw it when finished: inode, size and
+    /// modification time (seconds, nanoseconds); a rename changes none of them. `None`
+    /// when unknown.
+    fn stat(&self) -> Option<FinishedStat> {
+        None
+    }
+}
+
+/// Inode, size and modification time of a finished file; see [`FinishedTemp::stat`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FinishedStat {
+    /// Inode number.
+    pub inode: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Modification time: seconds and nanoseconds.
+    pub mtime: (i64, u32),
+}
+
+/// A file committed whole by [`TempFile::finish`]'s default: nothing left to do.
+struct Committed;
+
+impl FinishedTemp for Committed {
+    fn sync_data(&self) -> Result<(), AgentError> {
+        Ok(())
+    }
+    fn publish(self: Box<Self>) -> Result<(), AgentError> {
+        Ok(())
+    }
+}
+
+/// The directory the last temp file was created in (or the last checksummed file was
+/// in), kept open: received files and checksum requests come directory by directory, so
+/// most need no path resolution of their parent. Forgotten whenever the backend deletes
+/// or replaces anything that may be a directory, and on [`Backend::dirs_changed`].
+#[derive(Default)]
+struct LastDir {
+    /// The generation of the tree's directories it was opened in, its path and descriptor.
+    slot: Mutex<Option<OpenDir>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// A directory kept open: generation, tree-relative path, descriptor.
+type OpenDir = (u64, Vec<u8>, Arc<OwnedFd>);
+
+impl LastDir {
+    fn forget(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *self.slot.lock().expect("poisoned") = None;
+    }
+
+    /// The parent directory of `path` (as [`Root::parent`] resolves it), with the final name.
+    fn parent<'p>(
+        &self,
+        root: &Root,
+        path: &'p [u8],
+    ) -> Result<(Arc<OwnedFd>, &'p [u8]), AgentError> {
+        path::check(path)?;
+        let (dir, n) = path::split(path);
+        let gen = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some((g, d, fd)) = &*self.slot.lock().expect("poisoned") {
+            if *g == gen && d == dir && !path.is_empty() {
+                return Ok((fd.clone(), n));
+            }
+        }
+        let (fd, n) = root.parent(path)?;
+        let fd = Arc::new(fd);
+        *self.slot.lock().expect("poisoned") = Some((gen, dir.to_vec(), fd.clone()));
+        Ok((fd, n))
     }
 }
 
@@ -261,6 +371,7 @@ pub struct PosixBackend {
     partial_max_age: std::time::Duration,
     /// Partial files the listings found, until taken ([`Backend::take_listed_partials`]).
     listed_partials: Mutex<Vec<ListedPartial>>,
+    last_dir: LastDir,
 }
 
 /// A partial file as a listing found it: its own path in the tree (`.fleetsync.partial.*`)
@@ -300,6 +411,7 @@ impl PosixBackend {
             }),
             partial_max_age: PARTIAL_MAX_AGE,
             listed_partials: Mutex::default(),
+            last_dir: LastDir::default(),
         })
     }
 
@@ -673,10 +785,22 @@ impl PosixBackend {
     ) -> Result<(), AgentError> {
         if let Some(st) = self.stat_at(dir, n, rel)? {
             if kind_of(&st) == FileKind::Dir {
+                self.last_dir.forget();
                 remove_tree(dir, n, rel)?;
             }
         }
         Ok(())
+    }
+}
+
+/// The checksum cache's key of a file with this `stat`.
+fn file_key(st: &Stat) -> FileKey {
+    FileKey {
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        size: st.st_size as u64,
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
     }
 }
 
@@ -836,7 +960,7 @@ impl Drop for LiveTemp<'_> {
 
 struct PosixTemp {
     file: Option<File>,
-    parent: OwnedFd,
+    parent: Arc<OwnedFd>,
     tmp: Vec<u8>,
     tmp_rel: Vec<u8>,
     dest: Vec<u8>,
@@ -861,36 +985,37 @@ impl Write for PosixTemp {
     }
 }
 
-impl TempFile for PosixTemp {
-    fn commit(mut self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
-        let file = self.file.take().expect("open until commit");
-        let rel = self.dest_rel.clone();
-        if self.fsync {
-            file.sync_data()
-                .map_err(|e| AgentError::io("fsync", &rel, e))?;
-        }
+impl PosixTemp {
+    /// Applies `attrs` to the open temp file.
+    fn apply_attrs(&self, file: &File, attrs: &Attrs) -> Result<Applied, AgentError> {
+        let rel = &self.dest_rel;
         let mut applied = Applied::default();
         if let Some((uid, gid)) = attrs.owner {
             if self.can_chown {
                 rustix::fs::fchown(
-                    &file,
+                    file,
                     Some(rustix::fs::Uid::from_raw(uid)),
                     Some(rustix::fs::Gid::from_raw(gid)),
                 )
-                .map_err(|e| AgentError::io("chown", &rel, e))?;
+                .map_err(|e| AgentError::io("chown", rel, e))?;
             } else {
                 applied.owner_skipped = true;
             }
         }
         if let Some(mode) = attrs.mode {
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & 0o7777))
-                .map_err(|e| AgentError::io("chmod", &rel, e))?;
+            rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))
+                .map_err(|e| AgentError::io("chmod", rel, e))?;
         }
         if let Some((sec, nsec)) = attrs.mtime {
-            rustix::fs::futimens(&file, &times(sec, nsec))
-                .map_err(|e| AgentError::io("set mtime", &rel, e))?;
+            rustix::fs::futimens(file, &times(sec, nsec))
+                .map_err(|e| AgentError::io("set mtime", rel, e))?;
         }
-        drop(file);
+        Ok(applied)
+    }
+
+    /// Renames the (closed) temp file over its destination and removes the destination's
+    /// partial.
+    fn rename_into_place(&mut self) -> Result<(), AgentError> {
         let r = rustix::fs::renameat(
             &self.parent,
             name(&self.tmp),
@@ -898,7 +1023,7 @@ impl TempFile for PosixTemp {
             name(&self.dest),
         );
         if let Err(e) = r {
-            return Err(AgentError::io("rename", &rel, e)); // Drop removes the temp file
+            return Err(AgentError::io("rename", &self.dest_rel, e)); // Drop removes the temp file
         }
         self.live.lock().expect("poisoned").remove(&self.tmp_rel);
         self.tmp.clear();
@@ -908,7 +1033,39 @@ impl TempFile for PosixTemp {
             name(&partial_name(&self.dest)),
             AtFlags::empty(),
         );
+        Ok(())
+    }
+}
+
+impl TempFile for PosixTemp {
+    fn commit(mut self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
+        let file = self.file.take().expect("open until commit");
+        if self.fsync {
+            file.sync_data()
+                .map_err(|e| AgentError::io("fsync", &self.dest_rel, e))?;
+        }
+        let applied = self.apply_attrs(&file, attrs)?;
+        drop(file);
+        self.rename_into_place()?;
         Ok(applied)
+    }
+
+    fn finish(
+        mut self: Box<Self>,
+        attrs: &Attrs,
+    ) -> Result<(Box<dyn FinishedTemp>, Applied), AgentError> {
+        let file = self.file.take().expect("open until commit");
+        let applied = self.apply_attrs(&file, attrs)?;
+        let st = rustix::fs::fstat(&file).map_err(|e| AgentError::io("stat", &self.dest_rel, e))?;
+        // Closed now: a group of thousands of finished files holds no descriptor each
+        // (their directory's is shared).
+        drop(file);
+        let stat = FinishedStat {
+            inode: st.st_ino as u64,
+            size: (st.st_size as i64).max(0) as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        };
+        Ok((Box::new(PosixFinished { temp: *self, stat }), applied))
     }
 
     fn keep_as_partial(mut self: Box<Self>) -> Result<bool, AgentError> {
@@ -935,6 +1092,39 @@ impl TempFile for PosixTemp {
                 .map_err(|e| AgentError::io("fsync", &self.dest_rel, e))?;
         }
         Ok(true)
+    }
+}
+
+/// A finished [`PosixTemp`]: closed, still under its temporary name.
+struct PosixFinished {
+    temp: PosixTemp,
+    stat: FinishedStat,
+}
+
+impl FinishedTemp for PosixFinished {
+    fn sync_data(&self) -> Result<(), AgentError> {
+        let t = &self.temp;
+        if !t.fsync {
+            return Ok(());
+        }
+        // Reopened by name in its directory (never following a symlink): the descriptor
+        // was closed at finish.
+        let fd = rustix::fs::openat(
+            &t.parent,
+            name(&t.tmp),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| AgentError::io("open", &t.tmp_rel, e))?;
+        rustix::fs::fdatasync(&fd).map_err(|e| AgentError::io("fsync", &t.dest_rel, e))
+    }
+
+    fn publish(mut self: Box<Self>) -> Result<(), AgentError> {
+        self.temp.rename_into_place()
+    }
+
+    fn stat(&self) -> Option<FinishedStat> {
+        Some(self.stat)
     }
 }
 
@@ -1004,6 +1194,21 @@ impl Backend for PosixBackend {
         alg: &AlgorithmInfo,
         fresh: bool,
     ) -> Result<(Vec<u8>, u64), AgentError> {
+        if let (false, Some(c)) = (fresh, &self.sums) {
+            // The cache's key from a stat of the name in its directory (kept open from the
+            // previous file): a hit opens and reads nothing (one syscall instead of the
+            // open, fstat and close below).
+            if let Ok((dir, n)) = self.last_dir.parent(&self.root, path) {
+                if let Ok(st) = rustix::fs::statat(&*dir, name(n), AtFlags::SYMLINK_NOFOLLOW) {
+                    if kind_of(&st) == FileKind::File {
+                        let key = file_key(&st);
+                        if let Some(d) = c.get(&alg.name, &key) {
+                            return Ok((d, key.size));
+                        }
+                    }
+                }
+            }
+        }
         let (fd, st) = self.open_regular(path)?;
         let key = FileKey {
             dev: st.st_dev as u64,
@@ -1046,7 +1251,7 @@ impl Backend for PosixBackend {
     }
 
     fn create_temp(&self, path: &[u8]) -> Result<Box<dyn TempFile>, AgentError> {
-        let (parent, n) = self.root.parent(path)?;
+        let (parent, n) = self.last_dir.parent(&self.root, path)?;
         let (parent_rel, _) = path::split(path);
         let (tmp, tmp_rel) = self.temp_name(parent_rel, Some(n));
         // Live before it exists, so that a listing meanwhile leaves it alone.
@@ -1099,7 +1304,7 @@ impl Backend for PosixBackend {
             .insert(tmp_rel.clone());
         let mut temp = PosixTemp {
             file: None,
-            parent,
+            parent: Arc::new(parent),
             tmp,
             tmp_rel,
             dest: n.to_vec(),
@@ -1212,6 +1417,7 @@ impl Backend for PosixBackend {
     }
 
     fn delete(&self, path: &[u8], recursive: bool) -> Result<(), AgentError> {
+        self.last_dir.forget();
         let (parent, n) = self.root.parent(path)?;
         // A partial of a deleted path is stale.
         let _ = rustix::fs::unlinkat(&parent, name(&partial_name(n)), AtFlags::empty());
@@ -1318,8 +1524,31 @@ impl Backend for PosixBackend {
     }
 
     fn sync_dir(&self, dir: &[u8]) -> Result<(), AgentError> {
+        if !self.fsync {
+            return Ok(());
+        }
         let fd = self.root.open_dir(dir)?;
         rustix::fs::fsync(&fd).map_err(|e| AgentError::io("fsync", dir, e))
+    }
+
+    fn make_durable(&self, files: &[Box<dyn FinishedTemp>]) -> Result<(), AgentError> {
+        if !self.fsync || files.is_empty() {
+            return Ok(());
+        }
+        // One syncfs(2) for the group: measured on ext4 (benches/small_files.sh, 200,000
+        // files of 0..49 bytes) it beats one fdatasync per file, issued in sequence or from
+        // 8 threads, and sync_file_range + one fsync (which is no durability guarantee).
+        match rustix::fs::syncfs(self.root.fd()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!("syncfs: {e}; one fdatasync per file instead");
+                files.iter().try_for_each(|f| f.sync_data())
+            }
+        }
+    }
+
+    fn dirs_changed(&self) {
+        self.last_dir.forget();
     }
 
     fn can_chown(&self) -> bool {

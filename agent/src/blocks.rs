@@ -187,6 +187,8 @@ pub(crate) fn commit(
                             Err(e)
                         }
                     };
+                    // The block may have replaced directories the backend keeps open.
+                    shared.backend.dirs_changed();
                     match &r {
                         Ok(()) => info!(stage, block, ops = ops.len(), "block committed"),
                         Err(e) => warn!(stage, block, "block not committed: {e}"),

@@ -349,12 +349,16 @@ pub fn record_applied(
 pub struct WriteLog {
     file: File,
     path: PathBuf,
+    /// Bytes in the log (where the next entry goes).
+    len: u64,
 }
 
 impl WriteLog {
     /// Opens (creating) the log for appending.
     pub fn open(path: &Path) -> Result<Self, ConsistencyError> {
+        // Readable too: records are read back by offset (read_at).
         let file = File::options()
+            .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
@@ -364,9 +368,18 @@ impl WriteLog {
                 path: path.to_owned(),
                 source,
             })?;
+        let len = file
+            .metadata()
+            .map_err(|source| ConsistencyError::Io {
+                action: "stat write log",
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
         Ok(Self {
             file,
             path: path.to_owned(),
+            len,
         })
     }
 
@@ -393,8 +406,9 @@ impl WriteLog {
     }
 
     /// Appends one entry with a single write, without fsync: call [`WriteLog::sync`] after a
-    /// batch (the agent does at the end of each sync stream).
-    pub fn append_unsynced(&mut self, entry: &ReceivedFile) -> Result<(), ConsistencyError> {
+    /// batch (the agent does at the end of each sync stream). Returns the entry's offset in
+    /// the log (for [`WriteLog::read_at`]).
+    pub fn append_unsynced(&mut self, entry: &ReceivedFile) -> Result<u64, ConsistencyError> {
         let mut line = String::from("v1 ");
         journal::escape(
             &mut line,
@@ -416,7 +430,46 @@ impl WriteLog {
         };
         self.file
             .write_all(line.as_bytes())
-            .map_err(io("append to write log"))
+            .map_err(io("append to write log"))?;
+        let at = self.len;
+        self.len += line.len() as u64;
+        Ok(at)
+    }
+
+    /// The entry at `offset` (as [`WriteLog::append_unsynced`] returned it), read from the
+    /// log's file (written, if not yet durable: the page cache has it).
+    pub fn read_at(&self, offset: u64) -> Result<ReceivedFile, ConsistencyError> {
+        use std::os::unix::fs::FileExt;
+        let bad = |reason: String| ConsistencyError::BadLogLine {
+            path: self.path.clone(),
+            line: 0,
+            reason,
+        };
+        let mut buf = vec![0u8; 512];
+        let mut got = 0;
+        loop {
+            let n = loop {
+                match self.file.read_at(&mut buf[got..], offset + got as u64) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            }
+            .map_err(|source| ConsistencyError::Io {
+                action: "read write log",
+                path: self.path.clone(),
+                source,
+            })?;
+            if n == 0 {
+                return Err(bad(format!("no whole entry at offset {offset}")));
+            }
+            if let Some(end) = buf[got..got + n].iter().position(|&b| b == b'\n') {
+                return parse_log_line(&buf[..got + end]).map_err(bad);
+            }
+            got += n;
+            if got == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+        }
     }
 
     /// Rewrites the log at `path` with only the last entry of each path (atomically: a
@@ -424,18 +477,30 @@ impl WriteLog {
     /// many lines as paths. Returns whether it was rewritten. Not safe against another
     /// process appending meanwhile: run it before serving.
     pub fn compact(path: &Path) -> Result<bool, ConsistencyError> {
-        let lines = match std::fs::read(path) {
-            Ok(t) => t.iter().filter(|&&b| b == b'\n').count(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(source) => {
-                return Err(ConsistencyError::Io {
-                    action: "read write log",
-                    path: path.to_owned(),
-                    source,
-                })
+        // Streamed, twice: the first pass keeps, per path, a 64-bit hash of it and the
+        // number of its last line (about 32 bytes per path, not the entries themselves);
+        // the second copies those lines. Two paths of one hash (odds about n^2 / 2^65)
+        // would lose the older one's entry: its file is then reported "not in the write
+        // log" and synchronized again, nothing worse.
+        let io_err = |action: &'static str| {
+            move |source| ConsistencyError::Io {
+                action,
+                path: path.to_owned(),
+                source,
             }
         };
-        let last = Self::read(path)?;
+        let mut last: HashMap<u64, usize> = HashMap::new();
+        let mut lines = 0;
+        match File::open(path) {
+            Ok(f) => for_each_line(f, path, |i, line| {
+                parse_log_line(line)?;
+                last.insert(path_hash(line), i);
+                lines = i + 1;
+                Ok(())
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("read write log")(e)),
+        }
         if lines <= 2 * last.len() {
             return Ok(false);
         }
@@ -443,19 +508,58 @@ impl WriteLog {
         tmp.push(".compact");
         let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let mut entries: Vec<&ReceivedFile> = last.values().collect();
-        entries.sort_by(|a, b| a.path.as_path().cmp(b.path.as_path()));
-        let mut log = Self::open(&tmp)?;
-        for e in entries {
-            log.append_unsynced(e)?;
+        {
+            let out = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err("write compacted write log"))?;
+            let mut w = io::BufWriter::new(out);
+            let f = File::open(path).map_err(io_err("read write log"))?;
+            for_each_line(f, path, |i, line| {
+                if last.get(&path_hash(line)) == Some(&i) {
+                    w.write_all(line)
+                        .and_then(|()| w.write_all(b"\n"))
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })?;
+            let out = w
+                .into_inner()
+                .map_err(|e| io_err("write compacted write log")(e.into_error()))?;
+            out.sync_data()
+                .map_err(io_err("fsync compacted write log"))?;
         }
-        log.sync()?;
-        std::fs::rename(&tmp, path).map_err(|source| ConsistencyError::Io {
-            action: "replace write log",
-            path: path.to_owned(),
-            source,
-        })?;
+        std::fs::rename(&tmp, path).map_err(io_err("replace write log"))?;
         Ok(true)
+    }
+
+    /// Reads the last entry of each path of a log for which `wanted` holds, streaming it (the
+    /// others cost no memory). A missing log is empty.
+    pub fn read_wanted(
+        path: &Path,
+        mut wanted: impl FnMut(&RelPath) -> bool,
+    ) -> Result<HashMap<RelPath, ReceivedFile>, ConsistencyError> {
+        let mut map = HashMap::new();
+        match File::open(path) {
+            Ok(f) => for_each_line(f, path, |_, line| {
+                let e = parse_log_line(line)?;
+                if wanted(&e.path) {
+                    map.insert(e.path.clone(), e);
+                }
+                Ok(())
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ConsistencyError::Io {
+                    action: "read write log",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        Ok(map)
     }
 
     /// Reads a log: the last entry of each path. A missing log is empty.
@@ -485,6 +589,49 @@ impl WriteLog {
         }
         Ok(map)
     }
+}
+
+/// Calls `each` with the number and bytes (without the `\n`) of every whole line of the log
+/// `file` (at `path`); a torn last line is skipped, as [`WriteLog::read`] does. An error of
+/// `each` is the line's.
+fn for_each_line(
+    file: File,
+    path: &Path,
+    mut each: impl FnMut(usize, &[u8]) -> Result<(), String>,
+) -> Result<(), ConsistencyError> {
+    use std::io::BufRead;
+    let mut r = io::BufReader::with_capacity(1 << 16, file);
+    let mut line = Vec::new();
+    let mut i = 0;
+    loop {
+        line.clear();
+        let n = r
+            .read_until(b'\n', &mut line)
+            .map_err(|source| ConsistencyError::Io {
+                action: "read write log",
+                path: path.to_owned(),
+                source,
+            })?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(());
+        }
+        line.pop();
+        each(i, &line).map_err(|reason| ConsistencyError::BadLogLine {
+            path: path.to_owned(),
+            line: i + 1,
+            reason,
+        })?;
+        i += 1;
+    }
+}
+
+/// A 64-bit hash of the (escaped) path field of a log line.
+fn path_hash(line: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let field = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    field.hash(&mut h);
+    h.finish()
 }
 
 fn parse_log_line(line: &[u8]) -> Result<ReceivedFile, String> {

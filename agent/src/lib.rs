@@ -65,7 +65,7 @@ mod stages;
 pub mod sumcache;
 pub mod versions;
 
-pub use backend::{Backend, PosixBackend, TempFile};
+pub use backend::{Backend, FinishedStat, FinishedTemp, PosixBackend, TempFile};
 pub use error::AgentError;
 pub use listen::{Agent, AgentHandle, StopReport};
 

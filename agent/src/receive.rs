@@ -2,7 +2,8 @@
 //! reconstructed (whole chunks, compressed or not; a zstd patch or an rsync delta against a
 //! basis file; the rest of a partial file; a copy of a basis) into a temporary file (or a
 //! block's staging directory), verified (size and checksum against the master's), then
-//! committed (fsync, attributes, rename) on a pool of threads and recorded in the write log.
+//! committed in groups (attributes; one flush of the group; renames; one fsync per
+//! directory; see [`Committer`]) on a thread of its own and recorded in the write log.
 //! A stream cut mid-file keeps what arrived as the path's partial file, for the next sync to
 //! continue. A file whose data does not verify is reported with coding [`RETRY`]: the master
 //! sends it again whole.
@@ -20,7 +21,7 @@ use fleetsync_proto::{
 };
 use tracing::{debug, warn};
 
-use crate::backend::TempFile;
+use crate::backend::{FinishedTemp, TempFile};
 use crate::codec::chunk::ChunkDecoder;
 use crate::codec::delta::DeltaApplier;
 use crate::codec::patch::PatchDecoder;
@@ -105,12 +106,7 @@ pub(crate) fn receive(
     allowed: Option<&HashSet<Vec<u8>>>,
 ) -> Result<(), AgentError> {
     let mut cur: Option<Incoming> = None;
-    let mut committer = Committer::new(
-        w.clone(),
-        COMMIT_THREADS,
-        shared.consist.clone(),
-        shared.metrics.clone(),
-    );
+    let mut committer = Committer::new(w.clone(), shared.clone());
     let r = receive_files(reader, w, shared, &mut cur, &mut committer, allowed);
     if r.is_err() {
         // Cut off: what arrived of the file in flight is kept as its partial file (or
@@ -262,7 +258,7 @@ fn receive_files(
                     )));
                 };
                 match inc.into_job(shared, size, digest, aborted, error) {
-                    Ok(job) => committer.submit(job)?,
+                    Ok(job) => committer.submit(w, job)?,
                     Err((p, why, retry, wire)) => {
                         debug!("receive {}: {why}", show(&p));
                         committer.report_failure(w, &p, why, retry, wire)?;
@@ -276,16 +272,12 @@ fn receive_files(
                 if let Some(t) = answering.take() {
                     let _ = t.join();
                 }
-                let (mut done, dirs) = committer.finish();
+                // Every group's renames are durable already (see commit_group).
+                let mut done = committer.finish();
                 if let Some((fwd, request_id)) = relay.as_mut() {
                     // Every result of the subtree goes up before this relay's `done`.
                     fwd.finish();
                     done.request_id = *request_id;
-                }
-                for d in &dirs {
-                    if let Err(e) = backend.sync_dir(d) {
-                        warn!("{e}");
-                    }
                 }
                 shared.consist.sync_log();
                 send_flush(w, &Msg::Done(done))?;
@@ -490,7 +482,7 @@ impl Incoming {
         digest: Vec<u8>,
         aborted: bool,
         error: String,
-    ) -> Result<CommitJob, (Vec<u8>, String, bool, u64)> {
+    ) -> Result<Verified, (Vec<u8>, String, bool, u64)> {
         let path = self.entry.path.clone();
         let lock = self.lock_timeout_ms.map(|ms| (shared.root.clone(), ms));
         let (algorithm, stage) = (self.algorithm.clone(), self.stage.clone());
@@ -505,18 +497,21 @@ impl Incoming {
             self.sink.fail(why, true);
         }
         match self.verify(size, &digest, aborted, error) {
-            Ok((temp, attrs)) => Ok(CommitJob {
+            Ok((temp, attrs)) => Ok((
                 temp,
                 attrs,
-                path,
-                size,
-                lock,
-                algorithm,
-                digest,
-                stage,
-                wire,
-                coding,
-            }),
+                CommitJob {
+                    path,
+                    size,
+                    lock,
+                    algorithm,
+                    digest,
+                    stage,
+                    wire,
+                    coding,
+                    owner_skipped: false,
+                },
+            )),
             Err((why, retry)) => Err((path, why, retry, wire)),
         }
     }
@@ -614,13 +609,17 @@ fn resume(
     Ok(temp)
 }
 
-/// Threads committing verified files (fsync, attributes, rename) so that the
-/// disk flushes of many files overlap while the stream keeps flowing.
-const COMMIT_THREADS: usize = 8;
+/// Files of one commit group at most: the group is what arrived while the previous group
+/// was being flushed (so groups grow as the disk lags), up to this many.
+const GROUP_FILES: usize = 1024;
+/// Bytes of one commit group at most (one big file makes a group of its own).
+const GROUP_BYTES: u64 = 64 << 20;
 
+/// A verified file: its temp, the attributes to give it, and the rest of its commit.
+type Verified = (Box<dyn TempFile>, Attrs, CommitJob);
+
+/// A verified file (its temp and attributes go separately: see [`Committer::submit`]).
 struct CommitJob {
-    temp: Box<dyn TempFile>,
-    attrs: Attrs,
     path: Vec<u8>,
     size: u64,
     /// `--lock`: the tree root and the lock timeout.
@@ -634,53 +633,69 @@ struct CommitJob {
     /// Bytes of its data on the wire, and how it travelled.
     wire: u64,
     coding: &'static str,
+    /// The owner could not be applied (set when finished).
+    owner_skipped: bool,
+}
+
+/// A verified file whose temp is finished ([`TempFile::finish`]: attributes applied,
+/// closed), waiting in the commit queue for its group's flush.
+struct Finished {
+    file: Box<dyn FinishedTemp>,
+    job: CommitJob,
 }
 
 struct CommitState {
     done: Done,
-    dirs: BTreeSet<Vec<u8>>,
     owner_noted: bool,
     metrics: Arc<AgentMetrics>,
 }
 
+/// Commits verified files in groups, on a thread of its own so that the stream keeps
+/// flowing meanwhile: a group's temp files are made durable together (one flush,
+/// [`Backend::make_durable`]), then renamed into place, then their directories fsynced
+/// once, then recorded in the write log and reported in one `itemResults` frame. So a file
+/// never shows under its real name before its bytes are durable, for one flush per group
+/// instead of one per file (with 200,000 files of 0..49 bytes, the per-file fsync had made
+/// the copy 1.8x slower than `rsync -a`).
+///
+/// [`Backend::make_durable`]: crate::backend::Backend::make_durable
 struct Committer {
-    tx: Option<std::sync::mpsc::SyncSender<CommitJob>>,
-    workers: Vec<thread::JoinHandle<()>>,
+    tx: Option<std::sync::mpsc::SyncSender<Finished>>,
+    worker: Option<thread::JoinHandle<()>>,
     state: Arc<Mutex<CommitState>>,
 }
 
 impl Committer {
-    fn new(
-        w: SharedWriter,
-        threads: usize,
-        consist: Arc<ConsistState>,
-        metrics: Arc<AgentMetrics>,
-    ) -> Committer {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<CommitJob>(threads * 2);
-        let rx = Arc::new(Mutex::new(rx));
+    fn new(w: SharedWriter, shared: Arc<Shared>) -> Committer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Finished>(GROUP_FILES);
         let state = Arc::new(Mutex::new(CommitState {
             done: Done::default(),
-            dirs: BTreeSet::new(),
             owner_noted: false,
-            metrics,
+            metrics: shared.metrics.clone(),
         }));
-        let workers = (0..threads)
-            .filter_map(|_| {
-                let (rx, state, w) = (rx.clone(), state.clone(), w.clone());
-                let consist = consist.clone();
-                thread::Builder::new()
-                    .name("agent-commit".into())
-                    .spawn(move || loop {
-                        let job = rx.lock().expect("poisoned").recv();
-                        let Ok(job) = job else { return };
-                        commit_one(job, &state, &w, &consist);
-                    })
-                    .ok()
+        let st = state.clone();
+        let worker = thread::Builder::new()
+            .name("agent-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut bytes = first.job.size;
+                    let mut group = vec![first];
+                    while group.len() < GROUP_FILES && bytes < GROUP_BYTES {
+                        match rx.try_recv() {
+                            Ok(f) => {
+                                bytes += f.job.size;
+                                group.push(f);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    commit_group(group, &st, &w, &shared);
+                }
             })
-            .collect();
+            .ok();
         Committer {
             tx: Some(tx),
-            workers,
+            worker,
             state,
         }
     }
@@ -718,30 +733,50 @@ impl Committer {
         )
     }
 
-    fn submit(&self, job: CommitJob) -> Result<(), AgentError> {
-        if self.workers.is_empty() {
-            // No thread could be started.
+    /// Finishes the job's temp file (attributes, close) here, and queues it for its group.
+    fn submit(&self, w: &SharedWriter, (temp, attrs, job): Verified) -> Result<(), AgentError> {
+        if self.worker.is_none() {
+            // The thread could not be started.
             return Err(AgentError::Proto(ProtoError::Io(std::io::Error::other(
-                "no commit threads",
+                "no commit thread",
             ))));
         }
+        let (file, applied) = match temp.finish(&attrs) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!("commit {}: {e}", show(&job.path));
+                self.state.lock().expect("poisoned").done.failed += 1;
+                return send(
+                    w,
+                    &Msg::ItemResults {
+                        request_id: self.request_id(),
+                        results: vec![failed(&job.path, e.to_string())],
+                    },
+                );
+            }
+        };
         self.tx
             .as_ref()
             .expect("open until finish")
-            .send(job)
+            .send(Finished {
+                file,
+                job: CommitJob {
+                    owner_skipped: applied.owner_skipped,
+                    ..job
+                },
+            })
             .map_err(|_| {
-                AgentError::Proto(ProtoError::Io(std::io::Error::other("commit threads gone")))
+                AgentError::Proto(ProtoError::Io(std::io::Error::other("commit thread gone")))
             })
     }
 
-    /// Waits for every commit; returns the totals and the directories written to.
-    fn finish(&mut self) -> (Done, BTreeSet<Vec<u8>>) {
+    /// Waits for every commit; returns the totals.
+    fn finish(&mut self) -> Done {
         self.tx = None;
-        for t in self.workers.drain(..) {
+        if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
-        let mut st = self.state.lock().expect("poisoned");
-        (st.done, std::mem::take(&mut st.dirs))
+        self.state.lock().expect("poisoned").done
     }
 }
 
@@ -752,65 +787,104 @@ impl Drop for Committer {
     }
 }
 
-fn commit_one(
-    job: CommitJob,
+/// Commits one group: one flush, the renames, one fsync per directory, the records, one
+/// `itemResults` frame.
+fn commit_group(
+    group: Vec<Finished>,
     state: &Mutex<CommitState>,
     w: &SharedWriter,
-    consist: &ConsistState,
+    shared: &Shared,
 ) {
-    // With --lock: an exclusive lock on the existing destination (cooperating readers hold
-    // shared locks on it) while the new file is renamed over it.
-    let guard = match &job.lock {
-        Some((root, ms)) => lock_beneath(root, &job.path, LockKind::Exclusive, *ms).map(Some),
-        None => Ok(None),
-    };
-    let r = guard.and_then(|guard| {
-        let r = job.temp.commit(&job.attrs).map_err(|e| e.to_string());
-        if r.is_ok() {
-            if job.stage.is_empty() {
-                consist.record(&job.path, &job.algorithm, &job.digest);
-            } else {
-                consist.record_staged(&job.stage, &job.path, &job.algorithm, &job.digest);
-            }
+    let (files, jobs): (Vec<_>, Vec<_>) = group.into_iter().map(|f| (f.file, f.job)).unzip();
+    // Their bytes durable before any of them shows under its real name.
+    let durable = shared
+        .backend
+        .make_durable(&files)
+        .map_err(|e| e.to_string());
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut dirs: BTreeSet<&[u8]> = BTreeSet::new();
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (file, job) in files.into_iter().zip(&jobs) {
+        // A file not published is dropped: its temp is removed.
+        let r = durable
+            .clone()
+            .and_then(|()| publish(file, job, &shared.consist));
+        if r.is_ok() && job.stage.is_empty() {
+            dirs.insert(path::split(&job.path).0);
         }
-        drop(guard);
-        r
-    });
-    let (result, request_id) = {
+        outcomes.push(r);
+    }
+    // The renames durable before they are reported.
+    for d in dirs {
+        if let Err(e) = shared.backend.sync_dir(d) {
+            warn!("{e}");
+        }
+    }
+    let request_id = {
         let mut st = state.lock().expect("poisoned");
-        let result = match r {
-            Ok(applied) => {
-                st.done.ok += 1;
-                st.dirs.insert(path::split(&job.path).0.to_vec());
-                let message = if applied.owner_skipped && !st.owner_noted {
-                    st.owner_noted = true;
-                    OWNER_NOTE.to_owned()
-                } else {
-                    String::new()
-                };
-                ItemResult {
-                    path: job.path,
-                    outcome: Outcome::Ok,
-                    message,
-                    bytes: job.size,
-                    digest: job.digest,
-                    wire_bytes: job.wire,
-                    coding: job.coding.to_owned(),
+        for (r, job) in outcomes.into_iter().zip(jobs) {
+            results.push(match r {
+                Ok(()) => {
+                    st.done.ok += 1;
+                    let message = if job.owner_skipped && !st.owner_noted {
+                        st.owner_noted = true;
+                        OWNER_NOTE.to_owned()
+                    } else {
+                        String::new()
+                    };
+                    ItemResult {
+                        path: job.path,
+                        outcome: Outcome::Ok,
+                        message,
+                        bytes: job.size,
+                        digest: job.digest,
+                        wire_bytes: job.wire,
+                        coding: job.coding.to_owned(),
+                    }
                 }
-            }
-            Err(e) => {
-                st.done.failed += 1;
-                failed(&job.path, e)
-            }
-        };
-        st.metrics.received(&result);
-        (result, st.done.request_id)
+                Err(e) => {
+                    st.done.failed += 1;
+                    failed(&job.path, e)
+                }
+            });
+        }
+        for r in &results {
+            st.metrics.received(r);
+        }
+        st.done.request_id
     };
     let _ = send_flush(
         w,
         &Msg::ItemResults {
             request_id,
-            results: vec![result],
+            results,
         },
     );
+}
+
+/// Puts one durable file in place (with `--lock`, under an exclusive lock on the existing
+/// destination, which cooperating readers hold shared) and records it.
+fn publish(
+    file: Box<dyn FinishedTemp>,
+    job: &CommitJob,
+    consist: &ConsistState,
+) -> Result<(), String> {
+    let guard = match &job.lock {
+        Some((root, ms)) => Some(
+            lock_beneath(root, &job.path, LockKind::Exclusive, *ms).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let stat = file.stat();
+    file.publish().map_err(|e| e.to_string())?;
+    if job.stage.is_empty() {
+        match stat {
+            Some(st) => consist.record_finished(&job.path, &job.algorithm, &job.digest, st),
+            None => consist.record(&job.path, &job.algorithm, &job.digest),
+        }
+    } else {
+        consist.record_staged(&job.stage, &job.path, &job.algorithm, &job.digest);
+    }
+    drop(guard);
+    Ok(())
 }

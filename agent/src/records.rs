@@ -2,7 +2,7 @@
 //! every file it commits from a sync stream, and checks them on a `consistencyRequest`
 //! (answered by [`crate::check`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -28,8 +28,12 @@ pub(crate) struct ConsistState {
     root: PathBuf,
     /// The persistent write log (`None`: records are kept in memory only).
     log: Option<Mutex<WriteLog>>,
-    /// The last record of each file committed and not yet found consistent.
+    /// The last record of each file committed and not yet found consistent, when it could
+    /// not go to a write log (none, or an append failed).
     records: Mutex<HashMap<RelPath, ReceivedFile>>,
+    /// With a write log: the offset in it of the last record of each file committed and not
+    /// yet found consistent, by a 64-bit hash of the path ([`rel_hash`]).
+    logged: Mutex<HashMap<u64, u64>>,
     /// Run [`RecordedStateCheck`] (on the write log) before `checks`.
     builtin: bool,
     /// Further checks (a deployment's own).
@@ -42,6 +46,16 @@ pub(crate) struct ConsistState {
 /// A file verified into a block transaction: path, algorithm, digest.
 type StagedRecord = (Vec<u8>, String, Vec<u8>);
 
+/// The key of a path in [`ConsistState::logged`]. Two paths of one hash (odds about
+/// n^2 / 2^65) are told apart by the record's own path: the one whose record is not found
+/// is read from the log, or reported "not in the write log" and synchronized again.
+fn rel_hash(rel: &RelPath) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rel.hash(&mut h);
+    h.finish()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -52,6 +66,7 @@ impl ConsistState {
             root: root.to_owned(),
             log: None,
             records: Mutex::default(),
+            logged: Mutex::default(),
             builtin: true,
             checks: Vec::new(),
             staged: Mutex::default(),
@@ -134,16 +149,64 @@ impl ConsistState {
                 return;
             }
         };
+        self.keep(rec);
+    }
+
+    /// As [`Self::record`], for a file whose inode, size and mtime are known from its commit
+    /// (no stat of the file again).
+    pub(crate) fn record_finished(
+        &self,
+        path: &[u8],
+        algorithm: &str,
+        digest: &[u8],
+        st: crate::backend::FinishedStat,
+    ) {
+        let rel = match RelPath::new(OsStr::from_bytes(path)) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("write log: {}: {e}", show(path));
+                return;
+            }
+        };
+        let rec = ReceivedFile {
+            path: rel,
+            algorithm: algorithm.to_owned(),
+            checksum: hex(digest),
+            size: st.size,
+            mtime: crate::journal::Mtime {
+                secs: st.mtime.0,
+                nanos: st.mtime.1,
+            },
+            inode: st.inode,
+        };
+        self.keep(rec);
+    }
+
+    /// Appends a record to the write log and keeps it in memory.
+    fn keep(&self, rec: ReceivedFile) {
         if let Some(log) = &self.log {
-            if let Err(e) = log.lock().expect("poisoned").append_unsynced(&rec) {
-                warn!("{e}");
+            match log.lock().expect("poisoned").append_unsynced(&rec) {
+                Ok(at) => {
+                    // Only where it is: 16 bytes a file (the record itself, in memory, had
+                    // cost some 280).
+                    let mut logged = self.logged.lock().expect("poisoned");
+                    if logged.len() >= MAX_RECORDS * 4 {
+                        logged.clear();
+                    }
+                    logged.insert(rel_hash(&rec.path), at);
+                    drop(logged);
+                    // An older record in memory (from before a failed append) is stale.
+                    self.records.lock().expect("poisoned").remove(&rec.path);
+                    return;
+                }
+                Err(e) => warn!("{e}"),
             }
         }
         let mut records = self.records.lock().expect("poisoned");
         if records.len() >= MAX_RECORDS {
             records.clear();
         }
-        records.insert(rel, rec);
+        records.insert(rec.path.clone(), rec);
     }
 
     /// Notes a file verified into block transaction `stage`; see [`Self::block_ended`].
@@ -177,71 +240,99 @@ impl ConsistState {
         }
     }
 
+    /// The last record of `rel` this agent made and still knows: in memory, or at the
+    /// offset in the write log it noted.
+    fn known_record(&self, rel: &RelPath) -> Option<ReceivedFile> {
+        if let Some(r) = self.records.lock().expect("poisoned").get(rel) {
+            return Some(r.clone());
+        }
+        let log = self.log.as_ref()?;
+        let at = *self.logged.lock().expect("poisoned").get(&rel_hash(rel))?;
+        match log.lock().expect("poisoned").read_at(at) {
+            // Another path of the same hash: not this one's record.
+            Ok(r) if r.path == *rel => Some(r),
+            Ok(_) => None,
+            Err(e) => {
+                warn!("{e}");
+                None
+            }
+        }
+    }
+
     /// Checks `files` (with the master's digests in `algorithm`); returns the inconsistent
     /// ones, sorted by path.
     pub(crate) fn check(&self, algorithm: &str, files: &[ExpectedFile]) -> Vec<InconsistentFile> {
         let mut out = Vec::new();
         let mut recs = Vec::with_capacity(files.len());
-        {
-            let records = self.records.lock().expect("poisoned");
-            // Records no longer in memory (checked before) come from the log, read once.
-            let mut logged: Option<HashMap<RelPath, ReceivedFile>> = None;
-            for f in files {
-                let bad = |check: &str, message: String| InconsistentFile {
-                    path: f.path.clone(),
-                    check: check.to_owned(),
-                    message,
-                };
-                let rel = path::check(&f.path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        RelPath::new(OsStr::from_bytes(&f.path)).map_err(|e| e.to_string())
-                    });
-                let rel = match rel {
-                    Ok(r) => r,
-                    Err(e) => {
-                        out.push(bad("request", e));
-                        continue;
-                    }
-                };
-                let rec = records.get(&rel).or_else(|| {
-                    let path = self.log_path()?;
-                    logged
-                        .get_or_insert_with(|| {
-                            WriteLog::read(&path).unwrap_or_else(|e| {
-                                warn!("{e}");
-                                HashMap::new()
-                            })
-                        })
-                        .get(&rel)
-                });
-                match rec {
-                    None => out.push(bad("write-log", Problem::NotInWriteLog.to_string())),
-                    Some(r)
-                        if r.algorithm != algorithm
-                            || r.size != f.size
-                            || (!f.digest.is_empty() && r.checksum != hex(&f.digest)) =>
-                    {
-                        out.push(bad(
-                            "write-log",
-                            format!(
-                                "the agent's last write ({} bytes, {} {}) is not what the \
-                                 master sent ({} bytes, {algorithm} {})",
-                                r.size,
-                                r.algorithm,
-                                r.checksum,
-                                f.size,
-                                hex(&f.digest)
-                            ),
-                        ))
-                    }
-                    Some(r) => recs.push(r.clone()),
+        let mut asked: Vec<(&ExpectedFile, RelPath, Option<ReceivedFile>)> =
+            Vec::with_capacity(files.len());
+        for f in files {
+            let rel = path::check(&f.path)
+                .map_err(|e| e.to_string())
+                .and_then(|()| RelPath::new(OsStr::from_bytes(&f.path)).map_err(|e| e.to_string()));
+            match rel {
+                Ok(rel) => {
+                    let rec = self.known_record(&rel);
+                    asked.push((f, rel, rec));
                 }
+                Err(e) => out.push(InconsistentFile {
+                    path: f.path.clone(),
+                    check: "request".to_owned(),
+                    message: e,
+                }),
+            }
+        }
+        // Records no longer known (found consistent before, or written by an earlier run of
+        // the agent) come from the log, read once for all of them, keeping only theirs.
+        let unknown: HashSet<&RelPath> = asked
+            .iter()
+            .filter(|a| a.2.is_none())
+            .map(|a| &a.1)
+            .collect();
+        let mut from_log = match (unknown.is_empty(), self.log_path()) {
+            (false, Some(p)) => {
+                WriteLog::read_wanted(&p, |r| unknown.contains(r)).unwrap_or_else(|e| {
+                    warn!("{e}");
+                    HashMap::new()
+                })
+            }
+            _ => HashMap::new(),
+        };
+        for (f, rel, rec) in asked {
+            let bad = |check: &str, message: String| InconsistentFile {
+                path: f.path.clone(),
+                check: check.to_owned(),
+                message,
+            };
+            match rec.or_else(|| from_log.remove(&rel)) {
+                None => out.push(bad("write-log", Problem::NotInWriteLog.to_string())),
+                Some(r)
+                    if r.algorithm != algorithm
+                        || r.size != f.size
+                        || (!f.digest.is_empty() && r.checksum != hex(&f.digest)) =>
+                {
+                    out.push(bad(
+                        "write-log",
+                        format!(
+                            "the agent's last write ({} bytes, {} {}) is not what the \
+                             master sent ({} bytes, {algorithm} {})",
+                            r.size,
+                            r.algorithm,
+                            r.checksum,
+                            f.size,
+                            hex(&f.digest)
+                        ),
+                    ))
+                }
+                Some(r) => recs.push(r),
             }
         }
         let mut found: Vec<Inconsistency> = Vec::new();
         if self.builtin {
-            found.extend(RecordedStateCheck::new(self.log_path()).check(&self.root, &recs));
+            // The records are the log's last entries (read from it, or just appended to it
+            // by this agent): the check compares the files with them, not again with the
+            // whole log (which it would read whole, every file's entry, at every request).
+            found.extend(RecordedStateCheck::new(None).check(&self.root, &recs));
         }
         for c in &self.checks {
             found.extend(c.check(&self.root, &recs));
@@ -251,9 +342,13 @@ impl ConsistState {
             let bad: std::collections::HashSet<&Path> =
                 found.iter().map(|i| i.path.as_path()).collect();
             let mut records = self.records.lock().expect("poisoned");
+            let mut logged = self.logged.lock().expect("poisoned");
             for r in &recs {
-                if !bad.contains(r.path.as_path()) && records.get(&r.path) == Some(r) {
-                    records.remove(&r.path);
+                if !bad.contains(r.path.as_path()) {
+                    if records.get(&r.path) == Some(r) {
+                        records.remove(&r.path);
+                    }
+                    logged.remove(&rel_hash(&r.path));
                 }
             }
         }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use fleetsync_proto::Attrs;
 use tracing::{info, warn};
 
-use crate::backend::{owner_ids, Applied, TempFile};
+use crate::backend::{owner_ids, Applied, FinishedTemp, TempFile};
 use crate::journal::{BlockTxn, JournalError, RelPath};
 use crate::AgentError;
 
@@ -151,13 +151,10 @@ impl Write for StagedFile {
     }
 }
 
-impl TempFile for StagedFile {
-    /// The file arrived complete and verified: it is recorded as such; it is put in place
-    /// (with the attributes of the commit's `put`) only when the whole block commits.
-    fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
-        // The sender's attributes (normally those of the commit's `put`) and the flush, here
-        // on the receiver's commit threads so that the disk writes of many files overlap; the
-        // journal then applies only what differs and its fsync finds little to do.
+impl StagedFile {
+    /// Applies the sender's attributes (normally those of the commit's `put`: the journal
+    /// then applies only what differs).
+    fn apply_attrs(&self, attrs: &Attrs) -> Result<(), AgentError> {
         if let (Some((uid, gid)), true) = (attrs.owner, self.can_chown) {
             let (uid, gid) = owner_ids(uid, gid);
             rustix::fs::fchown(&self.file, uid, gid)
@@ -181,13 +178,66 @@ impl TempFile for StagedFile {
             rustix::fs::futimens(&self.file, &t)
                 .map_err(io_err("set mtime of staged file for", &self.path))?;
         }
+        Ok(())
+    }
+}
+
+impl TempFile for StagedFile {
+    /// The file arrived complete and verified: it is recorded as such; it is put in place
+    /// (with the attributes of the commit's `put`) only when the whole block commits.
+    fn commit(self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
+        // The flush here, so that the journal's fsync at the block's commit finds little
+        // to do.
+        self.apply_attrs(attrs)?;
         self.file
             .sync_all()
             .map_err(io_err("fsync staged file for", &self.path))?;
+        Box::new(StagedArrived::from(*self)).publish()?;
+        Ok(Applied::default())
+    }
+
+    /// As [`TempFile::commit`], the flush left to the group's ([`Backend::make_durable`]).
+    ///
+    /// [`Backend::make_durable`]: crate::backend::Backend::make_durable
+    fn finish(
+        self: Box<Self>,
+        attrs: &Attrs,
+    ) -> Result<(Box<dyn FinishedTemp>, Applied), AgentError> {
+        self.apply_attrs(attrs)?;
+        // Closed now: a group of finished files holds no descriptor each.
+        Ok((Box::new(StagedArrived::from(*self)), Applied::default()))
+    }
+}
+
+/// A staged file complete with its attributes; marked arrived when published. Its bytes
+/// need no flush of their own: the block's commit fsyncs every staged file before its
+/// commit point.
+struct StagedArrived {
+    staged: Arc<Mutex<Staged>>,
+    path: Vec<u8>,
+    written: u64,
+}
+
+impl From<StagedFile> for StagedArrived {
+    fn from(f: StagedFile) -> Self {
+        StagedArrived {
+            staged: f.staged,
+            path: f.path,
+            written: f.written,
+        }
+    }
+}
+
+impl FinishedTemp for StagedArrived {
+    fn sync_data(&self) -> Result<(), AgentError> {
+        Ok(())
+    }
+
+    fn publish(self: Box<Self>) -> Result<(), AgentError> {
         let mut st = self.staged.lock().expect("poisoned");
         st.files
-            .insert(self.path.clone(), Arrival::Arrived { size: self.written });
-        Ok(Applied::default())
+            .insert(self.path, Arrival::Arrived { size: self.written });
+        Ok(())
     }
 }
 

@@ -42,7 +42,7 @@ pub struct FileKey {
 #[derive(Debug, Default)]
 pub struct SumCache {
     file: Option<PathBuf>,
-    map: Mutex<Map>,
+    map: Mutex<Tables>,
     dirty: AtomicBool,
     last_save: Mutex<Option<std::time::Instant>>,
 }
@@ -81,10 +81,7 @@ impl SumCache {
     /// The cached digest of the file with `key`, if still valid.
     pub fn get(&self, alg: &str, key: &FileKey) -> Option<Vec<u8>> {
         let map = self.map.lock().expect("poisoned");
-        match map.get(alg)?.get(&(key.dev, key.ino)) {
-            Some((k, d)) if k == key => Some(d.clone()),
-            _ => None,
-        }
+        map.get(alg)?.get(key).map(<[u8]>::to_vec)
     }
 
     /// Remembers a digest computed from a file that had `key` before it was
@@ -98,10 +95,12 @@ impl SumCache {
             return;
         }
         let mut map = self.map.lock().expect("poisoned");
-        map.entry(alg.to_owned())
-            .or_default()
-            .insert((key.dev, key.ino), (key, digest.to_vec()));
-        self.dirty.store(true, Ordering::Relaxed);
+        let table = map
+            .entry(alg.to_owned())
+            .or_insert_with(|| Table::new(digest.len()));
+        if table.put(key, digest) {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Like [`SumCache::save`], but at most once per `interval`.
@@ -134,8 +133,8 @@ impl SumCache {
             let map = self.map.lock().expect("poisoned");
             let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
             w.write_all(MAGIC)?;
-            for (alg, entries) in map.iter() {
-                for (k, d) in entries.values() {
+            for (alg, table) in map.iter() {
+                for (k, d) in table.iter() {
                     w.write_all(&[alg.len() as u8])?;
                     w.write_all(alg.as_bytes())?;
                     for v in [k.dev, k.ino, k.size] {
@@ -155,17 +154,134 @@ impl SumCache {
     }
 }
 
-/// Per algorithm: (dev, inode) -> (key when hashed, digest).
-type Map = HashMap<String, HashMap<(u64, u64), (FileKey, Vec<u8>)>>;
+/// Per algorithm, its table.
+type Tables = HashMap<String, Table>;
 
-fn load(file: &Path) -> Option<Map> {
+/// One cached file: its key (by `(dev, ino)`) and where its digest is.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: FileKey,
+    /// Index of its digest in [`Table::digests`].
+    digest: u32,
+}
+
+/// The digests of one algorithm (all of one width), compact: a million files cost about
+/// 56 bytes each plus the digest (with a map of entries and one heap digest each, they had
+/// cost about 130). Sorted by `(dev, ino)` for binary search; new files go to a small map
+/// first, merged in when it grows ([`TAIL_MAX`]).
+#[derive(Debug, Default)]
+struct Table {
+    width: usize,
+    sorted: Vec<Slot>,
+    tail: HashMap<(u64, u64), Slot>,
+    /// `width` bytes per slot.
+    digests: Vec<u8>,
+}
+
+/// Files in a table's unsorted part before it is merged into the sorted one.
+const TAIL_MAX: usize = 1 << 16;
+
+impl Table {
+    fn new(width: usize) -> Self {
+        Table {
+            width,
+            ..Table::default()
+        }
+    }
+
+    fn find(&self, dev: u64, ino: u64) -> Option<&Slot> {
+        match self
+            .sorted
+            .binary_search_by_key(&(dev, ino), |s| (s.key.dev, s.key.ino))
+        {
+            Ok(i) => Some(&self.sorted[i]),
+            Err(_) => self.tail.get(&(dev, ino)),
+        }
+    }
+
+    fn digest(&self, slot: &Slot) -> &[u8] {
+        &self.digests[slot.digest as usize * self.width..][..self.width]
+    }
+
+    fn get(&self, key: &FileKey) -> Option<&[u8]> {
+        let slot = self.find(key.dev, key.ino)?;
+        (slot.key == *key).then(|| self.digest(slot))
+    }
+
+    /// Sets the digest of the file with `key`; false when nothing was stored (a digest of
+    /// another width than the table's, or too many digests).
+    fn put(&mut self, key: FileKey, digest: &[u8]) -> bool {
+        if digest.len() != self.width {
+            return false;
+        }
+        let w = self.width;
+        let pos = self
+            .sorted
+            .binary_search_by_key(&(key.dev, key.ino), |s| (s.key.dev, s.key.ino));
+        let existing = match pos {
+            Ok(i) => Some(&mut self.sorted[i]),
+            Err(_) => self.tail.get_mut(&(key.dev, key.ino)),
+        };
+        if let Some(slot) = existing {
+            slot.key = key;
+            let at = slot.digest as usize * w;
+            self.digests[at..at + w].copy_from_slice(digest);
+            return true;
+        }
+        let Ok(n) = u32::try_from(self.digests.len() / w.max(1)) else {
+            return false;
+        };
+        self.digests.extend_from_slice(digest);
+        self.tail
+            .insert((key.dev, key.ino), Slot { key, digest: n });
+        if self.tail.len() >= TAIL_MAX {
+            self.merge();
+        }
+        true
+    }
+
+    /// Moves the unsorted part into the sorted one.
+    fn merge(&mut self) {
+        let mut tail: Vec<Slot> = self.tail.drain().map(|(_, s)| s).collect();
+        self.tail = HashMap::new();
+        tail.sort_unstable_by_key(|s| (s.key.dev, s.key.ino));
+        // Merged from the back, in place: no second copy of the sorted part.
+        let old = self.sorted.len();
+        self.sorted.reserve_exact(tail.len());
+        self.sorted.extend_from_slice(&tail);
+        let (mut i, mut j, mut k) = (old, tail.len(), self.sorted.len());
+        while j > 0 {
+            let take_old = i > 0
+                && (self.sorted[i - 1].key.dev, self.sorted[i - 1].key.ino)
+                    > (tail[j - 1].key.dev, tail[j - 1].key.ino);
+            k -= 1;
+            if take_old {
+                i -= 1;
+                self.sorted[k] = self.sorted[i];
+            } else {
+                j -= 1;
+                self.sorted[k] = tail[j];
+            }
+        }
+    }
+
+    /// Every file with its digest.
+    fn iter(&self) -> impl Iterator<Item = (&FileKey, &[u8])> {
+        self.sorted
+            .iter()
+            .chain(self.tail.values())
+            .map(|s| (&s.key, self.digest(s)))
+    }
+}
+
+fn load(file: &Path) -> Option<Tables> {
     let mut r = BufReader::new(std::fs::File::open(file).ok()?);
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).ok()?;
     if &magic != MAGIC {
         return None;
     }
-    let mut map: Map = HashMap::new();
+    let mut map: Tables = HashMap::new();
     let mut byte = [0u8; 1];
     let u64_ = |r: &mut BufReader<std::fs::File>| -> Option<u64> {
         let mut b = [0u8; 8];
@@ -179,7 +295,12 @@ fn load(file: &Path) -> Option<Map> {
     };
     loop {
         match r.read(&mut byte) {
-            Ok(0) => return Some(map),
+            Ok(0) => {
+                for t in map.values_mut() {
+                    t.merge();
+                }
+                return Some(map);
+            }
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -200,8 +321,8 @@ fn load(file: &Path) -> Option<Map> {
             ctime,
         };
         map.entry(alg)
-            .or_default()
-            .insert((dev, ino), (key, digest));
+            .or_insert_with(|| Table::new(digest.len()))
+            .put(key, &digest);
     }
 }
 
@@ -239,6 +360,44 @@ mod tests {
         let at = UNIX_EPOCH + Duration::from_secs(101);
         c.put("crc32", key(100), b"abcd", at);
         assert_eq!(c.get("crc32", &key(100)), None);
+    }
+
+    #[test]
+    fn the_compact_table_answers_as_a_map_does_across_merges() {
+        let c = SumCache::in_memory();
+        let at = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut reference = HashMap::new();
+        let mut x: u64 = 0x1234_5678;
+        for round in 0..3u32 {
+            for i in 0..(TAIL_MAX as u64 + 1000) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = FileKey {
+                    dev: x % 3,
+                    ino: (x >> 8) % 200_000 + i % 2,
+                    size: i,
+                    mtime: (100, round),
+                    ctime: (100, 0),
+                };
+                let d = (x as u32).to_le_bytes();
+                c.put("crc32", k, &d, at);
+                reference.insert((k.dev, k.ino), (k, d));
+            }
+        }
+        for (k, d) in reference.values() {
+            assert_eq!(c.get("crc32", k).as_deref(), Some(&d[..]), "{k:?}");
+            let mut stale = *k;
+            stale.size += 1;
+            assert_eq!(c.get("crc32", &stale), None);
+        }
+        // A digest of another width than the algorithm's is not kept.
+        let k = FileKey {
+            ino: 999_999_999,
+            ..key(100)
+        };
+        c.put("crc32", k, b"toolong", at);
+        assert_eq!(c.get("crc32", &k), None);
     }
 
     #[test]
