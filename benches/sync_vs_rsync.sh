@@ -11,8 +11,13 @@
 # fsync of every received file and, separately, with --no-fsync (rsync does
 # not fsync by default).
 #
+# 3. With SERVER=1 (the default), the initial copy again in --server mode: an agent per tree and
+#    a server as separate processes over loopback, once with the token (plaintext) and once
+#    with TLS and fleet certificates (--tls), each to 2 empty remotes, against the same
+#    `rsync -a` figure.
+#
 # Environment: FILES (default 20000), SEED (default 1), ROUNDS (re-sync, default 3), FLEETSYNC (binary,
-# default target/release/fleetsync; built if missing), KEEP=1 keeps WORKDIR.
+# default target/release/fleetsync; built if missing), SERVER (default 1), KEEP=1 keeps WORKDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${FILES:-20000}
@@ -21,7 +26,12 @@ BIN=${FLEETSYNC:-target/release/fleetsync}
 [ -x "$BIN" ] || cargo build --release -p fleetsync >&2
 WORK=${1:-$(mktemp -d /tmp/fleetsync-bench.XXXXXX)}
 mkdir -p "$WORK"
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
 M=$WORK/master
 
 if [ ! -d "$M" ]; then
@@ -72,6 +82,53 @@ for _ in $(seq "${ROUNDS:-3}"); do
   rs_resync=$(min "$rs_resync" "$(t bash -c "rsync -ac '$M/' '$WORK/r1/' && rsync -ac '$M/' '$WORK/r2/'")")
 done
 
+# --server mode, plaintext (token) and TLS: daemons as a deployment runs them.
+if [ "${SERVER:-1}" = 1 ]; then
+  rm -f "$WORK/f1"/.fleetsync* 2>/dev/null || true
+  P=$WORK/pki
+  rm -rf "$P" && mkdir -p "$P" "$WORK/home"
+  export HOME=$WORK/home XDG_STATE_HOME=$WORK/home/state XDG_CACHE_HOME=$WORK/home/cache
+  unset FLEETSYNC_TOKEN
+  "$BIN" cert init "$P/ca" > /dev/null
+  for a in master s1 s2; do
+    "$BIN" cert issue --ca "$P/ca" --role agent --san 127.0.0.1 --out "$P/$a" "$a" > /dev/null
+  done
+  "$BIN" cert issue --ca "$P/ca" --role server --san 127.0.0.1 --out "$P/server" server > /dev/null
+  "$BIN" cert issue --ca "$P/ca" --role control --out "$P/control" control > /dev/null
+  head -c 32 /dev/urandom | base64 > "$P/token" && chmod 600 "$P/token"
+  # daemon NAME ARGS...: starts a fleetsync daemon, prints its address.
+  daemon() {
+    local name=$1; shift
+    "$BIN" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err" &
+    PIDS+=($!)
+    for _ in $(seq 200); do
+      [ -s "$WORK/$name.out" ] && break
+      sleep 0.05
+    done
+    awk '/^listening on/ {print $3}' "$WORK/$name.out"
+  }
+  declare -A srv_time
+  for mode in plain tls; do
+    fresh "$mode-1" "$mode-2"
+    sec() { if [ $mode = tls ]; then echo "--tls $P/$1"; else echo "--token-file $P/token"; fi; }
+    # shellcheck disable=SC2046
+    m=$(daemon "$mode-m" agent --root "$M" --listen 127.0.0.1:0 $(sec master))
+    # shellcheck disable=SC2046
+    a1=$(daemon "$mode-a1" agent --root "$WORK/$mode-1" --listen 127.0.0.1:0 $(sec s1))
+    # shellcheck disable=SC2046
+    a2=$(daemon "$mode-a2" agent --root "$WORK/$mode-2" --listen 127.0.0.1:0 $(sec s2))
+    # shellcheck disable=SC2046
+    sv=$(daemon "$mode-sv" server --listen 127.0.0.1:0 --jobs-db "$WORK/$mode-jobs.db" $(sec server))
+    # shellcheck disable=SC2046
+    srv_time[$mode]=$(t "$BIN" sync --server "$sv" --master "$m" $(sec control) "$a1" "$a2")
+    for r in "$mode-1" "$mode-2"; do
+      d=$(rsync -aHc -n -i --delete "$M/" "$WORK/$r/")
+      [ -z "$d" ] || { echo "remote $r ($mode) differs:"; echo "$d" | head; exit 1; }
+    done
+    rm -rf "$WORK/$mode-1" "$WORK/$mode-2"
+  done
+fi
+
 # Referee: everything identical.
 for r in f1 f2; do
   d=$(rsync -aHc -n -i --delete "$M/" "$WORK/$r/")
@@ -86,3 +143,8 @@ printf '%-44s %8s s\n' "no-change re-sync, fleetsync --no-checksum-cache" "$fs_r
 printf '%-44s %8s s\n' "no-change re-sync, rsync -ac x2" "$rs_resync"
 echo "ratio initial (fleetsync/rsync, target <= 1.0): $(echo "scale=2; $fs_init / $rs_init" | bc) (fsync), $(echo "scale=2; $fs_init_nofsync / $rs_init" | bc) (--no-fsync)"
 echo "speed-up re-sync (rsync/fleetsync, target >= 2): $(echo "scale=2; $rs_resync / $fs_resync" | bc) (checksum cache), $(echo "scale=2; $rs_resync / $fs_resync_nc" | bc) (--no-checksum-cache)"
+if [ "${SERVER:-1}" = 1 ]; then
+  printf '%-44s %8s s\n' "initial copy, --server, token (plaintext)" "${srv_time[plain]}"
+  printf '%-44s %8s s\n' "initial copy, --server, --tls" "${srv_time[tls]}"
+  echo "ratio initial --server (fleetsync/rsync, target <= 1.0): $(echo "scale=2; ${srv_time[plain]} / $rs_init" | bc) (token), $(echo "scale=2; ${srv_time[tls]} / $rs_init" | bc) (--tls); TLS/plaintext time: $(echo "scale=2; ${srv_time[tls]} / ${srv_time[plain]}" | bc)"
+fi

@@ -12,8 +12,12 @@
 # which would only dilute the ratio). The referee (rsync -aHc -n -i --delete) must print
 # nothing after each sync.
 #
+# With LAB=1 (root, ../shared/fleetlab) each part runs on its own lab host (a network
+# namespace) and the stream crosses real veth links through the lab's bridge, uncapped,
+# instead of loopback.
+#
 # Environment: SIZE (bytes, default 2147483648), ROUNDS (default 3), FLEETSYNC (binary,
-# default target/release/fleetsync; built if missing), KEEP=1 keeps WORKDIR.
+# default target/release/fleetsync; built if missing), LAB (default 0), KEEP=1 keeps WORKDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-2147483648}
@@ -24,8 +28,12 @@ BIN=$(realpath "$BIN")
 WORK=${1:-$(mktemp -d /tmp/fleetsync-tls-bench.XXXXXX)}
 mkdir -p "$WORK"
 PIDS=()
+LAB=${LAB:-0}
+FL=$(realpath ../shared/fleetlab/fleetlab 2>/dev/null || true)
+export FLEETLAB_PREFIX=tlsb
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ "$LAB" != 1 ] || "$FL" down 2>/dev/null || true
   [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -39,19 +47,31 @@ if [ ! -f master/big ] || [ "$(stat -c %s master/big)" != "$SIZE" ]; then
 fi
 cat master/big > /dev/null # warm the page cache
 
+# on HOST CMD...: runs CMD on lab host HOST (LAB=1), else here. Addresses: A[HOST].
+declare -A A
+if [ "$LAB" = 1 ]; then
+  [ -x "$FL" ] || { echo "LAB=1 needs ../shared/fleetlab/fleetlab" >&2; exit 2; }
+  "$FL" down 2>/dev/null || true
+  "$FL" up m r s > /dev/null
+  for h in m r s; do A[$h]=$("$FL" addr "$h"); done
+  on() { local h=$1; shift; "$FL" exec "$h" "$@"; }
+else
+  for h in m r s; do A[$h]=127.0.0.1; done
+  on() { shift; "$@"; }
+fi
+
 rm -rf pki && mkdir pki
 "$BIN" cert init pki/ca > /dev/null
-for a in master remote; do
-  "$BIN" cert issue --ca pki/ca --role agent --san 127.0.0.1 --out "pki/$a" "$a" > /dev/null
-done
-"$BIN" cert issue --ca pki/ca --role server --san 127.0.0.1 --out pki/server server > /dev/null
+"$BIN" cert issue --ca pki/ca --role agent --san "${A[m]}" --out pki/master master > /dev/null
+"$BIN" cert issue --ca pki/ca --role agent --san "${A[r]}" --out pki/remote remote > /dev/null
+"$BIN" cert issue --ca pki/ca --role server --san "${A[s]}" --out pki/server server > /dev/null
 "$BIN" cert issue --ca pki/ca --role control --out pki/control control > /dev/null
 head -c 32 /dev/urandom | base64 > token && chmod 600 token
 
-# start NAME ARGS...: runs a fleetsync daemon, prints its address.
+# start HOST NAME ARGS...: runs a fleetsync daemon on HOST, prints its address.
 start() {
-  local name=$1; shift
-  "$BIN" "$@" > "$name.out" 2> "$name.err" &
+  local host=$1 name=$2; shift 2
+  on "$host" "$BIN" "$@" > "$name.out" 2> "$name.err" &
   PIDS+=($!)
   for _ in $(seq 100); do
     [ -s "$name.out" ] && break
@@ -66,9 +86,9 @@ for mode in plain tls; do
   else
     sec_m=(--token-file token); sec_r=(--token-file token); sec_s=(--token-file token)
   fi
-  M[$mode]=$(start "$mode-master" agent --no-fsync --root master --listen 127.0.0.1:0 "${sec_m[@]}")
-  R[$mode]=$(start "$mode-remote" agent --no-fsync --root remote --listen 127.0.0.1:0 "${sec_r[@]}")
-  S[$mode]=$(start "$mode-server" server --listen 127.0.0.1:0 --jobs-db "$WORK/jobs-$mode.db" "${sec_s[@]}")
+  M[$mode]=$(start m "$mode-master" agent --no-fsync --root master --listen "${A[m]}:0" "${sec_m[@]}")
+  R[$mode]=$(start r "$mode-remote" agent --no-fsync --root remote --listen "${A[r]}:0" "${sec_r[@]}")
+  S[$mode]=$(start s "$mode-server" server --listen "${A[s]}:0" --jobs-db "$WORK/jobs-$mode.db" "${sec_s[@]}")
 done
 
 run() {
@@ -77,7 +97,7 @@ run() {
   rm -rf remote/* remote/.fleetsync* 2>/dev/null || true
   sync
   s=$(date +%s.%N)
-  "$BIN" sync --server "${S[$mode]}" --master "${M[$mode]}" --max-rounds 0 "${sec[@]}" "${R[$mode]}" > /dev/null
+  on s "$BIN" sync --server "${S[$mode]}" --master "${M[$mode]}" --max-rounds 0 "${sec[@]}" "${R[$mode]}" > /dev/null
   e=$(date +%s.%N)
   d=$(rsync -aHc -n -i --delete master/ remote/)
   [ -z "$d" ] || { echo "$mode: remote differs: $d" >&2; exit 1; }
@@ -91,8 +111,9 @@ for i in $(seq "$ROUNDS"); do
   best_plain=$(min "$best_plain" "$p"); best_tls=$(min "$best_tls" "$t")
 done
 mib=$(echo "$SIZE / 1048576" | bc)
-awk -v p="$best_plain" -v t="$best_tls" -v m="$mib" 'BEGIN {
-  printf "file: %d MiB, loopback, --server mode, best of rounds\n", m
+where=loopback; [ "$LAB" != 1 ] || where="uncapped lab links"
+awk -v lab="$where" -v p="$best_plain" -v t="$best_tls" -v m="$mib" 'BEGIN {
+  printf "file: %d MiB, %s, --server mode, best of rounds\n", m, lab
   printf "plaintext: %.2f s (%.0f MiB/s)\n", p, m / p
   printf "TLS 1.3:   %.2f s (%.0f MiB/s)\n", t, m / t
   printf "TLS / plaintext throughput: %.2fx\n", p / t
