@@ -104,17 +104,20 @@ run() {
   echo "$e - $s" | bc
 }
 min() { echo "$1 $2" | awk '{print ($1 < $2) ? $1 : $2}'; }
-best_plain=999999; best_tls=999999
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+best_plain=999999; best_tls=999999; all_plain=(); all_tls=()
 for i in $(seq "$ROUNDS"); do
   p=$(run plain); t=$(run tls)
   echo "round $i: plaintext ${p}s, TLS ${t}s" >&2
   best_plain=$(min "$best_plain" "$p"); best_tls=$(min "$best_tls" "$t")
+  all_plain+=("$p"); all_tls+=("$t")
 done
+med_plain=$(median "${all_plain[@]}"); med_tls=$(median "${all_tls[@]}")
 mib=$(echo "$SIZE / 1048576" | bc)
 where=loopback; [ "$LAB" != 1 ] || where="uncapped lab links"
-awk -v lab="$where" -v p="$best_plain" -v t="$best_tls" -v m="$mib" 'BEGIN {
+awk -v lab="$where" -v mp="$med_plain" -v mt="$med_tls" -v p="$best_plain" -v t="$best_tls" -v m="$mib" 'BEGIN {
   printf "file: %d MiB, %s, --server mode, best of rounds\n", m, lab
   printf "plaintext: %.2f s (%.0f MiB/s)\n", p, m / p
   printf "TLS 1.3:   %.2f s (%.0f MiB/s)\n", t, m / t
-  printf "TLS / plaintext throughput: %.2fx\n", p / t
+  printf "TLS / plaintext throughput: %.2fx (best of rounds), %.2fx (medians: %.2f s, %.2f s)\n", p / t, mp / mt, mp, mt
 }'
