@@ -18,23 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{kill_seed, rsync_diff, write_with_mtime, Proc, Rng, Token};
+use support::{kill_seed, random, rsync_diff, write, write_with_mtime, Proc, Rng, Token};
 
 const MIB: usize = 1 << 20;
-
-fn random(rng: &mut Rng, n: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        v.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-}
 
 /// One remote of a `--json` reply.
 #[derive(Debug)]

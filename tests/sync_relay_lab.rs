@@ -16,25 +16,11 @@ use std::time::{Duration, Instant};
 
 mod support;
 use support::lab::{Dir, Lab};
-use support::{fleetsync, rsync_diff, scratch_home, Rng, Token};
+use support::{fleetsync, random, rsync_diff, scratch_home, write, Rng, Token};
 
 const MIB: usize = 1 << 20;
 /// What a sync may cost on top of the data: handshakes, lists, checksums, headers.
 const OVERHEAD: u64 = 512 << 10;
-
-fn random(rng: &mut Rng, n: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        v.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-}
 
 /// Agents in `master` and each remote host, the server in `srv`.
 struct Fleet {

@@ -224,6 +224,22 @@ impl Rng {
     }
 }
 
+/// `n` bytes from `rng`.
+pub fn random(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        v.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// Writes `data` to `path`, creating its directories.
+pub fn write(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
 /// The seed of a randomized kill test: `FLEETSYNC_KILL_SEED` to replay a run, else the
 /// clock; printed so that a failing run can be replayed. Never 0 (xorshift's fixed point).
 pub fn kill_seed() -> u64 {
