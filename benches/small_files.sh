@@ -11,10 +11,11 @@
 #    directory.
 # 2. No-change re-sync against the same (still running) agents, content judged by checksum
 #    (the agents' checksum cache), against rsync -a's quick check (size and mtime) of the
-#    rsync copy. The tools alternate, best of ROUNDS (default 3) each.
+#    rsync copy. The tools alternate, ROUNDS (default 5) each; the medians are compared.
 # Prints the times, the ratios fleetsync / rsync, and per process (master agent, remote agent,
 # server) the peak RSS (VmHWM), bytes of it per file, and the CPU seconds (utime + stime) of
-# each phase. The referee (rsync -aHc -n -i --delete M/ R/) must find nothing (exit 1
+# each phase (the copy; the re-syncs per round). The referee (rsync -aHc -n -i --delete M/ R/)
+# must find nothing (exit 1
 # otherwise).
 #
 # Environment: FILES, DIRS, ROUNDS, SEED (default 1), FLEETSYNC (binary; default
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 FILES=${FILES:-200000}
 DIRS=${DIRS:-400}
 SEED=${SEED:-1}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 BIN=${FLEETSYNC:-target/release/fleetsync}
 [ -x "$BIN" ] || cargo build --release -p fleetsync >&2
 BIN=$(realpath "$BIN")
@@ -90,7 +91,7 @@ referee() {
   d=$(rsync -aHc -n -i --delete "$M/" "$1/")
   [ -z "$d" ] || { echo "$1 differs from the master:"; echo "$d" | head; exit 1; }
 }
-min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 rm -rf "$WORK/fs" "$WORK/rs"; mkdir -p "$WORK/fs" "$WORK/rs"; sync
@@ -110,11 +111,13 @@ s=$(now); rsync -a "$M/" "$WORK/rs/"; e=$(now)
 rs_init=$(echo "$e - $s" | bc)
 referee "$WORK/rs"
 
-fs_re=999999; rs_re=999999
-for _ in $(seq "$ROUNDS"); do
-  s=$(now); sync_once; e=$(now); fs_re=$(min "$fs_re" "$(echo "$e - $s" | bc)")
-  s=$(now); rsync -a "$M/" "$WORK/rs/"; e=$(now); rs_re=$(min "$rs_re" "$(echo "$e - $s" | bc)")
+fs_times=(); rs_times=()
+for r in $(seq "$ROUNDS"); do
+  s=$(now); sync_once; e=$(now); fs_times+=("$(echo "$e - $s" | bc)")
+  s=$(now); rsync -a "$M/" "$WORK/rs/"; e=$(now); rs_times+=("$(echo "$e - $s" | bc)")
+  echo "re-sync $r: fleetsync ${fs_times[-1]} s, rsync ${rs_times[-1]} s; peak RSS so far: master $(hwm_kb "$PID_master") KiB, remote $(hwm_kb "$PID_remote") KiB" >&2
 done
+fs_re=$(median "${fs_times[@]}"); rs_re=$(median "${rs_times[@]}")
 referee "$WORK/fs"
 all_cpu=("$(cpu_s "$PID_master")" "$(cpu_s "$PID_remote")" "$(cpu_s "$PID_server")")
 all_hwm=("$(hwm_kb "$PID_master")" "$(hwm_kb "$PID_remote")" "$(hwm_kb "$PID_server")")
@@ -123,11 +126,13 @@ echo "small files: $FILES files (0..49 bytes) in $DIRS directories; remote agent
 printf '%-34s %8.2f s   rsync -a %8.2f s   ratio %s (target <= 1.0)\n' \
   "initial copy, fleetsync" "$fs_init" "$rs_init" "$(ratio "$fs_init" "$rs_init")"
 printf '%-34s %8.2f s   rsync -a %8.2f s   ratio %s (target <= 1.0)\n' \
-  "no-change re-sync (best of $ROUNDS)" "$fs_re" "$rs_re" "$(ratio "$fs_re" "$rs_re")"
+  "no-change re-sync (median of $ROUNDS)" "$fs_re" "$rs_re" "$(ratio "$fs_re" "$rs_re")"
 names=("master agent" "remote agent" "server")
 for k in 0 1 2; do
-  printf '%-14s initial copy: peak RSS %7.1f MiB (%4.0f B/file), CPU %6.2f s; after the re-syncs: peak %7.1f MiB, CPU %6.2f s\n' \
+  printf '%-14s copy: peak RSS %7.1f MiB (%4.0f B/file), CPU %6.2f s | with the re-syncs: peak %7.1f MiB (%4.0f B/file), CPU %5.2f s per re-sync\n' \
     "${names[$k]}" "$(awk -v k="${init_hwm[$k]}" 'BEGIN { print k / 1024 }')" \
     "$(awk -v k="${init_hwm[$k]}" -v n="$FILES" 'BEGIN { print k * 1024 / n }')" "${init_cpu[$k]}" \
-    "$(awk -v k="${all_hwm[$k]}" 'BEGIN { print k / 1024 }')" "${all_cpu[$k]}"
+    "$(awk -v k="${all_hwm[$k]}" 'BEGIN { print k / 1024 }')" \
+    "$(awk -v k="${all_hwm[$k]}" -v n="$FILES" 'BEGIN { print k * 1024 / n }')" \
+    "$(awk -v a="${all_cpu[$k]}" -v b="${init_cpu[$k]}" -v r="$ROUNDS" 'BEGIN { print (a - b) / r }')"
 done

@@ -98,8 +98,26 @@ pub(crate) fn with_write_log(
     Ok(agent)
 }
 
+/// Keeps glibc's malloc from holding freed memory: one arena for every thread (with one per
+/// thread, blocks freed after a checksum answer or a received group stay resident in the arena
+/// of the thread that made them) and a fixed mmap threshold (the adaptive one rises with every
+/// large block freed, after which such blocks come from the arenas and fragment them).
+/// Measured with 200,000 small files (benches/small_files.sh), peak RSS after the re-syncs:
+/// remote agent 45.4 MiB -> 33.0, master 39.7 -> 29.0, with no slower copy or re-sync.
+/// Allocator settings are the process's, so they are made here and not in the library.
+fn compact_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tunables; it is called before the agent starts
+    // its threads, and both values are in the documented ranges.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Runs `fleetsync agent`; returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    compact_malloc();
     super::logging::init_logging(args.verbose, args.log.log_format);
     let stop = super::service::StopSignal::install()?;
     let token = args.auth.load()?;
