@@ -1382,8 +1382,20 @@ impl Backend for PosixBackend {
             };
             let unchanged = rustix::fs::statat(&parent, name(name_), AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| kind_of(&st) == FileKind::File && listed(&p.path, &st) == *p);
-            if unchanged && rustix::fs::unlinkat(&parent, name(name_), AtFlags::empty()).is_ok() {
+            if !unchanged {
+                continue;
+            }
+            // The sweep runs when the sync is over, after its directory times were set:
+            // removing our own file must not change its directory's modification time.
+            let dir_mtime = rustix::fs::fstat(&parent).ok();
+            if rustix::fs::unlinkat(&parent, name(name_), AtFlags::empty()).is_ok() {
                 n += 1;
+                if let Some(st) = dir_mtime {
+                    let _ = rustix::fs::futimens(
+                        &parent,
+                        &times(st.st_mtime as i64, st.st_mtime_nsec as u32),
+                    );
+                }
             }
         }
         n
