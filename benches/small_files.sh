@@ -15,8 +15,7 @@
 # Prints the times, the ratios fleetsync / rsync, and per process (master agent, remote agent,
 # server) the peak RSS (VmHWM), bytes of it per file, and the CPU seconds (utime + stime) of
 # each phase (the copy; the re-syncs per round). The referee (rsync -aHc -n -i --delete M/ R/)
-# must find nothing (exit 1
-# otherwise).
+# must find nothing (exit 1 otherwise).
 #
 # Environment: FILES, DIRS, ROUNDS, SEED (default 1), FLEETSYNC (binary; default
 # target/release/fleetsync, built if missing), AGENT_FLAGS (extra `agent` flags of the remote,
