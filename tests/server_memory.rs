@@ -236,6 +236,10 @@ fn measure(remotes: usize, empty: bool) -> f64 {
             "sync",
             "--insecure-no-auth",
             "--json",
+            // The fake agents do not relay: remotes with the same send orders would wait
+            // for a relay tree's forwarding forever.
+            "--fanout",
+            "0",
             "--server",
             &addr,
             "--master",
