@@ -17,7 +17,7 @@ use fleetsync_proto::{
 };
 use tracing::{debug, info, warn};
 
-use crate::checksums::{DigestWidth, SumState, SumTable};
+use crate::checksums::{DigestWidth, SumState, SumTable, Verdict, Verdicts};
 use crate::list::{FileList, Kind, Meta};
 use crate::ops::apply_ops;
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
@@ -139,6 +139,8 @@ struct SumRequests {
     remote_out: usize,
     master_next: usize,
     master_out: usize,
+    /// The candidate after the last remote answer (answers come in the order asked).
+    remote_hint: usize,
 }
 
 /// The sync of one master/remote pair.
@@ -150,8 +152,8 @@ pub(crate) struct RemoteSync {
     list: FileList,
     state: PairState,
     pair: Option<PairPlan>,
-    /// Remote checksum of each candidate of `pair`.
-    sums: SumTable,
+    /// Remote checksum verdict of each candidate of `pair`.
+    sums: Verdicts,
     requests: SumRequests,
     /// Next step of the current phase to send, and requests in flight.
     pcur: usize,
@@ -186,7 +188,7 @@ impl RemoteSync {
             list: FileList::new(),
             state: PairState::Connecting,
             pair: None,
-            sums: SumTable::default(),
+            sums: Verdicts::default(),
             requests: SumRequests::default(),
             pcur: 0,
             pending: 0,
@@ -367,7 +369,7 @@ impl RemoteSync {
             owner: self.can_chown,
         };
         let pair = PairPlan::new(&shared.master, &self.list, opts);
-        self.sums = SumTable::new(pair.checksum_candidates().len());
+        self.sums = Verdicts::new(pair.checksum_candidates().len());
         self.pair = Some(pair);
         self.state = PairState::Checksums;
         self.pump_sums(shared);
@@ -441,10 +443,21 @@ impl RemoteSync {
             if last {
                 self.requests.master_out = self.requests.master_out.saturating_sub(1);
             }
+            // Answers come in the order asked: try the entry after the last one first
+            // (saves two binary searches over a million paths per answer).
+            let mut hint = 0u32;
             for res in results {
-                let Some(m) = shared.master.find(&res.path) else {
-                    continue;
+                let m = if (hint as usize) < shared.master.len()
+                    && shared.master.path(hint) == res.path
+                {
+                    hint
+                } else {
+                    let Some(m) = shared.master.find(&res.path) else {
+                        continue;
+                    };
+                    m
                 };
+                hint = m + 1;
                 match res.digest {
                     Ok(d) => {
                         let width = shared.width.check(&d)?;
@@ -466,21 +479,30 @@ impl RemoteSync {
             return Ok(());
         };
         let cands = pair.checksum_candidates();
+        let mut hint = self.requests.remote_hint;
         for res in results {
-            let Some(ri) = self.list.find(&res.path) else {
-                continue;
+            let k = if hint < cands.len() && self.list.path(cands[hint].1) == res.path {
+                hint
+            } else {
+                let Some(ri) = self.list.find(&res.path) else {
+                    continue;
+                };
+                let Ok(k) = cands.binary_search_by_key(&ri, |c| c.1) else {
+                    continue;
+                };
+                k
             };
-            let Ok(k) = cands.binary_search_by_key(&ri, |c| c.1) else {
-                continue;
-            };
+            hint = k + 1;
             match res.digest {
                 Ok(d) => {
-                    let width = shared.width.check(&d)?;
-                    self.sums.store(k, width, &d);
+                    shared.width.check(&d)?;
+                    self.sums
+                        .record(k, &d, &shared.master_sums, cands[k].0 as usize);
                 }
-                Err(_) => self.sums.set_state(k, SumState::Failed),
+                Err(_) => self.sums.fail(k),
             }
         }
+        self.requests.remote_hint = hint;
         if last {
             self.requests.remote_out = self.requests.remote_out.saturating_sub(1);
         }
@@ -508,18 +530,12 @@ impl RemoteSync {
             return;
         }
         let width = shared.width.get().unwrap_or(0);
-        let same: Vec<bool> = cands
-            .iter()
-            .enumerate()
-            .map(|(k, &(m, _))| {
-                let m = m as usize;
-                self.sums.state(k) == SumState::Done
-                    && msums.state(m) == SumState::Done
-                    && msums.digest(m, width) == self.sums.digest(k, width)
-            })
+        self.sums.settle(width, msums, |k| cands[k].0 as usize);
+        let same: Vec<bool> = (0..cands.len())
+            .map(|k| self.sums.get(k) == Verdict::Same)
             .collect();
         let pair = self.pair.take().expect("checked above");
-        self.sums = SumTable::default();
+        self.sums = Verdicts::default();
         let plan = pair.resolve(&shared.master, &self.list, &same);
         self.total_bytes = plan.send_bytes(&shared.master);
         self.plan = Some(plan);
@@ -899,7 +915,7 @@ impl RemoteSync {
         self.list = FileList::new();
         self.plan = None;
         self.pair = None;
-        self.sums = SumTable::default();
+        self.sums = Verdicts::default();
         self.blocks = None;
         let result = self.result.clone();
         self.send(Peer::Control, Msg::RemoteResult(result));
