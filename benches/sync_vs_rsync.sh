@@ -29,6 +29,7 @@ mkdir -p "$WORK"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ ! -f "$WORK/daemons.pid" ] || while read -r p; do kill "$p" 2>/dev/null || true; done < "$WORK/daemons.pid"
   [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -100,7 +101,8 @@ if [ "${SERVER:-1}" = 1 ]; then
   daemon() {
     local name=$1; shift
     "$BIN" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err" &
-    PIDS+=($!)
+    # (in a command substitution: PIDS would not outlive it)
+    echo $! >> "$WORK/daemons.pid"
     for _ in $(seq 200); do
       [ -s "$WORK/$name.out" ] && break
       sleep 0.05

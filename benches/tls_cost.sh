@@ -33,6 +33,7 @@ FL=$(realpath ../shared/fleetlab/fleetlab 2>/dev/null || true)
 export FLEETLAB_PREFIX=tlsb
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ ! -f "$WORK/daemons.pid" ] || while read -r p; do kill "$p" 2>/dev/null || true; done < "$WORK/daemons.pid"
   [ "$LAB" != 1 ] || "$FL" down 2>/dev/null || true
   [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 }
@@ -59,6 +60,8 @@ else
   for h in m r s; do A[$h]=127.0.0.1; done
   on() { shift; "$@"; }
 fi
+# spawn HOST CMD...: as `on`, for a background job: exec, so that $! is the daemon itself.
+spawn() { if [ "$LAB" = 1 ]; then local h=$1; shift; exec "$FL" exec "$h" "$@"; else shift; exec "$@"; fi; }
 
 rm -rf pki && mkdir pki
 "$BIN" cert init pki/ca > /dev/null
@@ -71,8 +74,9 @@ head -c 32 /dev/urandom | base64 > token && chmod 600 token
 # start HOST NAME ARGS...: runs a fleetsync daemon on HOST, prints its address.
 start() {
   local host=$1 name=$2; shift 2
-  on "$host" "$BIN" "$@" > "$name.out" 2> "$name.err" &
-  PIDS+=($!)
+  spawn "$host" "$BIN" "$@" > "$name.out" 2> "$name.err" &
+  # (in a command substitution: PIDS would not outlive it)
+  echo $! >> "$WORK/daemons.pid"
   for _ in $(seq 100); do
     [ -s "$name.out" ] && break
     sleep 0.05
