@@ -56,6 +56,7 @@ fn list(addr: &str) -> Vec<FileEntry> {
             classification: Default::default(),
             batch_size: 0,
             sweep_partials: false,
+            cached_digests: String::new(),
         },
     );
     let mut all = Vec::new();
@@ -129,6 +130,7 @@ fn regression_sigkill_mid_transfer_keeps_the_old_file_and_the_next_run_cleans_up
         mtime_nsec: 0,
         link_target: None,
         rdev: 0,
+        digest: None,
     };
     send(
         &mut w,

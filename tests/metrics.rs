@@ -162,3 +162,50 @@ fn agents_and_server_count_a_sync_and_answer_healthz() {
     assert!(sample(&master_text, "fleetsync_agent_checksums_total").is_some());
     assert!(master_text.ends_with("# EOF\n"), "{master_text}");
 }
+
+/// Issue 12 ("a no-change re-sync ... while still judging content by checksum"): agents
+/// list each file with the digest their checksum cache holds for it as listed, so a warm
+/// re-sync asks neither agent for a checksum, and a file whose content changed under the
+/// same size and mtime (a new ctime: no listed digest) is still checksummed and sent.
+#[test]
+fn a_warm_resync_judges_files_by_their_listed_digests_and_asks_for_no_checksum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (master, remote) = (tmp.path().join("m"), tmp.path().join("r"));
+    let names: Vec<String> = (0..30).map(|i| format!("d{}/f{i:02}", i % 3)).collect();
+    for (i, n) in names.iter().enumerate() {
+        let data = vec![b'a' + i as u8 % 26; 100 + i * 37];
+        support::write_with_mtime(&master.join(n), &data, 1_700_000_000 + i as u64);
+        support::write_with_mtime(&remote.join(n), &data, 1_700_000_000 + i as u64);
+    }
+    // Past the checksum cache's "racy" window, so that the first digests are cached.
+    std::thread::sleep(Duration::from_millis(2300));
+    let token = Token::new();
+    let (_m, maddr, m_metrics) = agent(&token, &master);
+    let (_r, raddr, r_metrics) = agent(&token, &remote);
+    let (_s, saddr) = token.server();
+    let checksums = |metrics: &str| {
+        sample(
+            &get(metrics, "/metrics").1,
+            "fleetsync_agent_checksums_total",
+        )
+        .unwrap_or(0.0)
+    };
+    let sync = || {
+        let out = token.sync(&saddr, &maddr, &[&raddr]);
+        assert!(out.status.success());
+        assert_eq!(support::rsync_diff(&master, &remote), "");
+        (checksums(&m_metrics), checksums(&r_metrics))
+    };
+    // The first sync computes (and caches) every digest on both sides.
+    assert_eq!(sync(), (30.0, 30.0));
+    // The re-sync takes them from the listings.
+    assert_eq!(sync(), (30.0, 30.0), "a warm re-sync asked for checksums");
+    // New content, same size and mtime on the remote: only that file is asked for
+    // (the master's digest is listed) and sent.
+    let n = &names[7];
+    let old = std::fs::read(master.join(n)).unwrap();
+    let new: Vec<u8> = old.iter().map(|b| b ^ 1).collect();
+    support::write_with_mtime(&remote.join(n), &new, 1_700_000_007);
+    assert_ne!(support::rsync_diff(&master, &remote), "");
+    assert_eq!(sync(), (30.0, 31.0));
+}

@@ -46,6 +46,7 @@ fn entry(path: Vec<u8>, kind: FileKind, i: u32) -> FileEntry {
         mtime_nsec: 0,
         link_target: None,
         rdev: 0,
+        digest: None,
     }
 }
 

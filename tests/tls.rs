@@ -614,6 +614,7 @@ fn file_start(path: &[u8]) -> Msg {
             mtime_nsec: 0,
             link_target: None,
             rdev: 0,
+            digest: None,
         },
         algorithm: "crc32".into(),
         lock_timeout_ms: None,

@@ -64,6 +64,7 @@ fn main() {
         classification: Default::default(),
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     });
     let mut entries = Vec::new();
     loop {

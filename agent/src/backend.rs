@@ -116,6 +116,20 @@ pub trait Backend: Send + Sync {
         sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
     ) -> Result<(), AgentError>;
 
+    /// [`Backend::list`], and each regular file carries the digest in `algorithm` that the
+    /// backend's checksum cache holds for it as just listed (`FileEntry::digest`), under the
+    /// rules [`Backend::checksum`] answers from the cache by, so that a server can judge an
+    /// unchanged file without asking for its checksum. The default lists without digests.
+    fn list_with_digests(
+        &self,
+        decide: Decider<'_>,
+        algorithm: &str,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let _ = algorithm;
+        self.list(decide, sink)
+    }
+
     /// Opens a regular file for reading, with its metadata at open time.
     fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError>;
 
@@ -448,11 +462,25 @@ impl PosixBackend {
         &self.root
     }
 
+    /// [`Backend::list`]; `cached`: attach the cached digests in this algorithm.
+    fn list_from_root(
+        &self,
+        decide: Decider<'_>,
+        cached: Option<&str>,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let st = rustix::fs::fstat(self.root.fd()).map_err(|e| AgentError::io("stat", b"", e))?;
+        sink(entry_of(b"", &st, None))?;
+        let mut prefix = Vec::new();
+        self.walk(self.root.fd(), &mut prefix, decide, cached, sink)
+    }
+
     fn walk(
         &self,
         dir: BorrowedFd<'_>,
         prefix: &mut Vec<u8>,
         decide: Decider<'_>,
+        cached: Option<&str>,
         sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         let mut names: Vec<Vec<u8>> = Vec::new();
@@ -475,7 +503,7 @@ impl PosixBackend {
                 prefix.push(b'/');
             }
             prefix.extend_from_slice(&n);
-            let r = self.walk_one(dir, &n, prefix, decide, sink);
+            let r = self.walk_one(dir, &n, prefix, decide, cached, sink);
             prefix.truncate(base);
             r?;
         }
@@ -488,6 +516,7 @@ impl PosixBackend {
         n: &[u8],
         rel: &mut Vec<u8>,
         decide: Decider<'_>,
+        cached: Option<&str>,
         sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         if rel.as_slice() == crate::journal::STAGING_DIR.as_bytes() {
@@ -544,14 +573,19 @@ impl PosixBackend {
         } else {
             None
         };
-        sink(entry_of(rel, &st, link_target))?;
+        let mut entry = entry_of(rel, &st, link_target);
+        if let (Some(alg), Some(c), FileKind::File) = (cached, &self.sums, kind) {
+            // The same key a checksum request answered from the cache would stat for.
+            entry.digest = c.get(alg, &file_key(&st));
+        }
+        sink(entry)?;
         if is_dir {
             let sub = match open_subdir(dir, n) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => return Ok(()),
                 Err(e) => return Err(AgentError::io("open directory", rel, e)),
             };
-            self.walk(sub.as_fd(), rel, decide, sink)?;
+            self.walk(sub.as_fd(), rel, decide, cached, sink)?;
         }
         Ok(())
     }
@@ -847,6 +881,7 @@ pub fn entry_of(rel: &[u8], st: &Stat, link_target: Option<Vec<u8>>) -> FileEntr
         mtime_nsec: st.st_mtime_nsec as u32,
         link_target,
         rdev: st.st_rdev as u64,
+        digest: None,
     }
 }
 
@@ -1177,10 +1212,17 @@ impl Backend for PosixBackend {
         decide: Decider<'_>,
         sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
-        let st = rustix::fs::fstat(self.root.fd()).map_err(|e| AgentError::io("stat", b"", e))?;
-        sink(entry_of(b"", &st, None))?;
-        let mut prefix = Vec::new();
-        self.walk(self.root.fd(), &mut prefix, decide, sink)
+        self.list_from_root(decide, None, sink)
+    }
+
+    fn list_with_digests(
+        &self,
+        decide: Decider<'_>,
+        algorithm: &str,
+        sink: &mut dyn FnMut(FileEntry) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let cached = (!algorithm.is_empty()).then_some(algorithm);
+        self.list_from_root(decide, cached, sink)
     }
 
     fn open_read(&self, path: &[u8]) -> Result<(Box<dyn Read + Send>, FileEntry), AgentError> {

@@ -22,13 +22,15 @@ pub(crate) fn batch_size(requested: u32) -> usize {
 }
 
 /// Answers a `listRequest`: the tree's entries that `spec` selects, in `listBatch` frames of
-/// `batch`. The classification is compiled once here, for the whole listing.
+/// `batch`, each regular file with its cached digest in `cached_digests` (an algorithm name;
+/// empty: none). The classification is compiled once here, for the whole listing.
 pub(crate) fn list(
     w: &SharedWriter,
     shared: &Shared,
     request_id: u64,
     spec: &fleetsync_proto::ClassificationSpec,
     batch: usize,
+    cached_digests: &str,
 ) -> Result<(), AgentError> {
     let class = Classification::from(spec);
     let matcher = class
@@ -43,20 +45,22 @@ pub(crate) fn list(
         }
     };
     let mut entries = Vec::with_capacity(batch);
-    shared.backend.list(&decide, &mut |e| {
-        entries.push(e);
-        if entries.len() >= batch {
-            send(
-                w,
-                &Msg::ListBatch {
-                    request_id,
-                    entries: std::mem::take(&mut entries),
-                    last: false,
-                },
-            )?;
-        }
-        Ok(())
-    })?;
+    shared
+        .backend
+        .list_with_digests(&decide, cached_digests, &mut |e| {
+            entries.push(e);
+            if entries.len() >= batch {
+                send(
+                    w,
+                    &Msg::ListBatch {
+                        request_id,
+                        entries: std::mem::take(&mut entries),
+                        last: false,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
     send(
         w,
         &Msg::ListBatch {

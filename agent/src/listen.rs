@@ -520,12 +520,20 @@ fn serve_loop(
                 classification,
                 batch_size,
                 sweep_partials,
+                cached_digests,
             } => {
                 let batch = list::batch_size(batch_size);
                 // Only this listing's finds count (another connection's listing may have
                 // left some).
                 drop(shared.backend.take_listed_partials());
-                let r = list::list(w, shared, request_id, &classification, batch);
+                let r = list::list(
+                    w,
+                    shared,
+                    request_id,
+                    &classification,
+                    batch,
+                    &cached_digests,
+                );
                 let found = shared.backend.take_listed_partials();
                 if sweep_partials {
                     sweep.extend(found);

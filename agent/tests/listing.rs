@@ -124,6 +124,7 @@ fn classification_prunes_excluded_directories() {
         },
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     });
     let Some(fleetsync_proto::Msg::ListBatch { entries, last, .. }) = c.recv() else {
         panic!()
@@ -186,9 +187,22 @@ fn regression_cached_checksum_still_sees_new_content_with_same_size_and_mtime() 
     .serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
     .unwrap();
     let mut c = Client::connect(agent.local_addr(), Role::Server);
+    let digest_listed = |c: &mut Client, alg: &str| {
+        let list = c.list_with_digests(alg);
+        assert!(list.iter().all(|e| e.path == b"f" || e.digest.is_none()));
+        list.into_iter().find(|e| e.path == b"f").unwrap().digest
+    };
+    assert_eq!(digest_listed(&mut c, "crc32"), None, "nothing cached yet");
     let first = c.checksums(&[b"f"]);
     let again = c.checksums(&[b"f"]);
     assert_eq!(first, again);
+    // The listing carries the cached digest, in the algorithm asked for only.
+    assert_eq!(
+        digest_listed(&mut c, "crc32").as_ref(),
+        first[0].digest.as_ref().ok()
+    );
+    assert_eq!(digest_listed(&mut c, "sha256"), None);
+    assert_eq!(digest_listed(&mut c, ""), None);
     // Same size, same mtime, new content: the ctime changed, the cache must miss.
     std::fs::write(&f, b"new content").unwrap();
     std::fs::File::options()
@@ -197,8 +211,15 @@ fn regression_cached_checksum_still_sees_new_content_with_same_size_and_mtime() 
         .unwrap()
         .set_modified(old_mtime)
         .unwrap();
+    assert_eq!(
+        digest_listed(&mut c, "crc32"),
+        None,
+        "a stale digest was listed"
+    );
     let after = c.checksums(&[b"f"]);
     assert_ne!(first[0].digest, after[0].digest);
+    // Changed just now: "racy", not cached, so not listed either.
+    assert_eq!(digest_listed(&mut c, "crc32"), None);
     drop(c);
     agent.stop();
     // The cache was persisted outside the tree.

@@ -138,6 +138,7 @@ fn received_file_under_a_symlinked_directory_is_refused() {
         mtime_nsec: 0,
         link_target: None,
         rdev: 0,
+        digest: None,
     };
     let mut crc = fleetsync_engine::Registry::with_builtins()
         .get("crc32")
@@ -194,6 +195,7 @@ fn bad_token_gets_the_connection_closed_and_nothing_else() {
             classification: Default::default(),
             batch_size: 0,
             sweep_partials: false,
+            cached_digests: String::new(),
         }
         .encode(),
     );
@@ -218,6 +220,7 @@ fn skipping_the_handshake_gets_nothing() {
             classification: Default::default(),
             batch_size: 0,
             sweep_partials: false,
+            cached_digests: String::new(),
         }
         .encode(),
     );

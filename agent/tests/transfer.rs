@@ -92,6 +92,7 @@ fn entry(path: &[u8], size: u64) -> FileEntry {
         mtime_nsec: 0,
         link_target: None,
         rdev: 0,
+        digest: None,
     }
 }
 

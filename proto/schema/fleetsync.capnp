@@ -148,6 +148,9 @@ struct FileEntry {
   mtimeNsec @10 :UInt32;
   linkTarget @11 :Data;   # symlinks only (null otherwise)
   rdev @12 :UInt64;       # devices only
+  digest @13 :Data;       # listings only: the agent's cached checksum of a regular file in
+                          # the algorithm `listRequest.cachedDigests` names, when its checksum
+                          # cache holds one for the file as just listed (null otherwise)
 }
 
 struct ListRequest {
@@ -157,6 +160,9 @@ struct ListRequest {
   sweepPartials @3 :Bool; # a remote of a real sync (not a dry run): when this connection
                           # closes, remove the partial files this listing found that the
                           # sync did not use (their paths were not sent)
+  cachedDigests @4 :Text; # an algorithm name: attach to each regular file the digest the
+                          # agent's checksum cache holds for it as listed (same rules as a
+                          # checksumRequest answered from the cache); empty = none
 }
 
 # Entries in walk order (a directory before its contents). The agent sends

@@ -29,6 +29,7 @@ fn seeds() -> Vec<Msg> {
         mtime_nsec: 5,
         link_target: (kind == FileKind::Symlink).then(|| b"../t".to_vec()),
         rdev: 0,
+        digest: None,
     };
     let classification = ClassificationSpec {
         rules: vec![
@@ -60,6 +61,7 @@ fn seeds() -> Vec<Msg> {
             classification: classification.clone(),
             batch_size: 100,
             sweep_partials: false,
+            cached_digests: String::new(),
         },
         Msg::ListBatch {
             request_id: 1,
@@ -184,6 +186,7 @@ fn wire_round_trip(c: &Classification) -> Result<Msg, fleetsync_proto::ProtoErro
         classification: ClassificationSpec::from(c),
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     };
     Msg::decode(&m.to_frame().unwrap()[4..])
 }
@@ -269,6 +272,7 @@ fn regression_wide_wire_selector_does_not_overflow_the_agent_stack() {
         },
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     };
     let frame = m.to_frame().unwrap();
     on_small_stack(move || {
@@ -362,6 +366,7 @@ fn big_honest_messages_still_decode() {
             mtime_nsec: 2,
             link_target: None,
             rdev: 0,
+            digest: None,
         })
         .collect();
     let m = Msg::ListBatch {

@@ -39,7 +39,7 @@ proptest! {
             Msg::ListBatch { request_id: 1, entries: vec![fleetsync_proto::FileEntry {
                 path: b"p".to_vec(), kind: fleetsync_proto::FileKind::File, mode: 0o644, uid: 0, gid: 0,
                 inode: 1, dev: 1, nlink: 1, size: 1, mtime_sec: 0, mtime_nsec: 0,
-                link_target: Some(b"t".to_vec()), rdev: 0 }], last: true },
+                link_target: Some(b"t".to_vec()), rdev: 0, digest: None, }], last: true },
             Msg::SyncRequest(fleetsync_proto::SyncRequest {
                 master: "m".into(), remotes: vec!["r".into()], algorithm: "crc32".into(),
                 classification: fleetsync_proto::ClassificationSpec {
@@ -74,6 +74,7 @@ fn regression_deep_selector_nesting_is_an_error() {
         },
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     };
     let f = m.to_frame().unwrap();
     assert!(Msg::decode(&f[4..]).is_err());

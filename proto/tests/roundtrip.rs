@@ -18,6 +18,7 @@ fn entry(path: &[u8]) -> FileEntry {
         mtime_nsec: 999_999_999,
         link_target: Some(b"\xff target".to_vec()),
         rdev: 0,
+        digest: None,
     }
 }
 
@@ -65,12 +66,14 @@ fn all_messages() -> Vec<Msg> {
             classification: class.clone(),
             batch_size: 10,
             sweep_partials: true,
+            cached_digests: "sha256".into(),
         },
         Msg::ListRequest {
             request_id: 1,
             classification: ClassificationSpec::default(),
             batch_size: 0,
             sweep_partials: false,
+            cached_digests: String::new(),
         },
         Msg::ListBatch {
             request_id: 1,
@@ -81,6 +84,12 @@ fn all_messages() -> Vec<Msg> {
                     kind: FileKind::BlockDevice,
                     rdev: 77,
                     ..entry(b"")
+                },
+                FileEntry {
+                    link_target: None,
+                    kind: FileKind::File,
+                    digest: Some(vec![0xde, 0xad, 0, 1]),
+                    ..entry(b"f")
                 },
             ],
             last: true,

@@ -48,6 +48,8 @@ pub struct Meta {
 }
 
 const F_LINKED: u8 = 1;
+/// The entry came with a cached digest (see [`FileList::digest`]).
+const F_DIGEST: u8 = 2;
 
 /// One fixed-size record (32 bytes). Owners are interned: trees have few
 /// distinct (uid, gid) pairs.
@@ -81,6 +83,13 @@ pub enum ListError {
         /// The path.
         path: Vec<u8>,
     },
+    /// A listed digest of another width than the list's first one.
+    DigestWidth {
+        /// The list's width.
+        expected: usize,
+        /// The offending digest's.
+        got: usize,
+    },
 }
 
 impl std::fmt::Display for ListError {
@@ -97,6 +106,10 @@ impl std::fmt::Display for ListError {
             ListError::Duplicate { path } => {
                 write!(f, "path listed twice: '{}'", String::from_utf8_lossy(path))
             }
+            ListError::DigestWidth { expected, got } => write!(
+                f,
+                "protocol error: a listed digest of {got} bytes where the list's are {expected}"
+            ),
         }
     }
 }
@@ -126,6 +139,11 @@ pub struct FileList {
     /// Distinct (uid, gid) pairs, indexed by `Rec::owner`.
     owners: Vec<(u32, u32)>,
     owner_ix: std::collections::HashMap<(u32, u32), u16>,
+    /// Listed digests: the `path_off` of each entry that has one (ascending: entries are
+    /// pushed in arena order) and the digests, `digest_width` bytes each, in that order.
+    digest_offs: Vec<u32>,
+    digests: Vec<u8>,
+    digest_width: usize,
     sorted: bool,
 }
 
@@ -150,6 +168,47 @@ impl FileList {
         self.arena.capacity()
             + self.recs.capacity() * std::mem::size_of::<Rec>()
             + self.links.capacity() * std::mem::size_of::<(u32, u64, u64)>()
+            + self.digest_offs.capacity() * 4
+            + self.digests.capacity()
+    }
+
+    /// Gives the entry pushed last the digest it was listed with (every digest of a list
+    /// has the width of its first).
+    pub fn set_last_digest(&mut self, digest: &[u8]) -> Result<(), ListError> {
+        let Some(rec) = self.recs.last_mut() else {
+            return Ok(());
+        };
+        if self.digest_offs.is_empty() {
+            self.digest_width = digest.len();
+        } else if digest.len() != self.digest_width {
+            return Err(ListError::DigestWidth {
+                expected: self.digest_width,
+                got: digest.len(),
+            });
+        }
+        if rec.flags & F_DIGEST == 0 {
+            rec.flags |= F_DIGEST;
+            self.digest_offs.push(rec.path_off);
+            self.digests.extend_from_slice(digest);
+        }
+        Ok(())
+    }
+
+    /// The digest entry `i` was listed with, until [`FileList::drop_digests`].
+    pub fn digest(&self, i: u32) -> Option<&[u8]> {
+        let r = self.rec(i);
+        if r.flags & F_DIGEST == 0 {
+            return None;
+        }
+        let k = self.digest_offs.binary_search(&r.path_off).ok()?;
+        self.digests
+            .get(k * self.digest_width..(k + 1) * self.digest_width)
+    }
+
+    /// Frees the listed digests (once they are taken over elsewhere).
+    pub fn drop_digests(&mut self) {
+        self.digest_offs = Vec::new();
+        self.digests = Vec::new();
     }
 
     /// Appends one entry; `link_target` is stored for symlinks only.
@@ -228,6 +287,8 @@ impl FileList {
         self.arena.shrink_to_fit();
         self.recs.shrink_to_fit();
         self.links.shrink_to_fit();
+        self.digest_offs.shrink_to_fit();
+        self.digests.shrink_to_fit();
         self.owner_ix = std::collections::HashMap::new();
         self.sorted = true;
         Ok(())
@@ -354,6 +415,33 @@ mod tests {
         assert_eq!(l.link_key(0), Some((7, 9)));
         assert_eq!(l.link_key(1), None);
         assert_eq!(l.link_target(0), b"");
+    }
+
+    #[test]
+    fn listed_digests_follow_their_entries_through_sorting() {
+        let mut l = FileList::new();
+        let f = Meta {
+            kind: Some(Kind::File),
+            ..Meta::default()
+        };
+        l.push(b"c", &f, b"").unwrap();
+        l.set_last_digest(&[3, 3]).unwrap();
+        l.push(b"b", &f, b"").unwrap();
+        l.push(b"a", &f, b"").unwrap();
+        l.set_last_digest(&[1, 1]).unwrap();
+        assert!(matches!(
+            l.set_last_digest(&[1, 1, 1]),
+            Err(ListError::DigestWidth {
+                expected: 2,
+                got: 3
+            })
+        ));
+        l.finish().unwrap();
+        assert_eq!(l.digest(0), Some(&[1u8, 1][..]));
+        assert_eq!(l.digest(1), None);
+        assert_eq!(l.digest(2), Some(&[3u8, 3][..]));
+        l.drop_digests();
+        assert_eq!(l.digest(0), None);
     }
 
     #[test]

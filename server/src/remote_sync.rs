@@ -100,11 +100,30 @@ impl JobShared {
         }
     }
 
-    /// The master's list is complete.
-    pub(crate) fn set_master(&mut self, list: FileList) {
+    /// The master's list is complete; the digests it was listed with become master
+    /// checksums (not asked for again).
+    pub(crate) fn set_master(&mut self, mut list: FileList) -> Result<(), String> {
         self.master_sums = SumTable::new(list.len());
+        for m in 0..list.len() as u32 {
+            if let Some(d) = list.digest(m) {
+                let width = self.width.check(d)?;
+                self.master_sums.store(m as usize, width, d);
+            }
+        }
+        list.drop_digests();
         self.master = Arc::new(list);
         self.master_listed = true;
+        Ok(())
+    }
+
+    /// What the agents are asked to attach to their listings: the digests their checksum
+    /// caches hold in the job's algorithm, except when the job wants fresh checksums.
+    pub(crate) fn cached_digests(&self) -> String {
+        if self.req.verify {
+            String::new()
+        } else {
+            self.req.algorithm.clone()
+        }
     }
 }
 
@@ -129,7 +148,11 @@ pub(crate) fn push_entry(list: &mut FileList, e: &EntryRef<'_>) -> Result<(), St
         nlink: e.nlink,
     };
     list.push(e.path, &meta, e.link_target.unwrap_or(b""))
-        .map_err(|err| err.to_string())
+        .map_err(|err| err.to_string())?;
+    match e.digest {
+        Some(d) if kind == Kind::File => list.set_last_digest(d).map_err(|err| err.to_string()),
+        _ => Ok(()),
+    }
 }
 
 /// Checksum requests of a pair: next candidate and requests in flight, on each side.
@@ -341,6 +364,7 @@ impl RemoteSync {
                 classification: shared.req.classification.clone(),
                 batch_size: 0,
                 sweep_partials: !shared.req.dry_run && !shared.req.verify,
+                cached_digests: shared.cached_digests(),
             },
         );
     }
@@ -355,25 +379,35 @@ impl RemoteSync {
         self.list.finish().map_err(|e| e.to_string())?;
         self.state = PairState::Listed;
         info!(job = shared.id, remote = %self.addr, entries = self.list.len(), "remote listed");
-        self.try_plan(shared);
-        Ok(())
+        self.try_plan(shared)
     }
 
-    /// Plans the pair once both lists are in, and asks for the checksums it needs.
-    pub(crate) fn try_plan(&mut self, shared: &mut JobShared) {
+    /// Plans the pair once both lists are in, and asks for the checksums it needs: those
+    /// neither side listed a cached digest for. An error (a listed digest of the wrong
+    /// width) is the remote's.
+    pub(crate) fn try_plan(&mut self, shared: &mut JobShared) -> Result<(), String> {
         if !shared.master_listed || self.state != PairState::Listed {
-            return;
+            return Ok(());
         }
         let opts = PlanOptions {
             delete: shared.req.delete,
             owner: self.can_chown,
         };
         let pair = PairPlan::new(&shared.master, &self.list, opts);
-        self.sums = Verdicts::new(pair.checksum_candidates().len());
+        let cands = pair.checksum_candidates();
+        self.sums = Verdicts::new(cands.len());
+        for (k, &(m, r)) in cands.iter().enumerate() {
+            if let Some(d) = self.list.digest(r) {
+                shared.width.check(d)?;
+                self.sums.record(k, d, &shared.master_sums, m as usize);
+            }
+        }
+        self.list.drop_digests();
         self.pair = Some(pair);
         self.state = PairState::Checksums;
         self.pump_sums(shared);
         self.check_sums_ready(shared);
+        Ok(())
     }
 
     // ---------------------------------------------------------- checksums
@@ -390,14 +424,18 @@ impl RemoteSync {
             let q = &mut self.requests;
             let mut msgs: Vec<(Peer, Vec<Vec<u8>>)> = Vec::new();
             if q.remote_out < WINDOW && q.remote_next < cands.len() {
-                let end = (q.remote_next + CHUNK).min(cands.len());
-                let paths = cands[q.remote_next..end]
-                    .iter()
-                    .map(|&(_, ri)| self.list.path(ri).to_vec())
-                    .collect();
-                q.remote_next = end;
-                q.remote_out += 1;
-                msgs.push((Peer::Remote, paths));
+                // Only the candidates the remote listed no digest for.
+                let mut paths = Vec::new();
+                while q.remote_next < cands.len() && paths.len() < CHUNK {
+                    if self.sums.get(q.remote_next) == Verdict::Unknown {
+                        paths.push(self.list.path(cands[q.remote_next].1).to_vec());
+                    }
+                    q.remote_next += 1;
+                }
+                if !paths.is_empty() {
+                    q.remote_out += 1;
+                    msgs.push((Peer::Remote, paths));
+                }
             }
             if q.master_out < WINDOW && q.master_next < cands.len() {
                 // Only what no other remote has asked the master for.
@@ -481,6 +519,10 @@ impl RemoteSync {
         let cands = pair.checksum_candidates();
         let mut hint = self.requests.remote_hint;
         for res in results {
+            // The next candidate asked for: the next one still unknown.
+            while hint < cands.len() && self.sums.get(hint) != Verdict::Unknown {
+                hint += 1;
+            }
             let k = if hint < cands.len() && self.list.path(cands[hint].1) == res.path {
                 hint
             } else {

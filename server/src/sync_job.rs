@@ -56,6 +56,7 @@ impl SyncJob {
             classification: self.shared.req.classification.clone(),
             batch_size: 0,
             sweep_partials: false,
+            cached_digests: self.shared.cached_digests(),
         }
     }
 
@@ -69,9 +70,11 @@ impl SyncJob {
         let mut list = std::mem::take(&mut self.master_building);
         list.finish().map_err(|e| e.to_string())?;
         info!(job = self.shared.id, entries = list.len(), "master listed");
-        self.shared.set_master(list);
-        for pair in &mut self.pairs {
-            pair.try_plan(&mut self.shared);
+        self.shared.set_master(list)?;
+        for i in 0..self.pairs.len() {
+            if let Err(e) = self.pairs[i].try_plan(&mut self.shared) {
+                self.fail_pair(i, e);
+            }
         }
         Ok(())
     }

@@ -53,12 +53,19 @@ impl Client {
     }
 
     pub fn list(&mut self) -> Vec<FileEntry> {
+        self.list_with_digests("")
+    }
+
+    /// The listing, each regular file with the digest in `algorithm` that the agent's
+    /// checksum cache holds for it (empty: none).
+    pub fn list_with_digests(&mut self, algorithm: &str) -> Vec<FileEntry> {
         let request_id = self.id();
         self.send(&Msg::ListRequest {
             request_id,
             classification: Default::default(),
             batch_size: 3,
             sweep_partials: false,
+            cached_digests: algorithm.into(),
         });
         let mut all = Vec::new();
         loop {

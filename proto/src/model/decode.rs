@@ -247,6 +247,7 @@ impl Msg {
                     )?,
                     batch_size: b.get_batch_size(),
                     sweep_partials: b.get_sweep_partials(),
+                    cached_digests: text(b.get_cached_digests())?,
                 }
             }
             W::ListBatch(b) => {

@@ -206,9 +206,11 @@ impl Msg {
                 classification,
                 batch_size,
                 sweep_partials,
+                cached_digests,
             } => {
                 let mut b = root.init_list_request();
                 b.set_sweep_partials(*sweep_partials);
+                b.set_cached_digests(cached_digests.as_str());
                 b.set_request_id(*request_id);
                 b.set_batch_size(*batch_size);
                 classification.write_to(b.init_classification());

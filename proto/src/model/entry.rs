@@ -76,6 +76,9 @@ pub struct FileEntry {
     pub link_target: Option<Vec<u8>>,
     /// Device number (devices only).
     pub rdev: u64,
+    /// Listings only: the agent's cached digest of a regular file, in the algorithm the
+    /// `listRequest` named (`cached_digests`), when its checksum cache holds one.
+    pub digest: Option<Vec<u8>>,
 }
 
 /// A borrowed view of a file entry inside a received frame (no copies).
@@ -107,6 +110,8 @@ pub struct EntryRef<'a> {
     pub link_target: Option<&'a [u8]>,
     /// Device number.
     pub rdev: u64,
+    /// The cached digest (listings only).
+    pub digest: Option<&'a [u8]>,
 }
 
 impl EntryRef<'_> {
@@ -126,6 +131,7 @@ impl EntryRef<'_> {
             mtime_nsec: self.mtime_nsec,
             link_target: self.link_target.map(<[u8]>::to_vec),
             rdev: self.rdev,
+            digest: self.digest.map(<[u8]>::to_vec),
         }
     }
 }
@@ -147,6 +153,7 @@ impl FileEntry {
             mtime_nsec: self.mtime_nsec,
             link_target: self.link_target.as_deref(),
             rdev: self.rdev,
+            digest: self.digest.as_deref(),
         }
     }
 
@@ -166,6 +173,9 @@ impl FileEntry {
         b.set_rdev(self.rdev);
         if let Some(t) = &self.link_target {
             b.set_link_target(t);
+        }
+        if let Some(d) = &self.digest {
+            b.set_digest(d);
         }
     }
 
@@ -196,6 +206,11 @@ impl<'a> EntryRef<'a> {
                 None
             },
             rdev: r.get_rdev(),
+            digest: if r.has_digest() {
+                Some(r.get_digest()?)
+            } else {
+                None
+            },
         })
     }
 }

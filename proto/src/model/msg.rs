@@ -56,6 +56,9 @@ pub enum Msg {
         /// A remote of a real sync: when the connection closes, remove the partial files
         /// this listing found that the sync did not use.
         sweep_partials: bool,
+        /// An algorithm name: attach to each regular file the digest the agent's checksum
+        /// cache holds for it as listed (empty: none).
+        cached_digests: String,
     },
     /// Agent -> server: entries.
     ListBatch {

@@ -176,6 +176,7 @@ pub fn select_expr(s: &str) {
         classification: spec,
         batch_size: 0,
         sweep_partials: false,
+        cached_digests: String::new(),
     };
     if let Ok(f) = msg.to_frame() {
         if let Ok(Msg::ListRequest { classification, .. }) = Msg::decode(&f[4..]) {

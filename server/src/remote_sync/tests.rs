@@ -39,7 +39,7 @@ fn listed_job(master: &[(&str, u64)], remote: &[(&str, u64)], req: SyncRequest) 
         list.push(p.as_bytes(), &file(size), b"").unwrap();
     }
     list.finish().unwrap();
-    job.shared.set_master(list);
+    job.shared.set_master(list).unwrap();
     for i in 0..n {
         let pair = &mut job.pairs[i];
         pair.on_remote_ready(true, &job.shared);
