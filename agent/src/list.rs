@@ -50,14 +50,18 @@ pub(crate) fn list(
         .list_with_digests(&decide, cached_digests, &mut |e| {
             entries.push(e);
             if entries.len() >= batch {
-                send(
-                    w,
-                    &Msg::ListBatch {
-                        request_id,
-                        entries: std::mem::take(&mut entries),
-                        last: false,
-                    },
-                )?;
+                let msg = Msg::ListBatch {
+                    request_id,
+                    entries: std::mem::take(&mut entries),
+                    last: false,
+                };
+                send(w, &msg)?;
+                // The same buffer for the next batch: a fresh one of this size is a new
+                // mapping (above the agent's mmap threshold) and page faults to fill.
+                if let Msg::ListBatch { entries: mut e, .. } = msg {
+                    e.clear();
+                    entries = e;
+                }
             }
             Ok(())
         })?;

@@ -210,11 +210,15 @@ struct Table {
     index: hashbrown::HashTable<u32>,
 }
 
-/// The hash of a file's `(dev, ino)` in [`Table::index`] (inode numbers are dense: a
-/// multiplication spreads them over the high bits, which the index uses too).
+/// The hash of a file's `(dev, ino)` in [`Table::index`]. The table's buckets come from the
+/// low bits, so they are the inode's own: a listing meets inodes in nearly ascending order
+/// (files of a directory are mostly created together), and consecutive inodes then probe
+/// neighbouring buckets instead of a cache miss each (the lookup was 11% of a warm listing's
+/// CPU with a multiplicative hash, nearly all of it two misses). The top bits, which the
+/// table compares first, are a multiplicative hash of both.
 fn hash_of(dev: u64, ino: u64) -> u64 {
-    let h = (ino ^ dev.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
+    let spread = (ino ^ dev.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (ino ^ dev.rotate_left(17)) & 0x01ff_ffff_ffff_ffff | spread & !0x01ff_ffff_ffff_ffff
 }
 
 impl Table {
