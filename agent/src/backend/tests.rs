@@ -480,3 +480,55 @@ fn a_leftover_temp_of_a_long_name_finds_its_hashed_partial() {
         assert!(names_with(root, b".fleetsync.").is_empty());
     }
 }
+
+#[test]
+fn a_commit_removes_a_stale_partial_whenever_one_may_be_there() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = tree.path();
+    let stale = |n: &str| root.join(format!(".fleetsync.partial.{n}"));
+    let commit = |b: &PosixBackend, p: &[u8]| {
+        let mut t = b.create_temp(p).unwrap();
+        t.write_all(b"new").unwrap();
+        t.commit(&attrs()).unwrap();
+    };
+    // Left by an earlier agent: a new agent removes it before any listing.
+    std::fs::write(stale("a"), b"old prefix").unwrap();
+    let b = backend(root);
+    commit(&b, b"a");
+    assert!(!stale("a").exists());
+    // A listing that sees one keeps the removal on.
+    std::fs::write(stale("b"), b"old prefix").unwrap();
+    listed(&b);
+    commit(&b, b"b");
+    assert!(!stale("b").exists());
+    // After a whole listing that found none, a partial made since is still removed.
+    listed(&b);
+    assert!(!b.partials.may_exist());
+    let mut t = b.create_temp(b"c").unwrap();
+    t.write_all(b"cut").unwrap();
+    assert!(t.keep_as_partial().unwrap());
+    assert!(b.partials.may_exist());
+    commit(&b, b"c");
+    assert!(!stale("c").exists());
+    // A listing that excluded something does not vouch for the whole tree.
+    let b = backend(root);
+    let mut none = |_| Ok(());
+    b.list(
+        &|p, _| {
+            if p == b"a" {
+                Decision::Exclude
+            } else {
+                Decision::Include
+            }
+        },
+        &mut none,
+    )
+    .unwrap();
+    assert!(b.partials.may_exist());
+    // Nor one that met a killed agent's temp (it may become a partial).
+    std::fs::write(root.join(".fleetsync.tmp.x"), b"left").unwrap();
+    listed(&b);
+    assert!(b.partials.may_exist());
+    listed(&b);
+    assert!(!b.partials.may_exist());
+}
