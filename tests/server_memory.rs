@@ -49,24 +49,30 @@ fn entry(path: Vec<u8>, kind: FileKind, i: u32) -> FileEntry {
     }
 }
 
-/// The synthetic tree: 100 x 100 directories, paths like `d0012/d0345/file-000123456.dat`.
+/// The synthetic tree, in the order an agent walks it (names sorted per directory, a
+/// directory before its contents): 100 x 100 directories of 100 files, paths of 60 bytes
+/// (the figure) like `srv/library/d0012/d0345/component-001234567-release-v02.data`.
 fn entries() -> impl Iterator<Item = FileEntry> {
-    let root = std::iter::once(entry(Vec::new(), FileKind::Dir, 0));
-    let dirs = (0..100u32).flat_map(|a| {
-        std::iter::once(entry(format!("d{a:04}").into_bytes(), FileKind::Dir, 0)).chain(
-            (0..100u32)
-                .map(move |b| entry(format!("d{a:04}/d{b:04}").into_bytes(), FileKind::Dir, 0)),
-        )
+    let top = [&b""[..], b"srv", b"srv/library"]
+        .into_iter()
+        .map(|p| entry(p.to_vec(), FileKind::Dir, 0));
+    let tree = (0..100u32).flat_map(|a| {
+        let dir_a = entry(format!("srv/library/d{a:04}").into_bytes(), FileKind::Dir, 0);
+        std::iter::once(dir_a).chain((0..100u32).flat_map(move |b| {
+            let dir = format!("srv/library/d{a:04}/d{b:04}");
+            let files = (0..FILES / 10_000).map(move |c| {
+                let i = a * 10_000 + b * 100 + c;
+                entry(
+                    format!("srv/library/d{a:04}/d{b:04}/component-{i:09}-release-v02.data")
+                        .into_bytes(),
+                    FileKind::File,
+                    i,
+                )
+            });
+            std::iter::once(entry(dir.into_bytes(), FileKind::Dir, 0)).chain(files)
+        }))
     });
-    let files = (0..FILES).map(|i| {
-        let (a, b) = (i % 100, (i / 100) % 100);
-        entry(
-            format!("d{a:04}/d{b:04}/file-{i:09}.dat").into_bytes(),
-            FileKind::File,
-            i,
-        )
-    });
-    root.chain(dirs).chain(files)
+    top.chain(tree)
 }
 
 fn serve_agent(stream: TcpStream, empty: bool) {
