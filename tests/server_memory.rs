@@ -57,7 +57,11 @@ fn entries() -> impl Iterator<Item = FileEntry> {
         .into_iter()
         .map(|p| entry(p.to_vec(), FileKind::Dir, 0));
     let tree = (0..100u32).flat_map(|a| {
-        let dir_a = entry(format!("srv/library/d{a:04}").into_bytes(), FileKind::Dir, 0);
+        let dir_a = entry(
+            format!("srv/library/d{a:04}").into_bytes(),
+            FileKind::Dir,
+            0,
+        );
         std::iter::once(dir_a).chain((0..100u32).flat_map(move |b| {
             let dir = format!("srv/library/d{a:04}/d{b:04}");
             let files = (0..FILES / 10_000).map(move |c| {

@@ -1077,7 +1077,7 @@ impl Server {
                 let e = e.map_err(|e| e.to_string())?;
                 match role {
                     AgentRole::MasterList => sync.push_master_entry(&e)?,
-                    AgentRole::Remote(i) => sync.pairs[i].push_listed(&e)?,
+                    AgentRole::Remote(i) => sync.push_remote_entry(i, &e)?,
                     AgentRole::MasterLink(_) | AgentRole::MasterRelay => {
                         return Err("unexpected listBatch".into())
                     }
@@ -1093,7 +1093,7 @@ impl Server {
                         j.master_conn = None;
                         self.to_close.push((token, "master list complete".into()));
                     }
-                    AgentRole::Remote(i) => sync.pairs[i].on_listed(&mut sync.shared)?,
+                    AgentRole::Remote(i) => sync.on_remote_listed(i)?,
                     AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
                 }
             }

@@ -210,27 +210,83 @@ impl FileList {
 
     /// Sorts by path and trims spare capacity; call once after the last push.
     pub fn finish(&mut self) -> Result<(), ListError> {
-        let arena = &self.arena;
-        self.recs.sort_unstable_by(|a, b| {
-            arena[a.path_off as usize..][..a.path_len as usize]
-                .cmp(&arena[b.path_off as usize..][..b.path_len as usize])
-        });
-        for w in self.recs.windows(2) {
-            if self.arena[w[0].path_off as usize..][..w[0].path_len as usize]
-                == self.arena[w[1].path_off as usize..][..w[1].path_len as usize]
-            {
+        self.finish_mapped().map(drop)
+    }
+
+    /// [`FileList::finish`], giving where each entry went: `moved[i]` is the sorted
+    /// index of the entry pushed `i`th (indexes taken while the list was built, such as
+    /// a [`crate::remote_list::PathIndex`]'s, are mapped with it).
+    pub fn finish_mapped(&mut self) -> Result<Vec<u32>, ListError> {
+        let n = self.recs.len();
+        // Sorting indexes, not the 32-byte records, keeps the insertion order at hand
+        // (order[k]: the entry that goes to k) for 4 bytes per entry.
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        {
+            let (arena, recs) = (&self.arena, &self.recs);
+            let path = |i: u32| {
+                let r = &recs[i as usize];
+                &arena[r.path_off as usize..][..r.path_len as usize]
+            };
+            order.sort_unstable_by(|&a, &b| path(a).cmp(path(b)));
+            if let Some(w) = order.windows(2).find(|w| path(w[0]) == path(w[1])) {
                 return Err(ListError::Duplicate {
-                    path: self.arena[w[0].path_off as usize..][..w[0].path_len as usize].to_vec(),
+                    path: path(w[0]).to_vec(),
                 });
             }
         }
+        // Moves the records in place along the cycles of `order`.
+        let mut visited = vec![0u64; n.div_ceil(64)];
+        for start in 0..n {
+            if visited[start / 64] & (1 << (start % 64)) != 0 {
+                continue;
+            }
+            let first = self.recs[start];
+            let mut j = start;
+            loop {
+                visited[j / 64] |= 1 << (j % 64);
+                let k = order[j] as usize;
+                if k == start {
+                    self.recs[j] = first;
+                    break;
+                }
+                self.recs[j] = self.recs[k];
+                j = k;
+            }
+        }
+        drop(visited);
+        let mut moved = vec![0u32; n];
+        for (k, &o) in order.iter().enumerate() {
+            moved[o as usize] = k as u32;
+        }
+        drop(order);
         self.links.sort_unstable_by_key(|l| l.0);
         self.arena.shrink_to_fit();
         self.recs.shrink_to_fit();
         self.links.shrink_to_fit();
         self.owner_ix = std::collections::HashMap::new();
         self.sorted = true;
-        Ok(())
+        Ok(moved)
+    }
+
+    /// Whether entry `i` is the same as an entry of another list with `meta` and
+    /// `link_target`, as far as a plan can tell: kind, mode, owner, mtime, size (of a
+    /// regular file) or target (of a symlink), and neither is a regular file with other
+    /// hard links. A directory's size is no part of it (no plan looks at it).
+    pub fn same_entry(&self, i: u32, meta: &Meta, link_target: &[u8]) -> bool {
+        let r = self.rec(i);
+        let kind = meta.kind.unwrap_or(Kind::Special);
+        r.kind == kind
+            && r.flags & F_LINKED == 0
+            && !(kind == Kind::File && meta.nlink > 1)
+            && r.mode == (meta.mode & 0o7777) as u16
+            && r.mtime_sec == meta.mtime_sec
+            && r.mtime_nsec == meta.mtime_nsec
+            && self.owners[r.owner as usize] == (meta.uid, meta.gid)
+            && match kind {
+                Kind::File => r.size == meta.size,
+                Kind::Symlink => self.link_target(i) == link_target,
+                Kind::Dir | Kind::Special => true,
+            }
     }
 
     fn rec(&self, i: u32) -> &Rec {
