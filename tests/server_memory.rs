@@ -5,7 +5,8 @@
 //! at most 200 bytes per file per remote. The server's CPU time
 //! (utime+stime) is printed for each run (item 6). The agents are fakes in this test process that
 //! serve synthetic lists (identical trees: every file gets checksummed, none
-//! is sent), so no million files are created on disk. Run with:
+//! is sent), so no million files are created on disk; the master's comes a second
+//! after the remotes' (the server must not hold the remote lists meanwhile). Run with:
 //!
 //! ```sh
 //! cargo test --release --test server_memory -- --ignored --nocapture
@@ -14,6 +15,7 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Stdio};
+use std::time::Duration;
 
 mod support;
 
@@ -79,7 +81,7 @@ fn entries() -> impl Iterator<Item = FileEntry> {
     top.chain(tree)
 }
 
-fn serve_agent(stream: TcpStream, empty: bool) {
+fn serve_agent(stream: TcpStream, empty: bool, list_delay: Duration) {
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut w = BufWriter::new(stream);
     {
@@ -106,6 +108,7 @@ fn serve_agent(stream: TcpStream, empty: bool) {
         let Ok(msg) = Msg::decode(&body) else { return };
         let ok = match msg {
             Msg::ListRequest { request_id, .. } => {
+                std::thread::sleep(list_delay);
                 let mut batch = Vec::with_capacity(4096);
                 let mut ok = true;
                 for e in entries().take(if empty { 1 } else { usize::MAX }) {
@@ -189,12 +192,14 @@ fn serve_agent(stream: TcpStream, empty: bool) {
     }
 }
 
-fn fake_agent(empty: bool) -> String {
+/// A fake agent serving the synthetic tree (`empty`: only its root), its list after
+/// `list_delay`.
+fn fake_agent(empty: bool, list_delay: Duration) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            std::thread::spawn(move || serve_agent(s, empty));
+            std::thread::spawn(move || serve_agent(s, empty, list_delay));
         }
     });
     addr
@@ -239,8 +244,11 @@ fn measure(remotes: usize, empty: bool) -> f64 {
         .to_owned();
     let pid = server.0.id();
     let idle = status_kb(pid, "VmRSS:");
-    let master = fake_agent(false);
-    let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent(empty)).collect();
+    // The master lists last: the remote lists must not be held whole meanwhile.
+    let master = fake_agent(false, Duration::from_secs(1));
+    let remote_addrs: Vec<String> = (0..remotes)
+        .map(|_| fake_agent(empty, Duration::ZERO))
+        .collect();
     let out = support::fleetsync(support::scratch_home())
         .args([
             "sync",

@@ -45,6 +45,9 @@ const EMPTY: u32 = u32::MAX;
 /// Pending entries are matched again when the master list has grown by as many, and by
 /// at least this many (the tests match them again more often).
 const RETRY_MIN: usize = if cfg!(test) { 2 } else { 4096 };
+/// Pending entries beyond which a remote's list should wait for the master's (about
+/// 100 bytes each).
+const PENDING_MAX: usize = 32_768;
 
 /// An index of a [`FileList`]'s entries by path: an open-addressing table of `u32`
 /// indexes (about 8 bytes per entry), the paths staying in the list. It works while the
@@ -392,6 +395,17 @@ impl RemoteBuilder {
     /// Entries received so far.
     pub(crate) fn len(&self) -> usize {
         self.n_same + self.pending.len() + self.others.len()
+    }
+
+    /// Whether more entries may come: not while [`PENDING_MAX`] wait for the master's,
+    /// unless the master (of `master_len` entries) has grown enough to match them again.
+    pub(crate) fn wants_input(&self, master_len: usize) -> bool {
+        self.pending.len() < PENDING_MAX || master_len - self.pending_checked >= self.pending.len()
+    }
+
+    /// Entries that wait for the master's.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
     }
 
     /// One remote entry.

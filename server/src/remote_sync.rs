@@ -422,6 +422,12 @@ impl RemoteSync {
             .map_err(|e| e.to_string())
     }
 
+    /// Whether more of the remote's list may come: not while too much of it waits for the
+    /// master's (the event loop stops reading the remote until the master caught up).
+    pub(crate) fn wants_input(&self, shared: &JobShared) -> bool {
+        self.building.wants_input(shared.master_ref().list.len())
+    }
+
     /// Whether the remote's list is still to come.
     pub(crate) fn listing(&self) -> bool {
         matches!(self.state, PairState::Connecting | PairState::Listing)
@@ -430,7 +436,13 @@ impl RemoteSync {
     /// The remote's list is complete.
     pub(crate) fn on_listed(&mut self, shared: &mut JobShared) -> Result<(), String> {
         self.state = PairState::Listed;
-        info!(job = shared.id, remote = %self.addr, entries = self.building.len(), "remote listed");
+        info!(
+            job = shared.id,
+            remote = %self.addr,
+            entries = self.building.len(),
+            waiting = self.building.pending_len(),
+            "remote listed"
+        );
         self.try_plan(shared)
     }
 

@@ -65,6 +65,11 @@ impl SyncJob {
         self.pairs[i].push_listed(e, &self.shared)
     }
 
+    /// Whether remote `i`'s list may come on (see [`RemoteSync::wants_input`]).
+    pub(crate) fn remote_wants_input(&self, i: usize) -> bool {
+        self.pairs[i].wants_input(&self.shared)
+    }
+
     /// Remote `i`'s list is complete.
     pub(crate) fn on_remote_listed(&mut self, i: usize) -> Result<(), String> {
         self.pairs[i].on_listed(&mut self.shared)?;
