@@ -682,7 +682,10 @@ impl PairPlan {
                     index: m,
                     other: r,
                 });
-            } else if attrs_differ(&master.meta(m), &remote.meta(r), owner, true) {
+            } else if !remote.is_same(r)
+                && attrs_differ(&master.meta(m), &remote.meta(r), owner, true)
+            {
+                // (An entry the same as the master's has the same attributes.)
                 attr_fixes.push(Step {
                     kind: StepKind::SetAttrs,
                     why: Why::AttrsDiffer,

@@ -389,6 +389,9 @@ pub(crate) struct RemoteBuilder {
     /// The master list's length when `pending` was last matched.
     pending_checked: usize,
     others: FileList,
+    /// The master index after the last match: agents walk in the same order, so the
+    /// next remote entry is most often there (no hashing, no random memory access).
+    guess: u32,
 }
 
 impl RemoteBuilder {
@@ -436,7 +439,16 @@ impl RemoteBuilder {
         link_target: &[u8],
         master: &MasterRef<'_>,
     ) -> Result<bool, ListError> {
-        match master.index.get(master.list, path) {
+        let g = self.guess;
+        let found = if (g as usize) < master.list.len() && master.list.path(g) == path {
+            Some(g)
+        } else {
+            master.index.get(master.list, path)
+        };
+        if let Some(m) = found {
+            self.guess = m + 1;
+        }
+        match found {
             Some(m) if master.list.same_entry(m, meta, link_target) => {
                 if self.same.get(m) {
                     return Err(ListError::Duplicate {
@@ -477,6 +489,7 @@ impl RemoteBuilder {
             same.set(moved[i as usize]);
         }
         self.same = same;
+        self.guess = 0;
         self.retry_pending(master)
     }
 

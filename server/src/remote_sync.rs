@@ -192,6 +192,9 @@ struct SumRequests {
     master_out: usize,
     /// After the last remote answer (answers come in the order asked).
     remote_hint: u32,
+    /// Every candidate before this master index has its master checksum (a digest, or
+    /// failed: never asked again).
+    master_ready: u32,
 }
 
 /// The sync of one master/remote pair.
@@ -653,12 +656,15 @@ impl RemoteSync {
             return;
         }
         let msums = &shared.master_sums;
-        if pair
-            .candidates_from(master, &self.list, 0)
-            .any(|(m, _)| msums.state(m as usize) < SumState::Done)
-        {
+        let from = self.requests.master_ready;
+        let missing = pair
+            .candidates_from(master, &self.list, from)
+            .find(|&(m, _)| msums.state(m as usize) < SumState::Done);
+        if let Some((m, _)) = missing {
+            self.requests.master_ready = m;
             return;
         }
+        self.requests.master_ready = nm;
         let width = shared.width.get().unwrap_or(0);
         self.sums.settle(width, msums, |slot| slot);
         let pair = self.pair.take().expect("checked above");
