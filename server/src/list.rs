@@ -214,8 +214,8 @@ impl FileList {
     }
 
     /// [`FileList::finish`], giving where each entry went: `moved[i]` is the sorted
-    /// index of the entry pushed `i`th (indexes taken while the list was built, such as
-    /// a [`crate::remote_list::PathIndex`]'s, are mapped with it).
+    /// index of the entry pushed `i`th (indexes taken while the list was built are
+    /// mapped with it).
     pub fn finish_mapped(&mut self) -> Result<Vec<u32>, ListError> {
         let n = self.recs.len();
         // Sorting indexes, not the 32-byte records, keeps the insertion order at hand

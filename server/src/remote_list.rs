@@ -7,11 +7,13 @@
 //! indexes; only the other entries (different, remote-only, hard-linked) are kept, in a
 //! [`FileList`] of their own.
 //!
-//! The lists are compacted as they stream in ([`RemoteBuilder`]): the master's entries
-//! are indexed by path as they arrive ([`PathIndex`]), and each remote entry is matched
-//! on arrival. Agents walk their trees in the same order, so an identical tree matches
-//! almost at once; a remote entry that comes before the master's waits (pending) until
-//! the master has listed more.
+//! The lists are compacted as they stream in ([`RemoteBuilder`]): each remote entry is
+//! matched on arrival with the master's entries listed so far. Agents walk their trees
+//! in the same order ([`walk_order`]), so the master entry after the last match is most
+//! often the one, and the master's list in the order it arrives can be searched by
+//! bisection (no index). A remote entry that comes before the master's waits (pending)
+//! until the master has listed more, and a remote whose list runs too far ahead is not
+//! read for a while ([`RemoteBuilder::wants_input`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -36,12 +38,10 @@
 //! assert_eq!(r.path(a), b"a");
 //! ```
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::list::{FileList, Kind, ListError, Meta};
 
-const EMPTY: u32 = u32::MAX;
 /// Pending entries are matched again when the master list has grown by as many, and by
 /// at least this many (the tests match them again more often).
 const RETRY_MIN: usize = if cfg!(test) { 2 } else { 4096 };
@@ -49,91 +49,11 @@ const RETRY_MIN: usize = if cfg!(test) { 2 } else { 4096 };
 /// 100 bytes each).
 const PENDING_MAX: usize = 32_768;
 
-/// An index of a [`FileList`]'s entries by path: an open-addressing table of `u32`
-/// indexes (about 8 bytes per entry), the paths staying in the list. It works while the
-/// list is being built (insertion indexes) and, once [`PathIndex::remap`]ped with
-/// [`FileList::finish_mapped`]'s answer, on the sorted list.
-#[derive(Default)]
-pub struct PathIndex {
-    slots: Vec<u32>,
-    len: usize,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-impl PathIndex {
-    /// An empty index.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn slot_of(&self, path: &[u8]) -> usize {
-        self.hasher.hash_one(path) as usize & (self.slots.len() - 1)
-    }
-
-    /// Indexes entry `i` of `list` (the paths of `list` must stay where they are).
-    pub fn insert(&mut self, list: &FileList, i: u32) {
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow(list);
-        }
-        let mask = self.slots.len() - 1;
-        let mut s = self.slot_of(list.path(i));
-        while self.slots[s] != EMPTY {
-            s = (s + 1) & mask;
-        }
-        self.slots[s] = i;
-        self.len += 1;
-    }
-
-    fn grow(&mut self, list: &FileList) {
-        let size = (self.slots.len() * 2).max(1024);
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
-        let mask = self.slots.len() - 1;
-        for i in old.into_iter().filter(|&i| i != EMPTY) {
-            let mut s = self.slot_of(list.path(i));
-            while self.slots[s] != EMPTY {
-                s = (s + 1) & mask;
-            }
-            self.slots[s] = i;
-        }
-    }
-
-    /// The index in `list` of an entry at `path`.
-    pub fn get(&self, list: &FileList, path: &[u8]) -> Option<u32> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let mask = self.slots.len() - 1;
-        let mut s = self.slot_of(path);
-        loop {
-            match self.slots[s] {
-                EMPTY => return None,
-                i if list.path(i) == path => return Some(i),
-                _ => s = (s + 1) & mask,
-            }
-        }
-    }
-
-    /// Number of entries indexed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The list was sorted: `moved[i]` is where entry `i` went.
-    pub fn remap(&mut self, moved: &[u32]) {
-        for s in self.slots.iter_mut().filter(|s| **s != EMPTY) {
-            *s = moved[*s as usize];
-        }
-    }
-
-    /// Bytes of heap memory held.
-    pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * 4
-    }
+/// The order in which agents walk a tree (names sorted per directory, a directory
+/// before its contents): bytewise with `/` before every other byte.
+pub fn walk_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let key = |&c: &u8| if c == b'/' { 0 } else { u16::from(c) + 1 };
+    a.iter().map(key).cmp(b.iter().map(key))
 }
 
 /// A bit per master index.
@@ -219,20 +139,16 @@ impl Default for RemoteList {
 impl RemoteList {
     /// Compacts a finished remote list against a finished master list.
     pub fn compact(master: Arc<FileList>, remote: &FileList) -> Result<RemoteList, ListError> {
-        let mut index = PathIndex::new();
-        for i in 0..master.len() as u32 {
-            index.insert(&master, i);
-        }
         let mut b = RemoteBuilder::default();
         let ctx = MasterRef {
             list: &master,
-            index: &index,
             complete: true,
+            walk_sorted: false,
         };
         for j in 0..remote.len() as u32 {
             b.push(remote.path(j), &remote.meta(j), remote.link_target(j), &ctx)?;
         }
-        b.finish(master.clone(), &index)
+        b.finish(master.clone())
     }
 
     /// A remote list held whole, nothing matched (what the server did before compacting:
@@ -370,11 +286,41 @@ impl RemoteList {
 }
 
 /// The master's list as a remote entry is matched against it: complete (sorted) or still
-/// arriving (insertion order), with its [`PathIndex`].
+/// arriving (in the order listed).
 pub(crate) struct MasterRef<'a> {
     pub(crate) list: &'a FileList,
-    pub(crate) index: &'a PathIndex,
     pub(crate) complete: bool,
+    /// The entries so far came in [`walk_order`] (as agents list them): the list in the
+    /// order it arrives can be bisected.
+    pub(crate) walk_sorted: bool,
+}
+
+impl MasterRef<'_> {
+    /// The master index of `path`, trying `guess` first. While the master list is
+    /// incomplete, `None` may also mean "not yet", or "not found" in a list not in walk
+    /// order (the entry is matched again later: a miss is never a wrong answer).
+    fn find(&self, path: &[u8], guess: u32) -> Option<u32> {
+        let list = self.list;
+        if (guess as usize) < list.len() && list.path(guess) == path {
+            return Some(guess);
+        }
+        if self.complete {
+            return list.find(path);
+        }
+        if !self.walk_sorted {
+            return None;
+        }
+        let (mut lo, mut hi) = (0u32, list.len() as u32);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match walk_order(list.path(mid), path) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
 }
 
 /// A remote's list while it arrives, compacted as it comes (see the module docs).
@@ -439,12 +385,7 @@ impl RemoteBuilder {
         link_target: &[u8],
         master: &MasterRef<'_>,
     ) -> Result<bool, ListError> {
-        let g = self.guess;
-        let found = if (g as usize) < master.list.len() && master.list.path(g) == path {
-            Some(g)
-        } else {
-            master.index.get(master.list, path)
-        };
+        let found = master.find(path, self.guess);
         if let Some(m) = found {
             self.guess = m + 1;
         }
@@ -493,23 +434,14 @@ impl RemoteBuilder {
         self.retry_pending(master)
     }
 
-    /// The remote's list is complete, and so is the master's (sorted, `index` remapped).
-    pub(crate) fn finish(
-        mut self,
-        master: Arc<FileList>,
-        index: &PathIndex,
-    ) -> Result<RemoteList, ListError> {
+    /// The remote's list is complete, and so is the master's (sorted).
+    pub(crate) fn finish(mut self, master: Arc<FileList>) -> Result<RemoteList, ListError> {
         debug_assert!(self.pending.is_empty());
         self.others.finish()?;
         // A path both the same as the master's and among the others: listed twice.
         for j in 0..self.others.len() as u32 {
             let p = self.others.path(j);
-            let m = if index.is_empty() {
-                master.find(p)
-            } else {
-                index.get(&master, p)
-            };
-            if m.is_some_and(|m| self.same.get(m)) {
+            if master.find(p).is_some_and(|m| self.same.get(m)) {
                 return Err(ListError::Duplicate { path: p.to_vec() });
             }
         }

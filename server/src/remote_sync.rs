@@ -21,7 +21,7 @@ use crate::checksums::{DigestWidth, SumState, SumTable, Verdict, Verdicts};
 use crate::list::{FileList, Kind, Meta};
 use crate::ops::apply_ops;
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
-use crate::remote_list::{MasterRef, PathIndex, RemoteBuilder, RemoteList};
+use crate::remote_list::{walk_order, MasterRef, RemoteBuilder, RemoteList};
 
 mod block_run;
 mod consistency;
@@ -82,10 +82,8 @@ pub(crate) struct JobShared {
     pub(crate) master_listed: bool,
     /// The master's list while it arrives (in the order listed).
     master_building: FileList,
-    /// The master's entries by path, to match remote entries as they arrive: indexes of
-    /// `master_building` until the master is listed, then of `master`; dropped once
-    /// every remote is listed.
-    master_index: PathIndex,
+    /// Whether `master_building` came in walk order (see [`MasterRef::walk_sorted`]).
+    master_walk_sorted: bool,
     /// Master checksums, per master index (shared: one checksum serves every remote).
     pub(crate) master_sums: SumTable,
     pub(crate) width: DigestWidth,
@@ -102,7 +100,7 @@ impl JobShared {
             master: Arc::new(FileList::new()),
             master_listed: false,
             master_building: FileList::new(),
-            master_index: PathIndex::new(),
+            master_walk_sorted: true,
             master_sums: SumTable::default(),
             width: DigestWidth::default(),
             blocks,
@@ -112,10 +110,12 @@ impl JobShared {
     /// One entry of the master's list.
     pub(crate) fn push_master(&mut self, e: &EntryRef<'_>) -> Result<(), String> {
         let list = &mut self.master_building;
+        if self.master_walk_sorted && !list.is_empty() {
+            let last = list.path(list.len() as u32 - 1);
+            self.master_walk_sorted = walk_order(last, e.path).is_lt();
+        }
         list.push(e.path, &entry_meta(e), e.link_target.unwrap_or(b""))
-            .map_err(|err| err.to_string())?;
-        self.master_index.insert(list, list.len() as u32 - 1);
-        Ok(())
+            .map_err(|err| err.to_string())
     }
 
     /// The master's list is complete: sorts it. Gives where each entry went (see
@@ -123,19 +123,12 @@ impl JobShared {
     pub(crate) fn finish_master(&mut self) -> Result<Vec<u32>, String> {
         let mut list = std::mem::take(&mut self.master_building);
         let moved = list.finish_mapped().map_err(|e| e.to_string())?;
-        self.master_index.remap(&moved);
         self.set_master(list);
         Ok(moved)
     }
 
     /// The master's list is complete (sorted).
     pub(crate) fn set_master(&mut self, list: FileList) {
-        if self.master_index.len() != list.len() {
-            self.master_index = PathIndex::new();
-            for i in 0..list.len() as u32 {
-                self.master_index.insert(&list, i);
-            }
-        }
         self.master_sums = SumTable::new(list.len());
         self.master = Arc::new(list);
         self.master_listed = true;
@@ -149,14 +142,9 @@ impl JobShared {
             } else {
                 &self.master_building
             },
-            index: &self.master_index,
             complete: self.master_listed,
+            walk_sorted: self.master_walk_sorted,
         }
-    }
-
-    /// Every remote is listed: the master's path index is no longer needed.
-    pub(crate) fn drop_master_index(&mut self) {
-        self.master_index = PathIndex::new();
     }
 }
 
@@ -431,11 +419,6 @@ impl RemoteSync {
         self.building.wants_input(shared.master_ref().list.len())
     }
 
-    /// Whether the remote's list is still to come.
-    pub(crate) fn listing(&self) -> bool {
-        matches!(self.state, PairState::Connecting | PairState::Listing)
-    }
-
     /// The remote's list is complete.
     pub(crate) fn on_listed(&mut self, shared: &mut JobShared) -> Result<(), String> {
         self.state = PairState::Listed;
@@ -475,7 +458,7 @@ impl RemoteSync {
         }
         let building = std::mem::take(&mut self.building);
         self.list = building
-            .finish(shared.master.clone(), &shared.master_index)
+            .finish(shared.master.clone())
             .map_err(|e| e.to_string())?;
         debug!(job = shared.id, remote = %self.addr, same = self.list.same_count(), others = self.list.others().len(), "remote list compacted");
         let opts = PlanOptions {

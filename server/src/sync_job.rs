@@ -72,9 +72,7 @@ impl SyncJob {
 
     /// Remote `i`'s list is complete.
     pub(crate) fn on_remote_listed(&mut self, i: usize) -> Result<(), String> {
-        self.pairs[i].on_listed(&mut self.shared)?;
-        self.drop_index_if_listed();
-        Ok(())
+        self.pairs[i].on_listed(&mut self.shared)
     }
 
     /// The master's list is complete: plan every pair whose remote is listed.
@@ -94,16 +92,7 @@ impl SyncJob {
                 self.fail_pair(i, format!("remote list: {e}"));
             }
         }
-        drop(moved);
-        self.drop_index_if_listed();
         Ok(())
-    }
-
-    /// Frees the master's path index once no remote list is still to come.
-    fn drop_index_if_listed(&mut self) {
-        if self.shared.master_listed && !self.pairs.iter().any(RemoteSync::listing) {
-            self.shared.drop_master_index();
-        }
     }
 
     /// A reply for pair `i`; an error is the connection's (the caller closes it).
@@ -129,7 +118,6 @@ impl SyncJob {
                 pair.restart_master_sums(&mut self.shared);
             }
         }
-        self.drop_index_if_listed();
     }
 
     /// Holds the send orders among `sends` that may go through a relay tree (see

@@ -186,6 +186,8 @@ struct Case {
     differs: Vec<Vec<u8>>,
     /// Where the remote's entries come in the master's listing (see `streamed`).
     interleave: Vec<usize>,
+    /// Both lists come in walk order (as agents list them), else reversed.
+    walked: bool,
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -199,9 +201,10 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 prop::collection::btree_map(arb_path(), arb_ent(), 0..8),
                 prop::collection::vec(arb_path(), 0..6),
                 prop::collection::vec(0..n + 2, 0..40),
+                any::<bool>(),
             )
         })
-        .prop_map(|(master, changes, extra, differs, interleave)| {
+        .prop_map(|(master, changes, extra, differs, interleave, walked)| {
             let mut remote = extra;
             for ((p, e), c) in master.iter().zip(changes) {
                 match c {
@@ -221,6 +224,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 remote: sane(remote),
                 differs,
                 interleave,
+                walked,
             }
         })
 }
@@ -291,14 +295,25 @@ fn plan_lines(
     out
 }
 
-/// The remote list compacted as it streams in: the master's and the remote's entries
-/// in the order of the trees (reversed: not sorted), the remote's interleaved with the
-/// master's listing at the `interleave` positions (past the end: after the master).
+/// A tree's entries in the order an agent lists them (`walked`), else reversed.
+fn listed(t: &BTreeMap<Vec<u8>, Ent>, walked: bool) -> Vec<(&Vec<u8>, &Ent)> {
+    let mut v: Vec<_> = t.iter().collect();
+    if walked {
+        v.sort_by(|a, b| walk_order(a.0, b.0));
+    } else {
+        v.reverse();
+    }
+    v
+}
+
+/// The remote list compacted as it streams in (as `JobShared` and `RemoteSync` do it):
+/// the remote's entries interleaved with the master's listing at the `interleave`
+/// positions (past the end: after the master).
 fn streamed(c: &Case) -> Result<(Arc<FileList>, RemoteList), ListError> {
     let mut master = FileList::new();
-    let mut index = PathIndex::new();
+    let mut walk_sorted = true;
     let mut b = RemoteBuilder::default();
-    let mut remote = c.remote.iter().rev();
+    let mut remote = listed(&c.remote, c.walked).into_iter();
     let mut push_remote = |b: &mut RemoteBuilder, m: &MasterRef<'_>| -> Result<(), ListError> {
         if let Some((p, e)) = remote.next() {
             b.push(p, &e.meta, &e.target, m)?;
@@ -308,31 +323,33 @@ fn streamed(c: &Case) -> Result<(Arc<FileList>, RemoteList), ListError> {
     let mut at = c.interleave.clone();
     at.sort_unstable();
     let mut at = at.into_iter().peekable();
-    for (k, (p, e)) in c.master.iter().rev().enumerate() {
+    for (k, (p, e)) in listed(&c.master, c.walked).into_iter().enumerate() {
         while at.next_if(|&a| a <= k).is_some() {
             let m = MasterRef {
                 list: &master,
-                index: &index,
                 complete: false,
+                walk_sorted,
             };
             push_remote(&mut b, &m)?;
         }
+        if !master.is_empty() {
+            walk_sorted &= walk_order(master.path(master.len() as u32 - 1), p).is_lt();
+        }
         master.push(p, &e.meta, &e.target)?;
-        index.insert(&master, master.len() as u32 - 1);
     }
+    assert_eq!(walk_sorted, c.walked || c.master.len() < 2);
     let moved = master.finish_mapped()?;
-    index.remap(&moved);
     let m = MasterRef {
         list: &master,
-        index: &index,
         complete: true,
+        walk_sorted,
     };
     b.master_sorted(&moved, &m)?;
     for _ in 0..c.remote.len() {
         push_remote(&mut b, &m)?;
     }
     let master = Arc::new(master);
-    let list = b.finish(master.clone(), &index)?;
+    let list = b.finish(master.clone())?;
     Ok((master, list))
 }
 
@@ -410,12 +427,10 @@ fn a_path_listed_twice_is_refused() {
     master.push(b"x", &file(1), b"").unwrap();
     master.finish().unwrap();
     let master = Arc::new(master);
-    let mut index = PathIndex::new();
-    index.insert(&master, 0);
     let m = MasterRef {
         list: &master,
-        index: &index,
         complete: true,
+        walk_sorted: true,
     };
     // Twice the same as the master's.
     let mut b = RemoteBuilder::default();
@@ -429,7 +444,7 @@ fn a_path_listed_twice_is_refused() {
     b.push(b"x", &file(2), b"", &m).unwrap();
     b.push(b"x", &file(1), b"", &m).unwrap();
     assert!(matches!(
-        b.finish(master.clone(), &index),
+        b.finish(master.clone()),
         Err(ListError::Duplicate { .. })
     ));
 }
@@ -452,7 +467,91 @@ fn remote_entries_before_the_masters_wait_and_match() {
         remote: sane(t),
         differs: Vec::new(),
         interleave: vec![0; 10_001],
+        walked: true,
     };
     let (_, l) = streamed(&c).unwrap();
     assert_eq!((l.same_count(), l.others().len()), (10_001, 0));
+}
+
+/// The cost of sorting a million master entries: `cargo test --release -p
+/// fleetsync-server --lib -- --ignored --nocapture master_list_costs`.
+#[test]
+#[ignore = "timing figure, run in release"]
+fn master_list_costs() {
+    let mut l = FileList::new();
+    let t = std::time::Instant::now();
+    for a in 0..100u32 {
+        for b in 0..100u32 {
+            l.push(
+                format!("srv/library/d{a:04}/d{b:04}").as_bytes(),
+                &dir(),
+                b"",
+            )
+            .unwrap();
+            for c in 0..100u32 {
+                let i = a * 10_000 + b * 100 + c;
+                let p = format!("srv/library/d{a:04}/d{b:04}/component-{i:09}-release-v02.data");
+                l.push(p.as_bytes(), &file(1024), b"").unwrap();
+            }
+        }
+    }
+    println!("push: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let moved = l.finish_mapped().unwrap();
+    println!("finish_mapped: {:?} ({} entries)", t.elapsed(), moved.len());
+}
+
+#[test]
+fn walk_order_is_the_agents_order() {
+    // Names sorted per directory, a directory before its contents.
+    let walked: [&[u8]; 7] = [b"", b"a", b"a/x", b"a/x/y", b"a-b", b"a.c", b"b"];
+    let mut v = walked.to_vec();
+    v.reverse();
+    v.sort_by(|a, b| walk_order(a, b));
+    assert_eq!(v, walked);
+}
+
+#[test]
+fn identical_trees_listed_together_match_at_once() {
+    let mut t = BTreeMap::new();
+    for i in 0..3000u64 {
+        let p = format!("d{}/{}f{i:04}", i % 7, ["", "a-", "a/"][i as usize % 3]);
+        t.insert(
+            p.into_bytes(),
+            Ent {
+                meta: file(i),
+                target: Vec::new(),
+            },
+        );
+    }
+    let t = sane(t);
+    let order = listed(&t, true);
+    let (mut master, mut b) = (FileList::new(), RemoteBuilder::default());
+    for (p, e) in &order {
+        master.push(p, &e.meta, &e.target).unwrap();
+        let m = MasterRef {
+            list: &master,
+            complete: false,
+            walk_sorted: true,
+        };
+        b.push(p, &e.meta, &e.target, &m).unwrap();
+        assert_eq!(b.pending_len(), 0, "{}", String::from_utf8_lossy(p));
+    }
+    // A remote without every fifth file: the guess misses after each gap, bisection
+    // finds the entry.
+    let (mut master, mut b) = (FileList::new(), RemoteBuilder::default());
+    for (k, (p, e)) in order.iter().enumerate() {
+        master.push(p, &e.meta, &e.target).unwrap();
+        if k % 5 == 3 && e.meta.kind == Some(Kind::File) {
+            continue;
+        }
+        let m = MasterRef {
+            list: &master,
+            complete: false,
+            walk_sorted: true,
+        };
+        b.push(p, &e.meta, &e.target, &m).unwrap();
+        assert_eq!(b.pending_len(), 0, "{}", String::from_utf8_lossy(p));
+    }
+    assert_eq!(b.others.len(), 0);
 }
