@@ -49,6 +49,10 @@ pub struct Meta {
 
 const F_LINKED: u8 = 1;
 
+/// Where a linked entry's path is: `(path_off, path_len)`. The offset alone is not
+/// unique: an entry without bytes (the root `""`, no target) shares it with the next.
+type LinkAt = (u32, u16);
+
 /// One fixed-size record (32 bytes). Owners are interned: trees have few
 /// distinct (uid, gid) pairs.
 #[derive(Clone, Copy, Debug)]
@@ -121,8 +125,8 @@ impl std::error::Error for ListError {}
 pub struct FileList {
     arena: Vec<u8>,
     recs: Vec<Rec>,
-    /// `(path_off, dev, inode)` of entries with nlink > 1, sorted by path_off.
-    links: Vec<(u32, u64, u64)>,
+    /// `((path_off, path_len), dev, inode)` of the entries with nlink > 1, sorted.
+    links: Vec<(LinkAt, u64, u64)>,
     /// Distinct (uid, gid) pairs, indexed by `Rec::owner`.
     owners: Vec<(u32, u32)>,
     owner_ix: std::collections::HashMap<(u32, u32), u16>,
@@ -149,7 +153,7 @@ impl FileList {
     pub fn heap_bytes(&self) -> usize {
         self.arena.capacity()
             + self.recs.capacity() * std::mem::size_of::<Rec>()
-            + self.links.capacity() * std::mem::size_of::<(u32, u64, u64)>()
+            + self.links.capacity() * std::mem::size_of::<(LinkAt, u64, u64)>()
     }
 
     /// Appends one entry; `link_target` is stored for symlinks only.
@@ -187,7 +191,8 @@ impl FileList {
         };
         let linked = kind == Kind::File && meta.nlink > 1;
         if linked {
-            self.links.push((off as u32, meta.dev, meta.inode));
+            self.links
+                .push(((off as u32, path.len() as u16), meta.dev, meta.inode));
         }
         self.recs.push(Rec {
             size: if kind == Kind::Symlink {
@@ -260,6 +265,7 @@ impl FileList {
         }
         drop(order);
         self.links.sort_unstable_by_key(|l| l.0);
+        debug_assert!(self.links.windows(2).all(|w| w[0].0 < w[1].0));
         self.arena.shrink_to_fit();
         self.recs.shrink_to_fit();
         self.links.shrink_to_fit();
@@ -344,7 +350,10 @@ impl FileList {
         if r.flags & F_LINKED == 0 {
             return None;
         }
-        let k = self.links.binary_search_by_key(&r.path_off, |l| l.0).ok()?;
+        let k = self
+            .links
+            .binary_search_by_key(&(r.path_off, r.path_len), |l| l.0)
+            .ok()?;
         Some((self.links[k].1, self.links[k].2))
     }
 
@@ -410,6 +419,24 @@ mod tests {
         assert_eq!(l.link_key(0), Some((7, 9)));
         assert_eq!(l.link_key(1), None);
         assert_eq!(l.link_target(0), b"");
+    }
+
+    #[test]
+    fn regression_linked_empty_path_and_the_next_entry_keep_their_inodes() {
+        // "" has no bytes in the arena: "b" starts at the same offset.
+        let f = |inode| Meta {
+            kind: Some(Kind::File),
+            nlink: 2,
+            dev: 1,
+            inode,
+            ..Meta::default()
+        };
+        let mut l = FileList::new();
+        l.push(b"", &f(4), b"").unwrap();
+        l.push(b"b", &f(7), b"").unwrap();
+        l.finish().unwrap();
+        assert_eq!(l.link_key(0), Some((1, 4)));
+        assert_eq!(l.link_key(1), Some((1, 7)));
     }
 
     #[test]
