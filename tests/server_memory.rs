@@ -5,7 +5,8 @@
 //! at most 200 bytes per file per remote. The server's CPU time
 //! (utime+stime) is printed for each run (item 6). The agents are fakes in this test process that
 //! serve synthetic lists (identical trees: every file gets checksummed, none
-//! is sent), so no million files are created on disk. Run with:
+//! is sent), so no million files are created on disk; the master's comes a second
+//! after the remotes' (the server must not hold the remote lists meanwhile). Run with:
 //!
 //! ```sh
 //! cargo test --release --test server_memory -- --ignored --nocapture
@@ -14,6 +15,7 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Stdio};
+use std::time::Duration;
 
 mod support;
 
@@ -50,27 +52,37 @@ fn entry(path: Vec<u8>, kind: FileKind, i: u32) -> FileEntry {
     }
 }
 
-/// The synthetic tree: 100 x 100 directories, paths like `d0012/d0345/file-000123456.dat`.
+/// The synthetic tree, in the order an agent walks it (names sorted per directory, a
+/// directory before its contents): 100 x 100 directories of 100 files, paths of 60 bytes
+/// (the issue's figure) like `srv/library/d0012/d0345/component-001234567-release-v02.data`.
 fn entries() -> impl Iterator<Item = FileEntry> {
-    let root = std::iter::once(entry(Vec::new(), FileKind::Dir, 0));
-    let dirs = (0..100u32).flat_map(|a| {
-        std::iter::once(entry(format!("d{a:04}").into_bytes(), FileKind::Dir, 0)).chain(
-            (0..100u32)
-                .map(move |b| entry(format!("d{a:04}/d{b:04}").into_bytes(), FileKind::Dir, 0)),
-        )
+    let top = [&b""[..], b"srv", b"srv/library"]
+        .into_iter()
+        .map(|p| entry(p.to_vec(), FileKind::Dir, 0));
+    let tree = (0..100u32).flat_map(|a| {
+        let dir_a = entry(
+            format!("srv/library/d{a:04}").into_bytes(),
+            FileKind::Dir,
+            0,
+        );
+        std::iter::once(dir_a).chain((0..100u32).flat_map(move |b| {
+            let dir = format!("srv/library/d{a:04}/d{b:04}");
+            let files = (0..FILES / 10_000).map(move |c| {
+                let i = a * 10_000 + b * 100 + c;
+                entry(
+                    format!("srv/library/d{a:04}/d{b:04}/component-{i:09}-release-v02.data")
+                        .into_bytes(),
+                    FileKind::File,
+                    i,
+                )
+            });
+            std::iter::once(entry(dir.into_bytes(), FileKind::Dir, 0)).chain(files)
+        }))
     });
-    let files = (0..FILES).map(|i| {
-        let (a, b) = (i % 100, (i / 100) % 100);
-        entry(
-            format!("d{a:04}/d{b:04}/file-{i:09}.dat").into_bytes(),
-            FileKind::File,
-            i,
-        )
-    });
-    root.chain(dirs).chain(files)
+    top.chain(tree)
 }
 
-fn serve_agent(stream: TcpStream, empty: bool) {
+fn serve_agent(stream: TcpStream, empty: bool, list_delay: Duration) {
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut w = BufWriter::new(stream);
     {
@@ -97,6 +109,7 @@ fn serve_agent(stream: TcpStream, empty: bool) {
         let Ok(msg) = Msg::decode(&body) else { return };
         let ok = match msg {
             Msg::ListRequest { request_id, .. } => {
+                std::thread::sleep(list_delay);
                 let mut batch = Vec::with_capacity(4096);
                 let mut ok = true;
                 for e in entries().take(if empty { 1 } else { usize::MAX }) {
@@ -180,12 +193,14 @@ fn serve_agent(stream: TcpStream, empty: bool) {
     }
 }
 
-fn fake_agent(empty: bool) -> String {
+/// A fake agent serving the synthetic tree (`empty`: only its root), its list after
+/// `list_delay`.
+fn fake_agent(empty: bool, list_delay: Duration) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            std::thread::spawn(move || serve_agent(s, empty));
+            std::thread::spawn(move || serve_agent(s, empty, list_delay));
         }
     });
     addr
@@ -230,8 +245,11 @@ fn measure(remotes: usize, empty: bool) -> f64 {
         .to_owned();
     let pid = server.0.id();
     let idle = status_kb(pid, "VmRSS:");
-    let master = fake_agent(false);
-    let remote_addrs: Vec<String> = (0..remotes).map(|_| fake_agent(empty)).collect();
+    // The master lists last: the remote lists must not be held whole meanwhile.
+    let master = fake_agent(false, Duration::from_secs(1));
+    let remote_addrs: Vec<String> = (0..remotes)
+        .map(|_| fake_agent(empty, Duration::ZERO))
+        .collect();
     let out = support::fleetsync(support::scratch_home())
         .args([
             "sync",

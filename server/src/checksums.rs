@@ -121,7 +121,9 @@ pub(crate) enum Verdict {
     Held,
 }
 
-/// The remote side of a pair's checksums: one byte per candidate. A remote digest is
+/// The remote side of a pair's checksums: one byte per slot (the server numbers a
+/// pair's candidates by their master index: known once a remote entry is matched with
+/// the complete master list, before the plan). A remote digest is
 /// compared with the master's as it arrives and only its verdict kept; the few that come
 /// before the master's digest are held (slot and digest) until [`Verdicts::settle`].
 /// With 16 remotes and 32-byte digests this saves about 32 bytes per file per remote
@@ -147,7 +149,9 @@ impl Verdicts {
         self.state[slot]
     }
 
-    /// The remote's digest of `slot`, with the master's state and (if done) digest there.
+    /// The remote's digest of `slot`, with the master's state and (if done) digest there:
+    /// the one place a remote digest is judged (a checksum reply today; a digest listed
+    /// with the entry could be judged here as well).
     pub(crate) fn record(&mut self, slot: usize, digest: &[u8], master: &SumTable, m: usize) {
         self.state[slot] = match master.state(m) {
             SumState::Done if master.digest(m, digest.len()) == digest => Verdict::Same,
@@ -158,6 +162,11 @@ impl Verdicts {
                 Verdict::Held
             }
         };
+    }
+
+    /// The remote listed the master's own digest for `slot`.
+    pub(crate) fn same(&mut self, slot: usize) {
+        self.state[slot] = Verdict::Same;
     }
 
     /// The remote could not compute the digest of `slot`.

@@ -148,6 +148,9 @@ pub struct Server {
     config: ServerConfig,
     dirty: HashSet<Token>,
     to_close: Vec<(Token, String)>,
+    /// Remote agents' connections not read for now: their lists ran ahead of the master's
+    /// (see [`crate::remote_list`]); read again once it caught up.
+    paused: HashSet<Token>,
     /// Job history (quick SQLite writes at job start/end, never per file).
     history: Option<JobStore>,
     /// What `--metrics-listen` shows.
@@ -178,6 +181,7 @@ impl Server {
             config,
             dirty: HashSet::new(),
             to_close: Vec::new(),
+            paused: HashSet::new(),
             history,
             metrics: Default::default(),
             slow: HashSet::new(),
@@ -203,9 +207,10 @@ impl Server {
     pub fn run_until(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !stop.load(Ordering::Relaxed) {
+            let wait = if self.paused.is_empty() { 200 } else { 10 };
             match self
                 .poll
-                .poll(&mut events, Some(Duration::from_millis(200)))
+                .poll(&mut events, Some(Duration::from_millis(wait)))
             {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -224,6 +229,7 @@ impl Server {
                     self.read_conn(token);
                 }
             }
+            self.resume_paused();
             self.check_timeouts();
             let ids: Vec<u64> = self.jobs.keys().copied().collect();
             for id in ids {
@@ -363,6 +369,11 @@ impl Server {
     fn read_conn(&mut self, token: Token) {
         const BUDGET: usize = 1 << 20;
         loop {
+            if self.input_paused(token) {
+                // Edge-triggered: what the socket holds is read on resuming.
+                self.paused.insert(token);
+                return;
+            }
             let mut frames = Vec::new();
             let mut close: Option<String> = None;
             let mut drained = false;
@@ -432,6 +443,41 @@ impl Server {
         }
     }
 
+    /// Whether `token` is a remote agent's connection whose list waits for the master's.
+    fn input_paused(&self, token: Token) -> bool {
+        let Some(ConnPeer::Agent {
+            job,
+            role: AgentRole::Remote(i),
+        }) = self.conns.get(&token).map(|c| &c.peer)
+        else {
+            return false;
+        };
+        self.jobs
+            .get(job)
+            .is_some_and(|j| !j.sync.remote_wants_input(*i))
+    }
+
+    /// Reads the paused connections that may go on.
+    fn resume_paused(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let ready: Vec<Token> = self
+            .paused
+            .iter()
+            .copied()
+            .filter(|&t| !self.input_paused(t))
+            .collect();
+        for t in ready {
+            self.paused.remove(&t);
+            if let Some(c) = self.conns.get_mut(&t) {
+                // Waiting for the master was no silence of the agent's.
+                c.last_activity = Instant::now();
+                self.read_conn(t);
+            }
+        }
+    }
+
     fn queue(&mut self, token: Token, msg: &Msg) {
         if let Some(conn) = self.conns.get_mut(&token) {
             conn.queue(msg);
@@ -487,9 +533,10 @@ impl Server {
         let stale: Vec<Token> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
+            .filter(|(t, c)| {
                 matches!(c.peer, ConnPeer::Agent { .. })
                     && c.outstanding > 0
+                    && !self.paused.contains(*t)
                     && now.duration_since(c.last_activity) > limit
             })
             .map(|(t, _)| *t)
@@ -555,6 +602,7 @@ impl Server {
             self.metrics.agent_disconnected();
         }
         self.dirty.remove(&token);
+        self.paused.remove(&token);
         // Failing before the handshake completed: the agent could not be reached.
         let in_handshake = matches!(conn.hs, Hs::AwaitHello | Hs::AwaitWelcome(_))
             && matches!(conn.peer, ConnPeer::Agent { .. });
@@ -1077,7 +1125,7 @@ impl Server {
                 let e = e.map_err(|e| e.to_string())?;
                 match role {
                     AgentRole::MasterList => sync.push_master_entry(&e)?,
-                    AgentRole::Remote(i) => sync.pairs[i].push_listed(&e)?,
+                    AgentRole::Remote(i) => sync.push_remote_entry(i, &e)?,
                     AgentRole::MasterLink(_) | AgentRole::MasterRelay => {
                         return Err("unexpected listBatch".into())
                     }
@@ -1093,7 +1141,7 @@ impl Server {
                         j.master_conn = None;
                         self.to_close.push((token, "master list complete".into()));
                     }
-                    AgentRole::Remote(i) => sync.pairs[i].on_listed(&mut sync.shared)?,
+                    AgentRole::Remote(i) => sync.on_remote_listed(i)?,
                     AgentRole::MasterLink(_) | AgentRole::MasterRelay => {}
                 }
             }

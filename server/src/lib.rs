@@ -21,6 +21,7 @@ pub mod metrics;
 mod ops;
 pub mod plan;
 mod relay;
+pub mod remote_list;
 mod remote_sync;
 mod sync_job;
 

@@ -51,6 +51,10 @@ const F_LINKED: u8 = 1;
 /// The entry came with a cached digest (see [`FileList::digest`]).
 const F_DIGEST: u8 = 2;
 
+/// Where a linked entry's path is: `(path_off, path_len)`. The offset alone is not
+/// unique: an entry without bytes (the root `""`, no target) shares it with the next.
+type LinkAt = (u32, u16);
+
 /// One fixed-size record (32 bytes). Owners are interned: trees have few
 /// distinct (uid, gid) pairs.
 #[derive(Clone, Copy, Debug)]
@@ -134,13 +138,14 @@ impl std::error::Error for ListError {}
 pub struct FileList {
     arena: Vec<u8>,
     recs: Vec<Rec>,
-    /// `(path_off, dev, inode)` of entries with nlink > 1, sorted by path_off.
-    links: Vec<(u32, u64, u64)>,
+    /// `((path_off, path_len), dev, inode)` of the entries with nlink > 1, sorted.
+    links: Vec<(LinkAt, u64, u64)>,
     /// Distinct (uid, gid) pairs, indexed by `Rec::owner`.
     owners: Vec<(u32, u32)>,
     owner_ix: std::collections::HashMap<(u32, u32), u16>,
     /// Listed digests: the `path_off` of each entry that has one (ascending: entries are
-    /// pushed in arena order) and the digests, `digest_width` bytes each, in that order.
+    /// pushed in arena order; unique: only regular files, whose paths are never empty, have
+    /// one) and the digests, `digest_width` bytes each, in that order.
     digest_offs: Vec<u32>,
     digests: Vec<u8>,
     digest_width: usize,
@@ -167,7 +172,7 @@ impl FileList {
     pub fn heap_bytes(&self) -> usize {
         self.arena.capacity()
             + self.recs.capacity() * std::mem::size_of::<Rec>()
-            + self.links.capacity() * std::mem::size_of::<(u32, u64, u64)>()
+            + self.links.capacity() * std::mem::size_of::<(LinkAt, u64, u64)>()
             + self.digest_offs.capacity() * 4
             + self.digests.capacity()
     }
@@ -246,7 +251,8 @@ impl FileList {
         };
         let linked = kind == Kind::File && meta.nlink > 1;
         if linked {
-            self.links.push((off as u32, meta.dev, meta.inode));
+            self.links
+                .push(((off as u32, path.len() as u16), meta.dev, meta.inode));
         }
         self.recs.push(Rec {
             size: if kind == Kind::Symlink {
@@ -269,21 +275,57 @@ impl FileList {
 
     /// Sorts by path and trims spare capacity; call once after the last push.
     pub fn finish(&mut self) -> Result<(), ListError> {
-        let arena = &self.arena;
-        self.recs.sort_unstable_by(|a, b| {
-            arena[a.path_off as usize..][..a.path_len as usize]
-                .cmp(&arena[b.path_off as usize..][..b.path_len as usize])
-        });
-        for w in self.recs.windows(2) {
-            if self.arena[w[0].path_off as usize..][..w[0].path_len as usize]
-                == self.arena[w[1].path_off as usize..][..w[1].path_len as usize]
-            {
+        self.finish_mapped().map(drop)
+    }
+
+    /// [`FileList::finish`], giving where each entry went: `moved[i]` is the sorted
+    /// index of the entry pushed `i`th (indexes taken while the list was built are
+    /// mapped with it).
+    pub fn finish_mapped(&mut self) -> Result<Vec<u32>, ListError> {
+        let n = self.recs.len();
+        // Sorting indexes, not the 32-byte records, keeps the insertion order at hand
+        // (order[k]: the entry that goes to k) for 4 bytes per entry.
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        {
+            let (arena, recs) = (&self.arena, &self.recs);
+            let path = |i: u32| {
+                let r = &recs[i as usize];
+                &arena[r.path_off as usize..][..r.path_len as usize]
+            };
+            order.sort_unstable_by(|&a, &b| path(a).cmp(path(b)));
+            if let Some(w) = order.windows(2).find(|w| path(w[0]) == path(w[1])) {
                 return Err(ListError::Duplicate {
-                    path: self.arena[w[0].path_off as usize..][..w[0].path_len as usize].to_vec(),
+                    path: path(w[0]).to_vec(),
                 });
             }
         }
+        // Moves the records in place along the cycles of `order`.
+        let mut visited = vec![0u64; n.div_ceil(64)];
+        for start in 0..n {
+            if visited[start / 64] & (1 << (start % 64)) != 0 {
+                continue;
+            }
+            let first = self.recs[start];
+            let mut j = start;
+            loop {
+                visited[j / 64] |= 1 << (j % 64);
+                let k = order[j] as usize;
+                if k == start {
+                    self.recs[j] = first;
+                    break;
+                }
+                self.recs[j] = self.recs[k];
+                j = k;
+            }
+        }
+        drop(visited);
+        let mut moved = vec![0u32; n];
+        for (k, &o) in order.iter().enumerate() {
+            moved[o as usize] = k as u32;
+        }
+        drop(order);
         self.links.sort_unstable_by_key(|l| l.0);
+        debug_assert!(self.links.windows(2).all(|w| w[0].0 < w[1].0));
         self.arena.shrink_to_fit();
         self.recs.shrink_to_fit();
         self.links.shrink_to_fit();
@@ -291,7 +333,28 @@ impl FileList {
         self.digests.shrink_to_fit();
         self.owner_ix = std::collections::HashMap::new();
         self.sorted = true;
-        Ok(())
+        Ok(moved)
+    }
+
+    /// Whether entry `i` is the same as an entry of another list with `meta` and
+    /// `link_target`, as far as a plan can tell: kind, mode, owner, mtime, size (of a
+    /// regular file) or target (of a symlink), and neither is a regular file with other
+    /// hard links. A directory's size is no part of it (no plan looks at it).
+    pub fn same_entry(&self, i: u32, meta: &Meta, link_target: &[u8]) -> bool {
+        let r = self.rec(i);
+        let kind = meta.kind.unwrap_or(Kind::Special);
+        r.kind == kind
+            && r.flags & F_LINKED == 0
+            && !(kind == Kind::File && meta.nlink > 1)
+            && r.mode == (meta.mode & 0o7777) as u16
+            && r.mtime_sec == meta.mtime_sec
+            && r.mtime_nsec == meta.mtime_nsec
+            && self.owners[r.owner as usize] == (meta.uid, meta.gid)
+            && match kind {
+                Kind::File => r.size == meta.size,
+                Kind::Symlink => self.link_target(i) == link_target,
+                Kind::Dir | Kind::Special => true,
+            }
     }
 
     fn rec(&self, i: u32) -> &Rec {
@@ -349,7 +412,10 @@ impl FileList {
         if r.flags & F_LINKED == 0 {
             return None;
         }
-        let k = self.links.binary_search_by_key(&r.path_off, |l| l.0).ok()?;
+        let k = self
+            .links
+            .binary_search_by_key(&(r.path_off, r.path_len), |l| l.0)
+            .ok()?;
         Some((self.links[k].1, self.links[k].2))
     }
 
@@ -442,6 +508,24 @@ mod tests {
         assert_eq!(l.digest(2), Some(&[3u8, 3][..]));
         l.drop_digests();
         assert_eq!(l.digest(0), None);
+    }
+
+    #[test]
+    fn regression_linked_empty_path_and_the_next_entry_keep_their_inodes() {
+        // "" has no bytes in the arena: "b" starts at the same offset.
+        let f = |inode| Meta {
+            kind: Some(Kind::File),
+            nlink: 2,
+            dev: 1,
+            inode,
+            ..Meta::default()
+        };
+        let mut l = FileList::new();
+        l.push(b"", &f(4), b"").unwrap();
+        l.push(b"b", &f(7), b"").unwrap();
+        l.finish().unwrap();
+        assert_eq!(l.link_key(0), Some((1, 4)));
+        assert_eq!(l.link_key(1), Some((1, 7)));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use fleetsync_proto::{Attrs, Op, OpKind};
 
 use crate::list::{FileList, Kind, Meta};
 use crate::plan::{Step, StepKind};
+use crate::remote_list::RemoteList;
 
 /// The master's attributes of an entry: its mode when `with_mode` (never for symlinks),
 /// its owner when the remote agent can apply it, its mtime.
@@ -19,7 +20,7 @@ pub(crate) fn master_attrs(meta: &Meta, owner: bool, with_mode: bool) -> Attrs {
 pub(crate) fn apply_ops(
     steps: &[Step],
     master: &FileList,
-    remote: &FileList,
+    remote: &RemoteList,
     owner: bool,
 ) -> Vec<Op> {
     steps
@@ -65,7 +66,7 @@ pub(crate) fn apply_ops(
 pub(crate) fn block_ops(
     steps: &[Step],
     master: &FileList,
-    remote: &FileList,
+    remote: &RemoteList,
     owner: bool,
 ) -> Vec<Op> {
     let mut ops = Vec::with_capacity(steps.len());

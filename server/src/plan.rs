@@ -1,29 +1,37 @@
 //! [`PairPlan`]: what one remote needs to become identical to the master.
 //!
-//! Planning is pure: two sorted [`FileList`]s in, a list of [`Step`]s out. It
-//! runs in two stages because some decisions need checksums computed by the
-//! agents:
+//! Planning is pure: a sorted master [`FileList`] and a remote's [`RemoteList`] in, a
+//! list of [`Step`]s out. It runs in two stages because some decisions need checksums
+//! computed by the agents:
 //!
 //! 1. [`PairPlan::new`] diffs the lists in one merge pass and collects the
-//!    regular files of equal size on both sides ([`PairPlan::checksum_candidates`]);
+//!    regular files of equal size on both sides ([`PairPlan::candidates_from`]);
 //! 2. [`PairPlan::resolve`] takes, for each candidate, whether the checksums
 //!    matched, and produces the final [`Plan`] in execution order.
 //!
+//! A candidate is named by its master index. A remote entry the same as the master's
+//! ([`RemoteList::is_same`]) costs the plan nothing until it is resolved: its candidate
+//! (a regular file) is implicit in the remote list's bits.
+//!
 //! ```
+//! use std::sync::Arc;
 //! use fleetsync_server::list::{FileList, Kind, Meta};
 //! use fleetsync_server::plan::{PairPlan, PlanOptions, StepKind};
+//! use fleetsync_server::remote_list::RemoteList;
 //!
 //! let file = Meta { kind: Some(Kind::File), mode: 0o644, size: 5, nlink: 1, ..Meta::default() };
 //! let mut master = FileList::new();
 //! master.push(b"a.txt", &file, b"").unwrap();
 //! master.finish().unwrap();
+//! let master = Arc::new(master);
 //! let mut remote = FileList::new();
 //! remote.push(b"a.txt", &file, b"").unwrap();
 //! remote.finish().unwrap();
+//! let remote = RemoteList::compact(master.clone(), &remote).unwrap();
 //!
 //! let pair = PairPlan::new(&master, &remote, PlanOptions::default());
-//! assert_eq!(pair.checksum_candidates().len(), 1); // same size: ask for checksums
-//! let plan = pair.resolve(&master, &remote, &[false]);               // ... and they differ
+//! assert_eq!(pair.candidate_count(), 1); // same size: ask for checksums
+//! let plan = pair.resolve(&master, &remote, |_| false); // ... and they differ
 //! assert_eq!(plan.sends().len(), 1);
 //! assert_eq!(plan.sends()[0].kind, StepKind::Send);
 //! ```
@@ -59,6 +67,7 @@
 
 use crate::basis::BasisIndex;
 use crate::list::{FileList, Kind, Meta};
+use crate::remote_list::RemoteList;
 
 const NONE: u32 = u32::MAX;
 
@@ -255,7 +264,10 @@ pub struct PairPlan {
     symlinks: Vec<(u32, Why)>,
     link_attrs: Vec<(u32, u32)>,
     files: Vec<FileCase>,
+    /// `(master, remote)` of the candidates whose remote entry is not the same as the
+    /// master's (the others are the regular files among the remote list's bits).
     candidates: Vec<(u32, u32)>,
+    n_candidates: usize,
     /// `(member, leader)` for every master hard-link group member, sorted.
     leader_of: Vec<(u32, u32)>,
     skipped: Vec<u32>,
@@ -266,10 +278,11 @@ pub struct PairPlan {
     replaced_by_symlink: Vec<u32>,
 }
 
-/// Groups linked entries of a list by `(dev, inode)`: `(key, index)` sorted.
-fn link_groups(list: &FileList) -> Vec<((u64, u64), u32)> {
+/// Groups linked entries of a list by `(dev, inode)`: `(key, index)` sorted, the
+/// indexes given by `index_of`.
+fn link_groups(list: &FileList, index_of: impl Fn(u32) -> u32) -> Vec<((u64, u64), u32)> {
     let mut v: Vec<((u64, u64), u32)> = (0..list.len() as u32)
-        .filter_map(|i| list.link_key(i).map(|k| (k, i)))
+        .filter_map(|i| list.link_key(i).map(|k| (k, index_of(i))))
         .collect();
     v.sort_unstable();
     v
@@ -333,8 +346,8 @@ fn parent(path: &[u8]) -> Option<&[u8]> {
 }
 
 impl PairPlan {
-    /// Diffs `master` against `remote` (both finished).
-    pub fn new(master: &FileList, remote: &FileList, opts: PlanOptions) -> Self {
+    /// Diffs `master` against `remote` (held against `master`).
+    pub fn new(master: &FileList, remote: &RemoteList, opts: PlanOptions) -> Self {
         let mut p = PairPlan {
             opts,
             deletes: Vec::new(),
@@ -344,13 +357,14 @@ impl PairPlan {
             link_attrs: Vec::new(),
             files: Vec::new(),
             candidates: Vec::new(),
+            n_candidates: 0,
             leader_of: Vec::new(),
             skipped: Vec::new(),
             basis_pool: Vec::new(),
             replaced_by_symlink: Vec::new(),
         };
         // Master hard-link groups: leader = first member in path order.
-        let groups = link_groups(master);
+        let groups = link_groups(master, |i| i);
         let mut k = 0;
         while k < groups.len() {
             let mut e = k + 1;
@@ -366,36 +380,46 @@ impl PairPlan {
             k = e;
         }
         p.leader_of.sort_unstable();
-        let remote_groups = link_groups(remote);
+        // Only the others can be hard-linked.
+        let others = remote.others();
+        let remote_groups = link_groups(others, |j| remote.other_index(j));
 
+        // The merge of the master with the remote's others; a master entry whose remote
+        // entry is the same is matched with it (remote index = master index).
         let (mut i, mut j) = (0u32, 0u32);
-        let (nm, nr) = (master.len() as u32, remote.len() as u32);
-        while i < nm || j < nr {
+        let (nm, no) = (master.len() as u32, others.len() as u32);
+        while i < nm || j < no {
+            if i < nm && remote.has_same(i) {
+                p.on_master(master, remote, i, i, &remote_groups);
+                i += 1;
+                continue;
+            }
             let ord = if i == nm {
                 std::cmp::Ordering::Greater
-            } else if j == nr {
+            } else if j == no {
                 std::cmp::Ordering::Less
             } else {
-                FileList::cmp_paths(master, i, remote, j)
+                FileList::cmp_paths(master, i, others, j)
             };
+            let r = remote.other_index(j);
             match ord {
                 std::cmp::Ordering::Less => {
                     p.on_master(master, remote, i, NONE, &remote_groups);
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    if remote.kind(j) == Kind::File {
-                        p.basis_pool.push(j);
+                    if others.kind(j) == Kind::File {
+                        p.basis_pool.push(r);
                     }
-                    if opts.delete && !remote.path(j).is_empty() {
+                    if opts.delete && !others.path(j).is_empty() {
                         // Not recursive: children are listed and go first;
                         // excluded entries inside stay protected, as in rsync.
-                        p.deletes.push((j, false, Why::Extra));
+                        p.deletes.push((r, false, Why::Extra));
                     }
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    p.on_master(master, remote, i, j, &remote_groups);
+                    p.on_master(master, remote, i, r, &remote_groups);
                     i += 1;
                     j += 1;
                 }
@@ -416,7 +440,7 @@ impl PairPlan {
     fn remote_link_must_break(
         &self,
         master: &FileList,
-        remote: &FileList,
+        remote: &RemoteList,
         m: u32,
         r: u32,
         remote_groups: &[((u64, u64), u32)],
@@ -445,7 +469,7 @@ impl PairPlan {
     fn on_master(
         &mut self,
         master: &FileList,
-        remote: &FileList,
+        remote: &RemoteList,
         m: u32,
         r: u32,
         remote_groups: &[((u64, u64), u32)],
@@ -500,8 +524,12 @@ impl PairPlan {
                 } else if master.size(m) != remote.size(r) {
                     FileState::Send(Why::SizeDiffers)
                 } else {
-                    // Candidates live only in `candidates` (8 bytes each).
-                    self.candidates.push((m, r));
+                    // A remote entry the same as the master's is a candidate by its bit;
+                    // the others live only in `candidates` (8 bytes each).
+                    self.n_candidates += 1;
+                    if !remote.is_same(r) {
+                        self.candidates.push((m, r));
+                    }
                     return;
                 };
                 self.files.push(FileCase { m, r, state });
@@ -514,18 +542,21 @@ impl PairPlan {
     /// index); returns the remote indexes, sorted, whose deletion must wait
     /// until after the sends: the chosen bases that the plan deletes, and
     /// their remote-only parent directories.
-    fn choose_bases(&self, master: &FileList, remote: &FileList, sends: &mut [Step]) -> Vec<u32> {
+    fn choose_bases(&self, master: &FileList, remote: &RemoteList, sends: &mut [Step]) -> Vec<u32> {
         let is_new = |s: &Step| matches!(s.why, Why::New | Why::KindChanged) && s.other == NONE;
         if self.basis_pool.is_empty() || !sends.iter().any(is_new) {
             return Vec::new();
         }
         // Remote directories deleted as a tree (before the sends): nothing
-        // beneath them can be a basis. Their subtrees are index ranges.
+        // beneath them can be a basis. Their subtrees are index ranges of the
+        // remote's others (like the pool: none is the same as the master's).
+        let others = remote.others();
+        let local = |r: u32| remote.other_of(r).expect("not the same as the master's");
         let mut gone: Vec<std::ops::Range<u32>> = self
             .deletes
             .iter()
             .filter(|d| d.1)
-            .map(|d| subtree(remote, d.0))
+            .map(|d| subtree(others, local(d.0)))
             .collect();
         gone.sort_unstable_by_key(|g| g.start);
         // Nested trees: keep the outer ranges only, so that they are disjoint.
@@ -534,16 +565,20 @@ impl PairPlan {
             let k = gone.partition_point(|g| g.start <= r);
             k > 0 && gone[k - 1].contains(&r)
         };
-        let pool = self.basis_pool.iter().copied().filter(|&r| !under_gone(r));
-        let mut index = BasisIndex::new(remote, pool);
+        let pool = self
+            .basis_pool
+            .iter()
+            .map(|&r| local(r))
+            .filter(|&j| !under_gone(j));
+        let mut index = BasisIndex::new(others, pool);
         if index.is_empty() {
             return Vec::new();
         }
         let mut chosen: Vec<u32> = Vec::new();
         for s in sends.iter_mut().filter(|s| is_new(s)) {
-            if let Some(b) = index.choose(remote, master.path(s.index), master.size(s.index)) {
-                s.other = b;
-                chosen.push(b);
+            if let Some(b) = index.choose(others, master.path(s.index), master.size(s.index)) {
+                s.other = remote.other_index(b);
+                chosen.push(s.other);
             }
         }
         drop(index);
@@ -581,19 +616,47 @@ impl PairPlan {
         deferred
     }
 
-    /// `(master index, remote index)` of the regular files whose checksums
-    /// are needed on both sides (equal size).
-    pub fn checksum_candidates(&self) -> &[(u32, u32)] {
-        &self.candidates
+    /// Number of checksum candidates: the regular files whose checksums are needed on
+    /// both sides (equal size).
+    pub fn candidate_count(&self) -> usize {
+        self.n_candidates
     }
 
-    /// Finishes the plan; `same[k]` says whether candidate `k`'s checksums matched.
-    pub fn resolve(self, master: &FileList, remote: &FileList, same: &[bool]) -> Plan {
-        assert_eq!(
-            same.len(),
-            self.candidates.len(),
-            "one answer per candidate"
-        );
+    /// `(master index, remote index)` of the checksum candidates from master index
+    /// `from` on, in master order (`remote` and `master` as given to [`PairPlan::new`]).
+    pub fn candidates_from<'a>(
+        &'a self,
+        master: &'a FileList,
+        remote: &'a RemoteList,
+        from: u32,
+    ) -> impl Iterator<Item = (u32, u32)> + 'a {
+        let implicit = remote
+            .same_from(from)
+            .filter(move |&m| master.kind(m) == Kind::File)
+            .map(|m| (m, m))
+            .peekable();
+        let k = self.candidates.partition_point(|c| c.0 < from);
+        let explicit = self.candidates[k..].iter().copied().peekable();
+        Merge(implicit, explicit)
+    }
+
+    /// The remote index of candidate `m` (a master index), if `m` is one.
+    pub fn candidate(&self, master: &FileList, remote: &RemoteList, m: u32) -> Option<u32> {
+        if remote.has_same(m) {
+            return (master.kind(m) == Kind::File).then_some(m);
+        }
+        let k = self.candidates.binary_search_by_key(&m, |c| c.0).ok()?;
+        Some(self.candidates[k].1)
+    }
+
+    /// Finishes the plan; `same(m)` says whether the checksums of candidate `m` (a master
+    /// index) matched.
+    pub fn resolve(
+        self,
+        master: &FileList,
+        remote: &RemoteList,
+        same: impl Fn(u32) -> bool,
+    ) -> Plan {
         let owner = self.opts.owner;
         let mut sends = Vec::new();
         let mut after = Vec::new();
@@ -611,15 +674,18 @@ impl PairPlan {
                 });
             }
         }
-        for (k, &(m, r)) in self.candidates.iter().enumerate() {
-            if !same[k] {
+        for (m, r) in self.candidates_from(master, remote, 0) {
+            if !same(m) {
                 sends.push(Step {
                     kind: StepKind::Send,
                     why: Why::ChecksumDiffers,
                     index: m,
                     other: r,
                 });
-            } else if attrs_differ(&master.meta(m), &remote.meta(r), owner, true) {
+            } else if !remote.is_same(r)
+                && attrs_differ(&master.meta(m), &remote.meta(r), owner, true)
+            {
+                // (An entry the same as the master's has the same attributes.)
                 attr_fixes.push(Step {
                     kind: StepKind::SetAttrs,
                     why: Why::AttrsDiffer,
@@ -756,7 +822,7 @@ impl PairPlan {
 }
 
 /// A human description of a step for itemized output: what differs.
-pub fn describe(step: &Step, master: &FileList, remote: &FileList, owner: bool) -> String {
+pub fn describe(step: &Step, master: &FileList, remote: &RemoteList, owner: bool) -> String {
     match step.kind {
         StepKind::SetAttrs if step.other != NONE => {
             let (a, b) = (remote.meta(step.other), master.meta(step.index));
@@ -783,6 +849,23 @@ pub fn describe(step: &Step, master: &FileList, remote: &FileList, owner: bool) 
         ),
         StepKind::HardLink => format!("=> {}", String::from_utf8_lossy(master.path(step.other))),
         _ => step.why.text().to_owned(),
+    }
+}
+
+/// Two candidate iterators (each in master order, none in both) merged.
+struct Merge<A: Iterator<Item = (u32, u32)>, B: Iterator<Item = (u32, u32)>>(
+    std::iter::Peekable<A>,
+    std::iter::Peekable<B>,
+);
+
+impl<A: Iterator<Item = (u32, u32)>, B: Iterator<Item = (u32, u32)>> Iterator for Merge<A, B> {
+    type Item = (u32, u32);
+    fn next(&mut self) -> Option<(u32, u32)> {
+        match (self.0.peek(), self.1.peek()) {
+            (Some(a), Some(b)) if a.0 < b.0 => self.0.next(),
+            (Some(_), Some(_)) | (None, _) => self.1.next(),
+            (Some(_), None) => self.0.next(),
+        }
     }
 }
 

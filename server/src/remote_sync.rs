@@ -21,6 +21,7 @@ use crate::checksums::{DigestWidth, SumState, SumTable, Verdict, Verdicts};
 use crate::list::{FileList, Kind, Meta};
 use crate::ops::apply_ops;
 use crate::plan::{describe, PairPlan, Plan, PlanOptions, Step, StepKind};
+use crate::remote_list::{walk_order, MasterRef, RemoteBuilder, RemoteList};
 
 mod block_run;
 mod consistency;
@@ -76,9 +77,13 @@ pub(crate) struct JobShared {
     /// The job's number (logs, stage names).
     pub(crate) id: u64,
     pub(crate) req: SyncRequest,
-    /// The master's file list (empty until `master_listed`).
+    /// The master's list (empty until `master_listed`).
     pub(crate) master: Arc<FileList>,
     pub(crate) master_listed: bool,
+    /// The master's list while it arrives (in the order listed).
+    master_building: FileList,
+    /// Whether `master_building` came in walk order (see [`MasterRef::walk_sorted`]).
+    master_walk_sorted: bool,
     /// Master checksums, per master index (shared: one checksum serves every remote).
     pub(crate) master_sums: SumTable,
     pub(crate) width: DigestWidth,
@@ -94,15 +99,42 @@ impl JobShared {
             req,
             master: Arc::new(FileList::new()),
             master_listed: false,
+            master_building: FileList::new(),
+            master_walk_sorted: true,
             master_sums: SumTable::default(),
             width: DigestWidth::default(),
             blocks,
         }
     }
 
-    /// The master's list is complete; the digests it was listed with become master
-    /// checksums (not asked for again).
-    pub(crate) fn set_master(&mut self, mut list: FileList) -> Result<(), String> {
+    /// One entry of the master's list.
+    pub(crate) fn push_master(&mut self, e: &EntryRef<'_>) -> Result<(), String> {
+        let list = &mut self.master_building;
+        if self.master_walk_sorted && !list.is_empty() {
+            let last = list.path(list.len() as u32 - 1);
+            self.master_walk_sorted = walk_order(last, e.path).is_lt();
+        }
+        list.push(e.path, &entry_meta(e), e.link_target.unwrap_or(b""))
+            .map_err(|err| err.to_string())?;
+        match listed_digest(e) {
+            Some(d) => list.set_last_digest(d).map_err(|err| err.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// The master's list is complete: sorts it. Gives where each entry went (see
+    /// [`FileList::finish_mapped`]).
+    pub(crate) fn finish_master(&mut self) -> Result<Vec<u32>, String> {
+        let mut list = std::mem::take(&mut self.master_building);
+        let moved = list.finish_mapped().map_err(|e| e.to_string())?;
+        self.set_master(list)?;
+        Ok(moved)
+    }
+
+    /// The master's list is complete (sorted); the digests it was listed with become master
+    /// checksums (not asked for again). The list keeps them too: remote entries matched
+    /// from now on are compared with them as they arrive.
+    pub(crate) fn set_master(&mut self, list: FileList) -> Result<(), String> {
         self.master_sums = SumTable::new(list.len());
         for m in 0..list.len() as u32 {
             if let Some(d) = list.digest(m) {
@@ -110,7 +142,6 @@ impl JobShared {
                 self.master_sums.store(m as usize, width, d);
             }
         }
-        list.drop_digests();
         self.master = Arc::new(list);
         self.master_listed = true;
         Ok(())
@@ -125,17 +156,35 @@ impl JobShared {
             self.req.algorithm.clone()
         }
     }
+
+    /// The master's list as remote entries are matched against it.
+    pub(crate) fn master_ref(&self) -> MasterRef<'_> {
+        MasterRef {
+            list: if self.master_listed {
+                &self.master
+            } else {
+                &self.master_building
+            },
+            complete: self.master_listed,
+            walk_sorted: self.master_walk_sorted,
+        }
+    }
 }
 
-/// Adds one entry of a `listBatch` to a list being built.
-pub(crate) fn push_entry(list: &mut FileList, e: &EntryRef<'_>) -> Result<(), String> {
+/// The digest a `listBatch` entry was listed with (regular files only).
+pub(crate) fn listed_digest<'a>(e: &EntryRef<'a>) -> Option<&'a [u8]> {
+    e.digest.filter(|_| e.kind == FileKind::File)
+}
+
+/// The metadata of one entry of a `listBatch`.
+pub(crate) fn entry_meta(e: &EntryRef<'_>) -> Meta {
     let kind = match e.kind {
         FileKind::File => Kind::File,
         FileKind::Dir => Kind::Dir,
         FileKind::Symlink => Kind::Symlink,
         _ => Kind::Special,
     };
-    let meta = Meta {
+    Meta {
         kind: Some(kind),
         mode: e.mode,
         uid: e.uid,
@@ -146,24 +195,22 @@ pub(crate) fn push_entry(list: &mut FileList, e: &EntryRef<'_>) -> Result<(), St
         dev: e.dev,
         inode: e.inode,
         nlink: e.nlink,
-    };
-    list.push(e.path, &meta, e.link_target.unwrap_or(b""))
-        .map_err(|err| err.to_string())?;
-    match e.digest {
-        Some(d) if kind == Kind::File => list.set_last_digest(d).map_err(|err| err.to_string()),
-        _ => Ok(()),
     }
 }
 
-/// Checksum requests of a pair: next candidate and requests in flight, on each side.
+/// Checksum requests of a pair: where the next candidate is (a master index: candidates
+/// are named by theirs) and requests in flight, on each side.
 #[derive(Default)]
 struct SumRequests {
-    remote_next: usize,
+    remote_next: u32,
     remote_out: usize,
-    master_next: usize,
+    master_next: u32,
     master_out: usize,
-    /// The candidate after the last remote answer (answers come in the order asked).
-    remote_hint: usize,
+    /// After the last remote answer (answers come in the order asked).
+    remote_hint: u32,
+    /// Every candidate before this master index has its master checksum (a digest, or
+    /// failed: never asked again).
+    master_ready: u32,
 }
 
 /// The sync of one master/remote pair.
@@ -172,10 +219,13 @@ pub(crate) struct RemoteSync {
     index: usize,
     addr: String,
     can_chown: bool,
-    list: FileList,
+    /// The remote's list while it arrives, compacted against the master's.
+    building: RemoteBuilder,
+    /// The remote's list once it and the master's are complete.
+    list: RemoteList,
     state: PairState,
     pair: Option<PairPlan>,
-    /// Remote checksum verdict of each candidate of `pair`.
+    /// Remote checksum verdict of each candidate of `pair`, by master index.
     sums: Verdicts,
     requests: SumRequests,
     /// Next step of the current phase to send, and requests in flight.
@@ -208,7 +258,8 @@ impl RemoteSync {
             index,
             addr,
             can_chown: false,
-            list: FileList::new(),
+            building: RemoteBuilder::default(),
+            list: RemoteList::default(),
             state: PairState::Connecting,
             pair: None,
             sums: Verdicts::default(),
@@ -370,39 +421,109 @@ impl RemoteSync {
     }
 
     /// One entry of the remote's list.
-    pub(crate) fn push_listed(&mut self, e: &EntryRef<'_>) -> Result<(), String> {
-        push_entry(&mut self.list, e)
+    pub(crate) fn push_listed(
+        &mut self,
+        e: &EntryRef<'_>,
+        shared: &JobShared,
+    ) -> Result<(), String> {
+        self.building
+            .push(
+                e.path,
+                &entry_meta(e),
+                e.link_target.unwrap_or(b""),
+                listed_digest(e),
+                &shared.master_ref(),
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    /// One entry of the remote's list, matched against the master's (unit tests).
+    #[cfg(test)]
+    pub(crate) fn push_meta(
+        &mut self,
+        path: &[u8],
+        meta: &Meta,
+        link_target: &[u8],
+        shared: &JobShared,
+    ) -> Result<(), String> {
+        self.building
+            .push(path, meta, link_target, None, &shared.master_ref())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether more of the remote's list may come: not while too much of it waits for the
+    /// master's (the event loop stops reading the remote until the master caught up).
+    pub(crate) fn wants_input(&self, shared: &JobShared) -> bool {
+        self.building.wants_input(shared.master_ref().list.len())
     }
 
     /// The remote's list is complete.
     pub(crate) fn on_listed(&mut self, shared: &mut JobShared) -> Result<(), String> {
-        self.list.finish().map_err(|e| e.to_string())?;
         self.state = PairState::Listed;
-        info!(job = shared.id, remote = %self.addr, entries = self.list.len(), "remote listed");
+        info!(
+            job = shared.id,
+            remote = %self.addr,
+            entries = self.building.len(),
+            waiting = self.building.pending_len(),
+            "remote listed"
+        );
         self.try_plan(shared)
     }
 
-    /// Plans the pair once both lists are in, and asks for the checksums it needs: those
-    /// neither side listed a cached digest for. An error (a listed digest of the wrong
-    /// width) is the remote's.
+    /// The master's list is complete and sorted (`moved`: where each entry went): what
+    /// the remote's list matched so far follows it.
+    pub(crate) fn on_master_sorted(
+        &mut self,
+        moved: &[u32],
+        shared: &JobShared,
+    ) -> Result<(), String> {
+        if !matches!(
+            self.state,
+            PairState::Connecting | PairState::Listing | PairState::Listed
+        ) {
+            return Ok(());
+        }
+        self.building
+            .master_sorted(moved, &shared.master_ref())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Plans the pair once both lists are in, and asks for the checksums it needs. An
+    /// error is the remote list's (a path listed twice).
     pub(crate) fn try_plan(&mut self, shared: &mut JobShared) -> Result<(), String> {
         if !shared.master_listed || self.state != PairState::Listed {
             return Ok(());
         }
+        let building = std::mem::take(&mut self.building);
+        self.list = building
+            .finish(shared.master.clone())
+            .map_err(|e| e.to_string())?;
+        debug!(job = shared.id, remote = %self.addr, same = self.list.same_count(), others = self.list.others().len(), "remote list compacted");
         let opts = PlanOptions {
             delete: shared.req.delete,
             owner: self.can_chown,
         };
         let pair = PairPlan::new(&shared.master, &self.list, opts);
-        let cands = pair.checksum_candidates();
-        self.sums = Verdicts::new(cands.len());
-        for (k, &(m, r)) in cands.iter().enumerate() {
-            if let Some(d) = self.list.digest(r) {
+        // By master index: a candidate's number is known as soon as its entry matched.
+        self.sums = Verdicts::new(shared.master.len());
+        // The candidates both sides listed a digest for need no checksum request.
+        let listed = self.list.take_listed_digests();
+        for m in listed.equal() {
+            self.sums.same(m as usize);
+        }
+        for (m, d) in listed.held() {
+            shared.width.check(d)?;
+            self.sums
+                .record(m as usize, d, &shared.master_sums, m as usize);
+        }
+        let others = self.list.others();
+        for (m, r) in pair.candidates_from(&shared.master, &self.list, 0) {
+            if let Some(d) = self.list.other_of(r).and_then(|j| others.digest(j)) {
                 shared.width.check(d)?;
-                self.sums.record(k, d, &shared.master_sums, m as usize);
+                self.sums
+                    .record(m as usize, d, &shared.master_sums, m as usize);
             }
         }
-        self.list.drop_digests();
         self.pair = Some(pair);
         self.state = PairState::Checksums;
         self.pump_sums(shared);
@@ -420,33 +541,45 @@ impl RemoteSync {
                 return;
             }
             let Some(pair) = &self.pair else { return };
-            let cands = pair.checksum_candidates();
+            let master = &shared.master;
+            let nm = master.len() as u32;
             let q = &mut self.requests;
             let mut msgs: Vec<(Peer, Vec<Vec<u8>>)> = Vec::new();
-            if q.remote_out < WINDOW && q.remote_next < cands.len() {
-                // Only the candidates the remote listed no digest for.
+            if q.remote_out < WINDOW && q.remote_next < nm {
+                // A candidate has the same path on both sides; only those the remote
+                // listed no digest for are asked.
                 let mut paths = Vec::new();
-                while q.remote_next < cands.len() && paths.len() < CHUNK {
-                    if self.sums.get(q.remote_next) == Verdict::Unknown {
-                        paths.push(self.list.path(cands[q.remote_next].1).to_vec());
+                let from = q.remote_next;
+                q.remote_next = nm;
+                for (m, _) in pair.candidates_from(master, &self.list, from) {
+                    if self.sums.get(m as usize) != Verdict::Unknown {
+                        continue;
                     }
-                    q.remote_next += 1;
+                    paths.push(master.path(m).to_vec());
+                    if paths.len() == CHUNK {
+                        q.remote_next = m + 1;
+                        break;
+                    }
                 }
                 if !paths.is_empty() {
                     q.remote_out += 1;
                     msgs.push((Peer::Remote, paths));
                 }
             }
-            if q.master_out < WINDOW && q.master_next < cands.len() {
+            if q.master_out < WINDOW && q.master_next < nm {
                 // Only what no other remote has asked the master for.
                 let mut paths = Vec::new();
-                while q.master_next < cands.len() && paths.len() < CHUNK {
-                    let m = cands[q.master_next].0 as usize;
-                    if shared.master_sums.state(m) == SumState::None {
-                        shared.master_sums.set_state(m, SumState::Pending);
-                        paths.push(shared.master.path(m as u32).to_vec());
+                let from = q.master_next;
+                q.master_next = nm;
+                for (m, _) in pair.candidates_from(master, &self.list, from) {
+                    if shared.master_sums.state(m as usize) == SumState::None {
+                        shared.master_sums.set_state(m as usize, SumState::Pending);
+                        paths.push(master.path(m).to_vec());
+                        if paths.len() == CHUNK {
+                            q.master_next = m + 1;
+                            break;
+                        }
                     }
-                    q.master_next += 1;
                 }
                 if !paths.is_empty() {
                     q.master_out += 1;
@@ -516,32 +649,34 @@ impl RemoteSync {
         let Some(pair) = &self.pair else {
             return Ok(());
         };
-        let cands = pair.checksum_candidates();
+        let master = &shared.master;
         let mut hint = self.requests.remote_hint;
         for res in results {
-            // The next candidate asked for: the next one still unknown.
-            while hint < cands.len() && self.sums.get(hint) != Verdict::Unknown {
-                hint += 1;
-            }
-            let k = if hint < cands.len() && self.list.path(cands[hint].1) == res.path {
-                hint
-            } else {
-                let Some(ri) = self.list.find(&res.path) else {
-                    continue;
-                };
-                let Ok(k) = cands.binary_search_by_key(&ri, |c| c.1) else {
-                    continue;
-                };
-                k
+            // The candidate after the last answer first (a candidate's path is the
+            // master's): saves a binary search over a million paths per answer.
+            let next = pair
+                .candidates_from(master, &self.list, hint)
+                .find(|&(m, _)| self.sums.get(m as usize) == Verdict::Unknown);
+            let m = match next {
+                Some((m, _)) if master.path(m) == res.path => m,
+                _ => {
+                    let Some(m) = master.find(&res.path) else {
+                        continue;
+                    };
+                    if pair.candidate(master, &self.list, m).is_none() {
+                        continue;
+                    }
+                    m
+                }
             };
-            hint = k + 1;
+            hint = m + 1;
             match res.digest {
                 Ok(d) => {
                     shared.width.check(&d)?;
                     self.sums
-                        .record(k, &d, &shared.master_sums, cands[k].0 as usize);
+                        .record(m as usize, &d, &shared.master_sums, m as usize);
                 }
-                Err(_) => self.sums.fail(k),
+                Err(_) => self.sums.fail(m as usize),
             }
         }
         self.requests.remote_hint = hint;
@@ -559,26 +694,29 @@ impl RemoteSync {
             return;
         }
         let Some(pair) = &self.pair else { return };
-        let cands = pair.checksum_candidates();
+        let master = &shared.master;
+        let nm = master.len() as u32;
         let q = &self.requests;
-        if q.remote_next < cands.len() || q.master_next < cands.len() {
+        if q.remote_next < nm || q.master_next < nm {
             return;
         }
         let msums = &shared.master_sums;
-        if cands
-            .iter()
-            .any(|&(m, _)| msums.state(m as usize) < SumState::Done)
-        {
+        let from = self.requests.master_ready;
+        let missing = pair
+            .candidates_from(master, &self.list, from)
+            .find(|&(m, _)| msums.state(m as usize) < SumState::Done);
+        if let Some((m, _)) = missing {
+            self.requests.master_ready = m;
             return;
         }
+        self.requests.master_ready = nm;
         let width = shared.width.get().unwrap_or(0);
-        self.sums.settle(width, msums, |k| cands[k].0 as usize);
-        let same: Vec<bool> = (0..cands.len())
-            .map(|k| self.sums.get(k) == Verdict::Same)
-            .collect();
+        self.sums.settle(width, msums, |slot| slot);
         let pair = self.pair.take().expect("checked above");
-        self.sums = Verdicts::default();
-        let plan = pair.resolve(&shared.master, &self.list, &same);
+        let sums = std::mem::take(&mut self.sums);
+        let plan = pair.resolve(&shared.master, &self.list, |m| {
+            sums.get(m as usize) == Verdict::Same
+        });
         self.total_bytes = plan.send_bytes(&shared.master);
         self.plan = Some(plan);
         self.partition_blocks(shared);
@@ -954,7 +1092,8 @@ impl RemoteSync {
         }
         info!(job = shared.id, remote = %self.addr, ok = self.result.ok, transferred = self.result.transferred, "remote finished");
         // Free the big structures now: the other remotes may run for long.
-        self.list = FileList::new();
+        self.building = RemoteBuilder::default();
+        self.list = RemoteList::default();
         self.plan = None;
         self.pair = None;
         self.sums = Verdicts::default();
@@ -967,7 +1106,7 @@ impl RemoteSync {
 /// The paths, delta bases (paths in the `remote` list; empty: none) and sizes of the files
 /// of send `steps`, for a send order.
 pub(crate) fn send_items<'s>(
-    remote: &FileList,
+    remote: &RemoteList,
     steps: impl Iterator<Item = &'s Step>,
     shared: &JobShared,
 ) -> SendItems {
@@ -976,7 +1115,7 @@ pub(crate) fn send_items<'s>(
         let path = shared.master.path(s.index);
         // The plan's basis: the old version, or a similar file the remote holds.
         let basis = match s.basis() {
-            Some(b) if (b as usize) < remote.len() => remote.path(b),
+            Some(b) if remote.contains(b) => remote.path(b),
             _ => b"",
         };
         items.paths.push(path.to_vec());

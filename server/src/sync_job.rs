@@ -6,15 +6,12 @@ use std::sync::Arc;
 use fleetsync_proto::{EntryRef, Msg, SyncRequest};
 use tracing::info;
 
-use crate::list::FileList;
 use crate::relay::{Relays, Release};
-use crate::remote_sync::{push_entry, BlockSet, JobShared, Peer, RemoteSync};
+use crate::remote_sync::{BlockSet, JobShared, Peer, RemoteSync};
 
 /// The pairs of one job and what they share.
 pub(crate) struct SyncJob {
     pub(crate) shared: JobShared,
-    /// The master's list while it arrives.
-    master_building: FileList,
     pub(crate) pairs: Vec<RemoteSync>,
     /// `--fanout`: the relay trees of the job's sends.
     pub(crate) relays: Relays,
@@ -44,7 +41,6 @@ impl SyncJob {
         SyncJob {
             relays: Relays::new(req.fanout),
             shared: JobShared::new(id, req, blocks),
-            master_building: FileList::new(),
             pairs,
         }
     }
@@ -62,18 +58,39 @@ impl SyncJob {
 
     /// One entry of the master's list.
     pub(crate) fn push_master_entry(&mut self, e: &EntryRef<'_>) -> Result<(), String> {
-        push_entry(&mut self.master_building, e)
+        self.shared.push_master(e)
+    }
+
+    /// One entry of remote `i`'s list.
+    pub(crate) fn push_remote_entry(&mut self, i: usize, e: &EntryRef<'_>) -> Result<(), String> {
+        self.pairs[i].push_listed(e, &self.shared)
+    }
+
+    /// Whether remote `i`'s list may come on (see [`RemoteSync::wants_input`]).
+    pub(crate) fn remote_wants_input(&self, i: usize) -> bool {
+        self.pairs[i].wants_input(&self.shared)
+    }
+
+    /// Remote `i`'s list is complete.
+    pub(crate) fn on_remote_listed(&mut self, i: usize) -> Result<(), String> {
+        self.pairs[i].on_listed(&mut self.shared)
     }
 
     /// The master's list is complete: plan every pair whose remote is listed.
     pub(crate) fn on_master_listed(&mut self) -> Result<(), String> {
-        let mut list = std::mem::take(&mut self.master_building);
-        list.finish().map_err(|e| e.to_string())?;
-        info!(job = self.shared.id, entries = list.len(), "master listed");
-        self.shared.set_master(list)?;
+        let moved = self.shared.finish_master()?;
+        info!(
+            job = self.shared.id,
+            entries = self.shared.master.len(),
+            "master listed"
+        );
         for i in 0..self.pairs.len() {
-            if let Err(e) = self.pairs[i].try_plan(&mut self.shared) {
-                self.fail_pair(i, e);
+            let pair = &mut self.pairs[i];
+            if let Err(e) = pair
+                .on_master_sorted(&moved, &self.shared)
+                .and_then(|()| pair.try_plan(&mut self.shared))
+            {
+                self.fail_pair(i, format!("remote list: {e}"));
             }
         }
         Ok(())

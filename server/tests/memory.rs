@@ -7,7 +7,10 @@
 //! ```
 
 use fleetsync_server::list::{FileList, Kind, Meta};
+use std::sync::Arc;
+
 use fleetsync_server::plan::{PairPlan, PlanOptions};
+use fleetsync_server::remote_list::RemoteList;
 
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -65,9 +68,10 @@ fn build(n: u32, changed_every: u32) -> FileList {
 fn one_million_files_per_remote_memory() {
     const N: u32 = 1_000_000;
     let before = rss_bytes();
-    let master = build(N, 0);
+    let master = Arc::new(build(N, 0));
     let after_master = rss_bytes();
-    let remote = build(N, 10);
+    // Compacted against the master (the server does it as the list streams in).
+    let remote = RemoteList::compact(master.clone(), &build(N, 10)).unwrap();
     let pair = PairPlan::new(
         &master,
         &remote,
@@ -76,8 +80,7 @@ fn one_million_files_per_remote_memory() {
             owner: true,
         },
     );
-    let same = vec![true; pair.checksum_candidates().len()];
-    let plan = pair.resolve(&master, &remote, &same);
+    let plan = pair.resolve(&master, &remote, |_| true);
     let after = rss_bytes();
     let per_file = (after - before) as f64 / N as f64;
     println!(

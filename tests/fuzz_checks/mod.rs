@@ -6,7 +6,8 @@
 use fleetsync_select::{parse_expr, Classification};
 use fleetsync_server::blocks::BlocksFile;
 use fleetsync_server::list::{FileList, Kind, Meta};
-use fleetsync_server::plan::{describe, PairPlan, PlanOptions};
+use fleetsync_server::plan::{describe, PairPlan, PlanOptions, StepKind, NO_INDEX};
+use fleetsync_server::remote_list::RemoteList;
 
 /// A blocks file: parsing never panics; an accepted file has a complete
 /// order that respects every `after`, and its blocks can be assigned.
@@ -97,30 +98,65 @@ fn build(entries: &[Entry]) -> Option<FileList> {
     Some(list)
 }
 
+/// The plan of `remote` against `master`, `same[k]` the checksum answer of
+/// candidate `k` (true past the end), as lines that name paths (remote
+/// indexes depend on how the remote list is held).
+fn plan_lines(
+    master: &FileList,
+    remote: &RemoteList,
+    opts: PlanOptions,
+    same: &[bool],
+) -> Vec<String> {
+    let pair = PairPlan::new(master, remote, opts);
+    let differs: Vec<u32> = pair
+        .candidates_from(master, remote, 0)
+        .enumerate()
+        .filter(|(k, _)| !same.get(*k).copied().unwrap_or(true))
+        .map(|(_, c)| c.0)
+        .collect();
+    let plan = pair.resolve(master, remote, |m| differs.binary_search(&m).is_err());
+    let _ = plan.send_bytes(master);
+    let name = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+    plan.steps()
+        .iter()
+        .map(|s| {
+            let path = match s.kind {
+                StepKind::Delete | StepKind::DeleteTree => remote.path(s.index),
+                _ => master.path(s.index),
+            };
+            let other = match s.kind {
+                _ if s.other == NO_INDEX => String::new(),
+                StepKind::HardLink => name(master.path(s.other)),
+                _ => name(remote.path(s.other)),
+            };
+            let what = describe(s, master, remote, opts.owner);
+            format!("{:?} {:?} {} {other} {what}", s.kind, s.why, name(path))
+        })
+        .collect()
+}
+
 /// Two lists as agents could send them (any kinds, hard links, missing
 /// parents, no root): planning, resolving with arbitrary checksum answers and
-/// describing every step never panics, and a list planned against itself
+/// describing every step never panics, the remote list compacted against the
+/// master's plans what it held whole does, and a list planned against itself
 /// needs nothing.
 pub fn plan(master: &[Entry], remote: &[Entry], delete: bool, owner: bool, same: &[bool]) {
     let (Some(m), Some(r)) = (build(master), build(remote)) else {
         return;
     };
+    let m = std::sync::Arc::new(m);
     let opts = PlanOptions { delete, owner };
-    let pair = PairPlan::new(&m, &r, opts);
-    let n = pair.checksum_candidates().len();
-    let same: Vec<bool> = (0..n)
-        .map(|k| same.get(k).copied().unwrap_or(true))
-        .collect();
-    let plan = pair.resolve(&m, &r, &same);
-    for step in plan.steps() {
-        let _ = describe(step, &m, &r, owner);
-    }
-    let _ = plan.send_bytes(&m);
+    let compact = RemoteList::compact(m.clone(), &r).expect("a finished list compacts");
+    let whole = RemoteList::plain(m.clone(), r).expect("small lists");
+    assert_eq!(
+        plan_lines(&m, &compact, opts, same),
+        plan_lines(&m, &whole, opts, same),
+        "compacted vs whole remote list"
+    );
 
-    let m2 = build(master).unwrap();
+    let m2 = RemoteList::compact(m.clone(), &build(master).unwrap()).unwrap();
     let pair = PairPlan::new(&m, &m2, opts);
-    let same = vec![true; pair.checksum_candidates().len()];
-    let plan = pair.resolve(&m, &m2, &same);
+    let plan = pair.resolve(&m, &m2, |_| true);
     assert!(
         plan.is_empty(),
         "a list planned against itself: {:?}",
@@ -129,4 +165,8 @@ pub fn plan(master: &[Entry], remote: &[Entry], delete: bool, owner: bool, same:
             .map(|s| describe(s, &m, &m2, owner))
             .collect::<Vec<_>>()
     );
+    let m3 = RemoteList::plain(m.clone(), build(master).unwrap()).unwrap();
+    assert!(PairPlan::new(&m, &m3, opts)
+        .resolve(&m, &m3, |_| true)
+        .is_empty());
 }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::*;
 
 #[derive(Clone)]
@@ -66,17 +68,36 @@ fn list(entries: &[E]) -> FileList {
     fl
 }
 
+/// The master list and the remote's compacted against it.
+fn lists(m: &[E], r: &[E]) -> (Arc<FileList>, RemoteList) {
+    let ml = Arc::new(list(m));
+    let rl = RemoteList::compact(ml.clone(), &list(r)).unwrap();
+    (ml, rl)
+}
+
 /// Plans with the given checksum answers; returns "kind why path" lines
-/// in execution order, sections separated by "|".
+/// in execution order, sections separated by "|". The remote list held
+/// whole plans the same.
 fn plan(m: &[E], r: &[E], opts: PlanOptions, same: impl Fn(&[u8]) -> bool) -> Vec<String> {
-    let (ml, rl) = (list(m), list(r));
-    let pair = PairPlan::new(&ml, &rl, opts);
-    let answers: Vec<bool> = pair
-        .checksum_candidates()
-        .iter()
-        .map(|&(mi, _)| same(ml.path(mi)))
-        .collect();
-    let plan = pair.resolve(&ml, &rl, &answers);
+    let (ml, rl) = lists(m, r);
+    let got = plan_lines(&ml, &rl, opts, &same);
+    let whole = RemoteList::plain(ml.clone(), list(r)).unwrap();
+    assert_eq!(
+        got,
+        plan_lines(&ml, &whole, opts, &same),
+        "compacted vs whole"
+    );
+    got
+}
+
+fn plan_lines(
+    ml: &FileList,
+    rl: &RemoteList,
+    opts: PlanOptions,
+    same: &impl Fn(&[u8]) -> bool,
+) -> Vec<String> {
+    let pair = PairPlan::new(ml, rl, opts);
+    let plan = pair.resolve(ml, rl, |m| same(ml.path(m)));
     let show = |s: &Step| {
         let path = match s.kind {
             StepKind::Delete | StepKind::DeleteTree => rl.path(s.index),
@@ -141,10 +162,11 @@ fn empty_remote_gets_everything_dirs_first_attrs_last() {
 #[test]
 fn identical_trees_need_nothing_but_checksums() {
     let m = [d(""), d("a"), f("a/x", 3), l("a/s", "x")];
-    let (ml, rl) = (list(&m), list(&m));
+    let (ml, rl) = lists(&m, &m);
+    assert_eq!(rl.others().len(), 0);
     let pair = PairPlan::new(&ml, &rl, opts());
-    assert_eq!(pair.checksum_candidates().len(), 1);
-    let plan = pair.resolve(&ml, &rl, &[true]);
+    assert_eq!(pair.candidate_count(), 1);
+    let plan = pair.resolve(&ml, &rl, |_| true);
     assert!(plan.is_empty(), "{:?}", plan.steps());
 }
 
@@ -160,10 +182,10 @@ fn same_size_different_content_is_sent_after_checksum() {
 
 #[test]
 fn different_size_is_sent_without_checksum() {
-    let (ml, rl) = (list(&[f("x", 3)]), list(&[f("x", 4)]));
+    let (ml, rl) = lists(&[f("x", 3)], &[f("x", 4)]);
     let pair = PairPlan::new(&ml, &rl, opts());
-    assert!(pair.checksum_candidates().is_empty());
-    let plan = pair.resolve(&ml, &rl, &[]);
+    assert_eq!(pair.candidate_count(), 0);
+    let plan = pair.resolve(&ml, &rl, |_| unreachable!());
     assert_eq!(plan.sends()[0].why, Why::SizeDiffers);
 }
 
@@ -343,10 +365,11 @@ fn new_hard_link_group_sends_one_links_the_rest() {
 fn intact_hard_link_group_needs_only_leader_checksum() {
     let m = [linked(f("a", 5), 1), linked(f("b", 5), 1)];
     let r = [linked(f("a", 5), 7), linked(f("b", 5), 7)];
-    let (ml, rl) = (list(&m), list(&r));
+    let (ml, rl) = lists(&m, &r);
     let pair = PairPlan::new(&ml, &rl, opts());
-    assert_eq!(pair.checksum_candidates(), &[(0, 0)]);
-    assert!(pair.resolve(&ml, &rl, &[true]).is_empty());
+    let cands: Vec<(u32, u32)> = pair.candidates_from(&ml, &rl, 0).collect();
+    assert_eq!(cands, [(0, rl.other_index(0))]);
+    assert!(pair.resolve(&ml, &rl, |_| true).is_empty());
 }
 
 #[test]
@@ -446,11 +469,11 @@ fn names_with_newlines_and_non_utf8() {
 #[test]
 fn describe_names_what_differs() {
     let mut x = f("x", 3);
-    let ml = list(&[x.clone()]);
+    let m = [x.clone()];
     x.mode = 0o600;
     x.mtime = 1;
-    let rl = list(&[x]);
-    let plan = PairPlan::new(&ml, &rl, opts()).resolve(&ml, &rl, &[true]);
+    let (ml, rl) = lists(&m, &[x]);
+    let plan = PairPlan::new(&ml, &rl, opts()).resolve(&ml, &rl, |_| true);
     assert_eq!(
         describe(&plan.after()[0], &ml, &rl, true),
         "mode 0600->0644, mtime"
@@ -461,14 +484,9 @@ fn describe_names_what_differs() {
 fn changed_files_get_their_old_version_as_basis() {
     let m = [f("a", 3), f("b", 4), f("c", 5), f("n", 9)];
     let r = [f("a", 3), f("b", 3), f("c", 5)];
-    let (ml, rl) = (list(&m), list(&r));
+    let (ml, rl) = lists(&m, &r);
     let pair = PairPlan::new(&ml, &rl, opts());
-    let answers: Vec<bool> = pair
-        .checksum_candidates()
-        .iter()
-        .map(|&(mi, _)| ml.path(mi) != b"a")
-        .collect();
-    let plan = pair.resolve(&ml, &rl, &answers);
+    let plan = pair.resolve(&ml, &rl, |m| ml.path(m) != b"a");
     let name = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
     let got: Vec<String> = plan
         .sends()
@@ -497,10 +515,14 @@ fn changed_files_get_their_old_version_as_basis() {
 fn broken_hard_link_keeps_its_path_as_basis() {
     let m = [f("a", 5), f("b", 5)];
     let r = [linked(f("a", 5), 7), linked(f("b", 5), 7)];
-    let (ml, rl) = (list(&m), list(&r));
-    let plan = PairPlan::new(&ml, &rl, opts()).resolve(&ml, &rl, &[]);
-    let bases: Vec<Option<u32>> = plan.sends().iter().map(Step::basis).collect();
-    assert_eq!(bases, vec![Some(0), Some(1)]);
+    let (ml, rl) = lists(&m, &r);
+    let plan = PairPlan::new(&ml, &rl, opts()).resolve(&ml, &rl, |_| unreachable!());
+    let bases: Vec<Option<&[u8]>> = plan
+        .sends()
+        .iter()
+        .map(|s| s.basis().map(|b| rl.path(b)))
+        .collect();
+    assert_eq!(bases, vec![Some(&b"a"[..]), Some(&b"b"[..])]);
 }
 
 #[test]
@@ -716,10 +738,11 @@ fn release_update(n: u32, renamed_every: u32) -> (std::time::Duration, usize, us
     }
     ml.finish().unwrap();
     rl.finish().unwrap();
+    let ml = Arc::new(ml);
+    let rl = RemoteList::compact(ml.clone(), &rl).unwrap();
     let t = std::time::Instant::now();
     let pair = PairPlan::new(&ml, &rl, opts());
-    let same = vec![true; pair.checksum_candidates().len()];
-    let plan = pair.resolve(&ml, &rl, &same);
+    let plan = pair.resolve(&ml, &rl, |_| true);
     let took = t.elapsed();
     let mut new = 0;
     let mut based = 0;

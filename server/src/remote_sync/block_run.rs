@@ -35,6 +35,7 @@ use crate::blocks::{BlockSpec, BlocksFile};
 use crate::list::{FileList, Kind};
 use crate::ops::block_ops;
 use crate::plan::{Plan, Step, StepKind, Why};
+use crate::remote_list::RemoteList;
 
 /// No block: the step runs as without `--blocks`.
 pub(super) const NO_BLOCK: u16 = u16::MAX;
@@ -161,7 +162,7 @@ pub(super) fn partition(
     set: &Arc<BlockSet>,
     plan: &Plan,
     master: &FileList,
-    remote: &FileList,
+    remote: &RemoteList,
 ) -> BlockRun {
     let steps = plan.steps();
     let nb = set.file.blocks().len();

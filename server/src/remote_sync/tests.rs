@@ -49,7 +49,8 @@ fn listed_job(master: &[(&str, u64)], remote: &[(&str, u64)], req: SyncRequest) 
         ));
         assert_eq!(pair.state(), PairState::Listing);
         for &(p, size) in remote {
-            pair.list.push(p.as_bytes(), &file(size), b"").unwrap();
+            pair.push_meta(p.as_bytes(), &file(size), b"", &job.shared)
+                .unwrap();
         }
         pair.on_listed(&mut job.shared).unwrap();
     }
