@@ -389,3 +389,94 @@ fn a_file_still_inconsistent_after_max_rounds_fails_the_pair() {
     assert_eq!(r.inconsistent.len(), 1);
     assert_eq!(r.resynced, 1);
 }
+
+/// A listing entry of a regular file of `size` bytes, with the digest it was listed with.
+fn listed(path: &str, size: u64, digest: Option<&[u8]>) -> fleetsync_proto::FileEntry {
+    fleetsync_proto::FileEntry {
+        path: path.as_bytes().to_vec(),
+        kind: FileKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        inode: 0,
+        dev: 0,
+        nlink: 1,
+        size,
+        mtime_sec: 100,
+        mtime_nsec: 0,
+        link_target: None,
+        rdev: 0,
+        digest: digest.map(<[u8]>::to_vec),
+    }
+}
+
+#[test]
+fn listed_digests_settle_what_they_can_and_only_the_rest_is_asked_for() {
+    let req = request(1, 0, Vec::new());
+    let blocks = SyncJob::check(&req).unwrap();
+    let mut job = SyncJob::new(7, req, blocks);
+    let (a, b, c, d) = (
+        &[1u8, 1, 1, 1][..],
+        &[2u8, 2, 2, 2][..],
+        &[3u8; 4][..],
+        &[4u8; 4][..],
+    );
+    let dir = fleetsync_proto::FileEntry {
+        kind: FileKind::Dir,
+        mode: 0o755,
+        ..listed("p", 0, None)
+    };
+    // The master listed digests for a, b and d, not c; in walk order ("p/" before "p-"),
+    // which is not the sorted order: what matched before the master's list was sorted
+    // moves with it.
+    for e in [
+        dir.clone(),
+        listed("p/a", 3, Some(a)),
+        listed("p/b", 3, Some(b)),
+        listed("p/c", 3, None),
+        listed("p/d", 3, Some(d)),
+        listed("p-e", 3, Some(d)),
+    ] {
+        job.shared.push_master(&e.as_ref()).unwrap();
+    }
+    let pair = &mut job.pairs[0];
+    pair.on_remote_ready(true, &job.shared);
+    pair.drain_outbox();
+    // The remote: a as the master's (same digest), b with another digest, c with one the
+    // master has not computed yet, d without (its cache had none).
+    for e in [
+        dir,
+        listed("p/a", 3, Some(a)),
+        listed("p/b", 3, Some(&[9, 9, 9, 9])),
+        listed("p/c", 3, Some(c)),
+        listed("p/d", 3, None),
+        listed("p-e", 3, Some(d)),
+    ] {
+        pair.push_listed(&e.as_ref(), &job.shared).unwrap();
+    }
+    pair.on_listed(&mut job.shared).unwrap();
+    job.on_master_listed().unwrap();
+    let out = job.pairs[0].drain_outbox();
+    let asked = |to: Peer| -> Vec<Vec<u8>> {
+        out.iter()
+            .filter(|(p, _)| *p == to)
+            .flat_map(|(_, m)| match m {
+                Msg::ChecksumRequest { paths, .. } => paths.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    };
+    assert_eq!(asked(Peer::Remote), [b"p/d".to_vec()]);
+    assert_eq!(asked(Peer::Master), [b"p/c".to_vec()]);
+    feed(&mut job, 0, Peer::Master, sums(&["p/c"], c));
+    let out = feed(&mut job, 0, Peer::Remote, sums(&["p/d"], d));
+    // Only b differs.
+    let sent: Vec<Vec<u8>> = out
+        .iter()
+        .flat_map(|(_, m)| match m {
+            Msg::SendOrder { paths, .. } => paths.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(sent, [b"p/b".to_vec()]);
+}
