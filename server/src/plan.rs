@@ -632,7 +632,7 @@ impl PairPlan {
     ) -> impl Iterator<Item = (u32, u32)> + 'a {
         let implicit = remote
             .same_from(from)
-            .filter(move |&m| master.kind(m) == Kind::File)
+            .filter(move |&m| master.is_file(m))
             .map(|m| (m, m))
             .peekable();
         let k = self.candidates.partition_point(|c| c.0 < from);
@@ -643,7 +643,7 @@ impl PairPlan {
     /// The remote index of candidate `m` (a master index), if `m` is one.
     pub fn candidate(&self, master: &FileList, remote: &RemoteList, m: u32) -> Option<u32> {
         if remote.has_same(m) {
-            return (master.kind(m) == Kind::File).then_some(m);
+            return master.is_file(m).then_some(m);
         }
         let k = self.candidates.binary_search_by_key(&m, |c| c.0).ok()?;
         Some(self.candidates[k].1)

@@ -517,7 +517,11 @@ impl RemoteSync {
                 .record(m as usize, d, &shared.master_sums, m as usize);
         }
         let others = self.list.others();
-        for (m, r) in pair.candidates_from(&shared.master, &self.list, 0) {
+        let with_digests = others.has_digests();
+        for (m, r) in pair
+            .candidates_from(&shared.master, &self.list, 0)
+            .filter(|_| with_digests)
+        {
             if let Some(d) = self.list.other_of(r).and_then(|j| others.digest(j)) {
                 shared.width.check(d)?;
                 self.sums
