@@ -149,10 +149,6 @@ pub struct FileList {
     digest_offs: Vec<u32>,
     digests: Vec<u8>,
     digest_width: usize,
-    /// Where in `digest_offs` the next lookup most likely is: a remote's entries are
-    /// matched in the order the master's were listed (a binary search over a million
-    /// offsets per entry was most of a warm re-sync's server CPU).
-    digest_next: std::sync::atomic::AtomicUsize,
     /// A bit per entry of a finished list: a regular file. The checksum candidates are
     /// walked several times per remote; a bit is 256 times less memory to stream than
     /// the record's kind.
@@ -209,18 +205,24 @@ impl FileList {
 
     /// The digest entry `i` was listed with, until [`FileList::drop_digests`].
     pub fn digest(&self, i: u32) -> Option<&[u8]> {
+        self.digest_near(i, &mut 0)
+    }
+
+    /// [`FileList::digest`], looking first where `next` says (then set past the digest
+    /// found): lookups in the order the entries were pushed take no search (a binary
+    /// search over a million digests per remote entry was most of a warm re-sync's server
+    /// CPU).
+    pub fn digest_near(&self, i: u32, next: &mut usize) -> Option<&[u8]> {
         let r = self.rec(i);
         if r.flags & F_DIGEST == 0 {
             return None;
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        let next = self.digest_next.load(Relaxed);
-        let k = if self.digest_offs.get(next) == Some(&r.path_off) {
-            next
+        let k = if self.digest_offs.get(*next) == Some(&r.path_off) {
+            *next
         } else {
             self.digest_offs.binary_search(&r.path_off).ok()?
         };
-        self.digest_next.store(k + 1, Relaxed);
+        *next = k + 1;
         self.digests
             .get(k * self.digest_width..(k + 1) * self.digest_width)
     }

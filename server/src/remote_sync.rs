@@ -86,6 +86,9 @@ pub(crate) struct JobShared {
     master_walk_sorted: bool,
     /// Master checksums, per master index (shared: one checksum serves every remote).
     pub(crate) master_sums: SumTable,
+    /// Regular files of the master listed without a digest (0: no pair asks the master
+    /// for a checksum, nor looks for one missing).
+    pub(crate) master_unlisted_sums: usize,
     pub(crate) width: DigestWidth,
     /// `--blocks`: the checked blocks of the request.
     pub(crate) blocks: Option<Arc<BlockSet>>,
@@ -102,6 +105,7 @@ impl JobShared {
             master_building: FileList::new(),
             master_walk_sorted: true,
             master_sums: SumTable::default(),
+            master_unlisted_sums: 0,
             width: DigestWidth::default(),
             blocks,
         }
@@ -136,10 +140,14 @@ impl JobShared {
     /// from now on are compared with them as they arrive.
     pub(crate) fn set_master(&mut self, list: FileList) -> Result<(), String> {
         self.master_sums = SumTable::new(list.len());
+        let mut near = 0;
+        self.master_unlisted_sums = 0;
         for m in 0..list.len() as u32 {
-            if let Some(d) = list.digest(m) {
+            if let Some(d) = list.digest_near(m, &mut near) {
                 let width = self.width.check(d)?;
                 self.master_sums.store(m as usize, width, d);
+            } else if list.is_file(m) {
+                self.master_unlisted_sums += 1;
             }
         }
         self.master = Arc::new(list);
@@ -516,17 +524,27 @@ impl RemoteSync {
             self.sums
                 .record(m as usize, d, &shared.master_sums, m as usize);
         }
+        let mut known = listed.equal().count() + listed.held().count();
         let others = self.list.others();
-        let with_digests = others.has_digests();
-        for (m, r) in pair
-            .candidates_from(&shared.master, &self.list, 0)
-            .filter(|_| with_digests)
-        {
+        // (No pass over the candidates when none of the others came with a digest.)
+        let candidates = others
+            .has_digests()
+            .then(|| pair.candidates_from(&shared.master, &self.list, 0));
+        for (m, r) in candidates.into_iter().flatten() {
             if let Some(d) = self.list.other_of(r).and_then(|j| others.digest(j)) {
                 shared.width.check(d)?;
                 self.sums
                     .record(m as usize, d, &shared.master_sums, m as usize);
+                known += 1;
             }
+        }
+        // Every candidate's remote digest listed (a warm re-sync): nothing to ask the
+        // remote, no pass over the candidates to find out.
+        if known >= pair.candidate_count() {
+            self.requests.remote_next = shared.master.len() as u32;
+        }
+        if shared.master_unlisted_sums == 0 {
+            self.requests.master_next = shared.master.len() as u32;
         }
         self.pair = Some(pair);
         self.state = PairState::Checksums;
@@ -706,9 +724,13 @@ impl RemoteSync {
         }
         let msums = &shared.master_sums;
         let from = self.requests.master_ready;
-        let missing = pair
-            .candidates_from(master, &self.list, from)
-            .find(|&(m, _)| msums.state(m as usize) < SumState::Done);
+        // (No pass when the master listed every file's digest.)
+        let missing = (shared.master_unlisted_sums > 0)
+            .then(|| {
+                pair.candidates_from(master, &self.list, from)
+                    .find(|&(m, _)| msums.state(m as usize) < SumState::Done)
+            })
+            .flatten();
         if let Some((m, _)) = missing {
             self.requests.master_ready = m;
             return;
