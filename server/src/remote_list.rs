@@ -293,44 +293,43 @@ impl RemoteList {
         }
     }
 
+    /// The list holding entry `r`, and its index there: the master's for an entry the
+    /// same as the master's, else the others.
+    fn at(&self, r: u32) -> (&FileList, u32) {
+        match self.other_of(r) {
+            None => (&self.master, r),
+            Some(j) => (&self.others, j),
+        }
+    }
+
     /// The relative path of entry `r`.
     pub fn path(&self, r: u32) -> &[u8] {
-        match self.other_of(r) {
-            None => self.master.path(r),
-            Some(j) => self.others.path(j),
-        }
+        let (list, i) = self.at(r);
+        list.path(i)
     }
 
     /// The symlink target of entry `r` (empty for non-symlinks).
     pub fn link_target(&self, r: u32) -> &[u8] {
-        match self.other_of(r) {
-            None => self.master.link_target(r),
-            Some(j) => self.others.link_target(j),
-        }
+        let (list, i) = self.at(r);
+        list.link_target(i)
     }
 
     /// The metadata of entry `r` (see [`FileList::meta`]).
     pub fn meta(&self, r: u32) -> Meta {
-        match self.other_of(r) {
-            None => self.master.meta(r),
-            Some(j) => self.others.meta(j),
-        }
+        let (list, i) = self.at(r);
+        list.meta(i)
     }
 
     /// The entry type.
     pub fn kind(&self, r: u32) -> Kind {
-        match self.other_of(r) {
-            None => self.master.kind(r),
-            Some(j) => self.others.kind(j),
-        }
+        let (list, i) = self.at(r);
+        list.kind(i)
     }
 
     /// Size in bytes.
     pub fn size(&self, r: u32) -> u64 {
-        match self.other_of(r) {
-            None => self.master.size(r),
-            Some(j) => self.others.size(j),
-        }
+        let (list, i) = self.at(r);
+        list.size(i)
     }
 
     /// `(dev, inode)` of a regular file with more than one link (never one the same as
