@@ -203,7 +203,7 @@ impl FileList {
         Ok(())
     }
 
-    /// The digest entry `i` was listed with, until [`FileList::drop_digests`].
+    /// The digest entry `i` was listed with.
     pub fn digest(&self, i: u32) -> Option<&[u8]> {
         self.digest_near(i, &mut 0)
     }
@@ -227,15 +227,9 @@ impl FileList {
             .get(k * self.digest_width..(k + 1) * self.digest_width)
     }
 
-    /// Whether any entry was listed with a digest (until [`FileList::drop_digests`]).
+    /// Whether any entry was listed with a digest.
     pub fn has_digests(&self) -> bool {
         !self.digest_offs.is_empty()
-    }
-
-    /// Frees the listed digests (once they are taken over elsewhere).
-    pub fn drop_digests(&mut self) {
-        self.digest_offs = Vec::new();
-        self.digests = Vec::new();
     }
 
     /// Appends one entry; `link_target` is stored for symlinks only.
@@ -543,8 +537,6 @@ mod tests {
         assert_eq!(l.digest(0), Some(&[1u8, 1][..]));
         assert_eq!(l.digest(1), None);
         assert_eq!(l.digest(2), Some(&[3u8, 3][..]));
-        l.drop_digests();
-        assert_eq!(l.digest(0), None);
     }
 
     #[test]

@@ -76,6 +76,11 @@ impl Bits {
         self.0[w] |= 1 << (i % 64);
     }
 
+    /// How many bits are set.
+    fn count(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
     /// The set bits at `from` or after, in order.
     fn iter_from(&self, from: u32) -> impl Iterator<Item = u32> + '_ {
         let w0 = from as usize / 64;
@@ -167,6 +172,16 @@ impl ListedDigests {
         for m in &mut self.held {
             *m = moved[*m as usize];
         }
+    }
+
+    /// How many entries listed a digest.
+    pub fn len(&self) -> usize {
+        self.equal.count() + self.held.len()
+    }
+
+    /// Whether no entry listed a digest.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Master indexes whose remote digest equals the master's listed one.

@@ -524,7 +524,7 @@ impl RemoteSync {
             self.sums
                 .record(m as usize, d, &shared.master_sums, m as usize);
         }
-        let mut known = listed.equal().count() + listed.held().count();
+        let mut known = listed.len();
         let others = self.list.others();
         // (No pass over the candidates when none of the others came with a digest.)
         let candidates = others
