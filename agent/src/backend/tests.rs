@@ -532,3 +532,64 @@ fn a_commit_removes_a_stale_partial_whenever_one_may_be_there() {
     listed(&b);
     assert!(!b.partials.may_exist());
 }
+
+#[test]
+fn an_attribute_fix_applies_only_what_differs_and_the_mode_after_any_chown() {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = tempfile::tempdir().unwrap();
+    let f = tree.path().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let b = backend(tree.path());
+    b.set_attrs(b"f", &attrs()).unwrap();
+    let st = rustix::fs::stat(&f).unwrap();
+    let (uid, gid) = (st.st_uid, st.st_gid);
+    let same = Attrs {
+        mode: Some(0o644),
+        owner: Some((uid, gid)),
+        mtime: Some((1_600_000_000, 0)),
+    };
+    assert_eq!(still_to_apply(&same, &st), Attrs::default());
+    let later = Attrs {
+        mtime: Some((1_600_000_000, 5)),
+        ..same
+    };
+    assert_eq!(
+        still_to_apply(&later, &st),
+        Attrs {
+            mtime: Some((1_600_000_000, 5)),
+            ..Attrs::default()
+        }
+    );
+    // Another mode (the mtime the same) is applied.
+    b.set_attrs(
+        b"f",
+        &Attrs {
+            mode: Some(0o600),
+            ..same
+        },
+    )
+    .unwrap();
+    let md = std::fs::metadata(&f).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.mtime()), (0o600, 1_600_000_000));
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    // A chown clears set-user-ID: a mode the file had before it is applied after it.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let other = Attrs {
+        mode: Some(0o4755),
+        owner: Some((uid + 1, gid + 1)),
+        mtime: None,
+    };
+    assert_eq!(
+        still_to_apply(&other, &rustix::fs::stat(&f).unwrap()),
+        other
+    );
+    b.set_attrs(b"f", &other).unwrap();
+    let md = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o4755, uid + 1, gid + 1)
+    );
+}

@@ -403,6 +403,42 @@ fn patch_round_trips_and_is_far_smaller_than_the_file() {
 }
 
 #[test]
+fn a_decoder_after_an_abandoned_or_failed_one_on_the_thread_decodes_against_its_own_basis() {
+    // Decoders of one thread share a zstd context: the next one must start from no frame
+    // and no basis of the last, whether that one finished, failed or was dropped mid-frame.
+    use super::patch::{patch_encode, PatchDecoder};
+    let (old, new) = old_and_new();
+    let other_basis = text(old.len(), 31);
+    let patch = patch_encode(&old, &new, 3).unwrap();
+    let other_patch = patch_encode(&other_basis, &new, 3).unwrap();
+    // Dropped mid-frame: half of the patch fed.
+    let mut dec = PatchDecoder::from_bytes(other_basis.clone()).unwrap();
+    dec.feed(&other_patch[..other_patch.len() / 2], &mut |_| Ok(()))
+        .unwrap();
+    drop(dec);
+    let back = apply_patch(PatchDecoder::from_bytes(old.clone()).unwrap(), &patch, 4096).unwrap();
+    assert!(back == new, "after an abandoned decoder");
+    // Failed: a patch against another basis fails its checksum (or its matches).
+    let wrong = apply_patch(
+        PatchDecoder::from_bytes(old.clone()).unwrap(),
+        &other_patch,
+        4096,
+    );
+    assert!(wrong.is_err(), "a patch against another basis applied");
+    let back = apply_patch(
+        PatchDecoder::from_bytes(other_basis).unwrap(),
+        &other_patch,
+        999,
+    )
+    .unwrap();
+    assert!(back == new, "after a failed decoder");
+    // And the same basis again, from a file this time.
+    let dir = tempfile::tempdir().unwrap();
+    let old_path = temp_file(&dir, "old", &old);
+    assert!(apply_patch(decoder_for(&old_path), &patch, usize::MAX).unwrap() == new);
+}
+
+#[test]
 fn patch_large_output_comes_in_pieces_of_at_most_a_mebibyte() {
     // Unrelated basis: the patch is about the size of the file, fed in 1 MiB pieces.
     use super::patch::patch_encode;
