@@ -17,7 +17,9 @@ use tracing::{debug, info, warn};
 use crate::backend::Backend;
 use crate::records::ConsistState;
 use crate::send::SendOrder;
-use crate::session::{flush, send, send_error, send_flush, AgentTls, Shared, SharedWriter};
+use crate::session::{
+    flush, send, send_error, send_flush, AgentTls, FrameWriter, Shared, SharedWriter,
+};
 use crate::versions::VersionStore;
 use crate::{apply, blocks, check, checksum, list, receive, AgentError, PosixBackend};
 
@@ -346,6 +348,7 @@ fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
         shared.token.as_deref(),
         shared.backend.can_chown(),
         &shared.tree,
+        true,
     ) {
         Ok(p) => p,
         Err(e) => {
@@ -401,7 +404,10 @@ fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
             }
             _ => None,
         };
-        let writer: SharedWriter = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
+        let writer: SharedWriter = Arc::new(Mutex::new(FrameWriter::new(
+            BufWriter::with_capacity(1 << 20, conn),
+            peer.frame_compression,
+        )));
         match peer.role {
             Role::Agent if shared.read_only => {
                 warn!(peer = %peer_addr, "refused a file stream: {READ_ONLY}");
@@ -414,7 +420,7 @@ fn handle_connection(conn: TcpStream, shared: Arc<Shared>) {
                 )
             }
             Role::Agent => receive::receive(&mut reader, &writer, &shared, allowed.as_deref()),
-            _ => serve_requests(&mut reader, &writer, &shared),
+            _ => serve_requests(&mut reader, &writer, &shared, peer.frame_compression),
         }
     })();
     if let Err(e) = result {
@@ -481,11 +487,12 @@ fn serve_requests(
     reader: &mut BufReader<Stream>,
     w: &SharedWriter,
     shared: &Arc<Shared>,
+    inflate: bool,
 ) -> Result<(), AgentError> {
     let mut senders: Vec<JoinHandle<()>> = Vec::new();
     let owner = shared.stages.new_owner();
     let mut sweep = Vec::new();
-    let r = serve_loop(reader, w, shared, &mut senders, owner, &mut sweep);
+    let r = serve_loop(reader, w, shared, &mut senders, owner, &mut sweep, inflate);
     for t in senders {
         let _ = t.join();
     }
@@ -510,10 +517,15 @@ fn serve_loop(
     senders: &mut Vec<JoinHandle<()>>,
     owner: u64,
     sweep: &mut Vec<crate::backend::ListedPartial>,
+    inflate: bool,
 ) -> Result<(), AgentError> {
     let mut owner_noted = false;
     while let Some(body) = frame::read_frame(reader)? {
-        let msg = Msg::decode(&body)?;
+        let msg = if inflate {
+            Msg::decode_inflating(&body)?
+        } else {
+            Msg::decode(&body)?
+        };
         match msg {
             Msg::ListRequest {
                 request_id,

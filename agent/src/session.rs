@@ -22,7 +22,36 @@ use crate::versions::VersionStore;
 use crate::AgentError;
 
 /// The writing half of a connection, shared by the threads answering on it.
-pub(crate) type SharedWriter = Arc<Mutex<BufWriter<Stream>>>;
+pub(crate) type SharedWriter = Arc<Mutex<FrameWriter>>;
+
+/// The writing half of a connection: frames, compressed ones when the peer agreed to
+/// `frameCompression` in the handshake (the server over a network).
+pub(crate) struct FrameWriter {
+    out: BufWriter<Stream>,
+    zstd: Option<frame::FrameCompressor>,
+}
+
+impl FrameWriter {
+    /// A writer on `out`; `compress`: big frames go as `zstd` frames.
+    pub(crate) fn new(out: BufWriter<Stream>, compress: bool) -> Self {
+        // Out of memory for a zstd context: plain frames, which the peer takes too.
+        let zstd = compress
+            .then(frame::FrameCompressor::new)
+            .and_then(Result::ok);
+        FrameWriter { out, zstd }
+    }
+
+    fn write_msg(&mut self, msg: &Msg) -> Result<(), fleetsync_proto::ProtoError> {
+        match &mut self.zstd {
+            Some(z) => z.write_frame(&mut self.out, &msg.encode()),
+            None => frame::write_frame(&mut self.out, &msg.encode()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
 
 /// The TLS configurations of an agent (`--tls`).
 pub(crate) struct AgentTls {
@@ -162,15 +191,14 @@ pub(crate) const OWNER_NOTE: &str = "owner/group not applied: the agent is not r
 
 /// Writes `msg` (buffered).
 pub(crate) fn send(w: &SharedWriter, msg: &Msg) -> Result<(), AgentError> {
-    let mut w = w.lock().expect("writer poisoned");
-    frame::write_frame(&mut *w, &msg.encode())?;
+    w.lock().expect("writer poisoned").write_msg(msg)?;
     Ok(())
 }
 
 /// Writes `msg` and flushes the connection.
 pub(crate) fn send_flush(w: &SharedWriter, msg: &Msg) -> Result<(), AgentError> {
     let mut w = w.lock().expect("writer poisoned");
-    frame::write_frame(&mut *w, &msg.encode())?;
+    w.write_msg(msg)?;
     w.flush().map_err(|e| AgentError::Proto(e.into()))?;
     Ok(())
 }

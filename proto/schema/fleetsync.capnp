@@ -59,6 +59,10 @@ struct Message {
 
     # --- any direction ---
     error @20 :ErrorMsg;          # fatal for the request (or the connection when requestId = 0)
+    zstd @30 :Data;               # another frame's body (one message in the stream encoding),
+                                  # as one zstd frame with its content size: the receiver takes
+                                  # it as that message. Only between peers that both said
+                                  # `frameCompression` in the handshake; never nested.
   }
 }
 
@@ -83,6 +87,7 @@ struct Auth {
   # ASCII name of `role` ("server", "agent", "control").
   mac @2 :Data;
   nonce @3 :Data;       # 32 random bytes: the connector's challenge to the listener
+  frameCompression @4 :Bool; # the connector takes `zstd` frames, and would send some
 }
 
 struct Welcome {
@@ -93,6 +98,8 @@ struct Welcome {
   # An agent's tree, so that the server can refuse overlapping trees (empty: not told):
   host @2 :Text;               # the machine (its /etc/machine-id, else the boot id)
   rootChain @3 :List(UInt64);  # device, inode of the root, then of each parent up to /
+  frameCompression @4 :Bool;   # the connector asked for `zstd` frames and the listener takes
+                               # them too: from now on either side may send big frames so
 }
 
 # ---------------------------------------------------------------- classification

@@ -58,6 +58,9 @@ pub fn verify(token: &[u8], nonce: &[u8], role: Role, tag: &[u8]) -> bool {
 pub struct Peer {
     /// The role the connector claimed (and proved with the token).
     pub role: Role,
+    /// Both sides take `zstd` frames on this connection (the connector asked, the listener
+    /// agreed): see [`crate::frame::FrameCompressor`].
+    pub frame_compression: bool,
 }
 
 /// Runs the listener side on a blocking stream. `token = None` accepts any
@@ -69,15 +72,17 @@ pub fn accept<S: Read + Write>(
     token: Option<&[u8]>,
     can_chown: bool,
 ) -> Result<Peer, ProtoError> {
-    accept_as(stream, token, can_chown, &TreeIdentity::default())
+    accept_as(stream, token, can_chown, &TreeIdentity::default(), false)
 }
 
-/// [`accept`] by an agent, which tells the connector where its tree is (`tree`).
+/// [`accept`] by an agent, which tells the connector where its tree is (`tree`), and
+/// agrees to `zstd` frames if the connector asks and `frame_compression` allows.
 pub fn accept_as<S: Read + Write>(
     stream: &mut S,
     token: Option<&[u8]>,
     can_chown: bool,
     tree: &TreeIdentity,
+    frame_compression: bool,
 ) -> Result<Peer, ProtoError> {
     let n1 = nonce();
     send(
@@ -97,10 +102,14 @@ pub fn accept_as<S: Read + Write>(
         }
         Err(e) => return Err(e),
     };
-    let (role, tag, n2) = match Msg::decode(&body)? {
+    let (role, tag, n2, asked) = match Msg::decode(&body)? {
         Msg::Auth {
-            role, mac, nonce, ..
-        } => (role, mac, nonce),
+            role,
+            mac,
+            nonce,
+            frame_compression,
+            ..
+        } => (role, mac, nonce, frame_compression),
         other => {
             return Err(ProtoError::Unexpected {
                 expected: "auth",
@@ -127,10 +136,14 @@ pub fn accept_as<S: Read + Write>(
         &Msg::Welcome {
             mac: answer,
             can_chown,
+            frame_compression: asked && frame_compression,
             tree: tree.clone(),
         },
     )?;
-    Ok(Peer { role })
+    Ok(Peer {
+        role,
+        frame_compression: asked && frame_compression,
+    })
 }
 
 /// The listener's checks of the connector's `auth`; `Ok` holds the `welcome` mac.
@@ -167,6 +180,8 @@ pub struct Welcomed {
     pub can_chown: bool,
     /// Where its tree is (empty: not told).
     pub tree: TreeIdentity,
+    /// The listener agreed to `zstd` frames (only ever when the connector asked).
+    pub frame_compression: bool,
 }
 
 /// Runs the connector side on a blocking stream. `token = None` only works
@@ -175,6 +190,16 @@ pub fn connect<S: Read + Write>(
     stream: &mut S,
     token: Option<&[u8]>,
     role: Role,
+) -> Result<Welcomed, ProtoError> {
+    connect_with(stream, token, role, false)
+}
+
+/// [`connect`], asking for `zstd` frames when `frame_compression` is set.
+pub fn connect_with<S: Read + Write>(
+    stream: &mut S,
+    token: Option<&[u8]>,
+    role: Role,
+    frame_compression: bool,
 ) -> Result<Welcomed, ProtoError> {
     let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::Truncated)?;
     let n1 = match Msg::decode(&body)? {
@@ -189,7 +214,10 @@ pub fn connect<S: Read + Write>(
         }
     };
     let n2 = nonce();
-    send(stream, &auth_message(token, &n1, role, &n2))?;
+    send(
+        stream,
+        &auth_message(token, &n1, role, &n2, frame_compression),
+    )?;
     let body = read_frame_limited(stream, MAX_HANDSHAKE_FRAME)?.ok_or(ProtoError::AuthFailed(
         "the listener closed the connection (wrong token?)",
     ))?;
@@ -197,10 +225,15 @@ pub fn connect<S: Read + Write>(
         Msg::Welcome {
             mac: tag,
             can_chown,
+            frame_compression: agreed,
             tree,
         } => {
             check_welcome(token, &n2, &tag)?;
-            Ok(Welcomed { can_chown, tree })
+            Ok(Welcomed {
+                can_chown,
+                tree,
+                frame_compression: agreed && frame_compression,
+            })
         }
         Msg::Error { message, .. } => Err(refusal(token, message)),
         other => Err(ProtoError::Unexpected {
@@ -211,13 +244,20 @@ pub fn connect<S: Read + Write>(
 }
 
 /// The connector's `auth` answer to the listener's nonce `n1`, carrying our
-/// own challenge `n2` (pure: for event loops).
-pub fn auth_message(token: Option<&[u8]>, n1: &[u8], role: Role, n2: &[u8]) -> Msg {
+/// own challenge `n2` and whether we ask for `zstd` frames (pure: for event loops).
+pub fn auth_message(
+    token: Option<&[u8]>,
+    n1: &[u8],
+    role: Role,
+    n2: &[u8],
+    frame_compression: bool,
+) -> Msg {
     Msg::Auth {
         protocol: PROTOCOL_VERSION,
         role,
         mac: token.map(|t| mac(t, n1, role)).unwrap_or_default(),
         nonce: n2.to_vec(),
+        frame_compression,
     }
 }
 

@@ -52,10 +52,12 @@ fn all_messages() -> Vec<Msg> {
             role: Role::Server,
             mac: vec![2; 32],
             nonce: vec![3; 32],
+            frame_compression: true,
         },
         Msg::Welcome {
             mac: vec![4; 32],
             can_chown: true,
+            frame_compression: true,
             tree: TreeIdentity {
                 host: "0123abcd".into(),
                 chain: vec![(64769, 1234), (64769, 2)],
@@ -503,4 +505,108 @@ fn frame_buf_reads_and_parses_in_place() {
         assert_eq!(&Msg::decode(buf.bytes()).unwrap(), m);
     }
     assert!(!buf.read(&mut r, frame::MAX_FRAME).unwrap());
+}
+
+/// A listing batch as an agent sends it: paths with long common prefixes, equal owners.
+fn listing(n: usize) -> Msg {
+    let entries = (0..n)
+        .map(|i| {
+            let mut e =
+                entry(format!("usr/lib/python3/site-packages/pkg{}/mod{i}.py", i / 50).as_bytes());
+            e.kind = FileKind::File;
+            e.link_target = None;
+            e.size = (i * 37 % 5000) as u64;
+            e.inode += i as u64;
+            e
+        })
+        .collect();
+    Msg::ListBatch {
+        request_id: 9,
+        entries,
+        last: false,
+    }
+}
+
+#[test]
+fn compressed_frames_come_back_as_the_messages_they_hold_and_small_ones_go_plain() {
+    let mut z = frame::FrameCompressor::new().unwrap();
+    let big = listing(2000);
+    let plain = big.to_frame().unwrap();
+    let packed = z.encode_frame(&big.encode()).unwrap();
+    eprintln!(
+        "listing of 2000: {} bytes plain, {} compressed",
+        plain.len(),
+        packed.len()
+    );
+    assert!(
+        packed.len() * 4 < plain.len(),
+        "{} vs {}",
+        packed.len(),
+        plain.len()
+    );
+    // A small message goes as it is (and plain decoding takes it).
+    let small = Msg::Done(Done {
+        request_id: 3,
+        ok: 1,
+        ..Done::default()
+    });
+    let small_frame = z.encode_frame(&small.encode()).unwrap();
+    assert_eq!(small_frame, small.to_frame().unwrap());
+    // Through a decoder, as the server reads them.
+    let mut dec = FrameDecoder::new();
+    dec.push(&packed);
+    dec.push(&small_frame);
+    let body = dec.next_frame().unwrap().unwrap();
+    assert!(
+        Msg::decode(&body).is_err(),
+        "a zstd frame where none was agreed on"
+    );
+    assert_eq!(Msg::decode_inflating(&body).unwrap(), big);
+    let reader = frame::parse(&body).unwrap();
+    let inner = frame::inflate(&reader).unwrap().unwrap();
+    assert_eq!(Msg::decode(&inner).unwrap(), big);
+    let body = dec.next_frame().unwrap().unwrap();
+    assert!(frame::inflate(&frame::parse(&body).unwrap())
+        .unwrap()
+        .is_none());
+    assert_eq!(Msg::decode_inflating(&body).unwrap(), small);
+}
+
+/// A `zstd` message holding `data`, as a frame body.
+fn zstd_body(data: &[u8]) -> Vec<u8> {
+    let mut b = capnp::message::Builder::new_default();
+    b.init_root::<fleetsync_capnp::message::Builder>()
+        .set_zstd(data);
+    let f = frame::encode_frame(&b).unwrap();
+    f[4..].to_vec()
+}
+
+#[test]
+fn bad_compressed_frames_are_errors_that_name_what_is_wrong() {
+    let msg_body = |m: &Msg| m.to_frame().unwrap()[4..].to_vec();
+    let inner = msg_body(&listing(100));
+    let err = |body: &[u8]| Msg::decode_inflating(body).unwrap_err().to_string();
+    // Nested.
+    let once = zstd::bulk::compress(&inner, 1).unwrap();
+    let twice = zstd::bulk::compress(&zstd_body(&once), 1).unwrap();
+    assert!(
+        err(&zstd_body(&twice)).contains("zstd frame where none may be"),
+        "{}",
+        err(&zstd_body(&twice))
+    );
+    // Not zstd at all; truncated; no content size; a size over the frame limit.
+    assert!(err(&zstd_body(b"not zstd")).contains("not a zstd frame"));
+    assert!(err(&zstd_body(&once[..once.len() / 2])).contains("zstd frame"));
+    let mut no_size = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    no_size.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut no_size, &inner).unwrap();
+    let no_size = no_size.finish().unwrap();
+    assert!(err(&zstd_body(&no_size)).contains("no content size"));
+    let huge = vec![0u8; frame::MAX_FRAME + 1];
+    let bomb = zstd::bulk::compress(&huge, 19).unwrap();
+    assert!(bomb.len() < 4096);
+    assert!(matches!(
+        Msg::decode_inflating(&zstd_body(&bomb)),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use fleetsync_proto::tls::rustls;
 
-use fleetsync_proto::frame::{FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use fleetsync_proto::frame::{FrameCompressor, FrameDecoder, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use fleetsync_proto::{auth, Msg, Role, TreeIdentity};
 use mio::net::TcpStream;
 use tracing::warn;
@@ -67,6 +67,10 @@ pub(crate) struct Conn {
     pub(crate) probing: bool,
     /// When the connection was made (handshake timeout).
     pub(crate) opened: Instant,
+    /// We connect to an agent over a network: ask it for `zstd` frames (frame compression).
+    pub(crate) ask_compression: bool,
+    /// The agent agreed: frames from now on may be `zstd` frames, both ways.
+    pub(crate) zstd: Option<FrameCompressor>,
 }
 
 impl Conn {
@@ -86,6 +90,8 @@ impl Conn {
             tls: None,
             probing: false,
             opened: Instant::now(),
+            ask_compression: false,
+            zstd: None,
         }
     }
 
@@ -150,7 +156,11 @@ impl Conn {
 
     /// Encodes a message at the end of the output.
     pub(crate) fn queue(&mut self, msg: &Msg) {
-        match msg.to_frame() {
+        let frame = match &mut self.zstd {
+            Some(z) => z.encode_frame(&msg.encode()),
+            None => msg.to_frame(),
+        };
+        match frame {
             Ok(bytes) => {
                 if self.out_pos == self.out.len() {
                     self.out.clear();
@@ -285,6 +295,7 @@ impl Conn {
                 self.queue(&Msg::Welcome {
                     mac: answer,
                     can_chown: false,
+                    frame_compression: false,
                     tree: TreeIdentity::default(),
                 });
                 Ok(Handshake::Going)
@@ -296,23 +307,34 @@ impl Conn {
                 };
                 let n2 = auth::nonce();
                 self.hs = Hs::AwaitWelcome(n2);
-                self.queue(&auth::auth_message(token, &n1, Role::Server, &n2));
+                self.queue(&auth::auth_message(
+                    token,
+                    &n1,
+                    Role::Server,
+                    &n2,
+                    self.ask_compression,
+                ));
                 Ok(Handshake::Going)
             }
             Hs::AwaitWelcome(n2) => {
                 let msg = Msg::decode(body).map_err(|e| e.to_string())?;
-                let (mac, can_chown, tree) = match msg {
+                let (mac, can_chown, tree, agreed) = match msg {
                     Msg::Welcome {
                         mac,
                         can_chown,
+                        frame_compression,
                         tree,
-                    } => (mac, can_chown, tree),
+                    } => (mac, can_chown, tree, frame_compression),
                     Msg::Error { message, .. } => {
                         return Err(auth::refusal(token, message).to_string())
                     }
                     other => return Err(format!("expected welcome, got {}", other.kind_name())),
                 };
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
+                if agreed && self.ask_compression {
+                    // Out of memory for a zstd context: plain frames, which the agent takes.
+                    self.zstd = FrameCompressor::new().ok();
+                }
                 self.dec.set_max(MAX_FRAME);
                 self.outstanding = self.held.len();
                 Ok(Handshake::Done {

@@ -352,6 +352,9 @@ impl Server {
             .map_err(|e| format!("cannot register {addr}: {e}"))?;
         let peer = ConnPeer::Agent { job, role };
         let mut conn = Conn::new(stream, Hs::AwaitHello, peer, 1);
+        // Over a network the requests and answers (file lists above all: every remote's
+        // comes to this one server) are worth compressing; over loopback they are not.
+        conn.ask_compression = !sa.ip().is_loopback();
         if let Some(t) = &self.config.tls {
             let name = tls::server_name(addr).map_err(|e| format!("agent {addr}: {e}"))?;
             let client = rustls::ClientConnection::new(t.dial.clone(), name)
@@ -1116,7 +1119,14 @@ impl Server {
             return Err("job gone".into());
         };
         let sync = &mut j.sync;
-        let reader = frame::parse(body).map_err(|e| e.to_string())?;
+        let mut reader = frame::parse(body).map_err(|e| e.to_string())?;
+        let inflated;
+        if self.conns.get(&token).is_some_and(|c| c.zstd.is_some()) {
+            if let Some(inner) = frame::inflate(&reader).map_err(|e| e.to_string())? {
+                inflated = inner;
+                reader = frame::parse(&inflated).map_err(|e| e.to_string())?;
+            }
+        }
         // File lists are the big messages: read them without copying.
         if let Some((_, last, entries)) =
             fleetsync_proto::list_batch_entries(&reader).map_err(|e| e.to_string())?

@@ -198,9 +198,20 @@ impl InconsistentFile {
 impl Msg {
     /// Decodes one frame body (as returned by [`frame::read_frame`] or
     /// [`frame::FrameDecoder::next_frame`]). Never panics on bad input.
+    /// A `zstd` frame is refused (see [`Msg::decode_inflating`]).
     pub fn decode(body: &[u8]) -> Result<Msg, ProtoError> {
         let reader = frame::parse(body)?;
         Msg::from_reader(reader.get_root()?)
+    }
+
+    /// [`Msg::decode`] on a connection whose peers agreed on `frameCompression`: a `zstd`
+    /// frame is decompressed ([`frame::inflate`]) and decoded as the message it holds.
+    pub fn decode_inflating(body: &[u8]) -> Result<Msg, ProtoError> {
+        let reader = frame::parse(body)?;
+        match frame::inflate(&reader)? {
+            Some(inner) => Msg::decode(&inner),
+            None => Msg::from_reader(reader.get_root()?),
+        }
     }
 
     /// Converts a parsed message.
@@ -220,6 +231,7 @@ impl Msg {
                     role: Role::from_schema(b.get_role()?),
                     mac: b.get_mac()?.to_vec(),
                     nonce: b.get_nonce()?.to_vec(),
+                    frame_compression: b.get_frame_compression(),
                 }
             }
             W::Welcome(b) => {
@@ -231,6 +243,7 @@ impl Msg {
                 Msg::Welcome {
                     mac: b.get_mac()?.to_vec(),
                     can_chown: b.get_can_chown(),
+                    frame_compression: b.get_frame_compression(),
                     tree: TreeIdentity {
                         host: text(b.get_host())?,
                         chain: flat.chunks(2).map(|p| (p[0], p[1])).collect(),
@@ -476,6 +489,11 @@ impl Msg {
                     request_id: b.get_request_id(),
                     message: text(b.get_message())?,
                 }
+            }
+            W::Zstd(_) => {
+                return Err(ProtoError::Decode(
+                    "a zstd frame where none may be (not agreed on, or nested)".into(),
+                ))
             }
         })
     }

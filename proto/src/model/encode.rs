@@ -179,21 +179,25 @@ impl Msg {
                 role,
                 mac,
                 nonce,
+                frame_compression,
             } => {
                 let mut b = root.init_auth();
                 b.set_protocol(*protocol);
                 b.set_role(role.to_schema());
                 b.set_mac(mac);
                 b.set_nonce(nonce);
+                b.set_frame_compression(*frame_compression);
             }
             Msg::Welcome {
                 mac,
                 can_chown,
+                frame_compression,
                 tree,
             } => {
                 let mut b = root.init_welcome();
                 b.set_mac(mac);
                 b.set_can_chown(*can_chown);
+                b.set_frame_compression(*frame_compression);
                 b.set_host(tree.host.as_str());
                 let mut chain = b.init_root_chain(2 * tree.chain.len() as u32);
                 for (i, (dev, ino)) in tree.chain.iter().enumerate() {

@@ -35,6 +35,8 @@ pub enum Msg {
         mac: Vec<u8>,
         /// Challenge for the listener.
         nonce: Vec<u8>,
+        /// The connector takes `zstd` frames ([`frame::FrameCompressor`]) and would send some.
+        frame_compression: bool,
     },
     /// Listener -> connector: authenticated.
     Welcome {
@@ -42,6 +44,9 @@ pub enum Msg {
         mac: Vec<u8>,
         /// The agent applies owner/group.
         can_chown: bool,
+        /// The connector asked for `zstd` frames and the listener takes them: from now on
+        /// either side may send them.
+        frame_compression: bool,
         /// Where the agent's tree is (empty from other listeners).
         tree: TreeIdentity,
     },
