@@ -136,6 +136,8 @@ struct Link {
 /// The children of a relay, fed with the frames of the stream it receives.
 pub(crate) struct Forwarder {
     links: Vec<Link>,
+    /// The stream ended cleanly ([`Forwarder::finish`]): the children are done, not broken.
+    finished: bool,
 }
 
 impl Forwarder {
@@ -148,7 +150,10 @@ impl Forwarder {
             .iter()
             .map(|node| Link::start(node, shared, up))
             .collect();
-        Forwarder { links }
+        Forwarder {
+            links,
+            finished: false,
+        }
     }
 
     /// Queues one raw frame (`body`, without its length prefix) for every child still
@@ -177,6 +182,7 @@ impl Forwarder {
         for l in &mut self.links {
             l.join();
         }
+        self.finished = true;
     }
 }
 
@@ -184,6 +190,9 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         // The stream broke: the children's streams break too (their files in flight stay
         // partial files, never torn ones).
+        if self.finished {
+            return;
+        }
         for l in &mut self.links {
             l.queue.drop_child("its relay's stream broke".into());
             l.cut();
