@@ -30,7 +30,8 @@
 #   rsync-az    rsync -az --delete MASTER/ rsync://Ri/...
 #   rsync-acz   rsync -acz --zc=zstd --delete MASTER/ rsync://Ri/...
 # and prints wall time, bytes that left the master (its link's tx counter), bytes into each
-# remote (rx, mean and max), CPU seconds on the master and on the busiest remote (fleetsync: its
+# remote (rx, mean and max), bytes into and out of the server's host (fleetsync: file lists,
+# requests, results), CPU seconds on the master and on the busiest remote (fleetsync: its
 # agents; rsync: the clients on the master, the daemons' connection processes on the remotes;
 # fleetsync's server is not counted), the ratios fleetsync / rsync-acz, and the differences
 # the referee (rsync -aHc -n -i --delete MASTER/ REMOTE/) finds afterwards (must be 0; the exit
@@ -56,7 +57,7 @@ ROOT=$PWD
 
 REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz SEED=0 SCALE=""
 ARGS=("$@")
-usage() { sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,53p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --remotes) REMOTES=$2; shift 2;;
@@ -327,7 +328,7 @@ run_tool() { # tool phase -> log in $WORK/TOOL.PHASE.log; fails if any remote fa
   return "$rc"
 }
 
-declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU
+declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU SRV
 FAILED=0
 TICK=$(getconf CLK_TCK)
 # CPU ticks of a process: "own" (utime + stime) or "children" (cutime + cstime: the children it
@@ -350,6 +351,8 @@ measure() { # tool phase
   local tool=$1 phase=$2 r s e tx0 rx0=() rx sum=0 max=0 diffs=0 n
   sync  # the previous run's writes are not this run's cost
   tx0=$(lab bytes master tx)
+  local srx0 stx0
+  srx0=$(lab bytes srv rx); stx0=$(lab bytes srv tx)
   for r in "${RS[@]}"; do rx0+=("$(lab bytes "$r" rx)"); done
   local c0 c1
   c0=$(cpu_snapshot "$tool")
@@ -362,6 +365,8 @@ measure() { # tool phase
     for (i = 2; i <= n; i++) if (y[i] - x[i] > max) max = y[i] - x[i]
     printf "%.1f %.1f\n", (y[1] - x[1]) / t, max / t }')"
   TX[$tool.$phase]=$(( $(lab bytes master tx) - tx0 ))
+  SRV[$tool.$phase]=-
+  case $tool in fleetsync*) SRV[$tool.$phase]="$(mb $(( $(lab bytes srv rx) - srx0 )))/$(mb $(( $(lab bytes srv tx) - stx0 )))";; esac
   local i=0
   for r in "${RS[@]}"; do
     rx=$(( $(lab bytes "$r" rx) - rx0[i] )); i=$((i + 1))
@@ -381,7 +386,7 @@ for t in "${TOOL_LIST[@]}"; do
   if [ "$SEED" = 1 ] && [ "$t" != fleetsync ]; then
     # Not measured: what the tool's own phase 1 would leave (checked by the referee).
     for r in "${RS[@]}"; do cp -a "$OLD/." "$WORK/$r/$t/"; done
-    WALL[$t.1]=- TX[$t.1]=0 RXMEAN[$t.1]=0 RXMAX[$t.1]=0 MCPU[$t.1]=- RCPU[$t.1]=-
+    WALL[$t.1]=- TX[$t.1]=0 RXMEAN[$t.1]=0 RXMAX[$t.1]=0 MCPU[$t.1]=- RCPU[$t.1]=- SRV[$t.1]=-
     d=0; for r in "${RS[@]}"; do d=$((d + $(rsync -aHc -n -i --delete "$M/" "$WORK/$r/$t/" | wc -l))); done
     DIFFS[$t.1]=$d
     echo "  $t phase 1: seeded locally (cp -a), referee differences $d" >&2
@@ -429,12 +434,12 @@ echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --ver
 for phase in 1 2; do
   echo
   [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
-  printf '%-17s %7s %13s %18s %17s %13s %17s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
-    "remote rx MB max" "master CPU s" "remote CPU s max" diffs
+  printf '%-17s %7s %13s %18s %17s %13s %17s %16s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
+    "remote rx MB max" "master CPU s" "remote CPU s max" "server rx/tx MB" diffs
   for t in "${TOOL_LIST[@]}"; do
-    printf '%-17s %7s %13s %18s %17s %13s %17s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
+    printf '%-17s %7s %13s %18s %17s %13s %17s %16s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
       "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${MCPU[$t.$phase]}" "${RCPU[$t.$phase]}" \
-      "${DIFFS[$t.$phase]}"
+      "${SRV[$t.$phase]}" "${DIFFS[$t.$phase]}"
   done
   if [ -n "${WALL[fleetsync.$phase]:-}" ] && [ -n "${WALL[rsync-acz.$phase]:-}" ]; then
     awk -v w1="${WALL[fleetsync.$phase]}" -v w2="${WALL[rsync-acz.$phase]}" \
