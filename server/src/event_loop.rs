@@ -91,6 +91,10 @@ pub struct ServerConfig {
     /// Names to record in the job history instead of agent addresses (the embedded
     /// `fleetsync sync` maps its in-process agents to their directories).
     pub job_labels: HashMap<String, String>,
+    /// Never ask agents for compressed frames (`fleetsync server --no-frame-compression`).
+    /// Otherwise every agent reached over a network (not loopback) is asked, and those that
+    /// agree exchange big frames zstd-compressed with the server.
+    pub plain_frames: bool,
 }
 
 /// The connections of one pair.
@@ -354,7 +358,7 @@ impl Server {
         let mut conn = Conn::new(stream, Hs::AwaitHello, peer, 1);
         // Over a network the requests and answers (file lists above all: every remote's
         // comes to this one server) are worth compressing; over loopback they are not.
-        conn.ask_compression = !sa.ip().is_loopback();
+        conn.ask_compression = !self.config.plain_frames && !sa.ip().is_loopback();
         if let Some(t) = &self.config.tls {
             let name = tls::server_name(addr).map_err(|e| format!("agent {addr}: {e}"))?;
             let client = rustls::ClientConnection::new(t.dial.clone(), name)
