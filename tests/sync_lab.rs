@@ -138,15 +138,21 @@ fn assert_bytes(what: &str, sent: u64, got: &[u64], differing: usize, fresh: usi
     }
 }
 
+/// The master's and the remotes' trees in `dir`, empty.
+fn empty_trees(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let m = dir.join("master");
+    let remotes: Vec<PathBuf> = REMOTES.iter().map(|r| dir.join(r)).collect();
+    for d in std::iter::once(&m).chain(&remotes) {
+        fs::create_dir(d).unwrap();
+    }
+    (m, remotes)
+}
+
 #[test]
 fn server_mode_across_lab_hosts_initial_copy_then_update_with_delete() {
     let lab = Lab::up("sl", &["master", "srv", "r1", "r2"], "200mbit");
     let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("master");
-    let remotes: Vec<PathBuf> = REMOTES.iter().map(|r| tmp.path().join(r)).collect();
-    for d in std::iter::once(&m).chain(&remotes) {
-        fs::create_dir(d).unwrap();
-    }
+    let (m, remotes) = empty_trees(tmp.path());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
     // The old release: binaries, a versioned library and its symlink, a hard-linked data
@@ -277,11 +283,7 @@ fn lab_hosts_reach_each_other_and_count_their_traffic() {
 fn server_traffic_goes_compressed_between_hosts_unless_turned_off() {
     let lab = Lab::up("sz", &["master", "srv", "r1", "r2"], "200mbit");
     let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("master");
-    let remotes: Vec<PathBuf> = REMOTES.iter().map(|r| tmp.path().join(r)).collect();
-    for d in std::iter::once(&m).chain(&remotes) {
-        fs::create_dir(d).unwrap();
-    }
+    let (m, remotes) = empty_trees(tmp.path());
     for d in 0..40 {
         for f in 0..100 {
             let p = m.join(format!(
