@@ -69,7 +69,9 @@ pub(crate) struct Conn {
     pub(crate) opened: Instant,
     /// We connect to an agent over a network: ask it for `zstd` frames (frame compression).
     pub(crate) ask_compression: bool,
-    /// The agent agreed: frames from now on may be `zstd` frames, both ways.
+    /// The agent agreed to compressed frames: its frames may be `zstd` frames.
+    pub(crate) inflate: bool,
+    /// Compresses our frames to an agent that agreed (`None` without a zstd context).
     pub(crate) zstd: Option<FrameCompressor>,
 }
 
@@ -91,6 +93,7 @@ impl Conn {
             probing: false,
             opened: Instant::now(),
             ask_compression: false,
+            inflate: false,
             zstd: None,
         }
     }
@@ -332,6 +335,7 @@ impl Conn {
                 };
                 auth::check_welcome(token, &n2, &mac).map_err(|e| e.to_string())?;
                 if agreed && self.ask_compression {
+                    self.inflate = true;
                     // Out of memory for a zstd context: plain frames, which the agent takes.
                     self.zstd = FrameCompressor::new().ok();
                 }

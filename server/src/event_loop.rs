@@ -1125,7 +1125,7 @@ impl Server {
         let sync = &mut j.sync;
         let mut reader = frame::parse(body).map_err(|e| e.to_string())?;
         let inflated;
-        if self.conns.get(&token).is_some_and(|c| c.zstd.is_some()) {
+        if self.conns.get(&token).is_some_and(|c| c.inflate) {
             if let Some(inner) = frame::inflate(&reader).map_err(|e| e.to_string())? {
                 inflated = inner;
                 reader = frame::parse(&inflated).map_err(|e| e.to_string())?;
