@@ -467,6 +467,19 @@ impl FileList {
     }
 }
 
+/// Tests: a plain regular file of `size` bytes (mode 0644, mtime 100, one link).
+#[cfg(test)]
+pub(crate) fn test_file(size: u64) -> Meta {
+    Meta {
+        kind: Some(Kind::File),
+        mode: 0o644,
+        size,
+        mtime_sec: 100,
+        nlink: 1,
+        ..Meta::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,16 +15,7 @@ struct Ent {
     target: Vec<u8>,
 }
 
-fn file(size: u64) -> Meta {
-    Meta {
-        kind: Some(Kind::File),
-        mode: 0o644,
-        size,
-        mtime_sec: 100,
-        nlink: 1,
-        ..Meta::default()
-    }
-}
+use crate::list::test_file as file;
 
 fn dir() -> Meta {
     Meta {
@@ -402,18 +393,22 @@ proptest! {
     }
 }
 
-#[test]
-fn identical_entries_cost_a_bit_each() {
-    let mut t = BTreeMap::new();
-    for i in 0..1000u64 {
-        t.insert(
-            format!("d/f{i:04}").into_bytes(),
-            Ent {
+/// `n` regular files, file `i` of `i` bytes at `name(i)`.
+fn files(n: u64, name: impl Fn(u64) -> String) -> BTreeMap<Vec<u8>, Ent> {
+    (0..n)
+        .map(|i| {
+            let e = Ent {
                 meta: file(i),
                 target: Vec::new(),
-            },
-        );
-    }
+            };
+            (name(i).into_bytes(), e)
+        })
+        .collect()
+}
+
+#[test]
+fn identical_entries_cost_a_bit_each() {
+    let t = files(1000, |i| format!("d/f{i:04}"));
     let t = sane(t);
     let ml = Arc::new(to_list(&t));
     let rl = RemoteList::compact(ml.clone(), &to_list(&t)).unwrap();
@@ -452,16 +447,7 @@ fn a_path_listed_twice_is_refused() {
 #[test]
 fn remote_entries_before_the_masters_wait_and_match() {
     // The remote lists everything before the master has listed anything.
-    let mut t = BTreeMap::new();
-    for i in 0..10_000u64 {
-        t.insert(
-            format!("f{i:05}").into_bytes(),
-            Ent {
-                meta: file(i),
-                target: Vec::new(),
-            },
-        );
-    }
+    let t = files(10_000, |i| format!("f{i:05}"));
     let c = Case {
         master: sane(t.clone()),
         remote: sane(t),

@@ -6,16 +6,7 @@ use fleetsync_proto::{BlockDef, Done, InconsistentFile};
 use super::*;
 use crate::sync_job::SyncJob;
 
-fn file(size: u64) -> Meta {
-    Meta {
-        kind: Some(Kind::File),
-        mode: 0o644,
-        size,
-        mtime_sec: 100,
-        nlink: 1,
-        ..Meta::default()
-    }
-}
+use crate::list::test_file as file;
 
 fn request(remotes: usize, max_rounds: u32, blocks: Vec<BlockDef>) -> SyncRequest {
     SyncRequest {
