@@ -694,14 +694,7 @@ fn file_replaced_by_a_symlink_is_a_basis_until_after() {
 /// plus 1% remote-only files of other names. Returns (plan time, new files, bases
 /// found for them) after checking every renamed file got its predecessor.
 fn release_update(n: u32, renamed_every: u32) -> (std::time::Duration, usize, usize) {
-    let file = |size: u64| Meta {
-        kind: Some(Kind::File),
-        mode: 0o644,
-        size,
-        mtime_sec: 100,
-        nlink: 1,
-        ..Meta::default()
-    };
+    let file = crate::list::test_file;
     let dir = Meta {
         kind: Some(Kind::Dir),
         mode: 0o755,
