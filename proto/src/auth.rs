@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::frame::{read_frame_limited, write_frame, MAX_HANDSHAKE_FRAME};
+use crate::frame::{encode_frame, read_frame_limited, MAX_HANDSHAKE_FRAME};
 use crate::{Msg, ProtoError, Role, TreeIdentity};
 
 /// Protocol version sent in `hello` and `auth`.
@@ -85,20 +85,29 @@ pub fn accept_as<S: Read + Write>(
     frame_compression: bool,
 ) -> Result<Peer, ProtoError> {
     let n1 = nonce();
-    send(
+    let speaks_tls =
+        ProtoError::AuthFailed("the connector speaks TLS, and this listener has no --tls");
+    let hello = send(
         stream,
         &Msg::Hello {
             protocol: PROTOCOL_VERSION,
             nonce: n1.to_vec(),
         },
-    )?;
-    let body = match read_frame_limited(stream, MAX_HANDSHAKE_FRAME) {
+    );
+    let first = read_frame_limited(stream, MAX_HANDSHAKE_FRAME);
+    if let Err(e) = hello {
+        // A TLS connector closes as soon as it has our plaintext hello, maybe before all of
+        // it was written: what it sent first still tells why.
+        return Err(match first {
+            Err(ProtoError::FrameTooLarge { len, .. }) if looks_like_tls(len) => speaks_tls,
+            _ => e,
+        });
+    }
+    let body = match first {
         Ok(Some(body)) => body,
         Ok(None) => return Err(ProtoError::Truncated),
         Err(ProtoError::FrameTooLarge { len, .. }) if looks_like_tls(len) => {
-            return Err(ProtoError::AuthFailed(
-                "the connector speaks TLS, and this listener has no --tls",
-            ))
+            return Err(speaks_tls)
         }
         Err(e) => return Err(e),
     };
@@ -291,8 +300,10 @@ fn looks_like_tls(len: u64) -> bool {
     matches!(len & 0x00ff_ffff, 0x01_0316 | 0x03_0316)
 }
 
+/// One handshake frame, in one write: a peer that closes once it has read it then cannot
+/// break our writing it midway.
 fn send<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
-    write_frame(w, &msg.encode())?;
+    w.write_all(&encode_frame(&msg.encode())?)?;
     w.flush()?;
     Ok(())
 }
