@@ -49,15 +49,18 @@
 # Environment: FLEETSYNC_BIN (binary; default: cargo build --release, then target/release/
 # fleetsync), FLEETSYNC_FLAGS (extra `sync` flags), FLEETSYNC_AGENT_FLAGS (extra `agent` flags;
 # default --no-fsync, as rsync does not fsync either), FLEETLAB_PREFIX (lab name, default fb),
-# FLEET_CACHE, FLEET_PACKAGES, KEEP=1 keeps the work directory. Needs root, iproute2, rsync
-# (>= 3.2 for --zc), python3 with pip.
+# FLEET_CACHE, FLEET_PACKAGES, KEEP=1 keeps the work directory, PERF=DIR records every
+# fleetsync run system-wide (`perf record -a -g`: all hosts share the one kernel) into
+# DIR/TOOL.PHASE.data, e.g. `perf report -i DIR/fleetsync.2.data --sort comm,sym`; PERF_ARGS
+# replaces its -g (e.g. "-F 299 --call-graph dwarf"); perf's own cost skews those runs' times.
+# Needs root, iproute2, rsync (>= 3.2 for --zc), python3 with pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 REMOTES=4 RATE=100mbit SMALL=0 TOOLS=fleetsync,rsync,rsync-acz SEED=0 SCALE=""
 ARGS=("$@")
-usage() { sed -n '2,53p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case $1 in
     --remotes) REMOTES=$2; shift 2;;
@@ -356,9 +359,17 @@ measure() { # tool phase
   for r in "${RS[@]}"; do rx0+=("$(lab bytes "$r" rx)"); done
   local c0 c1
   c0=$(cpu_snapshot "$tool")
+  local perf_pid=""
+  if [ -n "${PERF:-}" ] && [[ $tool == fleetsync* ]]; then
+    mkdir -p "$PERF"
+    perf record -q -a ${PERF_ARGS:--g} -o "$PERF/$tool.$phase.data" 2> "$PERF/$tool.$phase.err" &
+    perf_pid=$!
+    sleep 0.5  # perf has its buffers set up
+  fi
   s=$(date +%s.%N)
   run_tool "$tool" "$phase" || FAILED=1
   e=$(date +%s.%N)
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
   c1=$(cpu_snapshot "$tool")
   read -r MCPU[$tool.$phase] RCPU[$tool.$phase] <<< "$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN {
     n = split(a, x); split(b, y); max = 0

@@ -290,6 +290,14 @@ pub trait TempFile: Write + Send {
     fn keep_as_partial(self: Box<Self>) -> Result<bool, AgentError> {
         Ok(false)
     }
+
+    /// The open file behind the temp, when it is one: a receiver may put the content in
+    /// through a mapping of it rather than through [`Write`] (a patch is decoded straight
+    /// into its file), then commits as usual. Default: none, everything goes through
+    /// [`Write`].
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A received file whose content and attributes are complete ([`TempFile::finish`]), not
@@ -1158,6 +1166,10 @@ impl PosixTemp {
 }
 
 impl TempFile for PosixTemp {
+    fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     fn commit(mut self: Box<Self>, attrs: &Attrs) -> Result<Applied, AgentError> {
         let file = self.file.take().expect("open until commit");
         if self.fsync {
@@ -1387,10 +1399,12 @@ impl Backend for PosixBackend {
             .lock()
             .expect("poisoned")
             .insert(tmp_rel.clone());
+        // Read and write: a shared writable mapping of it (a patch decoded in place, see
+        // `TempFile::file`) needs both.
         let fd = rustix::fs::openat(
             &parent,
             name(&tmp),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| {

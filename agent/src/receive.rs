@@ -58,6 +58,15 @@ impl Sink {
         Ok(())
     }
 
+    /// Bytes that are in the temp file already (written through its mapping): hashed and
+    /// counted.
+    fn wrote(&mut self, data: &[u8]) {
+        if let Some(s) = self.state.as_mut() {
+            s.update(data);
+        }
+        self.received += data.len() as u64;
+    }
+
     fn fail(&mut self, why: String, retry: bool) {
         if self.error.is_none() {
             self.error = Some((why, retry));
@@ -376,7 +385,23 @@ impl Incoming {
             Coding::Patch => match open_basis().and_then(|f| {
                 PatchDecoder::new(f).map_err(|e| format!("basis {}: {e}", show(&basis)))
             }) {
-                Ok(d) => inc.decoder = Decoder::Patch(d),
+                Ok(mut d) => {
+                    // Straight into the temp file when it is one (no copy, no window of
+                    // zstd's own); written through it otherwise.
+                    let size = inc.entry.size;
+                    if let Some(file) = inc
+                        .sink
+                        .temp
+                        .as_ref()
+                        .and_then(|t| t.file())
+                        .filter(|_| size > 0)
+                    {
+                        if let Err(e) = d.decode_into(file, size) {
+                            debug!("patch of {} not decoded in place: {e}", show(&p));
+                        }
+                    }
+                    inc.decoder = Decoder::Patch(d);
+                }
                 Err(why) => inc.sink.fail(why, true),
             },
             Coding::Delta => match open_basis() {
@@ -427,6 +452,12 @@ impl Incoming {
         let sink = &mut self.sink;
         let r = match &mut self.decoder {
             Decoder::Plain => sink.write(raw).map_err(|e| (format!("write: {e}"), false)),
+            Decoder::Patch(d) if d.in_place() => d
+                .feed(raw, &mut |out| {
+                    sink.wrote(out);
+                    Ok(())
+                })
+                .map_err(|e| (format!("patch: {e}"), true)),
             Decoder::Patch(d) => d
                 .feed(raw, &mut |out| sink.write(out))
                 .map_err(|e| (format!("patch: {e}"), true)),

@@ -593,3 +593,36 @@ fn an_attribute_fix_applies_only_what_differs_and_the_mode_after_any_chown() {
         (0o4755, uid + 1, gid + 1)
     );
 }
+
+#[test]
+fn a_patch_decodes_straight_into_a_posix_temp_and_commits_as_written() {
+    // The receiver decodes patches into a shared mapping of the temp file: the temp must be
+    // one that can be mapped for writing (opened read-write), and the commit must see what
+    // was written through the mapping (size, content, the mtime set after it).
+    use crate::codec::patch::{patch_encode, PatchDecoder};
+    let tree = tempfile::tempdir().unwrap();
+    let b = backend(tree.path());
+    let old = data(400_000);
+    let mut new = old.clone();
+    new[1000..1100].fill(7);
+    new.extend_from_slice(b"appended");
+    let patch = patch_encode(&old, &new, 3).unwrap();
+    let t = b.create_temp(b"f").unwrap();
+    let mut dec = PatchDecoder::from_bytes(old).unwrap();
+    dec.decode_into(t.file().expect("a posix temp is a file"), new.len() as u64)
+        .unwrap();
+    let mut seen = 0;
+    dec.feed(&patch, &mut |d| {
+        seen += d.len();
+        Ok(())
+    })
+    .unwrap();
+    dec.finish().unwrap();
+    assert_eq!(seen, new.len());
+    let mut a = attrs();
+    a.mtime = Some((1_600_000_000, 5));
+    t.commit(&a).unwrap();
+    let p = tree.path().join("f");
+    assert!(std::fs::read(&p).unwrap() == new);
+    assert_eq!(std::fs::metadata(&p).unwrap().mtime(), 1_600_000_000);
+}

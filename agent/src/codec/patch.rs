@@ -9,18 +9,23 @@
 //! Memory: the encoder holds both versions (the caller's slices) plus zstd's tables; the
 //! decoder maps the basis and keeps a window of up to the new file's size (zstd keeps the
 //! output it may still copy from). Both are bounded by [`PATCH_MAX`]: above it the caller
-//! sends the file another way.
+//! sends the file another way. A decoder given its destination file
+//! ([`PatchDecoder::decode_into`]) keeps no window: zstd decodes straight into a mapping of
+//! the file, whose pages are the window.
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
 
 /// Largest basis + new file a patch is made for (1 GiB): its window log (30) is what a
 /// decoder accepts, and it bounds the decoder's memory.
 pub(crate) const PATCH_MAX: u64 = 1 << 30;
+/// zstd's error code for an output buffer too small for what the frame decodes to.
+const DST_TOO_SMALL: zstd_safe::ErrorCode =
+    (zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall as usize).wrapping_neg();
 /// zstd's smallest window log.
 const MIN_WINDOW_LOG: u32 = 10;
 /// The largest window log a [`PatchDecoder`] accepts, that of [`PATCH_MAX`].
@@ -142,6 +147,10 @@ pub(crate) struct PatchDecoder {
     // within `drop`.
     dctx: Option<DCtx<'static>>,
     out: Vec<u8>,
+    /// The destination, mapped, and how much of it is decoded ([`Self::decode_into`]).
+    mapped: Option<(MmapMut, usize)>,
+    /// Some patch was fed.
+    started: bool,
     state: State,
     basis: Basis,
 }
@@ -197,14 +206,74 @@ impl PatchDecoder {
         Ok(Self {
             dctx: Some(dctx),
             out,
+            mapped: None,
+            started: false,
             state: State::Running,
             basis,
         })
     }
 
+    /// Decodes the new file straight into `file` (its `len` bytes reserved first), in zstd's
+    /// stable-output mode: zstd then keeps no window of its own (up to the file's size of
+    /// freshly faulted memory per patch, copied out again) and nothing is written twice.
+    /// [`Self::feed`] then hands out the decoded bytes only to be looked at (hashed): they
+    /// are in the file already. Call before the first [`Self::feed`]. An error (the file
+    /// system cannot reserve or map the file, no room) leaves the file empty and the
+    /// decoder as it was: the caller writes what `feed` hands out instead.
+    ///
+    /// The file must stay at `len` bytes while mapped, until the decoder is dropped: a
+    /// mapped page past the end of a file raises `SIGBUS`, as for the mapped basis. Its
+    /// blocks are reserved (`fallocate`) before it is mapped so that a full disk is an
+    /// error here, never a fault while decoding.
+    pub(crate) fn decode_into(&mut self, file: &File, len: u64) -> io::Result<()> {
+        if self.started || self.mapped.is_some() {
+            return Err(io::Error::other("decode_into after the patch started"));
+        }
+        if len == 0 || len > PATCH_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no mapped output of {len} bytes"),
+            ));
+        }
+        let mapped = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                // SAFETY: the mapping is written only by zstd through `feed` and read
+                // through the slices `feed` hands out, while the decoder lives; the file is
+                // the receiver's own new temporary file, sized (and its blocks reserved)
+                // just above. Someone else truncating it is the documented hazard of this
+                // method (SIGBUS), as for the mapped basis.
+                unsafe { MmapMut::map_mut(file) }
+            });
+        let map = match mapped {
+            Ok(m) if m.len() as u64 == len => m,
+            Ok(_) => {
+                let _ = file.set_len(0);
+                return Err(io::Error::other("the mapped file is not the size reserved"));
+            }
+            Err(e) => {
+                let _ = file.set_len(0);
+                return Err(e);
+            }
+        };
+        let dctx = self.dctx.as_mut().expect("taken only by drop");
+        if let Err(c) = dctx.set_parameter(DParameter::StableOutBuffer(true)) {
+            let _ = file.set_len(0);
+            return Err(zstd_error("zstd parameter", c));
+        }
+        self.mapped = Some((map, 0));
+        Ok(())
+    }
+
+    /// Whether the decoder writes into its destination itself ([`Self::decode_into`]).
+    pub(crate) fn in_place(&self) -> bool {
+        self.mapped.is_some()
+    }
+
     /// Takes the next piece of the patch (any split); hands what it decodes to `out`, in
-    /// pieces of at most 1 MiB. An error (corrupt patch, data after its end, `out` failing)
-    /// names what went wrong and ends the decoding.
+    /// pieces of at most 1 MiB (in place: the whole newly decoded part of the file). An
+    /// error (corrupt patch, data after its end, more than the destination holds, `out`
+    /// failing) names what went wrong and ends the decoding.
     pub(crate) fn feed(
         &mut self,
         data: &[u8],
@@ -218,7 +287,52 @@ impl PatchDecoder {
                 return self.fail(format!("{} bytes after the end of the patch", data.len()))
             }
         }
+        self.started = true;
         let mut input = InBuffer::around(data);
+        if let Some((map, pos)) = self.mapped.as_mut() {
+            let dctx = self.dctx.as_mut().expect("taken only by drop");
+            let start = *pos;
+            let res = loop {
+                let (taken, before) = (input.pos(), *pos);
+                // Stable output: the same buffer on every call, its position as zstd left it.
+                let mut output = OutBuffer::around_pos(&mut map[..], before);
+                let res = dctx.decompress_stream(&mut output, &mut input);
+                *pos = output.pos();
+                match res {
+                    Ok(hint) if hint != 0 && input.pos() < data.len() => {
+                        if input.pos() == taken && *pos == before {
+                            break Err(None); // no progress: the destination is full
+                        }
+                    }
+                    Ok(hint) => break Ok(hint),
+                    Err(c) => break Err(Some(c)),
+                }
+            };
+            let (len, now) = (map.len(), *pos);
+            if now > start {
+                if let Err(e) = out(&map[start..now]) {
+                    return self.fail(format!("writing the patched file: {e}"));
+                }
+            }
+            return match res {
+                Ok(0) if input.pos() < data.len() => self.fail(format!(
+                    "{} bytes after the end of the patch",
+                    data.len() - input.pos()
+                )),
+                Ok(0) => {
+                    self.state = State::Done;
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(c) if now == len || c == Some(DST_TOO_SMALL) => self.fail(format!(
+                    "the patch decodes to more than the file's {len} bytes"
+                )),
+                Err(None) => self.fail("zstd made no progress within the patch".to_owned()),
+                Err(Some(c)) => {
+                    self.fail(format!("corrupt patch: {}", zstd_safe::get_error_name(c)))
+                }
+            };
+        }
         loop {
             let mut output = OutBuffer::around(&mut self.out[..]);
             let dctx = self.dctx.as_mut().expect("taken only by drop");

@@ -402,6 +402,75 @@ fn patch_round_trips_and_is_far_smaller_than_the_file() {
     assert!(back == new);
 }
 
+/// Applies `patch` with `dec` straight into a new file of `len` bytes, fed in pieces of
+/// `split` bytes; returns the file's content and the bytes `feed` handed out.
+fn apply_patch_in_place(
+    mut dec: super::patch::PatchDecoder,
+    patch: &[u8],
+    split: usize,
+    len: u64,
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    dec.decode_into(&file, len).map_err(|e| e.to_string())?;
+    assert!(dec.in_place());
+    let mut seen = Vec::new();
+    let r = patch.chunks(split).try_for_each(|piece| {
+        dec.feed(piece, &mut |d| {
+            seen.extend_from_slice(d);
+            Ok(())
+        })
+    });
+    r.and_then(|()| dec.finish())?;
+    Ok((std::fs::read(&path).unwrap(), seen))
+}
+
+#[test]
+fn a_patch_decoded_in_place_fills_its_file_and_hands_out_exactly_its_bytes() {
+    use super::patch::{patch_encode, PatchDecoder};
+    let (old, new) = old_and_new();
+    let patch = patch_encode(&old, &new, 3).unwrap();
+    let len = new.len() as u64;
+    for split in [1, 777, 1 << 20, usize::MAX] {
+        let dec = PatchDecoder::from_bytes(old.clone()).unwrap();
+        let (file, seen) = apply_patch_in_place(dec, &patch, split, len).unwrap();
+        assert!(file == new, "split {split}: the file");
+        assert!(seen == new, "split {split}: the bytes handed out");
+    }
+    // Next to a decoder that writes pieces, on the same thread (they share a context).
+    let back = apply_patch(PatchDecoder::from_bytes(old.clone()).unwrap(), &patch, 4096).unwrap();
+    assert!(back == new);
+    // A destination too small: an error naming its size, never more bytes than it holds.
+    let dec = PatchDecoder::from_bytes(old.clone()).unwrap();
+    let err = apply_patch_in_place(dec, &patch, 4096, len - 1).unwrap_err();
+    assert!(
+        err.contains(&format!("more than the file's {} bytes", len - 1)),
+        "{err}"
+    );
+    // Too large: the patch ends first; the caller's size check refuses the file.
+    let dec = PatchDecoder::from_bytes(old.clone()).unwrap();
+    let (file, seen) = apply_patch_in_place(dec, &patch, 4096, len + 10).unwrap();
+    assert_eq!((file.len(), seen.len()), (new.len() + 10, new.len()));
+    // A corrupted patch fails, as it does written in pieces.
+    let mut bad = patch.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let dec = PatchDecoder::from_bytes(old.clone()).unwrap();
+    assert!(apply_patch_in_place(dec, &bad, 4096, len).is_err());
+    // Data after the end of the patch.
+    let mut long = patch.clone();
+    long.extend_from_slice(b"tail");
+    let dec = PatchDecoder::from_bytes(old).unwrap();
+    let err = apply_patch_in_place(dec, &long, usize::MAX, len).unwrap_err();
+    assert!(err.contains("4 bytes after the end"), "{err}");
+}
+
 #[test]
 fn a_decoder_after_an_abandoned_or_failed_one_on_the_thread_decodes_against_its_own_basis() {
     // Decoders of one thread share a zstd context: the next one must start from no frame
