@@ -51,10 +51,7 @@ impl Sink {
         if let Some(t) = self.temp.as_mut() {
             t.write_all(data)?;
         }
-        if let Some(s) = self.state.as_mut() {
-            s.update(data);
-        }
-        self.received += data.len() as u64;
+        self.wrote(data);
         Ok(())
     }
 
@@ -452,15 +449,18 @@ impl Incoming {
         let sink = &mut self.sink;
         let r = match &mut self.decoder {
             Decoder::Plain => sink.write(raw).map_err(|e| (format!("write: {e}"), false)),
-            Decoder::Patch(d) if d.in_place() => d
-                .feed(raw, &mut |out| {
+            Decoder::Patch(d) => {
+                // Decoded in place, the bytes are in the temp file already.
+                let in_place = d.in_place();
+                d.feed(raw, &mut |out| {
+                    if !in_place {
+                        return sink.write(out);
+                    }
                     sink.wrote(out);
                     Ok(())
                 })
-                .map_err(|e| (format!("patch: {e}"), true)),
-            Decoder::Patch(d) => d
-                .feed(raw, &mut |out| sink.write(out))
-                .map_err(|e| (format!("patch: {e}"), true)),
+                .map_err(|e| (format!("patch: {e}"), true))
+            }
             Decoder::Delta(d) => d
                 .feed(raw, &mut |out| sink.write(out))
                 .map_err(|e| (format!("delta: {e}"), true)),

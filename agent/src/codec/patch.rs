@@ -235,6 +235,7 @@ impl PatchDecoder {
                 format!("no mapped output of {len} bytes"),
             ));
         }
+        let dctx = self.dctx.as_mut().expect("taken only by drop");
         let mapped = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
             .map_err(io::Error::from)
             .and_then(|()| {
@@ -244,23 +245,19 @@ impl PatchDecoder {
                 // just above. Someone else truncating it is the documented hazard of this
                 // method (SIGBUS), as for the mapped basis.
                 unsafe { MmapMut::map_mut(file) }
+            })
+            .and_then(|m| match m.len() as u64 == len {
+                true => Ok(m),
+                false => Err(io::Error::other("the mapped file is not the size reserved")),
+            })
+            .and_then(|m| {
+                dctx.set_parameter(DParameter::StableOutBuffer(true))
+                    .map_err(|c| zstd_error("zstd parameter", c))?;
+                Ok(m)
             });
-        let map = match mapped {
-            Ok(m) if m.len() as u64 == len => m,
-            Ok(_) => {
-                let _ = file.set_len(0);
-                return Err(io::Error::other("the mapped file is not the size reserved"));
-            }
-            Err(e) => {
-                let _ = file.set_len(0);
-                return Err(e);
-            }
-        };
-        let dctx = self.dctx.as_mut().expect("taken only by drop");
-        if let Err(c) = dctx.set_parameter(DParameter::StableOutBuffer(true)) {
+        let map = mapped.inspect_err(|_| {
             let _ = file.set_len(0);
-            return Err(zstd_error("zstd parameter", c));
-        }
+        })?;
         self.mapped = Some((map, 0));
         Ok(())
     }
