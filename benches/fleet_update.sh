@@ -31,9 +31,9 @@
 #   rsync-acz   rsync -acz --zc=zstd --delete MASTER/ rsync://Ri/...
 # and prints wall time, bytes that left the master (its link's tx counter), bytes into each
 # remote (rx, mean and max), bytes into and out of the server's host (fleetsync: file lists,
-# requests, results), CPU seconds on the master and on the busiest remote (fleetsync: its
-# agents; rsync: the clients on the master, the daemons' connection processes on the remotes;
-# fleetsync's server is not counted), the ratios fleetsync / rsync-acz, and the differences
+# requests, results), CPU seconds on the master, on the busiest remote, on all remotes and on
+# the server (fleetsync: its agents and server; rsync: the clients on the master, the daemons'
+# connection processes on the remotes), the ratios fleetsync / rsync-acz, and the differences
 # the referee (rsync -aHc -n -i --delete MASTER/ REMOTE/) finds afterwards (must be 0; the exit
 # status is 1 otherwise).
 #
@@ -105,15 +105,16 @@ if [ -n "$SCALE" ]; then
   for phase in 1 2; do
     echo
     [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update"
-    printf '%-8s %-17s %9s %13s %11s %11s
-' remotes tool "wall s" "master tx MB" "wall ratio" "tx ratio"
+    printf '%-8s %-17s %9s %13s %11s %11s %14s %12s\n' remotes tool "wall s" "master tx MB" "wall ratio" "tx ratio" "lab CPU s" "CPU / cores"
     for n in "${COUNTS[@]}"; do
       for t in fleetsync fleetsync-direct rsync rsync-az rsync-acz; do
-        awk -v t="$t" -v p="$phase" -v n="$n" -v base="$OUT/${COUNTS[0]}" '
+        awk -v t="$t" -v p="$phase" -v n="$n" -v cores="$(nproc)" -v base="$OUT/${COUNTS[0]}" '
           BEGIN { while ((getline l < base) > 0) { split(l, f); if (f[1] == t && f[2] == p) { bw = f[3]; bt = f[4] } } }
           $1 == t && $2 == p && $3 != "-" {
             wr = (bw > 0) ? sprintf("%.2fx", $3 / bw) : "-"; tr = (bt > 0) ? sprintf("%.2fx", $4 / bt) : "-"
-            printf "%-8s %-17s %9s %13.1f %11s %11s\n", n, t, $3, $4 / 1e6, wr, tr }' "$OUT/$n"
+            cpu = "-"; floor = "-"
+            if ($5 != "-" && $6 != "-") { c = $5 + $6 + ($7 == "-" ? 0 : $7); cpu = sprintf("%.2f", c); floor = sprintf("%.2f", c / cores) }
+            printf "%-8s %-17s %9s %13.1f %11s %11s %14s %12s\n", n, t, $3, $4 / 1e6, wr, tr, cpu, floor }' "$OUT/$n"
       done
     done
     awk -v p="$phase" '
@@ -123,7 +124,9 @@ if [ -n "$SCALE" ]; then
         if (best > 0 && w["fleetsync"] > 0) printf "largest count: best rsync (%s) %.1f s; fleetsync %.1f s: %.1fx faster; fleetsync-direct %.1f s\n", bt, best, w["fleetsync"], best / w["fleetsync"], w["fleetsync-direct"]
       }' "$OUT/$last"
   done
-  echo "(per-run tables: $OUT/*.table)"
+  echo "(lab CPU s: the server, the master and every remote: fleetsync's server and agents, or"
+  echo " rsync's clients and daemons; CPU / cores: the least wall time that CPU allows on this"
+  echo " machine's $(nproc) cores, which all hosts of the lab share. Per-run tables: $OUT/*.table)"
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "fleet_update: needs root (network namespaces)" >&2; exit 2; }
@@ -296,7 +299,7 @@ EOF
 done
 exec_in_host srv "$BIN" server --listen "${ADDR[srv]}:7000" --token-file "$WORK/token" \
   > "$WORK/srv.out" 2> "$WORK/srv.err" &
-PIDS+=($!)
+PIDS+=($!); SERVER_PID=$!
 wait_listening "$WORK/srv.out" "server"
 for r in "${RS[@]}"; do
   for i in $(seq 100); do
@@ -332,21 +335,21 @@ run_tool() { # tool phase -> log in $WORK/TOOL.PHASE.log; fails if any remote fa
   return "$rc"
 }
 
-declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU SRV
+declare -A WALL TX RXMEAN RXMAX DIFFS MCPU RCPU RCPUSUM SCPU SRV
 FAILED=0
 TICK=$(getconf CLK_TCK)
 # CPU ticks of a process: "own" (utime + stime) or "children" (cutime + cstime: the children it
 # has reaped, e.g. an rsync daemon's connection handlers, or this script's rsync clients).
 ticks() { sed 's/.*) //' "/proc/$1/stat" | awk -v w="$2" '{print (w == "own") ? $12 + $13 : $14 + $15}'; }
-# CPU seconds the tool used on the master and on each remote (max), around one run.
-cpu_snapshot() { # tool -> "master r1 r2 ..." in ticks
+# CPU seconds the tool used on the server's host, the master and each remote, around one run.
+cpu_snapshot() { # tool -> "server master r1 r2 ..." in ticks
   local r out
   if [ "$1" = fleetsync ] || [ "$1" = fleetsync-direct ]; then
     local key=""; [ "$1" = fleetsync-direct ] && key=.direct
-    out=$(ticks "${AGENT_PID[master]}" own)
+    out="$(ticks "$SERVER_PID" own) $(ticks "${AGENT_PID[master]}" own)"
     for r in "${RS[@]}"; do out+=" $(ticks "${AGENT_PID[$r$key]}" own)"; done
   else
-    out=$(ticks $$ children)
+    out="0 $(ticks $$ children)"
     for r in "${RS[@]}"; do out+=" $(ticks "${DAEMON_PID[$r]}" children)"; done
   fi
   echo "$out"
@@ -388,10 +391,10 @@ measure() { # tool phase
   e=$(date +%s.%N)
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
   c1=$(cpu_snapshot "$tool")
-  read -r MCPU[$tool.$phase] RCPU[$tool.$phase] <<< "$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN {
-    n = split(a, x); split(b, y); max = 0
-    for (i = 2; i <= n; i++) if (y[i] - x[i] > max) max = y[i] - x[i]
-    printf "%.1f %.1f\n", (y[1] - x[1]) / t, max / t }')"
+  read -r SCPU[$tool.$phase] MCPU[$tool.$phase] RCPU[$tool.$phase] RCPUSUM[$tool.$phase] <<< "$(awk -v a="$c0" -v b="$c1" -v t="$TICK" 'BEGIN {
+    n = split(a, x); split(b, y); max = 0; sum = 0
+    for (i = 3; i <= n; i++) { d = y[i] - x[i]; sum += d; if (d > max) max = d }
+    printf "%.2f %.2f %.2f %.2f\n", (y[1] - x[1]) / t, (y[2] - x[2]) / t, max / t, sum / t }')"
   TX[$tool.$phase]=$(( $(lab bytes master tx) - tx0 ))
   SRV[$tool.$phase]=-
   case $tool in fleetsync*) SRV[$tool.$phase]="$(mb $(( $(lab bytes srv rx) - srx0 )))/$(mb $(( $(lab bytes srv tx) - stx0 )))";; esac
@@ -414,7 +417,7 @@ for t in "${TOOL_LIST[@]}"; do
   if [ "$SEED" = 1 ] && [ "$t" != fleetsync ]; then
     # Not measured: what the tool's own phase 1 would leave (checked by the referee).
     for r in "${RS[@]}"; do cp -a "$OLD/." "$WORK/$r/$t/"; done
-    WALL[$t.1]=- TX[$t.1]=0 RXMEAN[$t.1]=0 RXMAX[$t.1]=0 MCPU[$t.1]=- RCPU[$t.1]=- SRV[$t.1]=-
+    WALL[$t.1]=- TX[$t.1]=0 RXMEAN[$t.1]=0 RXMAX[$t.1]=0 MCPU[$t.1]=- RCPU[$t.1]=- RCPUSUM[$t.1]=- SCPU[$t.1]=- SRV[$t.1]=-
     d=0; for r in "${RS[@]}"; do d=$((d + $(rsync -aHc -n -i --delete "$M/" "$WORK/$r/$t/" | wc -l))); done
     DIFFS[$t.1]=$d
     echo "  $t phase 1: seeded locally (cp -a), referee differences $d" >&2
@@ -462,12 +465,12 @@ echo "lab: master, srv, $REMOTES remotes, every link $RATE; $BIN ($("$BIN" --ver
 for phase in 1 2; do
   echo
   [ "$phase" = 1 ] && echo "phase 1: old release to empty remotes" || echo "phase 2: update (old release on the remotes, new on the master)"
-  printf '%-17s %7s %13s %18s %17s %13s %17s %16s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
-    "remote rx MB max" "master CPU s" "remote CPU s max" "server rx/tx MB" diffs
+  printf '%-17s %7s %13s %18s %17s %13s %17s %17s %13s %16s %6s\n' tool "wall s" "master tx MB" "remote rx MB mean" \
+    "remote rx MB max" "master CPU s" "remote CPU s max" "remote CPU s sum" "server CPU s" "server rx/tx MB" diffs
   for t in "${TOOL_LIST[@]}"; do
-    printf '%-17s %7s %13s %18s %17s %13s %17s %16s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
+    printf '%-17s %7s %13s %18s %17s %13s %17s %17s %13s %16s %6s\n' "$t" "${WALL[$t.$phase]}" "$(mb "${TX[$t.$phase]}")" \
       "$(mb "${RXMEAN[$t.$phase]}")" "$(mb "${RXMAX[$t.$phase]}")" "${MCPU[$t.$phase]}" "${RCPU[$t.$phase]}" \
-      "${SRV[$t.$phase]}" "${DIFFS[$t.$phase]}"
+      "${RCPUSUM[$t.$phase]}" "${SCPU[$t.$phase]}" "${SRV[$t.$phase]}" "${DIFFS[$t.$phase]}"
   done
   if [ -n "${WALL[fleetsync.$phase]:-}" ] && [ -n "${WALL[rsync-acz.$phase]:-}" ]; then
     awk -v w1="${WALL[fleetsync.$phase]}" -v w2="${WALL[rsync-acz.$phase]}" \
@@ -481,7 +484,7 @@ if [ -n "${SUMMARY:-}" ]; then
   : > "$SUMMARY"
   for phase in 1 2; do
     for t in "${TOOL_LIST[@]}"; do
-      echo "$t $phase ${WALL[$t.$phase]} ${TX[$t.$phase]}" >> "$SUMMARY"
+      echo "$t $phase ${WALL[$t.$phase]} ${TX[$t.$phase]} ${MCPU[$t.$phase]} ${RCPUSUM[$t.$phase]} ${SCPU[$t.$phase]}" >> "$SUMMARY"
     done
   done
 fi
