@@ -127,8 +127,9 @@ impl SendOrder {
         wire.max_chunk = chunk;
         let mut stream = FileStream {
             wire,
-            info,
             buf: AlignedBuf::new(chunk),
+            keeper: Keeper::start(shared, &info.name),
+            info,
             order: self,
             relay: relay.state.clone(),
         };
@@ -163,6 +164,9 @@ impl SendOrder {
             let _ = remote.shutdown(Shutdown::Both);
         }
         let wire_bytes = stream.wire.data_bytes;
+        if let Some(k) = &mut stream.keeper {
+            k.finish();
+        }
         drop(stream);
         let relayed = relay.join();
         let _ = remote.shutdown(Shutdown::Both);
@@ -607,6 +611,8 @@ struct FileStream<'o> {
     buf: AlignedBuf,
     order: &'o SendOrder,
     relay: Arc<RelayShared>,
+    /// Keeps what was sent in the version store (with `--keep-versions`).
+    keeper: Option<Keeper>,
 }
 
 impl FileStream<'_> {
@@ -639,10 +645,14 @@ impl FileStream<'_> {
             progress,
         )?;
         self.relay.sent();
-        if let Some(store) = &shared.versions {
-            let e = &source.entry;
-            if !sent.digest.is_empty() && e.size >= DELTA_MIN && sent.coding != Coding::CopyBasis {
-                keep_version(shared, store, e, &self.info.name, &sent.digest);
+        let e = &source.entry;
+        if !sent.digest.is_empty() && e.size >= DELTA_MIN && sent.coding != Coding::CopyBasis {
+            match (&self.keeper, &shared.versions) {
+                (Some(k), _) => k.keep(e, sent.digest),
+                (None, Some(store)) => {
+                    keep_version(&*shared.backend, store, e, &self.info.name, &sent.digest)
+                }
+                (None, None) => {}
             }
         }
         Ok(sent.bytes)
@@ -665,16 +675,72 @@ impl FileStream<'_> {
     }
 }
 
+/// Copies the files a stream sent into the version store on a thread of its own: the copy
+/// and its fsync (tens of milliseconds for a big file) would otherwise hold the next file
+/// back. The order joins it ([`Keeper::finish`]) before it reports, so the next job finds
+/// every version kept.
+struct Keeper {
+    tx: Option<Sender<(FileEntry, Vec<u8>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Keeper {
+    /// The keeper of `shared`'s version store; `None` without one (`--keep-versions`), or if
+    /// no thread could be started (then files are kept on the stream's thread).
+    fn start(shared: &Shared, algorithm: &str) -> Option<Keeper> {
+        let store = shared.versions.clone()?;
+        let backend = shared.backend.clone();
+        let algorithm = algorithm.to_owned();
+        let (tx, rx) = channel::<(FileEntry, Vec<u8>)>();
+        let thread = thread::Builder::new()
+            .name("agent-keep".into())
+            .spawn(move || {
+                for (e, digest) in rx {
+                    keep_version(&*backend, &store, &e, &algorithm, &digest);
+                }
+            })
+            .ok()?;
+        Some(Keeper {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `e`, sent with content `digest`.
+    fn keep(&self, e: &FileEntry, digest: Vec<u8>) {
+        if let Some(tx) = &self.tx {
+            // (The thread ends only when `tx` is dropped.)
+            let _ = tx.send((e.clone(), digest));
+        }
+    }
+
+    /// Waits until every queued file is kept.
+    fn finish(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// Keeps the content just sent of `e` in the version store, if the file is still the one
-/// sent (same size and mtime).
+/// sent (same size and mtime). (Should it have changed with both kept, the stored version's
+/// content would not match its digest: a patch against it then fails the remote's digest
+/// check and the file goes again whole.)
 fn keep_version(
-    shared: &Shared,
+    backend: &dyn crate::backend::Backend,
     store: &crate::versions::VersionStore,
     e: &FileEntry,
     algorithm: &str,
     digest: &[u8],
 ) {
-    let Ok(f) = shared.backend.open_basis(&e.path) else {
+    let Ok(f) = backend.open_basis(&e.path) else {
         return;
     };
     let same = f.metadata().is_ok_and(|m| {
