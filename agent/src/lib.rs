@@ -37,6 +37,7 @@
 //!   [`Agent::with_check`]) and names the files that changed since.
 #![deny(missing_docs)]
 
+mod ahead;
 mod apply;
 pub mod backend;
 mod bases;

@@ -382,11 +382,7 @@ pub(crate) fn send_file(
                 Ok(b) => b,
                 Err(e) => return abort(wire, start, e),
             };
-            let made = cache.get_or_make(DeltaKey::new(entry, true, &key), || {
-                let old = read_all(old)?;
-                patch::patch_encode(&old, &new, PATCH_LEVEL).ok()
-            });
-            match made {
+            match make_patch(cache, entry, &key, old, &new) {
                 Some(p) => send_coded(wire, info, start, Coding::Patch, &basis, &p, &new, false),
                 None => send_bytes(wire, info, start, &new),
             }
@@ -434,6 +430,59 @@ fn abort(wire: &mut Wire, start: &Start<'_>, why: String) -> Result<Sent, SendEr
         coding: Coding::Whole,
         digest: Vec::new(),
     })
+}
+
+/// The patch from `old` (the remote's version `key`, as kept by the master) to `new`, the
+/// content of `entry`: made here unless another stream or [`make_ahead`] made it or is making
+/// it (then this waits for it). `None`: it cannot be made (the file goes whole).
+fn make_patch(
+    cache: &DeltaCache,
+    entry: &FileEntry,
+    key: &BasisKey,
+    old: std::fs::File,
+    new: &[u8],
+) -> Option<Arc<Vec<u8>>> {
+    cache.get_or_make(DeltaKey::new(entry, true, key), || {
+        let old = read_all(old)?;
+        patch::patch_encode(&old, new, PATCH_LEVEL).ok()
+    })
+}
+
+/// Files at most this large (new and old together) have their patch made ahead of the
+/// stream ([`make_ahead`]): each worker holds both whole while it works.
+pub(crate) const AHEAD_MAX: u64 = 128 * 1024 * 1024;
+
+/// Makes, ahead of the stream that will send it, the patch `entry` would go as given the
+/// remote's answer `found` (the file open as `reader`; `basis` the remote's path): the
+/// stream then finds it in the cache. Does nothing for a file that would go any other way,
+/// or whose new and old versions are together larger than [`AHEAD_MAX`].
+pub(crate) fn make_ahead(
+    shared: &Shared,
+    info: &AlgorithmInfo,
+    entry: &FileEntry,
+    basis: &[u8],
+    found: &BasisFound,
+    reader: &mut dyn Read,
+) {
+    if entry.size.saturating_add(found.basis_size) > AHEAD_MAX {
+        return;
+    }
+    let mut bytes = None;
+    if let Route::Patch { old, key, .. } =
+        choose(shared, info, entry, basis, Some(found), reader, &mut bytes)
+    {
+        let new = match bytes {
+            Some(b) => b,
+            None => {
+                let mut b = Vec::with_capacity(entry.size as usize);
+                if reader.read_to_end(&mut b).is_err() {
+                    return; // (the stream reports it)
+                }
+                b
+            }
+        };
+        make_patch(&shared.deltas, entry, &key, old, &new);
+    }
 }
 
 fn read_all(mut f: std::fs::File) -> Option<Vec<u8>> {

@@ -155,7 +155,7 @@ impl SendOrder {
             stream_error = stream.wire.frame(&forward.encode()).err();
         }
         if stream_error.is_none() {
-            stream_error = self.stream_all(server, shared, &mut stream, &bases_rx, &mut local)?;
+            stream_error = self.stream_all(server, shared, &mut stream, bases_rx, &mut local)?;
         }
         if stream_error.is_none() {
             stream_error = stream.end().err();
@@ -189,8 +189,19 @@ impl SendOrder {
             .collect()
     }
 
+    /// The remote's answer `f` as this order uses it: a staged file starts afresh in its
+    /// block's staging directory, and a partial file is one remote's, not its relay
+    /// subtree's, so neither resumes one.
+    pub(crate) fn adjust_found(&self, mut f: BasisFound) -> BasisFound {
+        if !self.stage.is_empty() || !self.relays.is_empty() {
+            f.partial_size = 0;
+            f.partial_digest.clear();
+        }
+        f
+    }
+
     /// The remote file to delta path `i` against (empty: none).
-    fn basis(&self, i: usize) -> &[u8] {
+    pub(crate) fn basis(&self, i: usize) -> &[u8] {
         self.bases.get(i).map(Vec::as_slice).unwrap_or_default()
     }
 
@@ -260,7 +271,7 @@ impl SendOrder {
         server: &SharedWriter,
         shared: &Shared,
         stream: &mut FileStream<'_>,
-        bases: &Receiver<BasisFound>,
+        bases: Receiver<BasisFound>,
         local: &mut LocalFailures,
     ) -> Result<Option<String>, AgentError> {
         let mut progress = ProgressReport {
@@ -296,18 +307,42 @@ impl SendOrder {
                     .enumerate()
                     .map(|(q, &i)| (i, Some(q as u32))),
             );
+        let info = stream.info.clone();
+        crate::ahead::with_patches_ahead(shared, &info, self, &queried, bases, |bases, at| {
+            self.stream_files(
+                server,
+                shared,
+                stream,
+                order,
+                bases,
+                at,
+                &mut progress,
+                local,
+            )
+        })
+    }
+
+    /// Streams the files of `order` (indexes into `paths`, with their query index if
+    /// queried), telling `at` where it is; the rest of [`SendOrder::stream_all`].
+    #[allow(clippy::too_many_arguments)]
+    fn stream_files(
+        &self,
+        server: &SharedWriter,
+        shared: &Shared,
+        stream: &mut FileStream<'_>,
+        order: impl Iterator<Item = (usize, Option<u32>)>,
+        bases: &Receiver<BasisFound>,
+        at: &crate::ahead::Position,
+        progress: &mut ProgressReport<'_>,
+        local: &mut LocalFailures,
+    ) -> Result<Option<String>, AgentError> {
         let mut answers = Answers::new(bases);
         for (i, q) in order {
             let p = &self.paths[i];
-            let found = q.and_then(|q| answers.get(q)).map(|mut f| {
-                if !self.stage.is_empty() || !self.relays.is_empty() {
-                    // A staged file starts afresh in its block's staging directory; a
-                    // partial file is one remote's, not its relay subtree's.
-                    f.partial_size = 0;
-                    f.partial_digest.clear();
-                }
-                f
-            });
+            if let Some(q) = q {
+                at.at(q);
+            }
+            let found = q.and_then(|q| answers.get(q)).map(|f| self.adjust_found(f));
             let mut source = match self.open_source(shared, p) {
                 Ok(x) => x,
                 Err(why) => {
