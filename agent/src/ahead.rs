@@ -126,8 +126,17 @@ pub(crate) fn with_patches_ahead<R>(
                 break;
             }
         }
-        let r = stream(&answers, &position);
-        stop.store(true, Ordering::Relaxed);
-        r
+        // However the stream ends (a panic too), the threads stop: the scope waits for them.
+        let _stop = StopOnDrop(stop);
+        stream(&answers, &position)
     })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
