@@ -171,6 +171,10 @@ pub(crate) struct Wire {
     pub(crate) data_bytes: u64,
     /// The largest chunk of coded data (patches, deltas, bytes read whole) per frame.
     pub(crate) max_chunk: usize,
+    /// The largest chunk of data sent as it is, never compressed (patches: zstd's output
+    /// already) per frame: smaller than `max_chunk` on a relayed stream, where each relay
+    /// forwards a chunk once it has all of it, since these lose nothing to smaller frames.
+    pub(crate) max_raw_chunk: usize,
 }
 
 impl Wire {
@@ -181,6 +185,7 @@ impl Wire {
             coder,
             data_bytes: 0,
             max_chunk: frame::MAX_CHUNK,
+            max_raw_chunk: frame::MAX_CHUNK,
         }
     }
 
@@ -511,7 +516,12 @@ fn send_coded(
 ) -> Result<Sent, SendError> {
     let net = SendError::Net;
     wire.frame(&start.encode(coding, basis, 0)).map_err(net)?;
-    for piece in coded.chunks(wire.max_chunk) {
+    let chunk = if compress {
+        wire.max_chunk
+    } else {
+        wire.max_raw_chunk
+    };
+    for piece in coded.chunks(chunk) {
         wire.chunk(piece, compress).map_err(net)?;
     }
     let digest = digest_of(info, new);
