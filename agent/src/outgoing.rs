@@ -448,8 +448,13 @@ fn make_patch(
     new: &[u8],
 ) -> Option<Arc<Vec<u8>>> {
     cache.get_or_make(DeltaKey::new(entry, true, key), || {
-        let old = read_all(old)?;
-        patch::patch_encode(&old, new, PATCH_LEVEL).ok()
+        // Mapped, not read: `old` is the version store's own copy, written once and never
+        // changed in place (see `patch::Basis::map` for the hazard of a truncation).
+        let old = match patch::Basis::map(&old) {
+            Ok(m) => m,
+            Err(_) => patch::Basis::Bytes(read_all(old)?),
+        };
+        patch::patch_encode(old.as_slice(), new, PATCH_LEVEL).ok()
     })
 }
 

@@ -114,14 +114,30 @@ pub(crate) fn patch_encode(basis: &[u8], new: &[u8], level: i32) -> io::Result<V
     Ok(out)
 }
 
-/// The old version a patch applies to: mapped from its file, or in memory.
-enum Basis {
+/// The old version a patch applies to (or is made against): mapped from its file, or in
+/// memory.
+pub(crate) enum Basis {
     Mapped(Mmap),
     Bytes(Vec<u8>),
 }
 
 impl Basis {
-    fn as_slice(&self) -> &[u8] {
+    /// The contents of `file`, mapped into memory, not read. The file must not be truncated
+    /// while this lives (reading a mapped page past the end of a file raises `SIGBUS`);
+    /// changes of its bytes change what is read.
+    pub(crate) fn map(file: &File) -> io::Result<Self> {
+        if file.metadata()?.len() == 0 {
+            return Ok(Self::Bytes(Vec::new()));
+        }
+        // SAFETY: the mapping is only read, through `as_slice`, while `self` lives. Another
+        // process writing to the file changes what is read (a patch made from it or a file
+        // decoded with it is wrong, and the digests checked at the end of every file reject
+        // it); truncating it is the documented hazard of `map` (SIGBUS), as for every reader
+        // of a mapped file.
+        Ok(Self::Mapped(unsafe { Mmap::map(file)? }))
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             Self::Mapped(m) => m,
             Self::Bytes(b) => b,
@@ -162,21 +178,13 @@ impl PatchDecoder {
     /// caught by the frame's checksum.
     pub(crate) fn new(basis: File) -> io::Result<Self> {
         let len = basis.metadata()?.len();
-        if len == 0 {
-            return Self::with_basis(Basis::Bytes(Vec::new()));
-        }
         if len > PATCH_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("basis of {len} bytes: over the {PATCH_MAX} bytes a patch covers"),
             ));
         }
-        // SAFETY: the mapping is only read, through `Basis::as_slice`, while the decoder
-        // lives. Another process writing to the file changes what is read (a wrong output
-        // that the frame checksum and the file digest reject); truncating it is the
-        // documented hazard of `new` (SIGBUS), as for every reader of a mapped file.
-        let map = unsafe { Mmap::map(&basis)? };
-        Self::with_basis(Basis::Mapped(map))
+        Self::with_basis(Basis::map(&basis)?)
     }
 
     /// A decoder for patches against `basis` held in memory.
