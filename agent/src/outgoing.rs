@@ -459,7 +459,8 @@ fn make_patch(
 }
 
 /// Files at most this large (new and old together) have their patch made ahead of the
-/// stream ([`make_ahead`]): each worker holds both whole while it works.
+/// stream ([`make_ahead`]): each worker holds the new version whole and maps the old one
+/// while it works.
 pub(crate) const AHEAD_MAX: u64 = 128 * 1024 * 1024;
 
 /// Makes, ahead of the stream that will send it, the patch `entry` would go as given the
