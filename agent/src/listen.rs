@@ -68,6 +68,12 @@ impl Agent {
         })
     }
 
+    /// The state shared by the agent's connections.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// The agent's counters (for `--metrics-listen`).
     pub fn metrics(&self) -> Arc<crate::metrics::AgentMetrics> {
         self.shared.metrics.clone()

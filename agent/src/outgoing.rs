@@ -261,6 +261,14 @@ impl DeltaKey {
 }
 
 impl DeltaCache {
+    /// Whether the delta for `key` is made (not merely being made).
+    #[cfg(test)]
+    pub(crate) fn made(&self, key: &DeltaKey) -> bool {
+        let m = self.map.lock().expect("poisoned");
+        m.get(key)
+            .is_some_and(|c| c.get().is_some_and(Option::is_some))
+    }
+
     /// The delta for `key`, made by `make` unless another stream made (or is making) it.
     pub(crate) fn get_or_make(
         &self,
