@@ -363,16 +363,6 @@ pub(crate) fn send_file(
     let net = SendError::Net;
     wire.new_file();
     let entry = start.entry;
-    let whole = |bytes: Option<Vec<u8>>, reader: &mut dyn Read| -> Result<Vec<u8>, String> {
-        match bytes {
-            Some(b) => Ok(b),
-            None => {
-                let mut b = Vec::with_capacity(entry.size as usize);
-                reader.read_to_end(&mut b).map_err(|e| e.to_string())?;
-                Ok(b)
-            }
-        }
-    };
     match route {
         Route::Whole => match bytes {
             None => stream(wire, info, buf, start, reader, 0, progress),
@@ -391,7 +381,7 @@ pub(crate) fn send_file(
             })
         }
         Route::Patch { basis, old, key } => {
-            let new = match whole(bytes, reader) {
+            let new = match whole(entry, bytes, reader) {
                 Ok(b) => b,
                 Err(e) => return abort(wire, start, e),
             };
@@ -405,7 +395,7 @@ pub(crate) fn send_file(
             signature,
             key,
         } => {
-            let new = match whole(bytes, reader) {
+            let new = match whole(entry, bytes, reader) {
                 Ok(b) => b,
                 Err(e) => return abort(wire, start, e),
             };
@@ -490,17 +480,26 @@ pub(crate) fn make_ahead(
     if let Route::Patch { old, key, .. } =
         choose(shared, info, entry, basis, Some(found), reader, &mut bytes)
     {
-        let new = match bytes {
-            Some(b) => b,
-            None => {
-                let mut b = Vec::with_capacity(entry.size as usize);
-                if reader.read_to_end(&mut b).is_err() {
-                    return; // (the stream reports it)
-                }
-                b
-            }
-        };
-        make_patch(&shared.deltas, entry, &key, old, &new);
+        // (A read error is the stream's to report.)
+        if let Ok(new) = whole(entry, bytes, reader) {
+            make_patch(&shared.deltas, entry, &key, old, &new);
+        }
+    }
+}
+
+/// The whole content of `entry`: `bytes` if [`choose`] read it, else read from `reader`.
+fn whole(
+    entry: &FileEntry,
+    bytes: Option<Vec<u8>>,
+    reader: &mut dyn Read,
+) -> Result<Vec<u8>, String> {
+    match bytes {
+        Some(b) => Ok(b),
+        None => {
+            let mut b = Vec::with_capacity(entry.size as usize);
+            reader.read_to_end(&mut b).map_err(|e| e.to_string())?;
+            Ok(b)
+        }
     }
 }
 

@@ -176,9 +176,7 @@ impl SendOrder {
             let _ = remote.shutdown(Shutdown::Both);
         }
         let wire_bytes = stream.wire.data_bytes;
-        if let Some(k) = &mut stream.keeper {
-            k.finish();
-        }
+        // (Dropping the stream waits for its keeper: every version kept before the report.)
         drop(stream);
         let relayed = relay.join();
         let _ = remote.shutdown(Shutdown::Both);
